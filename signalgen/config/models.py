@@ -1,0 +1,289 @@
+"""Configuration models: data, frozen, no unknown keys.
+
+Three layers are loaded in this order (later wins where they overlap), then CLI overrides:
+environment profile (`environments/*.yaml`) -> mode preset (`modes/*.yaml`) -> clients
+(`clients/*.yaml`). `signalgen.config.loader.load_config` is the one loader.
+Secrets never appear here: client YAML names environment variables (`*_env` fields).
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime, timedelta, timezone
+from enum import StrEnum
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, model_validator
+
+
+class Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Environment(StrEnum):
+    LOCAL_DEV = "local-dev"
+    LOCAL_INTEGRATION = "local-integration"
+    CLOUD_DEV = "cloud-dev"
+
+
+class Mode(StrEnum):
+    MOCK = "mock"
+    LIVE = "live"
+    SIMULATION = "simulation"
+    HISTORICAL = "historical"
+
+
+class Routing(StrEnum):
+    QUANTCONNECT = "quantconnect"
+    INTERNAL = "internal"
+    BOTH = "both"
+
+
+class Aggregation(StrEnum):
+    WEIGHTED = "weighted"
+    MAJORITY = "majority"
+    UNANIMOUS = "unanimous"
+
+
+# Safe as a file name, a DuckDB/BigQuery identifier part, a Redis stream and a Pub/Sub topic name.
+SafeId = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")]
+Symbol = Annotated[str, StringConstraints(pattern=r"^[A-Z0-9][A-Z0-9._-]{0,31}$")]
+EnvVarName = Annotated[str, StringConstraints(pattern=r"^[A-Z_][A-Z0-9_]{0,127}$")]
+
+_TIMEFRAME = re.compile(r"^([1-9][0-9]*)([smhd])$")
+_UNIT = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
+
+
+def timeframe_delta(timeframe: str) -> timedelta:
+    """Duration of one bar: "5m" -> 5 minutes. Raises ValueError on anything else."""
+    m = _TIMEFRAME.match(timeframe)
+    if not m:
+        raise ValueError(f"timeframe {timeframe!r} is not <n><s|m|h|d>, e.g. 1m, 5m, 1h, 1d")
+    return timedelta(**{_UNIT[m.group(2)]: int(m.group(1))})
+
+
+def _check_timeframe(value: str) -> str:
+    timeframe_delta(value)
+    return value
+
+
+def _utc(value: datetime) -> datetime:
+    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+
+
+Timeframe = Annotated[str, AfterValidator(_check_timeframe)]
+UtcDatetime = Annotated[datetime, AfterValidator(_utc)]
+Probability = Annotated[float, Field(ge=0.0, le=1.0)]
+
+
+# ---------------------------------------------------------------- clients
+
+
+class ModelRefConfig(Frozen):
+    """One model of a strategy. `model_id` must be in the model registry."""
+
+    model_id: SafeId
+    weight: float = Field(1.0, gt=0)
+    confidence_threshold: Probability
+    lookback_window: int = Field(20, ge=1, le=10_000)
+    max_age_days: int = Field(365, ge=1)
+
+
+class VolatilityFilterConfig(Frozen):
+    """Suppress signals when realized volatility (per-bar std of log returns) is outside [min, max]."""
+
+    enabled: bool = False
+    feature: Literal["vol_20", "vol_60"] = "vol_20"
+    min: float = Field(0.0, ge=0)
+    max: float = Field(1.0, gt=0)
+
+    @model_validator(mode="after")
+    def _band(self) -> VolatilityFilterConfig:
+        if self.min >= self.max:
+            raise ValueError(f"volatility band min ({self.min}) must be below max ({self.max})")
+        return self
+
+
+class TrendFilterConfig(Frozen):
+    """When enabled, a signal's direction must agree with the sign of the trend feature."""
+
+    enabled: bool = False
+    feature: Literal["sma_ratio_10_50", "ret_60"] = "sma_ratio_10_50"
+
+
+class FiltersConfig(Frozen):
+    volatility: VolatilityFilterConfig = VolatilityFilterConfig()
+    trend_confirmation: TrendFilterConfig = TrendFilterConfig()
+
+
+class SizingConfig(Frozen):
+    """weight = strength x fraction (fixed_fraction) or strength x target_volatility / realized
+    volatility (volatility_target), capped by max_position and the client's gross-exposure budget."""
+
+    method: Literal["fixed_fraction", "volatility_target"] = "fixed_fraction"
+    fraction: float = Field(0.1, gt=0, le=1)
+    target_volatility: float = Field(0.002, gt=0)
+    max_position: float = Field(0.25, gt=0, le=1)
+
+
+class StrategyConfig(Frozen):
+    id: SafeId
+    symbols: list[Symbol] = Field(min_length=1)
+    timeframes: list[Timeframe] = Field(min_length=1)
+    models: list[ModelRefConfig] = Field(min_length=1)
+    filters: FiltersConfig = FiltersConfig()
+    aggregation: Aggregation = Aggregation.WEIGHTED
+    sizing: SizingConfig = SizingConfig()
+    routing: Routing | None = None  # overrides the client's routing for this strategy
+    max_staleness_bars: float = Field(2.0, gt=0)
+    enabled: bool = True
+
+    @model_validator(mode="after")
+    def _unique(self) -> StrategyConfig:
+        for name, items in (("symbols", self.symbols), ("timeframes", self.timeframes),
+                            ("models", [m.model_id for m in self.models])):
+            dup = sorted({x for x in items if items.count(x) > 1})
+            if dup:
+                raise ValueError(f"duplicate {name}: {', '.join(dup)}")
+        return self
+
+
+class QuantConnectConfig(Frozen):
+    """Names of environment variables holding QuantConnect credentials, never their values."""
+
+    user_id_env: EnvVarName | None = None
+    api_token_env: EnvVarName | None = None
+    project_id_env: EnvVarName | None = None
+    upload: bool = False
+
+
+class ClientConfig(Frozen):
+    id: SafeId
+    name: str | None = None
+    accounts: dict[str, str] = {}  # exchange -> account identifier (not a secret)
+    routing: Routing
+    max_gross_exposure: float = Field(1.0, gt=0, le=10)
+    quantconnect: QuantConnectConfig = QuantConnectConfig()
+    strategies: list[StrategyConfig] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique_strategies(self) -> ClientConfig:
+        ids = [s.id for s in self.strategies]
+        dup = sorted({x for x in ids if ids.count(x) > 1})
+        if dup:
+            raise ValueError(f"duplicate strategy ids: {', '.join(dup)}")
+        return self
+
+    def routing_for(self, strategy: StrategyConfig) -> Routing:
+        return strategy.routing or self.routing
+
+
+# ---------------------------------------------------------------- environments
+
+
+class DuckDBStorageConfig(Frozen):
+    type: Literal["duckdb"]
+    path: str
+
+
+class BigQueryStorageConfig(Frozen):
+    type: Literal["bigquery"]
+    project: str
+    dataset_prefix: str = "signalgen"  # one dataset per client: <prefix>_<client>
+    location: str = "US"
+
+
+class LocalMessagingConfig(Frozen):
+    type: Literal["local"]
+    path: str  # one JSON-lines file per client under this folder
+
+
+class RedisMessagingConfig(Frozen):
+    type: Literal["redis"]
+    url: str = "redis://127.0.0.1:6379/0"
+    password_env: EnvVarName | None = None
+    stream_prefix: str = "signalgen"
+    maxlen: int = Field(100_000, gt=0)
+
+
+class PubSubMessagingConfig(Frozen):
+    type: Literal["pubsub"]
+    project: str
+    topic_prefix: str = "signalgen"
+
+
+StorageConfig = Annotated[DuckDBStorageConfig | BigQueryStorageConfig, Field(discriminator="type")]
+MessagingConfig = Annotated[
+    LocalMessagingConfig | RedisMessagingConfig | PubSubMessagingConfig, Field(discriminator="type")
+]
+
+
+class DependenciesConfig(Frozen):
+    market_data: Literal["mock", "files", "stream"] = "mock"
+    ml_inference: Literal["mock", "local"] = "local"
+
+
+class ProcessLimitsConfig(Frozen):
+    memory_mb: int = Field(1024, ge=64)
+    cpu: float = Field(1.0, gt=0)
+
+
+class PathsConfig(Frozen):
+    registry_dir: str = "registry"
+    data_dir: str = "var/data"
+    output_dir: str = "var/out"
+
+
+class EnvironmentConfig(Frozen):
+    name: Environment
+    storage: StorageConfig
+    messaging: MessagingConfig
+    dependencies: DependenciesConfig = DependenciesConfig()
+    process: ProcessLimitsConfig = ProcessLimitsConfig()
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    paths: PathsConfig = PathsConfig()
+
+
+# ---------------------------------------------------------------- modes
+
+
+class ModePreset(Frozen):
+    name: Mode
+    data_source: Literal["environment", "synthetic", "files", "stream"] = "environment"
+    start: UtcDatetime | None = None
+    end: UtcDatetime | None = None
+    seed: int = 7
+    replay_speed: float | None = Field(None, ge=0)  # simulation: 0 = as fast as possible
+    chunk_bars: int = Field(50_000, ge=100)  # historical: bars per symbol per chunk
+
+    @model_validator(mode="after")
+    def _range(self) -> ModePreset:
+        if self.start and self.end and self.start >= self.end:
+            raise ValueError(f"start ({self.start}) must be before end ({self.end})")
+        return self
+
+
+# ---------------------------------------------------------------- resolved
+
+
+class RunConfig(Frozen):
+    """Everything a run needs, resolved: environment -> mode -> clients -> CLI overrides."""
+
+    environment: EnvironmentConfig
+    mode: ModePreset
+    clients: list[ClientConfig]
+    data_source: Literal["synthetic", "files", "stream"]
+    inference: Literal["mock", "local"]
+    backend: Literal["onnx", "lightgbm"] = "onnx"
+    start: UtcDatetime
+    end: UtcDatetime
+    seed: int
+    root: str  # folder relative paths resolve against
+    files: dict[str, str] = {}  # layer -> file it came from, for messages
+    config_hash: str = ""
+
+    def client(self, client_id: str) -> ClientConfig:
+        for c in self.clients:
+            if c.id == client_id:
+                return c
+        raise KeyError(client_id)
