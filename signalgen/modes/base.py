@@ -1,0 +1,64 @@
+"""What every mode runner shares: the Runner protocol and the run report."""
+
+from __future__ import annotations
+
+import resource
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from signalgen.process.specs import WorkerSpec
+
+
+@dataclass
+class StrategyStats:
+    """Counts of one client x strategy in one run."""
+
+    client_id: str
+    strategy_id: str
+    workers: int = 0
+    bars: int = 0
+    signals: int = 0
+    rejected: int = 0                                         # candidates rejected
+    rejections: Counter = field(default_factory=Counter)      # reason code -> candidates (may overlap)
+    bar_rejections: Counter = field(default_factory=Counter)  # bar reason -> bars
+    elapsed_s: float = 0.0
+
+    @property
+    def bars_per_s(self) -> float:
+        return self.bars / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+
+@dataclass
+class RunReport:
+    run_id: str
+    mode: str
+    environment: str
+    stats: dict[tuple[str, str], StrategyStats]
+    elapsed_s: float = 0.0
+    peak_rss_mb: float = 0.0
+    problems: list[str] = field(default_factory=list)  # model health problems, once each
+
+    def stat(self, spec: WorkerSpec) -> StrategyStats:
+        key = (spec.client.id, spec.strategy.id)
+        if key not in self.stats:
+            self.stats[key] = StrategyStats(*key)
+        return self.stats[key]
+
+    @property
+    def totals(self) -> dict[str, int]:
+        s = self.stats.values()
+        return {"bars": sum(x.bars for x in s), "signals": sum(x.signals for x in s),
+                "rejections": sum(x.rejected for x in s),
+                "bar_rejections": sum(x.bar_rejections.total() for x in s)}
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class Runner(Protocol):
+    """A mode: where bars come from, how time passes, how bars are batched. Strategy logic is shared."""
+
+    def run(self, specs: list[WorkerSpec]) -> RunReport: ...

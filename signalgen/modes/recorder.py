@@ -1,0 +1,86 @@
+"""The recorder: the one writer of the signal store, and the router of signals to client outputs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import polars as pl
+
+from signalgen.config.models import Routing, RunConfig
+from signalgen.errors import ConfigError, SignalgenError
+from signalgen.outputs import output_class
+from signalgen.outputs.base import Output
+from signalgen.process.specs import WorkerSpec
+
+DESTINATIONS = {Routing.QUANTCONNECT: ("quantconnect",), Routing.INTERNAL: ("internal",),
+                Routing.BOTH: ("quantconnect", "internal")}
+
+
+def open_store(cfg: RunConfig):
+    """The environment's signal store, opened."""
+    storage = cfg.environment.storage
+    if storage.type != "duckdb":
+        raise ConfigError(f"storage type {storage.type!r} is not available in this release; use duckdb",
+                          file=cfg.files.get("environment"), field="storage.type")
+    from signalgen.storage.duckdb import DuckDBStore
+
+    store = DuckDBStore(Path(cfg.root) / storage.path)
+    store.open()
+    return store
+
+
+class Recorder:
+    """Stores every signal and rejection, then hands each client's signals to its routed outputs.
+
+    Outputs are opened on first use, one per client and destination, so a client's signals can only
+    ever reach that client's files and streams. One failing output does not stop the others: flush
+    tries them all and raises the first error afterwards.
+    """
+
+    def __init__(self, cfg: RunConfig, store) -> None:
+        self.cfg, self.store = cfg, store
+        self._outputs: dict[tuple[str, str], Output] = {}
+
+    def _output(self, client_id: str, destination: str) -> Output:
+        key = (client_id, destination)
+        if key not in self._outputs:
+            root, env = Path(self.cfg.root), self.cfg.environment
+            if destination == "quantconnect":
+                out = output_class("quantconnect")(root / env.paths.output_dir, client_id)
+            elif env.messaging.type == "local":
+                out = output_class("local")(root / env.messaging.path, client_id)
+            else:
+                raise ConfigError(f"messaging type {env.messaging.type!r} is not available in this release",
+                                  file=self.cfg.files.get("environment"), field="messaging.type")
+            out.open()
+            self._outputs[key] = out
+        return self._outputs[key]
+
+    def record(self, spec: WorkerSpec, signals: pl.DataFrame, rejections: pl.DataFrame) -> None:
+        self.store.write_signals(signals)
+        self.store.write_rejections(rejections)
+        if signals.height:
+            for destination in DESTINATIONS[spec.routing]:
+                self._output(spec.client.id, destination).write(signals)
+
+    def record_bar_rejections(self, rejections: pl.DataFrame, run_id: str) -> None:
+        if rejections.height:
+            self.store.write_bar_rejections(rejections.with_columns(pl.lit(run_id).alias("run_id")))
+
+    def flush(self) -> None:
+        errors: list[Exception] = []
+        for out in self._outputs.values():
+            try:
+                out.flush()
+            except Exception as exc:  # noqa: BLE001 - one failing output must not block the others
+                errors.append(exc)
+        if errors:
+            raise SignalgenError(f"{len(errors)} output(s) failed to flush: {errors[0]}") from errors[0]
+
+    def close(self) -> None:
+        try:
+            self.flush()
+        finally:
+            for out in self._outputs.values():
+                out.close()
+            self._outputs.clear()

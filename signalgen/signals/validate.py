@@ -1,0 +1,51 @@
+"""Validation of candidates: completeness, staleness, feature finiteness, model health, consistency.
+
+Pure and vectorized: arrays in, boolean masks out. One bar may be evaluated alone (live) or a
+million at once (historical) through the same functions.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def window_complete(bar_time_us: np.ndarray, lookback: int, max_gap_us: int) -> np.ndarray:
+    """True where the `lookback` bars ending at each bar exist and no gap inside exceeds `max_gap_us`.
+
+    `bar_time_us` is one symbol's bar end times in ascending order; the first `lookback - 1` rows
+    cannot be complete because their window starts before the data does.
+    """
+    n = bar_time_us.size
+    gap = np.zeros(n, dtype=np.int64)
+    gap[1:] = np.diff(bar_time_us) > max_gap_us
+    gaps_before = np.cumsum(gap)  # gaps between row 0 and row i
+    ok = np.zeros(n, dtype=bool)
+    if lookback <= n:
+        start = np.arange(lookback - 1, n) - (lookback - 1)
+        ok[lookback - 1:] = gaps_before[lookback - 1:] == gaps_before[start]
+    return ok
+
+
+def stale(bar_time_us: np.ndarray, now_us: np.ndarray | int, max_staleness_us: int) -> np.ndarray:
+    """True where the newest bar is older than allowed at evaluation time `now_us`."""
+    return (np.asarray(now_us, dtype=np.int64) - bar_time_us) > max_staleness_us
+
+
+def non_finite_rows(features: np.ndarray) -> np.ndarray:
+    """True where any feature of the row is NaN or infinite."""
+    return ~np.isfinite(features).all(axis=1)
+
+
+def bad_model_rows(predictions: np.ndarray, model_ok: np.ndarray) -> np.ndarray:
+    """True where any model is unhealthy for the run or produced a non-finite / out-of-range output."""
+    with np.errstate(invalid="ignore"):
+        bad = ~np.isfinite(predictions) | (predictions < 0.0) | (predictions > 1.0)
+    return (bad | ~model_ok[None, :]).any(axis=1)
+
+
+def duplicate_rows(bar_time_us: np.ndarray) -> np.ndarray:
+    """True for every repeat of an earlier bar time: one bar never yields two signals."""
+    _, first = np.unique(bar_time_us, return_index=True)
+    dup = np.ones(bar_time_us.size, dtype=bool)
+    dup[first] = False
+    return dup
