@@ -11,9 +11,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Optional
 
-import click
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from signalgen.config.models import Environment, Mode
 from signalgen.errors import SignalgenError
@@ -36,7 +36,7 @@ RootOpt = Annotated[Path, typer.Option("--root", help="Folder holding clients/, 
 ClientOpt = Annotated[Optional[list[str]], typer.Option("--client", "-c", help="Only this client (repeatable).")]
 StrategyOpt = Annotated[Optional[list[str]], typer.Option("--strategy", "-s", help="Only this strategy (repeatable).")]
 StartOpt = Annotated[Optional[datetime], typer.Option(help="Start of the date range (UTC).")]
-EndOpt = Annotated[Optional[datetime], typer.Option(help="End of the date range (UTC, exclusive).")]
+EndOpt = Annotated[Optional[datetime], typer.Option(help="End of the date range (UTC); bars ending in (start, end] run.")]
 SeedOpt = Annotated[Optional[int], typer.Option(help="Seed for synthetic data and mock inference.")]
 BackendOpt = Annotated[Optional[str], typer.Option(help="Inference backend: onnx (default) or lightgbm.")]
 InferenceOpt = Annotated[Optional[str], typer.Option(help="ml_inference override: local or mock.")]
@@ -149,19 +149,16 @@ def _registry_dir(env: Environment, root: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point; the one place errors become exit codes."""
+    """Entry point; the one place errors become exit codes.
+
+    Usage errors are typer's (exit 2 with usage). Our errors print one line, no traceback:
+    ConfigError -> 2, TransientError -> 75, any other SignalgenError -> 1.
+    """
     try:
-        app(args=argv, standalone_mode=False)
+        app(args=argv)  # standalone: raises SystemExit with typer's own exit code
     except SignalgenError as exc:
-        err_console.print(f"[bold red]error:[/bold red] {exc}", highlight=False, markup=True)
+        err_console.print(f"[bold red]error:[/bold red] {escape(str(exc))}", highlight=False)
         return exc.exit_code
-    except click.exceptions.Exit as exc:
-        return exc.exit_code
-    except click.ClickException as exc:
-        exc.show()
-        return exc.exit_code
-    except click.exceptions.Abort:
-        return 130
     return 0
 
 

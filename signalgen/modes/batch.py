@@ -20,7 +20,6 @@ from signalgen.modes.recorder import Recorder
 from signalgen.modes.sources import bar_chunks
 from signalgen.models.registry import ModelRegistry
 from signalgen.process.specs import WorkerSpec
-from signalgen.signals.pipeline import default_max_gap
 
 _US = timedelta(microseconds=1)
 
@@ -58,7 +57,7 @@ class BatchRunner:
         chunks = bar_chunks(cfg, spec.symbol, spec.timeframe, cfg.start - engine.history * tf, cfg.end,
                             cfg.mode.chunk_bars)
         history: pl.DataFrame | None = None
-        for checked in validate_chunks(chunks, spec.timeframe, max_gap=default_max_gap(spec.timeframe)):
+        for checked in validate_chunks(chunks, spec.timeframe):
             self.recorder.record_bar_rejections(checked.rejections, self.run_id)
             stats.bar_rejections.update(checked.counts)
             bars = checked.bars if history is None else pl.concat([history, checked.bars])

@@ -16,6 +16,7 @@ import polars as pl
 import pyarrow as pa
 
 from signalgen.config.models import Aggregation, FiltersConfig, SizingConfig, timeframe_delta
+from signalgen.data.validation import default_max_gap
 from signalgen.features.spec import FEATURE_NAMES
 from signalgen.signals import filters, sizing, validate
 from signalgen.signals.aggregate import aggregate, expected_move, holding_period
@@ -24,12 +25,6 @@ from signalgen.signals.types import REJECTION_SCHEMA, SIGNAL_SCHEMA, Reason
 
 REASON_BIT = {reason: np.uint16(1 << i) for i, reason in enumerate(Reason)}
 _VOL20 = FEATURE_NAMES.index("vol_20")
-
-
-def default_max_gap(timeframe: str) -> timedelta:
-    """Largest gap between consecutive bars that still counts as contiguous (weekends for daily bars)."""
-    delta = timeframe_delta(timeframe)
-    return max(delta, timedelta(days=4)) if delta >= timedelta(days=1) else delta
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,476 @@
+"""The one config loader: YAML files -> a resolved, validated `RunConfig`.
+
+Layers, in order (later wins where they overlap):
+
+1. environment profile  `<root>/environments/<env>.yaml`   storage, messaging, dependencies, paths
+2. mode preset          `<root>/modes/<mode>.yaml`         data source, date range, seed, replay speed
+3. clients              `<root>/clients/*.yaml`            strategy channels (all files, or the ids asked for)
+4. CLI overrides        `Overrides`                        start, end, seed, backend, inference, data source,
+                                                           strategy selection
+
+Resolution: data_source = override, else the mode's data_source unless it is "environment", else the
+environment's `dependencies.market_data` (mock -> synthetic, files -> files, stream -> stream);
+inference = override, else `dependencies.ml_inference`; backend = override, else "onnx";
+start/end/seed = override, else the mode preset (the live preset may leave the range open).
+
+Every problem is a `ConfigError` naming the file, the line and the dotted field path. A missing file
+is an error, never skipped. Duplicate YAML keys are errors (YAML would silently keep the last one).
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from types import NoneType, UnionType
+from typing import Annotated, Any, TypeVar, Union, get_args, get_origin
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from signalgen.config.models import ClientConfig, EnvironmentConfig, Mode, ModePreset, RunConfig
+from signalgen.errors import ConfigError
+
+M = TypeVar("M", bound=BaseModel)
+
+_MARKET_DATA_SOURCE = {"mock": "synthetic", "files": "files", "stream": "stream"}
+# The live preset may have no range: these open bounds mean "whatever the stream delivers".
+LIVE_START = datetime(1970, 1, 1, tzinfo=timezone.utc)
+LIVE_END = datetime(9999, 12, 31, tzinfo=timezone.utc)
+_SECRET_KEYS = ("api_key", "api_token", "password", "secret", "token")
+_TRAIN_HINT = "run `python strategy_runner.py models train`"
+# Friendlier words for the id patterns of signalgen.config.models.
+_PATTERN_HELP = {
+    r"^[a-z0-9][a-z0-9_-]{0,62}$": "must be 1-63 characters of lowercase letters, digits, '_' or '-', "
+                                   "starting with a letter or digit (it is used as a file, table and "
+                                   "stream name)",
+    r"^[A-Z0-9][A-Z0-9._-]{0,31}$": "must be 1-32 characters of uppercase letters, digits, '.', '_' or '-' "
+                                    "(e.g. BTCUSD)",
+    r"^[A-Z_][A-Z0-9_]{0,127}$": "must be the NAME of an environment variable (uppercase letters, digits "
+                                "and '_', e.g. IKENNA_QC_API_TOKEN), never the secret itself",
+}
+
+
+@dataclass(frozen=True)
+class Overrides:
+    """Command-line values that win over every file. None / empty means "not given"."""
+
+    start: datetime | None = None
+    end: datetime | None = None
+    seed: int | None = None
+    backend: str | None = None
+    inference: str | None = None
+    data_source: str | None = None
+    strategies: tuple[str, ...] = ()  # keep only these strategy ids (error if one matches nothing)
+
+
+# ---------------------------------------------------------------- YAML with line numbers
+
+
+class _DuplicateKeyError(yaml.constructor.ConstructorError):
+    pass
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that rejects duplicate mapping keys instead of keeping the last one."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.setdefault(key, key_node.start_mark.line + 1)
+            except TypeError:
+                continue  # unhashable key: SafeLoader reports it below
+            if first != key_node.start_mark.line + 1:
+                raise _DuplicateKeyError(None, None, f"duplicate key {key!r} (first at line {first}); "
+                                         "YAML would silently keep only the last value", key_node.start_mark)
+        return super().construct_mapping(node, deep)
+
+
+def _read_yaml(path: Path) -> tuple[Any, yaml.Node | None]:
+    """Parse one file into (data, node tree); the node tree gives line numbers for messages."""
+    if not path.is_file():
+        raise ConfigError("file not found" if not path.exists() else "not a file", file=str(path))
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read: {exc}", file=str(path)) from None
+    loader = _StrictLoader(text)
+    try:
+        node = loader.get_single_node()
+        data = loader.construct_document(node) if node is not None else None
+    except _DuplicateKeyError as exc:
+        raise ConfigError(exc.problem, file=str(path), line=exc.problem_mark.line + 1) from None
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        # Only problem/context words and the position: the offending line might hold a secret.
+        what = "; ".join(p for p in (exc.context, exc.problem) if p)
+        col = f" (column {mark.column + 1})" if mark else ""
+        raise ConfigError(f"YAML syntax error: {what}{col}", file=str(path),
+                          line=mark.line + 1 if mark else None) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"YAML error: {exc}", file=str(path)) from None
+    finally:
+        loader.dispose()
+    if data is None:
+        raise ConfigError("file is empty; expected a mapping of keys", file=str(path))
+    if not isinstance(data, dict):
+        raise ConfigError(f"expected a mapping of keys at the top level, got a {type(data).__name__}",
+                          file=str(path), line=node.start_mark.line + 1)
+    return data, node
+
+
+def _line_of(node: yaml.Node | None, loc: Sequence[str | int]) -> int | None:
+    """Line (1-based) of the deepest key along `loc` that exists in the YAML node tree."""
+    if node is None:
+        return None
+    line = node.start_mark.line + 1
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            match = next(((k, v) for k, v in node.value if k.value == part), None)
+            if match is None:
+                if any(k.value == "type" and v.value == part for k, v in node.value):
+                    continue  # pydantic puts the union tag in the path; it is not a YAML key
+                break
+            line, node = match[0].start_mark.line + 1, match[1]
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and 0 <= part < len(node.value):
+            node = node.value[part]
+            line = node.start_mark.line + 1
+        else:
+            break
+    return line
+
+
+# ---------------------------------------------------------------- pydantic errors -> ConfigError
+
+
+def _display_loc(data: Any, loc: Sequence[str | int]) -> list[str | int]:
+    """The loc as written in the file: without union tags (`storage.duckdb.path` -> `storage.path`)."""
+    out: list[str | int] = []
+    for part in loc:
+        if isinstance(data, dict) and part not in data and data.get("type") == part:
+            continue
+        out.append(part)
+        data = data.get(part) if isinstance(data, dict) else (
+            data[part] if isinstance(data, list) and isinstance(part, int) and part < len(data) else None)
+    return out
+
+
+def _strip(tp: Any) -> Any:
+    while get_origin(tp) is Annotated:
+        tp = get_args(tp)[0]
+    if get_origin(tp) in (Union, UnionType):
+        args = [a for a in get_args(tp) if a is not NoneType]
+        if len(args) == 1:
+            return _strip(args[0])
+    return tp
+
+
+def _model_at(model: type[BaseModel], loc: Sequence[str | int]) -> type[BaseModel] | None:
+    """The pydantic model class that `loc` points into, for listing its allowed keys."""
+    tp: Any = model
+    for part in loc:
+        tp = _strip(tp)
+        if isinstance(part, int):
+            tp = get_args(tp)[0] if get_origin(tp) is list else None
+        elif isinstance(tp, type) and issubclass(tp, BaseModel):
+            field = tp.model_fields.get(part)
+            tp = field.annotation if field else None
+        else:  # a discriminated union: the loc names the tag
+            tp = next((m for m in get_args(tp) if isinstance(m, type) and issubclass(m, BaseModel)
+                       and "type" in m.model_fields
+                       and part in get_args(m.model_fields["type"].annotation)), None)
+        if tp is None:
+            return None
+    tp = _strip(tp)
+    return tp if isinstance(tp, type) and issubclass(tp, BaseModel) else None
+
+
+def _got(value: Any) -> str:
+    if isinstance(value, (dict, list)):
+        return ""
+    text = repr(value)
+    return f" (got {text if len(text) <= 60 else text[:57] + '...'})"
+
+
+def _message(err: dict, model: type[BaseModel], loc: Sequence[str | int]) -> str:
+    kind, key = err["type"], str(loc[-1]) if loc else ""
+    name = key if loc and isinstance(loc[-1], str) else "value"
+    if kind == "extra_forbidden":
+        msg = f"unknown key {key!r}"
+        parent = _model_at(model, err["loc"][:-1])
+        if parent is not None:
+            allowed = list(parent.model_fields)
+            close = difflib.get_close_matches(key, allowed, n=1)
+            msg += f" (did you mean {close[0]!r}?)" if close else f" (allowed: {', '.join(allowed)})"
+        return msg
+    if kind == "missing":
+        return f"missing required key {key!r}"
+    if kind == "string_pattern_mismatch":
+        msg = f"{name} {_PATTERN_HELP.get(err['ctx']['pattern'], 'has an invalid format')}"
+    elif kind == "value_error":
+        msg = str(err["ctx"]["error"])
+    else:
+        msg = err["msg"]
+    # Never echo what was written in an *_env field: a misplaced secret would end up in logs.
+    return msg if key.endswith("_env") else msg + _got(err.get("input"))
+
+
+def _reject_secrets(data: Any, node: yaml.Node | None, path: Path, loc: tuple = ()) -> None:
+    """Refuse keys that look like secret values anywhere in a file (even in free-form maps like accounts)."""
+    items = data.items() if isinstance(data, dict) else enumerate(data) if isinstance(data, list) else ()
+    for key, value in items:
+        if isinstance(key, str) and key.lower().endswith(_SECRET_KEYS):
+            field = ".".join(map(str, (*loc, key)))
+            raise ConfigError(f"key {key!r} looks like a secret value; secrets never go in YAML: "
+                              f"put the value in an environment variable and name it with {key}_env",
+                              file=str(path), line=_line_of(node, (*loc, key)), field=field)
+        _reject_secrets(value, node, path, (*loc, key))
+
+
+def _validate(model: type[M], data: dict, node: yaml.Node | None, path: Path) -> M:
+    """Validate one file's data; every pydantic error becomes a line naming file, line and dotted path."""
+    _reject_secrets(data, node, path)
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            loc = _display_loc(data, err["loc"])
+            problems.append((_line_of(node, err["loc"]) or 0, ".".join(map(str, loc)),
+                             _message(err, model, err["loc"])))
+    problems.sort(key=lambda p: p[0])
+    (line, field, msg), rest = problems[0], problems[1:]
+    for other_line, other_field, other_msg in rest:
+        extra = ConfigError(other_msg, file=str(path), line=other_line or None, field=other_field or None)
+        msg += f"\n{extra}"
+    raise ConfigError(msg, file=str(path), line=line or None, field=field or None) from None
+
+
+# ---------------------------------------------------------------- layers
+
+
+def _resolve(kind: str, value: str | Path, root: Path) -> tuple[Path, str | None]:
+    """A layer given as a name (-> <root>/<kind>/<name>.yaml) or as a path; returns (path, name or None)."""
+    text = str(value)
+    if isinstance(value, Path) or "/" in text or os.sep in text or text.endswith((".yaml", ".yml")):
+        return Path(value), None
+    path = root / kind / f"{text}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in (root / kind).glob("*.yaml"))
+        raise ConfigError(f"no {kind.rstrip('s')} named {text!r}; known: {', '.join(known) or 'none'}",
+                          file=str(path))
+    return path, text
+
+
+def _check_name(cfg: EnvironmentConfig | ModePreset, name: str | None, node: yaml.Node | None,
+                path: Path) -> None:
+    if name is not None and str(cfg.name) != name:
+        raise ConfigError(f"name {str(cfg.name)!r} does not match the file name {name!r}",
+                          file=str(path), line=_line_of(node, ["name"]), field="name")
+
+
+def load_environment(env: str | Path, *, root: Path | str = ".") -> EnvironmentConfig:
+    """Load an environment profile by name (`<root>/environments/<env>.yaml`) or path."""
+    path, name = _resolve("environments", env, Path(root))
+    data, node = _read_yaml(path)
+    cfg = _validate(EnvironmentConfig, data, node, path)
+    _check_name(cfg, name, node, path)
+    return cfg
+
+
+def load_mode(mode: str | Path, *, root: Path | str = ".") -> ModePreset:
+    """Load a mode preset by name (`<root>/modes/<mode>.yaml`) or path."""
+    path, name = _resolve("modes", mode, Path(root))
+    data, node = _read_yaml(path)
+    cfg = _validate(ModePreset, data, node, path)
+    _check_name(cfg, name, node, path)
+    return cfg
+
+
+def _load_client(path: Path) -> tuple[ClientConfig, yaml.Node | None]:
+    data, node = _read_yaml(path)
+    strategies = data.get("strategies")
+    if isinstance(strategies, list):
+        # Checked before pydantic so the message can point at the second definition.
+        first: dict[Any, int] = {}
+        for i, s in enumerate(strategies):
+            sid = s.get("id") if isinstance(s, dict) else None
+            if isinstance(sid, str) and sid in first:
+                raise ConfigError(f"duplicate strategy id {sid!r} (also strategies.{first[sid]}); "
+                                  "strategy ids must be unique within a client",
+                                  file=str(path), line=_line_of(node, ["strategies", i, "id"]),
+                                  field=f"strategies.{i}.id")
+            if isinstance(sid, str):
+                first[sid] = i
+    cfg = _validate(ClientConfig, data, node, path)
+    if cfg.id != path.stem:
+        raise ConfigError(f"client id {cfg.id!r} must equal the file name {path.stem!r}",
+                          file=str(path), line=_line_of(node, ["id"]), field="id")
+    return cfg, node
+
+
+def load_client(path: Path) -> ClientConfig:
+    """Load and validate one client file (model ids are checked by `load_config`)."""
+    return _load_client(Path(path))[0]
+
+
+def _client_paths(root: Path, ids: Sequence[str] | None) -> list[Path]:
+    folder = root / "clients"
+    if not folder.is_dir():
+        raise ConfigError("clients folder not found", file=str(folder))
+    stray = sorted(folder.glob("*.yml"))
+    if stray:
+        raise ConfigError("client files must end in .yaml (this one would be ignored)", file=str(stray[0]))
+    known = {p.stem: p for p in sorted(folder.glob("*.yaml"))}
+    if not known:
+        raise ConfigError("no client files (*.yaml) found", file=str(folder))
+    if not ids:
+        return list(known.values())
+    unknown = sorted(set(ids) - set(known))
+    if unknown:
+        raise ConfigError(f"unknown client {', '.join(map(repr, unknown))}; known clients: "
+                          f"{', '.join(known)}", file=str(folder))
+    return [known[i] for i in sorted(set(ids))]
+
+
+def registry_model_ids(registry_dir: Path) -> list[str]:
+    """Model ids present in a registry: `<registry_dir>/<model_id>/<version>/card.json` exists."""
+    if not registry_dir.is_dir():
+        return []
+    return sorted(p.name for p in registry_dir.iterdir() if p.is_dir() and any(p.glob("*/card.json")))
+
+
+def _check_models(client: ClientConfig, node: yaml.Node | None, path: Path, registry_dir: Path,
+                  known: list[str]) -> None:
+    for i, strategy in enumerate(client.strategies):
+        for j, ref in enumerate(strategy.models):
+            if ref.model_id in known:
+                continue
+            if not known:
+                hint = f"the registry is empty or missing: {_TRAIN_HINT}"
+            else:
+                close = difflib.get_close_matches(ref.model_id, known, n=1)
+                hint = (f"did you mean {close[0]!r}? " if close else "") + f"known models: {', '.join(known)}"
+            loc = ["strategies", i, "models", j, "model_id"]
+            raise ConfigError(f"model {ref.model_id!r} is not in the model registry {registry_dir}/ ({hint})",
+                              file=str(path), line=_line_of(node, loc), field=".".join(map(str, loc)))
+
+
+def _select_strategies(clients: list[ClientConfig], wanted: tuple[str, ...]) -> list[ClientConfig]:
+    known = sorted({s.id for c in clients for s in c.strategies})
+    missing = sorted(set(wanted) - set(known))
+    if missing:
+        raise ConfigError(f"no strategy {', '.join(map(repr, missing))} in the selected clients; "
+                          f"known strategies: {', '.join(known)}", field="--strategy")
+    kept = []
+    for c in clients:
+        strategies = [s for s in c.strategies if s.id in wanted]
+        if strategies:
+            kept.append(c.model_copy(update={"strategies": strategies}))
+    return kept
+
+
+def config_hash(cfg: RunConfig) -> str:
+    """sha256 of the canonical JSON of the resolved config, without `files`, `root` and the hash itself."""
+    body = cfg.model_dump(mode="json", exclude={"files", "root", "config_hash"})
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def load_config(env: str | Path = "local-dev", mode: str | Path = "historical", *, root: Path | str = ".",
+                clients: Sequence[str] | None = None, overrides: Overrides | None = None) -> RunConfig:
+    """Load environment -> mode -> clients -> overrides into one validated `RunConfig`.
+
+    Args:
+        env: environment name (`<root>/environments/<env>.yaml`) or a path to a YAML file.
+        mode: mode name (`<root>/modes/<mode>.yaml`) or a path to a YAML file.
+        root: folder holding clients/, environments/, modes/; relative paths in the config resolve here.
+        clients: only these client ids (default: every `<root>/clients/*.yaml`).
+        overrides: command-line values; they win over every file.
+
+    Raises:
+        ConfigError: naming the file, line and dotted field of the first problem found.
+    """
+    root_path, ov = Path(root), overrides or Overrides()
+    env_path, _ = _resolve("environments", env, root_path)
+    mode_path, _ = _resolve("modes", mode, root_path)
+    environment = load_environment(env, root=root_path)
+    preset = load_mode(mode, root=root_path)
+
+    registry_dir = root_path / environment.paths.registry_dir
+    known_models = registry_model_ids(registry_dir)
+    loaded: list[ClientConfig] = []
+    files = {"environment": str(env_path.resolve()), "mode": str(mode_path.resolve())}
+    for path in _client_paths(root_path, clients):
+        client, node = _load_client(path)
+        _check_models(client, node, path, registry_dir, known_models)
+        loaded.append(client)
+        files[f"client:{client.id}"] = str(path.resolve())
+    if ov.strategies:
+        loaded = _select_strategies(loaded, ov.strategies)
+        kept = {f"client:{c.id}" for c in loaded}
+        files = {k: v for k, v in files.items() if not k.startswith("client:") or k in kept}
+
+    data_source = ov.data_source or (
+        preset.data_source if preset.data_source != "environment"
+        else _MARKET_DATA_SOURCE[environment.dependencies.market_data])
+    start, end = ov.start or preset.start, ov.end or preset.end
+    if preset.name == Mode.LIVE:
+        start, end = start or LIVE_START, end or LIVE_END
+    for field, value in (("start", start), ("end", end)):
+        if value is None:
+            raise ConfigError(f"mode preset {str(preset.name)!r} has no {field}: set start and end in the "
+                              f"preset or pass --start/--end", file=str(mode_path), field=field)
+    fields: dict[str, Any] = dict(
+        environment=environment, mode=preset, clients=loaded, data_source=data_source,
+        inference=ov.inference or environment.dependencies.ml_inference, backend=ov.backend or "onnx",
+        start=start, end=end, seed=preset.seed if ov.seed is None else ov.seed,
+        root=str(root_path.resolve()), files=files)
+    try:
+        cfg = RunConfig(**fields)
+    except ValidationError as exc:  # only overrides can be wrong here: every file was validated
+        err = exc.errors()[0]
+        name = str(err["loc"][0])
+        raise ConfigError(f"{err['msg']}{_got(err.get('input'))}",
+                          field=f"--{name.replace('_', '-')}") from None
+    if cfg.start >= cfg.end:
+        raise ConfigError(f"start ({cfg.start.isoformat()}) must be before end ({cfg.end.isoformat()})",
+                          field="--start" if ov.start or ov.end else "start",
+                          file=None if ov.start or ov.end else str(mode_path))
+    return cfg.model_copy(update={"config_hash": config_hash(cfg)})
+
+
+# ---------------------------------------------------------------- show
+
+
+_URL_PASSWORD = re.compile(r"(?P<head>[a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s]*:)[^@\s]*@")
+
+
+def _redact(value: Any, key: str = "") -> Any:
+    if isinstance(value, dict):
+        return {k: _redact(v, k) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_redact(v) for v in value]
+    if isinstance(value, str):
+        if key.endswith("_env"):
+            return f"{value} ({'set' if os.environ.get(value) else 'not set'})"
+        return _URL_PASSWORD.sub(r"\g<head>***@", value)
+    return value
+
+
+def redacted(cfg: RunConfig) -> dict:
+    """JSON-able dict of the resolved config for `config show`.
+
+    `*_env` fields show the variable name and whether it is set, never its value; passwords inside
+    URLs (`redis://user:pass@host`) become `***`.
+    """
+    return _redact(cfg.model_dump(mode="json"))

@@ -1,0 +1,67 @@
+"""`strategy_runner.py config validate|show` as an operator runs it: real subprocess, exit codes, messages."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+MODELS = ("swing_high", "swing_low", "swing_high_short", "swing_low_short")
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "strategy_runner.py", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=60, env={**os.environ, "COLUMNS": "200", **(env or {})})
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    """A copy of the demo configs with a fake registry (the loader only checks card.json is there)."""
+    for layer in ("clients", "environments", "modes"):
+        shutil.copytree(REPO / layer, tmp_path / layer)
+    for model_id in MODELS:
+        (tmp_path / "registry" / model_id / "1.0.0").mkdir(parents=True)
+        (tmp_path / "registry" / model_id / "1.0.0" / "card.json").write_text("{}")
+    return tmp_path
+
+
+def test_validate_ok(root: Path) -> None:
+    proc = run_cli("config", "validate", "--root", str(root))
+    assert proc.returncode == 0, proc.stderr
+    assert "ok" in proc.stdout and "3 clients, 9 workers" in proc.stdout
+
+
+def test_validate_broken_config_exits_2_with_a_clear_message(root: Path) -> None:
+    path = root / "clients" / "christian.yaml"
+    text = path.read_text().replace("confidence_threshold: 0.55", "confidence_threshold: 1.5", 1)
+    path.write_text(text)
+    line = text[: text.index("1.5")].count("\n") + 1
+    proc = run_cli("config", "validate", "--root", str(root))
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    stderr = " ".join(proc.stderr.split())  # rich may wrap long lines
+    assert f"christian.yaml:{line}: strategies.0.models.2.confidence_threshold:" in stderr
+    assert "Input should be less than or equal to 1 (got 1.5)" in stderr
+
+
+def test_validate_unknown_model_exits_2(root: Path) -> None:
+    shutil.rmtree(root / "registry" / "swing_low_short")
+    proc = run_cli("config", "validate", "--root", str(root), "--env", "cloud-dev", "--mode", "live")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    stderr = " ".join(proc.stderr.split())
+    assert "model 'swing_low_short' is not in the model registry" in stderr
+    assert "strategies.0.models.3.model_id" in stderr
+
+
+def test_show_redacts_secrets(root: Path) -> None:
+    proc = run_cli("config", "show", "--root", str(root), "--env", "local-integration", "--mode", "mock",
+                   env={"IKENNA_QC_API_TOKEN": "tok-DO-NOT-PRINT-42"})
+    assert proc.returncode == 0, proc.stderr
+    assert "tok-DO-NOT-PRINT-42" not in proc.stdout + proc.stderr
+    assert "IKENNA_QC_API_TOKEN (set)" in proc.stdout
+    assert "config_hash:" in proc.stdout and "data_source: synthetic" in proc.stdout
