@@ -18,8 +18,9 @@ from rich.markup import escape
 from signalgen.config.models import Environment, Mode
 from signalgen.errors import SignalgenError
 
-console = Console()
-err_console = Console(stderr=True)
+# piped output (CI logs, files) gets wide tables instead of rich's 80-column default
+console = Console(width=None if sys.stdout.isatty() else 200)
+err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
 
 app = typer.Typer(help="signalgen: ML model predictions -> trading signals, per client.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)

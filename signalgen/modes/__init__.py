@@ -37,6 +37,10 @@ def run_mode(cfg: RunConfig, *, progress: bool = False) -> RunReport:
         store.start_run(RunRecord(run_id=run_id, config_hash=cfg.config_hash, mode=cfg.mode.name.value,
                                   environment=cfg.environment.name.value, start=cfg.start, end=cfg.end,
                                   started_at=started_at, clients=[c.id for c in cfg.clients]))
+    except BaseException:
+        store.close()
+        raise
+    try:
         recorder = Recorder(cfg, store)
         try:
             with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),

@@ -59,7 +59,7 @@ class BatchRunner:
         history: pl.DataFrame | None = None
         for checked in validate_chunks(chunks, spec.timeframe):
             self.recorder.record_bar_rejections(checked.rejections, self.run_id)
-            stats.bar_rejections.update(checked.counts)
+            stats.bar_rejections.update({k: v for k, v in checked.counts.items() if v})
             bars = checked.bars if history is None else pl.concat([history, checked.bars])
             c0 = time.perf_counter_ns()
             batch = engine.process(bars, emit_from)

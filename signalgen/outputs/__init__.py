@@ -1,0 +1,47 @@
+"""Signal outputs: one protocol (`base.Output`), one backend per file, chosen by alias.
+
+Backends are imported only when chosen, so an optional package (redis, google-cloud) is needed
+only by the runs that use it.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import polars as pl
+
+from signalgen.errors import ConfigError
+from signalgen.signals.types import SIGNAL_SCHEMA
+
+OUTPUTS: dict[str, str] = {
+    "quantconnect": "signalgen.outputs.quantconnect:QuantConnectCsvOutput",
+    "local": "signalgen.outputs.local:LocalStreamOutput",
+    "memory": "signalgen.outputs.memory:ListOutput",
+}
+
+
+def output_class(alias: str) -> type:
+    """The output class registered under `alias`, imported now. Unknown alias -> ConfigError."""
+    try:
+        module, name = OUTPUTS[alias].split(":")
+    except KeyError:
+        raise ConfigError(f"unknown output {alias!r}; known: {', '.join(sorted(OUTPUTS))}") from None
+    return getattr(importlib.import_module(module), name)
+
+
+def client_batch(batch: pl.DataFrame, client_id: str) -> pl.DataFrame:
+    """Check a batch handed to an output: SIGNAL_SCHEMA columns, and only `client_id`'s rows.
+
+    Returns the batch with the schema's columns in order. Raises ValueError otherwise: a row of
+    another client reaching this output is a routing bug, and delivering it would leak signals
+    across tenants.
+    """
+    missing = [c for c in SIGNAL_SCHEMA if c not in batch.columns]
+    wrong = [f"{c}: {batch.schema[c]} (want {t})" for c, t in SIGNAL_SCHEMA.items()
+             if c in batch.columns and batch.schema[c] != t]
+    if missing or wrong:
+        raise ValueError(f"not a signal batch: missing {missing}, wrong types {wrong}")
+    others = batch.filter(pl.col("client_id").ne_missing(client_id))["client_id"].unique().to_list()
+    if others:
+        raise ValueError(f"output of client {client_id!r} was given signals of {sorted(others, key=str)}")
+    return batch.select(SIGNAL_SCHEMA.names())

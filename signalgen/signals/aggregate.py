@@ -4,8 +4,9 @@ Each model i has a direction d_i (+1 for an up-move model, -1 for a down-move mo
 a threshold t_i and an output p_i = P(its event). It votes d_i when p_i >= t_i and abstains otherwise.
 
 - weighted:  score = sum(w_i * vote_i * p_i) / sum(w_i); direction = sign(score), strength = |score|
-- majority:  direction = d if the models voting d hold more than half of the total weight
-- unanimous: direction = d if every model votes d
+- majority:  direction = d if the models voting d hold more of the weight than those voting -d,
+             i.e. more than half of the weight that votes (abstaining models do not count; ties are flat)
+- unanimous: direction = d if every model votes d (one abstention breaks unanimity)
 For majority and unanimous, strength = sum over agreeing models of w_i * p_i / sum(w_i).
 Confidence is the weighted mean output of the models that agree with the direction.
 """
@@ -48,8 +49,8 @@ def aggregate(p: np.ndarray, directions: np.ndarray, weights: np.ndarray, thresh
         up = (w[None, :] * (v > 0)).sum(axis=1)
         down = (w[None, :] * (v < 0)).sum(axis=1)
         if rule is Aggregation.MAJORITY:
-            # exact halves do not win: 1e-12 absorbs float noise of weights that sum to one
-            direction = np.where(up > 0.5 + 1e-12, 1, np.where(down > 0.5 + 1e-12, -1, 0)).astype(np.int8)
+            # ties do not win: 1e-12 absorbs float noise of weights that sum to one
+            direction = np.where(up > down + 1e-12, 1, np.where(down > up + 1e-12, -1, 0)).astype(np.int8)
         else:
             direction = np.where(up >= 1 - 1e-12, 1, np.where(down >= 1 - 1e-12, -1, 0)).astype(np.int8)
     agree = (v == direction[:, None]) & (direction[:, None] != 0)

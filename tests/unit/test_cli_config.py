@@ -38,7 +38,8 @@ def test_validate_ok(root: Path) -> None:
 
 def test_validate_broken_config_exits_2_with_a_clear_message(root: Path) -> None:
     path = root / "clients" / "christian.yaml"
-    text = path.read_text().replace("confidence_threshold: 0.55", "confidence_threshold: 1.5", 1)
+    text = path.read_text().replace("model_id: swing_high_short\n        confidence_threshold: 0.45",
+                                    "model_id: swing_high_short\n        confidence_threshold: 1.5", 1)
     path.write_text(text)
     line = text[: text.index("1.5")].count("\n") + 1
     proc = run_cli("config", "validate", "--root", str(root))

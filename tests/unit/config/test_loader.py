@@ -201,7 +201,8 @@ def test_wrong_type(demo_root: Path) -> None:
 
 def test_threshold_above_one(demo_root: Path) -> None:
     path = demo_root / "clients" / "christian.yaml"
-    text = edit(path, "confidence_threshold: 0.55", "confidence_threshold: 1.5")
+    text = edit(path, "model_id: swing_high_short\n        confidence_threshold: 0.45",
+                "model_id: swing_high_short\n        confidence_threshold: 1.5")
     err = fails(demo_root)
     assert (err.file, err.line, err.field) == (
         str(path), line_of(text, "1.5"), "strategies.0.models.2.confidence_threshold")
@@ -230,11 +231,11 @@ def test_missing_key_points_at_its_parent(demo_root: Path) -> None:
 
 def test_model_not_in_registry(demo_root: Path) -> None:
     path = demo_root / "clients" / "christian.yaml"
-    text = edit(path, "model_id: swing_low_short\n        confidence_threshold: 0.6",
-                "model_id: swing_lowshort\n        confidence_threshold: 0.6")
+    text = edit(path, "model_id: swing_low_short\n        confidence_threshold: 0.45",
+                "model_id: swing_lowshort\n        confidence_threshold: 0.45")
     err = fails(demo_root)
     assert (err.file, err.line, err.field) == (str(path), line_of(text, "swing_lowshort"),
-                                               "strategies.1.models.1.model_id")
+                                               "strategies.0.models.3.model_id")
     assert "did you mean 'swing_low_short'?" in str(err)
     assert "known models: swing_high, swing_high_short, swing_low, swing_low_short" in str(err)
 

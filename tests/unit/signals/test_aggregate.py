@@ -78,11 +78,21 @@ def test_rules_on_a_known_case():
     assert weighted.direction[0] == 1  # (0.8 + 0.7 - 0.9) / 3 = 0.2 > 0
     np.testing.assert_allclose(weighted.strength, [(0.8 + 0.7) / 3])
     np.testing.assert_allclose(weighted.confidence, [0.75])
-    assert aggregate(p, d, w, t, Aggregation.MAJORITY).direction[0] == 1  # 2/3 of the weight
+    assert aggregate(p, d, w, t, Aggregation.MAJORITY).direction[0] == 1  # 2/3 of the voting weight
     assert aggregate(p, d, w, t, Aggregation.UNANIMOUS).direction[0] == 0
 
 
-def test_exact_half_is_not_a_majority():
+def test_majority_counts_only_voting_models():
+    # two up models and two down models; only one up model is confident: it is the whole vote
+    p = np.array([[0.9, 0.3, 0.2, 0.1]])
+    d, w, t = np.array([1.0, 1.0, -1.0, -1.0]), np.ones(4), np.full(4, 0.6)
+    a = aggregate(p, d, w, t, Aggregation.MAJORITY)
+    assert a.direction[0] == 1
+    np.testing.assert_allclose(a.strength, [0.9 / 4])
+    assert aggregate(p, d, w, t, Aggregation.UNANIMOUS).direction[0] == 0
+
+
+def test_a_tie_is_not_a_majority():
     p = np.array([[0.9, 0.9]])
     a = aggregate(p, np.array([1.0, -1.0]), np.ones(2), np.full(2, 0.5), Aggregation.MAJORITY)
     assert a.direction[0] == 0

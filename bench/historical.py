@@ -1,0 +1,184 @@
+"""Benchmark: raw model inference vs the whole historical pipeline, on the same machine, in one run.
+
+(a) raw batch inference of the strategy's two demo models with ONNX Runtime, one intra-op thread,
+    on feature rows of synthetic bars, in the pipeline's chunk size;
+(b) end to end: 1 year of 1-minute synthetic bars x 10 symbols through one strategy with those two
+    models — bars in -> features -> inference -> signals and rejections upserted into DuckDB,
+    routed to QuantConnect CSV — measured in a fresh process for its own peak RSS.
+Writes the figures, their ratio and the command to docs/benchmarks.md (between markers).
+
+    python bench/historical.py                      # the full benchmark (~minutes)
+    python bench/historical.py --days 30 --symbols 2 --no-write   # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import platform
+import re
+import sys
+import tempfile
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SYMBOLS = ["BTCUSD", "ETHUSD", "SOLUSD", "XRPUSD", "ADAUSD", "DOTUSD", "LTCUSD", "BCHUSD", "LINKUSD", "XLMUSD"]
+START = datetime(2025, 1, 1, tzinfo=timezone.utc)
+MODELS = ("swing_high", "swing_low")
+MARK_BEGIN, MARK_END = "<!-- bench/historical.py:begin -->", "<!-- bench/historical.py:end -->"
+
+
+def write_configs(root: Path, symbols: list[str], days: int, chunk_bars: int) -> None:
+    """A one-client, one-strategy, two-model setup in a scratch root."""
+    (root / "environments").mkdir(parents=True)
+    (root / "modes").mkdir()
+    (root / "clients").mkdir()
+    (root / "environments" / "bench.yaml").write_text(
+        "name: local-dev\n"
+        "storage: {type: duckdb, path: var/bench.duckdb}\n"
+        "messaging: {type: local, path: var/stream}\n"
+        "dependencies: {market_data: mock, ml_inference: local}\n"
+        "paths: {registry_dir: registry, data_dir: var/data, output_dir: var/out}\n")
+    end = START + timedelta(days=days)
+    (root / "modes" / "bench.yaml").write_text(
+        f"name: historical\ndata_source: synthetic\nstart: {START.isoformat()}\nend: {end.isoformat()}\n"
+        f"seed: 7\nchunk_bars: {chunk_bars}\n")
+    models = "\n".join(f"      - {{model_id: {m}, confidence_threshold: 0.6, lookback_window: 60}}" for m in MODELS)
+    (root / "clients" / "bench.yaml").write_text(
+        "id: bench\nrouting: quantconnect\nstrategies:\n"
+        f"  - id: swing_both_v1\n    symbols: [{', '.join(symbols)}]\n    timeframes: [1m]\n"
+        f"    aggregation: weighted\n    models:\n{models}\n")
+
+
+def raw_inference(registry: Path, rows: int, chunk: int) -> dict:
+    """Rows per second of each model alone and of both (a bar of the strategy needs both)."""
+    from signalgen.data.synthetic import synthetic_bars
+    from signalgen.features.batch import compute_features, feature_matrix
+    from signalgen.models.backends import load_predictor
+    from signalgen.models.registry import ModelRegistry
+
+    per_symbol = rows // 4 + 100
+    bars = synthetic_bars(SYMBOLS[:4], "1m", START, START + timedelta(minutes=per_symbol), seed=11)
+    x = feature_matrix(compute_features(bars))
+    x = np.ascontiguousarray(x[np.isfinite(x).all(axis=1)][:rows])
+    reg = ModelRegistry(registry)
+    out = {"rows": int(x.shape[0])}
+    total = 0.0
+    for m in MODELS:
+        predictor = load_predictor(reg, m, "onnx", threads=1)
+        predictor.predict(x[:chunk])  # warm-up: session init, first allocation
+        t0 = time.perf_counter()
+        for i in range(0, x.shape[0], chunk):
+            predictor.predict(x[i:i + chunk])
+        dt = time.perf_counter() - t0
+        out[f"{m}_rows_per_s"] = x.shape[0] / dt
+        total += dt
+    out["both_rows_per_s"] = x.shape[0] / total
+    return out
+
+
+def _end_to_end(root: str, queue) -> None:
+    from signalgen.config.loader import load_config
+    from signalgen.modes import run_mode
+
+    cfg = load_config(f"{root}/environments/bench.yaml", f"{root}/modes/bench.yaml", root=root)
+    t0 = time.perf_counter()
+    report = run_mode(cfg)
+    wall = time.perf_counter() - t0
+    queue.put({"wall_s": wall, "peak_rss_mb": report.peak_rss_mb, **report.totals})
+
+
+def end_to_end(root: Path) -> dict:
+    ctx = mp.get_context("spawn")  # a fresh interpreter: its peak RSS is the pipeline's alone
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_end_to_end, args=(str(root), queue))
+    proc.start()
+    result = queue.get()
+    proc.join()
+    result["bars_per_s"] = result["bars"] / result["wall_s"]
+    return result
+
+
+def machine() -> str:
+    import duckdb
+    import onnxruntime
+    import polars
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    return (f"{cpu}, {mp.cpu_count()} cores, Python {platform.python_version()}, onnxruntime "
+            f"{onnxruntime.__version__}, polars {polars.__version__}, duckdb {duckdb.__version__}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--days", type=int, default=365)
+    ap.add_argument("--symbols", type=int, default=10)
+    ap.add_argument("--chunk-bars", type=int, default=100_000)
+    ap.add_argument("--raw-rows", type=int, default=1_000_000)
+    ap.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
+    args = ap.parse_args()
+
+    from signalgen.models.train import train_demo_models
+
+    with tempfile.TemporaryDirectory(prefix="signalgen-bench-") as tmp:
+        root = Path(tmp)
+        write_configs(root, SYMBOLS[:args.symbols], args.days, args.chunk_bars)
+        t0 = time.perf_counter()
+        train_demo_models(root / "registry", seed=7, timeframe="1m")  # 1-minute twins of the demo models
+        print(f"trained 1m models in {time.perf_counter() - t0:.1f} s", flush=True)
+        raw = raw_inference(root / "registry", args.raw_rows, args.chunk_bars)
+        print("raw inference:", raw, flush=True)
+        e2e = end_to_end(root)
+        print("end to end:", e2e, flush=True)
+        db = root / "var" / "bench.duckdb"
+        db_mb = db.stat().st_size / 2**20
+
+    ratio = e2e["bars_per_s"] / raw["both_rows_per_s"]
+    command = "python bench/historical.py" + "".join(
+        f" --{k.replace('_', '-')} {v}" for k, v in vars(args).items()
+        if k != "no_write" and v != ap.get_default(k))
+    section = f"""{MARK_BEGIN}
+## Historical throughput vs raw inference
+
+Command: `{command}` — run on {datetime.now(timezone.utc):%Y-%m-%d}, {machine()}.
+
+| measure | value |
+| --- | --- |
+| (a) raw inference, ONNX Runtime, 1 thread, `swing_high` alone | {raw['swing_high_rows_per_s']:,.0f} rows/s |
+| (a) raw inference, `swing_low` alone | {raw['swing_low_rows_per_s']:,.0f} rows/s |
+| (a) raw inference, both models (one strategy bar needs both) | **{raw['both_rows_per_s']:,.0f} rows/s** |
+| (b) end to end: {args.days} days x {args.symbols} symbols of 1-minute bars, one strategy, two models | **{e2e['bars_per_s']:,.0f} bars/s** |
+| bars evaluated | {e2e['bars']:,} |
+| signals stored | {e2e['signals']:,} |
+| rejections stored | {e2e['rejections']:,} |
+| wall time end to end | {e2e['wall_s']:.1f} s |
+| peak RSS of the end-to-end process | {e2e['peak_rss_mb']:.0f} MB |
+| DuckDB file after the run | {db_mb:.0f} MB |
+| **ratio (b) / (a)** | **{ratio:.2f}** (target >= 0.70) |
+
+Raw inference is measured on {raw['rows']:,} feature rows in chunks of {args.chunk_bars:,}, after one
+warm-up call. End to end includes synthetic bar generation, bar validation, features, both models,
+validation/filters/aggregation/sizing, building signal and rejection records, DuckDB upserts and
+QuantConnect CSV files; it runs in a fresh process (spawn) so its peak RSS is its own.
+{MARK_END}"""
+    print(section)
+    if not args.no_write:
+        doc = ROOT / "docs" / "benchmarks.md"
+        text = doc.read_text() if doc.exists() else "# Benchmarks\n\nFigures come from the scripts in `bench/`; each section names its command.\n"
+        if MARK_BEGIN in text:
+            text = re.sub(re.escape(MARK_BEGIN) + ".*?" + re.escape(MARK_END), lambda _: section, text, flags=re.S)
+        else:
+            text = text.rstrip() + "\n\n" + section + "\n"
+        doc.write_text(text)
+        print(f"wrote {doc}")
+
+
+if __name__ == "__main__":
+    main()

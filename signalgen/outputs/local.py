@@ -1,0 +1,117 @@
+"""The local-dev internal stream: one JSON-lines file per client, appended to.
+
+Each line is one signal: the SIGNAL_SCHEMA fields, datetimes as ISO-8601 UTC strings
+("2024-01-02T14:30:00.000000Z"), `models` as a list of {model_id, version, output} objects.
+Delivery is at-least-once: a replay after a failure appends the same signal again, so consumers
+dedupe by signal_id (`read_stream` does).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import polars as pl
+
+from signalgen.outputs import client_batch
+from signalgen.signals.types import SIGNAL_SCHEMA
+
+ISO_UTC = "%Y-%m-%dT%H:%M:%S%.6fZ"
+_TIMES = ("bar_time", "generated_at")
+
+
+def to_json_lines(signals: pl.DataFrame) -> bytes:
+    """Signals (SIGNAL_SCHEMA) as JSON lines, one object per signal, each ending in a newline."""
+    buf = io.BytesIO()
+    signals.with_columns(pl.col(_TIMES).dt.convert_time_zone("UTC").dt.to_string(ISO_UTC)).write_ndjson(buf)
+    return buf.getvalue()
+
+
+def read_stream(path: Path | str, dedupe: bool = True) -> pl.DataFrame:
+    """Signals of a stream file as a SIGNAL_SCHEMA frame (the last copy of each id if `dedupe`).
+
+    An unterminated last line is a write in progress or one cut short by a crash; it is skipped
+    (the writer replays it).
+    """
+    data = Path(path).read_bytes() if Path(path).exists() else b""
+    data = data[: data.rfind(b"\n") + 1]
+    if not data:
+        return SIGNAL_SCHEMA.to_frame()
+    # Read narrow ints and datetimes as JSON gives them, then cast to the schema.
+    wire = pl.Schema({**SIGNAL_SCHEMA, "direction": pl.Int64, "period": pl.Int64, **dict.fromkeys(_TIMES, pl.String)})
+    df = pl.read_ndjson(io.BytesIO(data), schema=wire).with_columns(
+        pl.col(_TIMES).str.to_datetime(ISO_UTC, time_unit="us", time_zone="UTC")
+    ).cast(SIGNAL_SCHEMA)
+    return df.unique("signal_id", keep="last", maintain_order=True) if dedupe else df
+
+
+class LocalStreamOutput:
+    """Appends one client's signals to `<path>/<client>.jsonl`.
+
+    `flush()` writes the buffered signals in one append, then fsyncs the file. If it raises, the
+    file is cut back to where the append began (no half lines) and the buffered signals are
+    dropped; the caller replays from its checkpoint.
+    """
+
+    def __init__(self, path: Path | str, client_id: str) -> None:
+        self.client_id = client_id
+        self.file = Path(path) / f"{client_id}.jsonl"
+        self._fd: int | None = None
+        self._pending: list[pl.DataFrame] = []
+
+    def open(self) -> None:
+        if self._fd is not None:
+            return
+        self.file.parent.mkdir(parents=True, exist_ok=True)
+        # Unbuffered: after a failed write no stale bytes wait in a buffer to be written later.
+        fd = os.open(self.file, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+        # A crash mid-append can leave a partial last line; drop it so the next line starts clean.
+        os.ftruncate(fd, _complete_length(fd))
+        self._fd = fd
+
+    def write(self, batch: pl.DataFrame) -> None:
+        """Buffer signals of this client (ValueError for any other client's row)."""
+        batch = client_batch(batch, self.client_id)
+        if batch.height:
+            self._pending.append(batch)
+
+    def flush(self) -> None:
+        """Append the buffered signals; durable (fsynced) when this returns."""
+        if self._fd is None:
+            raise RuntimeError(f"{self.file}: call open() first")
+        pending, self._pending = self._pending, []
+        if not pending:
+            return
+        data = memoryview(to_json_lines(pl.concat(pending)))
+        start = os.fstat(self._fd).st_size
+        try:
+            while data:
+                data = data[os.write(self._fd, data):]
+            os.fsync(self._fd)
+        except BaseException:
+            os.ftruncate(self._fd, start)
+            raise
+
+    def close(self) -> None:
+        """Flush what is still buffered and close the file."""
+        if self._fd is None:
+            return
+        try:
+            self.flush()
+        finally:
+            os.close(self._fd)
+            self._fd = None
+
+
+def _complete_length(fd: int) -> int:
+    """Length of the file up to and including its last newline."""
+    pos = os.fstat(fd).st_size
+    while pos > 0:
+        step = min(1 << 16, pos)
+        pos -= step
+        chunk = os.pread(fd, step, pos)
+        cut = chunk.rfind(b"\n")
+        if cut >= 0:
+            return pos + cut + 1
+    return 0

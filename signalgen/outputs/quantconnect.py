@@ -1,0 +1,117 @@
+"""QuantConnect CSV: one file per client, strategy and UTC day, read by a LEAN custom data class.
+
+Layout `<output_dir>/quantconnect/<client>/<strategy>/<YYYYMMDD>.csv`, columns `CSV_COLUMNS`
+(docs/outputs.md). `time` is when the signal became available, rounded up to the second so a
+backtest never sees a signal before it existed; the file's day is that time's UTC date.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from contextlib import suppress
+from pathlib import Path
+
+import polars as pl
+
+from signalgen.outputs import client_batch
+
+CSV_COLUMNS = ("time", "symbol", "direction", "confidence", "magnitude", "weight", "period", "signal_id")
+_SAFE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")  # the config's SafeId: safe as a folder name
+
+
+def csv_rows(signals: pl.DataFrame) -> pl.DataFrame:
+    """Signals as CSV rows (every column a formatted string) plus `strategy_id` and `day`."""
+    t = pl.col("generated_at").dt.convert_time_zone("UTC")
+    whole = t.dt.truncate("1s")
+    up = pl.when(whole < t).then(whole + pl.duration(seconds=1)).otherwise(whole)
+    # Decimal casts give fixed decimals ("0.500000"), which float formatting cannot.
+    return signals.select(
+        "strategy_id",
+        up.dt.to_string("%Y%m%d").alias("day"),
+        up.dt.to_string("%Y-%m-%d %H:%M:%S").alias("time"),
+        "symbol",
+        pl.col("direction").cast(pl.String),
+        pl.col("confidence").cast(pl.Decimal(38, 6)).cast(pl.String),
+        pl.col("magnitude").cast(pl.Decimal(38, 8)).cast(pl.String),
+        pl.col("weight").cast(pl.Decimal(38, 6)).cast(pl.String),
+        pl.col("period").cast(pl.String),
+        "signal_id",
+    )
+
+
+class QuantConnectCsvOutput:
+    """Writes one client's signals as LEAN-readable CSV day files.
+
+    `write()` buffers; `flush()` merges the buffered rows into every touched day file by
+    signal_id (the new row wins), sorts by time, symbol, signal_id, and replaces the file
+    atomically (temp file, fsync, rename), so a re-run rewrites rows instead of appending
+    duplicates and a reader never sees half a file. If `flush()` raises, the buffered rows are
+    dropped: the caller replays from its checkpoint and the merge makes the replay harmless.
+    """
+
+    def __init__(self, output_dir: Path | str, client_id: str) -> None:
+        if not _SAFE.match(client_id):
+            raise ValueError(f"client id {client_id!r} is not a safe folder name")
+        self.client_id = client_id
+        self.root = Path(output_dir) / "quantconnect" / client_id
+        self._pending: list[pl.DataFrame] = []
+
+    def open(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def write(self, batch: pl.DataFrame) -> None:
+        """Buffer signals of this client (ValueError for any other client's row)."""
+        batch = client_batch(batch, self.client_id)
+        bad = [s for s in batch["strategy_id"].unique().to_list() if not (s and _SAFE.match(s))]
+        if bad:
+            raise ValueError(f"strategy ids {bad} are not safe folder names")
+        if batch.height:
+            self._pending.append(batch)
+
+    def flush(self) -> None:
+        """Merge buffered signals into their day files; durable when this returns."""
+        pending, self._pending = self._pending, []
+        if not pending:
+            return
+        rows = csv_rows(pl.concat(pending))
+        folders = set()
+        for (strategy, day), new in rows.partition_by("strategy_id", "day", as_dict=True).items():
+            folder = self.root / str(strategy)
+            folder.mkdir(parents=True, exist_ok=True)
+            _merge_into(folder / f"{day}.csv", new.select(CSV_COLUMNS))
+            folders.add(folder)
+        for folder in folders:  # make the renames themselves durable
+            fd = os.open(folder, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    def close(self) -> None:
+        """Flush what is still buffered."""
+        self.flush()
+
+    def path_for(self, strategy_id: str, day: str) -> Path:
+        """The file holding `strategy_id`'s signals of `day` (YYYYMMDD)."""
+        return self.root / strategy_id / f"{day}.csv"
+
+
+def _merge_into(path: Path, new: pl.DataFrame) -> None:
+    if path.exists():
+        old = pl.read_csv(path, infer_schema=False)
+        if tuple(old.columns) != CSV_COLUMNS:
+            raise ValueError(f"{path}: header {old.columns} is not {list(CSV_COLUMNS)}; not merging into it")
+        new = pl.concat([old, new]).unique(subset="signal_id", keep="last", maintain_order=True)
+    new = new.sort("time", "symbol", "signal_id")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            new.write_csv(f, line_terminator="\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with suppress(OSError):  # keep the original error
+            tmp.unlink(missing_ok=True)
+        raise

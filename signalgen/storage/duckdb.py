@@ -1,0 +1,245 @@
+"""The local signal store: one DuckDB file, one writing process (the recorder).
+
+Every write is an upsert by id, so replaying a range (a restarted worker, a re-run) leaves the same
+rows. Upserts are `DELETE ... USING batch` + `INSERT` in one transaction, not a PRIMARY KEY with
+`INSERT OR REPLACE`: on 5M rejection rows in 250k batches (2 cores) the first wrote 350k rows/s
+fresh and 315k rows/s replayed, the second 67k and 16k rows/s, with a file three times larger.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, fields
+from datetime import datetime
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+import duckdb
+import polars as pl
+
+from signalgen.data.schema import BAR_REJECTION_SCHEMA
+from signalgen.errors import TransientError
+from signalgen.signals.types import REJECTION_SCHEMA, SIGNAL_SCHEMA
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """What is known about a run when it starts; `DuckDBStore.finish_run` adds the outcome."""
+
+    run_id: str
+    config_hash: str
+    mode: str
+    environment: str
+    start: datetime
+    end: datetime
+    started_at: datetime
+    clients: list[str]
+
+
+BAR_REJECTION_STORE_SCHEMA = pl.Schema({**BAR_REJECTION_SCHEMA, "run_id": pl.String})
+
+# table -> (schema, upsert key)
+TABLES: dict[str, tuple[pl.Schema, tuple[str, ...]]] = {
+    "signals": (SIGNAL_SCHEMA, ("signal_id",)),
+    "rejections": (REJECTION_SCHEMA, ("rejection_id",)),
+    "bar_rejections": (BAR_REJECTION_STORE_SCHEMA, ("symbol", "timeframe", "bar_time", "reason")),
+}
+
+RUN_COLUMNS: dict[str, str] = {
+    "run_id": "VARCHAR", "config_hash": "VARCHAR", "mode": "VARCHAR", "environment": "VARCHAR",
+    "start": "TIMESTAMPTZ", "end": "TIMESTAMPTZ", "started_at": "TIMESTAMPTZ", "clients": "VARCHAR[]",
+    "finished_at": "TIMESTAMPTZ", "status": "VARCHAR", "bars": "BIGINT", "signals": "BIGINT",
+    "rejections": "BIGINT", "bar_rejections": "BIGINT", "elapsed_s": "DOUBLE", "bars_per_s": "DOUBLE",
+    "peak_rss_mb": "DOUBLE", "rejections_by_reason": "VARCHAR",
+}
+FINISH_FIELDS = tuple(c for c in RUN_COLUMNS if c not in {f.name for f in fields(RunRecord)})
+
+_SCALAR_SQL = {pl.String: "VARCHAR", pl.Int8: "TINYINT", pl.Int32: "INTEGER", pl.Int64: "BIGINT",
+               pl.Float64: "DOUBLE", pl.Boolean: "BOOLEAN"}
+
+
+def _q(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def sql_type(dtype: pl.DataType | type[pl.DataType]) -> str:
+    """DuckDB column type for a polars dtype used in the record schemas."""
+    if isinstance(dtype, pl.Datetime):
+        return "TIMESTAMPTZ" if dtype.time_zone else "TIMESTAMP"
+    if isinstance(dtype, pl.List):
+        return f"{sql_type(dtype.inner)}[]"
+    if isinstance(dtype, pl.Struct):
+        return "STRUCT(" + ", ".join(f"{_q(f.name)} {sql_type(f.dtype)}" for f in dtype.fields) + ")"
+    for base, name in _SCALAR_SQL.items():
+        if dtype == base:
+            return name
+    raise TypeError(f"no DuckDB type for polars {dtype}")
+
+
+def conform(df: pl.DataFrame, schema: pl.Schema, what: str) -> pl.DataFrame:
+    """Columns of `schema` in its order; ValueError naming what is missing or mistyped."""
+    missing = [c for c in schema if c not in df.columns]
+    wrong = [f"{c}: {df.schema[c]} (want {t})" for c, t in schema.items()
+             if c in df.columns and df.schema[c] != t]
+    if missing or wrong:
+        raise ValueError(f"{what} frame does not match its schema: missing {missing}, wrong types {wrong}")
+    return df.select(schema.names())
+
+
+class DuckDBStore:
+    """Signals, rejections, bar rejections and runs in one DuckDB file.
+
+    DuckDB lets one process write a file: open it in the recorder only. A second writer gets
+    TransientError (the holder may be a run that is about to finish).
+    """
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        self._con: duckdb.DuckDBPyConnection | None = None
+
+    # ------------------------------------------------------------ lifecycle
+
+    def open(self) -> None:
+        """Open (creating the file, its folder and the tables if needed)."""
+        if self._con is not None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            con = duckdb.connect(str(self.path))
+        except duckdb.IOException as exc:
+            if "lock" not in str(exc).lower():
+                raise
+            pid = re.search(r"PID (\d+)", str(exc))
+            holder = f"pid {pid.group(1)}" if pid else "pid unknown"
+            raise TransientError(f"{self.path} is locked by another process ({holder})") from exc
+        # Results come back as UTC datetimes whatever the machine's zone.
+        con.execute("SET TimeZone = 'UTC'")
+        for table, (schema, _) in TABLES.items():
+            cols = ", ".join(f"{_q(c)} {sql_type(t)}" for c, t in schema.items())
+            con.execute(f"CREATE TABLE IF NOT EXISTS {table} ({cols})")
+        cols = ", ".join(f"{_q(c)} {t}" for c, t in RUN_COLUMNS.items())
+        con.execute(f"CREATE TABLE IF NOT EXISTS runs ({cols})")
+        self._con = con
+
+    def close(self) -> None:
+        if self._con is not None:
+            self._con.close()
+            self._con = None
+
+    def __enter__(self) -> Self:
+        self.open()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    @property
+    def con(self) -> duckdb.DuckDBPyConnection:
+        if self._con is None:
+            raise RuntimeError(f"{self.path}: call open() first")
+        return self._con
+
+    # ------------------------------------------------------------ records
+
+    def write_signals(self, df: pl.DataFrame) -> int:
+        """Upsert signals (SIGNAL_SCHEMA) by signal_id; returns the rows written."""
+        return self._upsert("signals", df)
+
+    def write_rejections(self, df: pl.DataFrame) -> int:
+        """Upsert rejected candidates (REJECTION_SCHEMA) by rejection_id; returns the rows written."""
+        return self._upsert("rejections", df)
+
+    def write_bar_rejections(self, df: pl.DataFrame, run_id: str | None = None) -> int:
+        """Upsert rejected bars (BAR_REJECTION_SCHEMA) by (symbol, timeframe, bar_time, reason).
+
+        `run_id` fills the run_id column when the frame has none.
+        """
+        if "run_id" not in df.columns:
+            if run_id is None:
+                raise ValueError("bar rejections need a run_id column or the run_id argument")
+            df = df.with_columns(pl.lit(run_id, pl.String).alias("run_id"))
+        return self._upsert("bar_rejections", df)
+
+    def _upsert(self, table: str, df: pl.DataFrame) -> int:
+        schema, key = TABLES[table]
+        df = conform(df, schema, table)
+        if df.is_empty():
+            return 0
+        # Last row wins within a batch too, as it would across batches.
+        if df.select(pl.struct(key).is_duplicated().any()).item():
+            df = df.unique(subset=list(key), keep="last", maintain_order=True)
+        cols = ", ".join(_q(c) for c in schema)
+        match = " AND ".join(f"t.{_q(k)} = b.{_q(k)}" for k in key)
+        con = self.con
+        con.register("_batch", df.to_arrow())
+        try:
+            with self._transaction():
+                con.execute(f"DELETE FROM {table} t USING _batch b WHERE {match}")
+                con.execute(f"INSERT INTO {table} ({cols}) SELECT {cols} FROM _batch")
+        finally:
+            con.unregister("_batch")
+        return df.height
+
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        con = self.con
+        con.execute("BEGIN TRANSACTION")
+        try:
+            yield
+        except BaseException:
+            with suppress(duckdb.Error):  # the failed statement may already have ended it
+                con.execute("ROLLBACK")
+            raise
+        con.execute("COMMIT")
+
+    # ------------------------------------------------------------ runs
+
+    def start_run(self, run: RunRecord) -> None:
+        """Record a run's start (replacing any earlier row with the same run_id)."""
+        names = [f.name for f in fields(RunRecord)]
+        values = [getattr(run, n) for n in names]
+        values[names.index("clients")] = list(run.clients)
+        with self._transaction():
+            self.con.execute("DELETE FROM runs WHERE run_id = ?", [run.run_id])
+            self.con.execute(f"INSERT INTO runs ({', '.join(_q(n) for n in names)}) "
+                             f"VALUES ({', '.join('?' for _ in names)})", values)
+
+    def finish_run(self, run_id: str, **values: Any) -> None:
+        """Record a run's outcome: any of FINISH_FIELDS (rejections_by_reason as JSON or a dict)."""
+        unknown = sorted(set(values) - set(FINISH_FIELDS))
+        if unknown:
+            raise ValueError(f"unknown run fields {unknown}; allowed: {', '.join(FINISH_FIELDS)}")
+        if not values:
+            return
+        if isinstance(values.get("rejections_by_reason"), Mapping):
+            values["rejections_by_reason"] = json.dumps(values["rejections_by_reason"], sort_keys=True)
+        sets = ", ".join(f"{_q(k)} = ?" for k in values)
+        done = self.con.execute(f"UPDATE runs SET {sets} WHERE run_id = ? RETURNING run_id",
+                                [*values.values(), run_id]).fetchall()
+        if not done:
+            raise KeyError(f"run {run_id!r} was never started in {self.path}")
+
+    # ------------------------------------------------------------ reads
+
+    def count(self, table: str, **where: Any) -> int:
+        """Rows of `table` whose columns equal the given values (None matches NULL)."""
+        columns = RUN_COLUMNS if table == "runs" else TABLES.get(table, (None,))[0]
+        if columns is None:
+            raise ValueError(f"unknown table {table!r}; tables: runs, {', '.join(TABLES)}")
+        bad = sorted(set(where) - set(columns))
+        if bad:
+            raise ValueError(f"table {table} has no columns {bad}")
+        conds = [f"{_q(k)} IS NULL" if v is None else f"{_q(k)} = ?" for k, v in where.items()]
+        params = [v for v in where.values() if v is not None]
+        sql = f"SELECT count(*) FROM {table}" + (f" WHERE {' AND '.join(conds)}" if conds else "")
+        return self.con.execute(sql, params).fetchall()[0][0]
+
+    def query(self, sql: str, params: Sequence[Any] | Mapping[str, Any] | None = None) -> pl.DataFrame:
+        """Run a read query; the result as a polars frame (datetimes in UTC)."""
+        rel = self.con.sql(sql, params=params)
+        return rel.pl() if rel is not None else pl.DataFrame()

@@ -1,0 +1,132 @@
+"""historical and mock runs end to end on the demo clients: store, CSV, stream, idempotency, routing."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+import duckdb
+import polars as pl
+import pytest
+
+from signalgen.config.loader import Overrides, load_config
+from signalgen.modes import run_mode
+
+START = datetime(2025, 1, 1, tzinfo=timezone.utc)
+END = datetime(2025, 1, 8, tzinfo=timezone.utc)  # 7 days = 2016 five-minute bars per worker
+BARS_PER_WORKER = 2016
+
+
+def run(root: Path, mode: str = "historical", **overrides):
+    cfg = load_config("local-dev", mode, root=root, overrides=Overrides(start=START, end=END, **overrides))
+    return cfg, run_mode(cfg)
+
+
+def table(root: Path, sql: str) -> pl.DataFrame:
+    with duckdb.connect(str(root / "var/local-dev/signalgen.duckdb"), read_only=True) as con:
+        return con.sql(sql).pl()
+
+
+def csv_rows(root: Path, client: str) -> list[dict]:
+    files = sorted((root / "var/local-dev/out/quantconnect" / client).rglob("*.csv"))
+    return [row for f in files for row in csv.DictReader(f.open())]
+
+
+def test_every_bar_becomes_a_signal_or_a_rejection(root):
+    cfg, report = run(root)
+    assert len(report.stats) == 5  # (client, strategy): ikenna x2, odum x1, christian x2
+    for stats in report.stats.values():
+        assert stats.bars == stats.workers * BARS_PER_WORKER
+        assert stats.signals + stats.rejected == stats.bars
+    counts = table(root, "select (select count(*) from signals) s, (select count(*) from rejections) r").row(0)
+    assert counts == (report.totals["signals"], report.totals["rejections"])
+    assert report.totals["signals"] > 0, "the demo must produce signals"
+    runs = table(root, "select mode, environment, status, bars, signals, config_hash from runs")
+    assert runs.row(0) == ("historical", "local-dev", "ok", report.totals["bars"], report.totals["signals"],
+                           cfg.config_hash)
+
+
+def test_rerun_adds_no_duplicates(root):
+    run(root)
+    first = table(root, "select signal_id, direction, confidence, weight from signals order by signal_id")
+    csv_first = sorted(r["signal_id"] for r in csv_rows(root, "ikenna"))
+    run(root)
+    again = table(root, "select signal_id, direction, confidence, weight from signals order by signal_id")
+    assert first.equals(again)
+    assert table(root, "select count(*) n, count(distinct rejection_id) d from rejections").row(0)[0] == \
+        table(root, "select count(distinct rejection_id) from rejections").item()
+    assert sorted(r["signal_id"] for r in csv_rows(root, "ikenna")) == csv_first
+    assert table(root, "select count(*) from runs").item() == 2
+
+
+def test_routing_and_tenant_isolation(root):
+    run(root)
+    out = root / "var/local-dev/out/quantconnect"
+    assert {p.name for p in out.iterdir()} == {"ikenna", "christian"}  # odum is internal-only
+    assert {p.name for p in (out / "christian").iterdir()} == {"consensus_v1"}  # reversal_v1 overrides: internal
+    stream = root / "var/local-dev/stream"
+    assert {p.name for p in stream.iterdir()} <= {"odum.jsonl", "christian.jsonl"}
+    for client in ("ikenna", "christian"):
+        ids = {r["signal_id"] for r in csv_rows(root, client)}
+        owned = set(table(root, f"select signal_id from signals where client_id = '{client}'")["signal_id"])
+        assert ids and ids <= owned
+    for line in (stream / "odum.jsonl").read_text().splitlines():
+        assert json.loads(line)["client_id"] == "odum"
+
+
+def test_csv_format_for_lean(root):
+    run(root)
+    files = sorted((root / "var/local-dev/out/quantconnect/ikenna").rglob("*.csv"))
+    assert files
+    for f in files:
+        lines = f.read_text().splitlines()
+        assert lines[0] == "time,symbol,direction,confidence,magnitude,weight,period,signal_id"
+        times = [line.split(",")[0] for line in lines[1:]]
+        assert times == sorted(times)
+        assert all(t.startswith(f"{f.stem[:4]}-{f.stem[4:6]}-{f.stem[6:]} ") and len(t) == 19 for t in times)
+
+
+def test_chunking_does_not_change_signals(root, tmp_path_factory):
+    run(root)
+    small = tmp_path_factory.mktemp("small")
+    for item in root.iterdir():
+        if item.name != "var":
+            (small / item.name).symlink_to(item)
+    cfg = load_config("local-dev", "historical", root=small, overrides=Overrides(start=START, end=END))
+    run_mode(cfg.model_copy(update={"mode": cfg.mode.model_copy(update={"chunk_bars": 300})}))
+    cols = "signal_id, direction, confidence, strength, magnitude, weight, period"
+    a = table(root, f"select {cols} from signals order by signal_id")
+    b = table(small, f"select {cols} from signals order by signal_id")
+    assert a.height > 0 and a.equals(b)
+
+
+def test_mock_inference_is_seeded(root):
+    _, one = run(root, "mock", inference="mock")
+    ids = table(root, "select signal_id, confidence from signals order by signal_id")
+    assert one.totals["signals"] > 0
+    _, two = run(root, "mock", inference="mock")
+    assert table(root, "select signal_id, confidence from signals order by signal_id").equals(ids)
+    assert table(root, "select distinct mode from signals").item() == "mock"
+
+
+def test_only_selected_client_and_strategy(root):
+    _, report = run(root, strategies=("swing_high_v1",))
+    assert set(report.stats) == {("ikenna", "swing_high_v1")}
+
+
+def test_cli_run_prints_summary_and_broken_config_exits_2(root):
+    cmd = [sys.executable, str(Path(__file__).resolve().parents[3] / "strategy_runner.py"), "run", "--root", str(root),
+           "--client", "odum", "--start", "2025-01-01", "--end", "2025-01-02"]
+    ok = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr
+    assert "momentum_v1" in ok.stdout and "bars/s" in ok.stdout
+    bad = root / "clients" / "odum.yaml"
+    bad.write_text(bad.read_text().replace("confidence_threshold: 0.6", "confidence_threshold: 1.6", 1))
+    broken = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert broken.returncode == 2
+    assert "odum.yaml" in broken.stderr and "confidence_threshold" in broken.stderr
+    assert "Traceback" not in broken.stderr

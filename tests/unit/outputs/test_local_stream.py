@@ -1,0 +1,94 @@
+from __future__ import annotations
+
+import json
+from datetime import datetime
+
+import polars as pl
+import pytest
+from polars.testing import assert_frame_equal
+
+from signalgen.outputs.base import Output
+from signalgen.outputs.local import LocalStreamOutput, read_stream
+from tests.unit.outputs.factories import signal_frame
+
+
+@pytest.fixture
+def out(tmp_path):
+    o = LocalStreamOutput(tmp_path / "stream", "ikenna")
+    o.open()
+    yield o
+    o.close()
+
+
+def test_is_an_output(out):
+    assert isinstance(out, Output)
+
+
+def test_round_trip(out):
+    df = signal_frame(25)
+    out.write(df)
+    out.flush()
+    assert out.file.name == "ikenna.jsonl"
+    assert_frame_equal(read_stream(out.file), df)
+
+
+def test_one_json_object_per_line_with_iso_utc_times(out):
+    df = signal_frame(5)
+    out.write(df)
+    out.flush()
+    lines = out.file.read_text().splitlines()
+    assert len(lines) == 5
+    first = json.loads(lines[0])
+    assert list(first) == df.columns
+    assert first["bar_time"] == "2024-01-02T14:30:00.000000Z"
+    assert datetime.fromisoformat(first["generated_at"]) == df["generated_at"][0]
+    assert first["models"] == df["models"][0].to_list()
+    assert {m["model_id"] for m in first["models"]} == {"gbm_trend", "gbm_revert"}
+    assert first["magnitude"] is None  # optional field, present as null
+
+
+def test_appends_across_opens_and_consumers_dedupe(tmp_path):
+    df = signal_frame(6)
+    for _ in range(2):  # a replay after a restart delivers the same signals again
+        o = LocalStreamOutput(tmp_path, "ikenna")
+        o.open()
+        o.write(df)
+        o.close()
+    assert read_stream(tmp_path / "ikenna.jsonl", dedupe=False).height == 12
+    assert_frame_equal(read_stream(tmp_path / "ikenna.jsonl"), df)
+
+
+def test_partial_last_line_is_skipped_and_repaired(tmp_path):
+    file = tmp_path / "ikenna.jsonl"
+    o = LocalStreamOutput(tmp_path, "ikenna")
+    o.open()
+    o.write(signal_frame(3))
+    o.close()
+    with open(file, "ab") as f:  # what a crash mid-append leaves
+        f.write(b'{"signal_id":"half')
+    assert read_stream(file).height == 3
+    o.open()
+    o.write(signal_frame(2, seed=3, symbols=("TSLA",)))
+    o.close()
+    assert all(json.loads(line) for line in file.read_text().splitlines())
+    assert read_stream(file).height == 5
+
+
+def test_other_clients_rows_are_refused(out):
+    with pytest.raises(ValueError, match="zara"):
+        out.write(signal_frame(2, client_id="zara"))
+    out.flush()
+    assert out.file.read_bytes() == b""
+
+
+def test_flush_needs_open(tmp_path):
+    o = LocalStreamOutput(tmp_path, "ikenna")
+    o.write(signal_frame(1))
+    with pytest.raises(RuntimeError, match="open"):
+        o.flush()
+
+
+def test_missing_or_empty_stream_reads_as_no_signals(tmp_path):
+    assert read_stream(tmp_path / "none.jsonl").is_empty()
+    assert read_stream(tmp_path / "none.jsonl").schema == signal_frame(0).schema
+    assert pl.concat([read_stream(tmp_path / "none.jsonl"), signal_frame(1)]).height == 1

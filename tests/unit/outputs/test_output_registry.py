@@ -1,0 +1,42 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from signalgen.errors import ConfigError
+from signalgen.outputs import OUTPUTS, client_batch, output_class
+from signalgen.outputs.base import Output
+from tests.unit.outputs.factories import signal_frame
+
+
+def test_every_alias_names_an_output(tmp_path):
+    made = {
+        "quantconnect": output_class("quantconnect")(tmp_path, "ikenna"),
+        "local": output_class("local")(tmp_path, "ikenna"),
+        "memory": output_class("memory")("ikenna"),
+    }
+    assert set(made) == set(OUTPUTS)
+    assert all(isinstance(o, Output) for o in made.values())
+
+
+def test_unknown_alias_is_a_config_error():
+    with pytest.raises(ConfigError, match="unknown output 'kafka'.*local, memory, quantconnect"):
+        output_class("kafka")
+
+
+def test_backends_are_imported_only_when_chosen():
+    code = ("import sys, signalgen.outputs as o; "
+            "print(sorted(m for m in sys.modules if m.startswith('signalgen.outputs.')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_client_batch_checks_schema_and_tenant():
+    df = signal_frame(3)
+    assert client_batch(df.select(reversed(df.columns)), "ikenna").columns == df.columns
+    with pytest.raises(ValueError, match="missing \\['period'\\]"):
+        client_batch(df.drop("period"), "ikenna")
+    with pytest.raises(ValueError, match="'zara'"):
+        client_batch(df, "zara")

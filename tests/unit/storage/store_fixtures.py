@@ -1,0 +1,17 @@
+"""Functions that run in a child process (module level so `spawn` can import them)."""
+
+from __future__ import annotations
+
+from multiprocessing.queues import Queue
+from pathlib import Path
+
+
+def try_open_store(path: str, results: Queue) -> None:
+    """Open the store at `path` and report ("ok", "") or (error class name, message)."""
+    from signalgen.storage.duckdb import DuckDBStore
+
+    try:
+        with DuckDBStore(Path(path)) as store:
+            results.put(("ok", str(store.count("signals"))))
+    except Exception as exc:  # noqa: BLE001 - the parent asserts on what arrived
+        results.put((type(exc).__name__, str(exc)))

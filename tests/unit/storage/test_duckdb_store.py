@@ -1,0 +1,187 @@
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+from datetime import UTC, datetime, timedelta
+
+import duckdb
+import polars as pl
+import pytest
+from polars.testing import assert_frame_equal
+
+from signalgen.data.schema import BAR_REJECTION_SCHEMA
+from signalgen.errors import TransientError
+from signalgen.signals.types import SIGNAL_SCHEMA
+from signalgen.storage.duckdb import FINISH_FIELDS, DuckDBStore, RunRecord
+from tests.unit.outputs.factories import rejection_frame, signal_frame
+from tests.unit.storage.store_fixtures import try_open_store
+
+
+@pytest.fixture
+def store(tmp_path):
+    with DuckDBStore(tmp_path / "deep" / "er" / "signals.duckdb") as s:
+        yield s
+
+
+def _bar_rejections(n: int, run_id: str | None = "run-1") -> pl.DataFrame:
+    t0 = datetime(2024, 3, 1, tzinfo=UTC)
+    df = pl.DataFrame({
+        "symbol": ["AAPL"] * n,
+        "timeframe": ["5m"] * n,
+        "bar_time": [t0 + timedelta(minutes=5 * i) for i in range(n)],
+        "reason": ["gap" if i % 2 else "non_finite" for i in range(n)],
+        "detail": [f"row {i}" for i in range(n)],
+    }).cast(dict(BAR_REJECTION_SCHEMA))
+    return df if run_id is None else df.with_columns(run_id=pl.lit(run_id))
+
+
+def test_open_creates_parent_folders_and_is_idempotent(tmp_path):
+    path = tmp_path / "a" / "b" / "s.duckdb"
+    with DuckDBStore(path) as s:
+        s.write_signals(signal_frame(4))
+    with DuckDBStore(path) as s:  # schema creation again: no error, data kept
+        assert s.count("signals") == 4
+        assert set(s.query("SELECT table_name FROM information_schema.tables")["table_name"]) == {
+            "signals", "rejections", "bar_rejections", "runs"}
+
+
+def test_signals_round_trip_keeps_types(store):
+    df = signal_frame(20)
+    assert store.write_signals(df) == 20
+    back = store.query("SELECT * FROM signals ORDER BY signal_id")
+    assert back.schema == SIGNAL_SCHEMA
+    assert_frame_equal(back, df.sort("signal_id"))
+    types = dict(store.query("SELECT column_name, data_type FROM information_schema.columns "
+                             "WHERE table_name IN ('signals', 'rejections') AND column_name IN "
+                             "('models', 'reasons', 'bar_time')").iter_rows())
+    assert types["models"].startswith("STRUCT(") and types["models"].endswith(")[]")
+    assert types["reasons"] == "VARCHAR[]"
+    assert types["bar_time"] == "TIMESTAMP WITH TIME ZONE"
+
+
+def test_writing_the_same_batch_twice_leaves_the_same_rows(store):
+    df = signal_frame(50)
+    store.write_signals(df)
+    store.write_signals(df)
+    assert store.count("signals") == 50
+    assert_frame_equal(store.query("SELECT * FROM signals ORDER BY signal_id"), df.sort("signal_id"))
+
+
+def test_rewrite_replaces_changed_values(store):
+    df = signal_frame(30)
+    store.write_signals(df)
+    changed = df.head(10).with_columns(confidence=pl.lit(0.99), run_id=pl.lit("run-2"))
+    store.write_signals(changed)
+    assert store.count("signals") == 30
+    assert store.count("signals", run_id="run-2", confidence=0.99) == 10
+    assert store.count("signals", run_id="run-1") == 20
+
+
+def test_duplicate_ids_within_one_batch_keep_the_last(store):
+    df = signal_frame(5)
+    dup = pl.concat([df, df.with_columns(weight=pl.lit(0.125))])
+    assert store.write_signals(dup) == 5
+    assert store.count("signals", weight=0.125) == 5
+
+
+def test_rejections_upsert_and_keep_reason_lists(store):
+    df = rejection_frame(40)
+    store.write_rejections(df)
+    store.write_rejections(df.with_columns(run_id=pl.lit("run-2")))
+    assert store.count("rejections") == 40
+    assert store.count("rejections", run_id="run-2") == 40
+    back = store.query("SELECT * FROM rejections ORDER BY rejection_id")
+    assert_frame_equal(back, df.with_columns(run_id=pl.lit("run-2")).sort("rejection_id"))
+    two = store.query("SELECT count(*) AS n FROM rejections WHERE len(reasons) = 2")["n"].item()
+    assert two == df.filter(pl.col("reasons").list.len() == 2).height > 0
+
+
+def test_bar_rejections_upsert_by_symbol_timeframe_time_reason(store):
+    store.write_bar_rejections(_bar_rejections(6, run_id=None), run_id="run-1")
+    store.write_bar_rejections(_bar_rejections(6, run_id="run-2"))
+    assert store.count("bar_rejections") == 6
+    assert store.count("bar_rejections", run_id="run-2") == 6
+    other_reason = _bar_rejections(1).with_columns(reason=pl.lit("high_below_low"))
+    store.write_bar_rejections(other_reason)  # same bar, another reason: a new row
+    assert store.count("bar_rejections") == 7
+    with pytest.raises(ValueError, match="run_id"):
+        store.write_bar_rejections(_bar_rejections(1, run_id=None))
+
+
+def test_frames_off_schema_are_refused(store):
+    with pytest.raises(ValueError, match="missing \\['weight'\\]"):
+        store.write_signals(signal_frame(3).drop("weight"))
+    with pytest.raises(ValueError, match="direction"):
+        store.write_signals(signal_frame(3).with_columns(pl.col("direction").cast(pl.Int64)))
+    assert store.write_signals(signal_frame(0)) == 0
+    assert store.count("signals") == 0
+
+
+def test_failed_write_rolls_back(store):
+    store.write_signals(signal_frame(10))
+    # A constraint the INSERT half will break, after the DELETE half has run.
+    store.con.execute("ALTER TABLE signals ALTER COLUMN period SET NOT NULL")
+    bad = signal_frame(10).with_columns(weight=pl.lit(0.5), period=pl.lit(None, pl.Int32))
+    with pytest.raises(duckdb.ConstraintException):
+        store.write_signals(bad)
+    assert store.count("signals") == 10
+    assert store.count("signals", weight=0.5) == 0
+
+
+def test_runs_round_trip(store):
+    t0 = datetime(2024, 1, 1, tzinfo=UTC)
+    run = RunRecord(run_id="run-9", config_hash="abc123", mode="historical", environment="local-dev",
+                    start=t0, end=t0 + timedelta(days=30), started_at=datetime(2025, 5, 1, 12, tzinfo=UTC),
+                    clients=["ikenna", "zara"])
+    store.start_run(run)
+    store.start_run(run)  # a restarted recorder: still one row
+    assert store.count("runs") == 1
+    assert store.count("runs", status=None) == 1
+    store.finish_run("run-9", finished_at=datetime(2025, 5, 1, 12, 5, tzinfo=UTC), status="ok", bars=1_000,
+                     signals=40, rejections=900, bar_rejections=3, elapsed_s=2.5, bars_per_s=400.0,
+                     peak_rss_mb=312.5, rejections_by_reason={"below_confidence": 800, "no_consensus": 100})
+    row = store.query("SELECT * FROM runs").row(0, named=True)
+    assert row["clients"] == ["ikenna", "zara"]
+    assert row["start"] == t0 and row["end"] == t0 + timedelta(days=30)
+    assert row["status"] == "ok" and row["bars"] == 1_000 and row["peak_rss_mb"] == 312.5
+    assert json.loads(row["rejections_by_reason"]) == {"below_confidence": 800, "no_consensus": 100}
+    assert set(FINISH_FIELDS) == set(row) - {"run_id", "config_hash", "mode", "environment", "start",
+                                             "end", "started_at", "clients"}
+    with pytest.raises(ValueError, match="unknown run fields"):
+        store.finish_run("run-9", colour="red")
+    with pytest.raises(KeyError):
+        store.finish_run("never", status="failed")
+
+
+def test_count_rejects_unknown_tables_and_columns(store):
+    with pytest.raises(ValueError, match="unknown table"):
+        store.count("signals; DROP TABLE runs")
+    with pytest.raises(ValueError, match="no columns"):
+        store.count("signals", **{"1=1 OR client_id": "x"})
+
+
+def test_closed_store_refuses_work(tmp_path):
+    s = DuckDBStore(tmp_path / "s.duckdb")
+    with pytest.raises(RuntimeError, match="open"):
+        s.count("signals")
+
+
+def test_second_process_gets_transient_error_naming_the_lock(tmp_path):
+    path = tmp_path / "locked.duckdb"
+    ctx = multiprocessing.get_context("spawn")  # a fork would share this process's open database
+    with DuckDBStore(path) as store:
+        store.write_signals(signal_frame(3))
+        results = ctx.Queue()
+        child = ctx.Process(target=try_open_store, args=(str(path), results))
+        child.start()
+        kind, message = results.get(timeout=60)
+        child.join(timeout=30)
+    assert kind == TransientError.__name__
+    assert str(path) in message and "locked by another process" in message
+    assert f"pid {os.getpid()}" in message
+    # Once the writer has gone, the next one gets in.
+    child = ctx.Process(target=try_open_store, args=(str(path), results))
+    child.start()
+    assert results.get(timeout=60) == ("ok", "3")
+    child.join(timeout=30)
