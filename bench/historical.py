@@ -120,7 +120,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--days", type=int, default=365)
     ap.add_argument("--symbols", type=int, default=10)
-    ap.add_argument("--chunk-bars", type=int, default=100_000)
+    ap.add_argument("--chunk-bars", type=int, default=250_000)
     ap.add_argument("--raw-rows", type=int, default=1_000_000)
     ap.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
     args = ap.parse_args()

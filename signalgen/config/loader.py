@@ -279,22 +279,22 @@ def _check_name(cfg: EnvironmentConfig | ModePreset, name: str | None, node: yam
                           file=str(path), line=_line_of(node, ["name"]), field="name")
 
 
-def load_environment(env: str | Path, *, root: Path | str = ".") -> EnvironmentConfig:
-    """Load an environment profile by name (`<root>/environments/<env>.yaml`) or path."""
-    path, name = _resolve("environments", env, Path(root))
+def _load_layer(kind: str, model: type[EnvironmentConfig] | type[ModePreset], ref: str | Path, root: Path | str):
+    path, name = _resolve(kind, ref, Path(root))
     data, node = _read_yaml(path)
-    cfg = _validate(EnvironmentConfig, data, node, path)
+    cfg = _validate(model, data, node, path)
     _check_name(cfg, name, node, path)
     return cfg
+
+
+def load_environment(env: str | Path, *, root: Path | str = ".") -> EnvironmentConfig:
+    """Load an environment profile by name (`<root>/environments/<env>.yaml`) or path."""
+    return _load_layer("environments", EnvironmentConfig, env, root)
 
 
 def load_mode(mode: str | Path, *, root: Path | str = ".") -> ModePreset:
     """Load a mode preset by name (`<root>/modes/<mode>.yaml`) or path."""
-    path, name = _resolve("modes", mode, Path(root))
-    data, node = _read_yaml(path)
-    cfg = _validate(ModePreset, data, node, path)
-    _check_name(cfg, name, node, path)
-    return cfg
+    return _load_layer("modes", ModePreset, mode, root)
 
 
 def _load_client(path: Path) -> tuple[ClientConfig, yaml.Node | None]:

@@ -25,7 +25,12 @@ _US = timedelta(microseconds=1)
 
 
 class BatchRunner:
-    """Runs workers one after another in this process; the recorder is the only writer."""
+    """Runs workers one after another in this process; the recorder is the only writer.
+
+    Signals and rejections reach the store chunk by chunk; file outputs are flushed once, when the
+    run closes its recorder, so each QuantConnect day file is rewritten once per run rather than
+    once per symbol (a failed run is repaired by running it again: every write is idempotent).
+    """
 
     def __init__(self, cfg: RunConfig, recorder: Recorder, *, run_id: str, started_at: datetime,
                  progress: Progress | None = None) -> None:
@@ -63,6 +68,7 @@ class BatchRunner:
             bars = checked.bars if history is None else pl.concat([history, checked.bars])
             c0 = time.perf_counter_ns()
             batch = engine.process(bars, emit_from)
+            emit_from = batch.last_bar_us  # history rows of the next chunk are context, not candidates
             if batch.bars:
                 # historical latency: this chunk's compute time per bar (bars are "available" at their end)
                 per_bar_us = (time.perf_counter_ns() - c0) // 1000 // batch.bars
@@ -75,6 +81,5 @@ class BatchRunner:
                 if task is not None:
                     self.progress.advance(task, batch.bars)
             history = bars.tail(engine.history)
-        self.recorder.flush()
         stats.workers += 1
         stats.elapsed_s += time.perf_counter() - t0

@@ -57,8 +57,7 @@ class Recorder:
         return self._outputs[key]
 
     def record(self, spec: WorkerSpec, signals: pl.DataFrame, rejections: pl.DataFrame) -> None:
-        self.store.write_signals(signals)
-        self.store.write_rejections(rejections)
+        self.store.write_decisions(signals, rejections)
         if signals.height:
             for destination in DESTINATIONS[spec.routing]:
                 self._output(spec.client.id, destination).write(signals)

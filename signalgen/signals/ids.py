@@ -1,6 +1,8 @@
 """Deterministic signal ids: the idempotency key of every store and output.
 
-id = 128-bit hash of (client, strategy, symbol, timeframe, model versions) and the bar end time.
+id = 128-bit hash of (client, strategy, symbol, timeframe, model versions) and the bar end time,
+written as an RFC 9562 UUIDv8 (the version for application-defined hashes: 122 hash bits), so
+stores keep it as a 16-byte UUID and every consumer sees the same canonical text.
 The key part is hashed once with BLAKE2b; the per-bar part is mixed in with splitmix64, which is
 vectorized in numpy, so millions of ids cost a fraction of a second and a single id costs the same
 code path. Stable across processes, platforms and library versions (unlike `hash()` or polars' hash).
@@ -18,6 +20,9 @@ import pyarrow as pa
 _C1 = np.uint64(0xBF58476D1CE4E5B9)
 _C2 = np.uint64(0x94D049BB133111EB)
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+# two ASCII hex digits per byte value, so one gather turns 16 bytes into 32 characters
+_HEX_PAIRS = np.frombuffer("".join(f"{b:02x}" for b in range(256)).encode(), dtype="<u2")
+_GROUPS = ((0, 8), (9, 13), (14, 18), (19, 23), (24, 36))  # 8-4-4-4-12 around the dashes
 
 
 def _mix64(z: np.ndarray) -> np.ndarray:
@@ -37,11 +42,20 @@ def id_key(client_id: str, strategy_id: str, symbol: str, timeframe: str,
 
 
 def signal_ids(key: tuple[int, int], bar_time_us: np.ndarray) -> pl.Series:
-    """32-hex-char ids for each bar end time (epoch microseconds)."""
+    """Canonical UUID text (`xxxxxxxx-xxxx-8xxx-yxxx-xxxxxxxxxxxx`) for each bar end time (epoch us)."""
     t = np.ascontiguousarray(bar_time_us, dtype=np.int64).view(np.uint64)
     words = np.empty((t.size, 2), dtype=">u8")
     with np.errstate(over="ignore"):
         words[:, 0] = _mix64(np.uint64(key[0]) ^ _mix64(t))
         words[:, 1] = _mix64(np.uint64(key[1]) ^ _mix64(t + _GOLDEN))
-    raw = pa.FixedSizeBinaryArray.from_buffers(pa.binary(16), t.size, [None, pa.py_buffer(words.tobytes())])
-    return pl.Series("signal_id", pl.from_arrow(raw)).bin.encode("hex")
+    raw = words.view(np.uint8).reshape(t.size, 16)
+    raw[:, 6] = (raw[:, 6] & 0x0F) | 0x80  # version 8
+    raw[:, 8] = (raw[:, 8] & 0x3F) | 0x80  # variant 10 (RFC 9562)
+    digits = _HEX_PAIRS[raw].view(np.uint8)  # (n, 32)
+    text = np.full((t.size, 36), ord("-"), dtype=np.uint8)
+    at = 0
+    for lo, hi in _GROUPS:
+        text[:, lo:hi] = digits[:, at:at + hi - lo]
+        at += hi - lo
+    arrow = pa.FixedSizeBinaryArray.from_buffers(pa.binary(36), t.size, [None, pa.py_buffer(text.tobytes())])
+    return pl.Series("signal_id", pl.from_arrow(arrow)).cast(pl.String)

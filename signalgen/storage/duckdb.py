@@ -49,6 +49,10 @@ TABLES: dict[str, tuple[pl.Schema, tuple[str, ...]]] = {
     "bar_rejections": (BAR_REJECTION_STORE_SCHEMA, ("symbol", "timeframe", "bar_time", "reason")),
 }
 
+# Ids are UUID text (signalgen.signals.ids): stored as 16-byte UUIDs, which insert ~2x faster and
+# checkpoint ~8x faster than 36-character strings; they read back as the same canonical text.
+ID_COLUMNS = frozenset({"signal_id", "rejection_id"})
+
 RUN_COLUMNS: dict[str, str] = {
     "run_id": "VARCHAR", "config_hash": "VARCHAR", "mode": "VARCHAR", "environment": "VARCHAR",
     "start": "TIMESTAMPTZ", "end": "TIMESTAMPTZ", "started_at": "TIMESTAMPTZ", "clients": "VARCHAR[]",
@@ -119,7 +123,7 @@ class DuckDBStore:
         # Results come back as UTC datetimes whatever the machine's zone.
         con.execute("SET TimeZone = 'UTC'")
         for table, (schema, _) in TABLES.items():
-            cols = ", ".join(f"{_q(c)} {sql_type(t)}" for c, t in schema.items())
+            cols = ", ".join(f"{_q(c)} {'UUID' if c in ID_COLUMNS else sql_type(t)}" for c, t in schema.items())
             con.execute(f"CREATE TABLE IF NOT EXISTS {table} ({cols})")
         cols = ", ".join(f"{_q(c)} {t}" for c, t in RUN_COLUMNS.items())
         con.execute(f"CREATE TABLE IF NOT EXISTS runs ({cols})")
@@ -165,25 +169,69 @@ class DuckDBStore:
             df = df.with_columns(pl.lit(run_id, pl.String).alias("run_id"))
         return self._upsert("bar_rejections", df)
 
-    def _upsert(self, table: str, df: pl.DataFrame) -> int:
+    def write_decisions(self, signals: pl.DataFrame, rejections: pl.DataFrame) -> int:
+        """Upsert one batch of a worker's decisions in one transaction.
+
+        A candidate is a signal or a rejection, never both: its id is removed from both tables
+        before the batch is inserted, so a re-run with another threshold moves a bar from one
+        table to the other instead of leaving it in both.
+        """
+        batches = {t: self._prepare(t, df) for t, df in (("signals", signals), ("rejections", rejections))}
+        ids = pl.concat([df.select(pl.col(TABLES[t][1][0]).alias("id"), "bar_time") for t, df in batches.items()])
+        if ids.is_empty():
+            return 0
+        with self._registered(_ids=ids, _signals=batches["signals"], _rejections=batches["rejections"]), \
+                self._transaction():
+            for table in batches:
+                self._delete(table, "_ids", "id", ids)
+            for table in batches:
+                self._insert(table, f"_{table}")
+        return ids.height
+
+    def _prepare(self, table: str, df: pl.DataFrame) -> pl.DataFrame:
         schema, key = TABLES[table]
         df = conform(df, schema, table)
+        # Last row wins within a batch too, as it would across batches.
+        if df.height and df.select(pl.struct(key).is_duplicated().any()).item():
+            df = df.unique(subset=list(key), keep="last", maintain_order=True)
+        return df
+
+    def _upsert(self, table: str, df: pl.DataFrame) -> int:
+        df = self._prepare(table, df)
         if df.is_empty():
             return 0
-        # Last row wins within a batch too, as it would across batches.
-        if df.select(pl.struct(key).is_duplicated().any()).item():
-            df = df.unique(subset=list(key), keep="last", maintain_order=True)
-        cols = ", ".join(_q(c) for c in schema)
-        match = " AND ".join(f"t.{_q(k)} = b.{_q(k)}" for k in key)
-        con = self.con
-        con.register("_batch", df.to_arrow())
-        try:
-            with self._transaction():
-                con.execute(f"DELETE FROM {table} t USING _batch b WHERE {match}")
-                con.execute(f"INSERT INTO {table} ({cols}) SELECT {cols} FROM _batch")
-        finally:
-            con.unregister("_batch")
+        with self._registered(_batch=df), self._transaction():
+            self._delete(table, "_batch", None, df)
+            self._insert(table, "_batch")
         return df.height
+
+    def _delete(self, table: str, batch: str, batch_id: str | None, df: pl.DataFrame) -> None:
+        """Delete the rows of `table` whose key is in `batch`.
+
+        Every key includes the bar time, so the scan is limited to the batch's time range: DuckDB
+        skips row groups outside it (zone maps) and a long run's upserts stay O(batch), not O(table).
+        """
+        key = TABLES[table][1]
+        match = " AND ".join(f"t.{_q(k)} = b.{_q(batch_id or k)}" for k in key)
+        lo, hi = df["bar_time"].min(), df["bar_time"].max()
+        self.con.execute(f"DELETE FROM {table} t USING {batch} b WHERE t.bar_time BETWEEN ? AND ? AND {match}",
+                         [lo, hi])
+
+    def _insert(self, table: str, batch: str) -> None:
+        schema = TABLES[table][0]
+        cols = ", ".join(_q(c) for c in schema)
+        values = ", ".join(f"CAST({_q(c)} AS UUID)" if c in ID_COLUMNS else _q(c) for c in schema)
+        self.con.execute(f"INSERT INTO {table} ({cols}) SELECT {values} FROM {batch}")
+
+    @contextmanager
+    def _registered(self, **frames: pl.DataFrame) -> Iterator[None]:
+        for name, df in frames.items():
+            self.con.register(name, df.to_arrow())
+        try:
+            yield
+        finally:
+            for name in frames:
+                self.con.unregister(name)
 
     @contextmanager
     def _transaction(self) -> Iterator[None]:

@@ -97,7 +97,8 @@ def test_chunking_does_not_change_signals(root, tmp_path_factory):
         if item.name != "var":
             (small / item.name).symlink_to(item)
     cfg = load_config("local-dev", "historical", root=small, overrides=Overrides(start=START, end=END))
-    run_mode(cfg.model_copy(update={"mode": cfg.mode.model_copy(update={"chunk_bars": 300})}))
+    report = run_mode(cfg.model_copy(update={"mode": cfg.mode.model_copy(update={"chunk_bars": 300})}))
+    assert all(s.bars == s.workers * BARS_PER_WORKER for s in report.stats.values())  # no bar evaluated twice
     cols = "signal_id, direction, confidence, strength, magnitude, weight, period"
     a = table(root, f"select {cols} from signals order by signal_id")
     b = table(small, f"select {cols} from signals order by signal_id")

@@ -7,7 +7,10 @@ from datetime import UTC, datetime, timedelta
 import numpy as np
 import polars as pl
 
+from signalgen.signals.ids import id_key, signal_ids
 from signalgen.signals.types import REJECTION_SCHEMA, SIGNAL_SCHEMA
+
+MODELS = [("gbm_trend", "3"), ("gbm_revert", "1")]
 
 START = datetime(2024, 1, 2, 14, 30, tzinfo=UTC)
 
@@ -31,10 +34,18 @@ def _base(n: int, client_id: str, strategy_id: str, symbols: tuple[str, ...], ti
         output=pl.Series(rng.random(2 * n)),
     ).to_struct("m")
     models = flat.reshape((n, 2)).arr.to_list() if n else pl.Series("m", [], pl.List(flat.dtype))
-    # The id hashes what the real one hashes, so equal inputs give equal ids.
-    key = pl.concat_str(["client_id", "strategy_id", "symbol", "timeframe",
-                         pl.col("bar_time").dt.epoch("us").cast(pl.String)], separator="|")
-    return df.with_columns(key.hash(7).cast(pl.String).str.zfill(20).alias("id"), models.alias("models"))
+    return df.with_columns(_ids(df), models.alias("models"))
+
+
+def _ids(df: pl.DataFrame) -> pl.Series:
+    """The real deterministic ids (signalgen.signals.ids) of each row's worker and bar time."""
+    parts = [pl.DataFrame({"row": g["row"], "id": signal_ids(
+        id_key(c, s, sym, tf, MODELS), g["bar_time"].dt.epoch("us").to_numpy())})
+        for (c, s, sym, tf), g in df.with_row_index("row").group_by(
+            "client_id", "strategy_id", "symbol", "timeframe")]
+    if not parts:
+        return pl.Series("id", [], pl.String)
+    return pl.concat(parts).sort("row")["id"]
 
 
 def signal_frame(n: int = 10, *, client_id: str = "ikenna", strategy_id: str = "swing_high_v1",

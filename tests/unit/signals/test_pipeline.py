@@ -1,5 +1,7 @@
 """The pipeline end to end on hand-made arrays: each reason code, ids, records."""
 
+import uuid
+
 import numpy as np
 import pytest
 
@@ -97,7 +99,8 @@ def test_ids_are_deterministic_and_depend_on_every_key_part():
     t = np.array([1_700_000_000_000_000])
     base = signal_ids(id_key("c", "s", "X", "5m", [("m", "v1")]), t)[0]
     assert base == signal_ids(id_key("c", "s", "X", "5m", [("m", "v1")]), t)[0]
-    assert len(base) == 32 and int(base, 16) >= 0
+    parsed = uuid.UUID(base)
+    assert str(parsed) == base and parsed.version == 8 and parsed.variant == uuid.RFC_4122
     others = {signal_ids(id_key(*k), t)[0] for k in [("d", "s", "X", "5m", [("m", "v1")]),
                                                      ("c", "t", "X", "5m", [("m", "v1")]),
                                                      ("c", "s", "Y", "5m", [("m", "v1")]),
