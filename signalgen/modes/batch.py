@@ -7,17 +7,20 @@ the features and lookback window need, never the whole range.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from itertools import groupby
+from operator import itemgetter
 from datetime import datetime, timedelta
 
 import polars as pl
 from rich.progress import Progress
 
 from signalgen.config.models import RunConfig, timeframe_delta
-from signalgen.data.validation import validate_chunks
+from signalgen.data.validation import ValidatedBars, validate_chunks
 from signalgen.modes.base import RunReport, peak_rss_mb
-from signalgen.modes.engine import WorkerEngine
+from signalgen.modes.engine import Prepared, WorkerEngine, history_bars
 from signalgen.modes.recorder import Recorder
-from signalgen.modes.sources import bar_chunks
+from signalgen.modes.sources import bar_chunks, prefetched
 from signalgen.models.registry import ModelRegistry
 from signalgen.process.specs import WorkerSpec
 
@@ -45,41 +48,58 @@ class BatchRunner:
         task = self.progress.add_task("bars", total=sum(span // timeframe_delta(s.timeframe) for s in specs)) \
             if self.progress else None
         t0 = time.perf_counter()
-        for spec in specs:
-            self._run_worker(spec, report, task)
+        # one prefetched stream for the whole run, so the next worker's first chunk is generated and
+        # validated while the current worker finishes
+        for spec, items in groupby(prefetched(self._checked_chunks(specs)), key=itemgetter(0)):
+            self._run_worker(spec, (checked for _, checked in items if checked is not None), report, task)
         report.elapsed_s = time.perf_counter() - t0
         report.peak_rss_mb = peak_rss_mb()
         return report
 
-    def _run_worker(self, spec: WorkerSpec, report: RunReport, task) -> None:
+    def _checked_chunks(self, specs: list[WorkerSpec]) -> Iterator[tuple[WorkerSpec, ValidatedBars | None]]:
+        """(spec, None) when a worker starts, then (spec, validated chunk) for each of its chunks."""
+        cfg = self.cfg
+        for spec in specs:
+            yield spec, None
+            start = cfg.start - history_bars(spec) * timeframe_delta(spec.timeframe)
+            chunks = bar_chunks(cfg, spec.symbol, spec.timeframe, start, cfg.end, cfg.mode.chunk_bars)
+            for checked in validate_chunks(chunks, spec.timeframe):
+                yield spec, checked
+
+    def _run_worker(self, spec: WorkerSpec, checked_chunks: Iterator[ValidatedBars], report: RunReport,
+                    task) -> None:
         cfg, stats = self.cfg, report.stat(spec)
         t0 = time.perf_counter()
         engine = WorkerEngine(spec, self.registry, backend=self.backend, now=self.started_at,
                               mode=cfg.mode.name.value, run_id=self.run_id, seed=cfg.seed)
         report.problems += [p for p in engine.problems if p not in report.problems]
-        tf = timeframe_delta(spec.timeframe)
         emit_from = (cfg.start - datetime(1970, 1, 1, tzinfo=cfg.start.tzinfo)) // _US
-        chunks = bar_chunks(cfg, spec.symbol, spec.timeframe, cfg.start - engine.history * tf, cfg.end,
-                            cfg.mode.chunk_bars)
-        history: pl.DataFrame | None = None
-        for checked in validate_chunks(chunks, spec.timeframe):
+        # source + validation run on the prefetch thread, records on the writer; features and models here.
+        # (Features on the prefetch thread measured slower: polars' pool then competes with inference.)
+        for checked, prepared in _prepare_chunks(engine, checked_chunks, emit_from):
             self.recorder.record_bar_rejections(checked.rejections, self.run_id)
             stats.bar_rejections.update({k: v for k, v in checked.counts.items() if v})
-            bars = checked.bars if history is None else pl.concat([history, checked.bars])
-            c0 = time.perf_counter_ns()
-            batch = engine.process(bars, emit_from)
-            emit_from = batch.last_bar_us  # history rows of the next chunk are context, not candidates
-            if batch.bars:
-                # historical latency: this chunk's compute time per bar (bars are "available" at their end)
-                per_bar_us = (time.perf_counter_ns() - c0) // 1000 // batch.bars
-                signals = batch.signals.with_columns(pl.lit(per_bar_us, pl.Int64).alias("latency_us"))
-                self.recorder.record(spec, signals, batch.rejections)
-                stats.bars += batch.bars
-                stats.signals += signals.height
-                stats.rejected += batch.rejections.height
-                stats.rejections.update(batch.reasons)
+            decisions = engine.decide(prepared)
+            if decisions.bars:
+                self.recorder.record(spec, decisions)
+                stats.bars += decisions.bars
+                stats.signals += decisions.signals
+                stats.rejected += decisions.bars - decisions.signals
+                stats.rejections.update(decisions.reasons)
                 if task is not None:
-                    self.progress.advance(task, batch.bars)
-            history = bars.tail(engine.history)
+                    self.progress.advance(task, decisions.bars)
         stats.workers += 1
         stats.elapsed_s += time.perf_counter() - t0
+
+
+def _prepare_chunks(engine: WorkerEngine, checked_chunks: Iterator[ValidatedBars],
+                    emit_from_us: int) -> Iterator[tuple[ValidatedBars, Prepared]]:
+    """Validated chunks with their features; each chunk carries the history its features need."""
+    history: pl.DataFrame | None = None
+    for checked in checked_chunks:
+        bars = checked.bars if history is None else pl.concat([history, checked.bars])
+        prepared = engine.prepare(bars, emit_from_us)
+        if prepared.bar_time_us.size:
+            emit_from_us = int(prepared.bar_time_us[-1])  # next chunk's history rows are context only
+        yield checked, prepared
+        history = bars.tail(engine.history)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -15,7 +16,9 @@ from signalgen.models.backends import Predictor, load_predictor
 from signalgen.models.health import check_card
 from signalgen.models.registry import ModelCard, ModelRegistry
 from signalgen.process.specs import WorkerSpec
-from signalgen.signals.pipeline import ModelParams, StrategyParams, count_reasons, evaluate, to_frames
+from signalgen.signals.pipeline import (
+    Evaluation, ModelParams, StrategyParams, count_reasons, evaluate, to_frames,
+)
 from signalgen.signals.types import REJECTION_SCHEMA, SIGNAL_SCHEMA
 from signalgen.signals.validate import window_complete
 
@@ -31,13 +34,53 @@ def strategy_params(spec: WorkerSpec, cards: Sequence[ModelCard]) -> StrategyPar
                           spec.exposure_budget, s.max_staleness_bars, models)
 
 
-@dataclass
-class Batch:
-    signals: pl.DataFrame
-    rejections: pl.DataFrame
-    bars: int          # candidate bars evaluated
-    reasons: dict[str, int]  # rejections per reason code
-    last_bar_us: int   # newest bar end evaluated (the checkpoint candidate)
+def history_bars(spec: WorkerSpec) -> int:
+    """Bars of history a batch needs before its first candidate: features' warm-up + the lookback window."""
+    return WARMUP_BARS + max(m.lookback_window for m in spec.strategy.models)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """Candidate bars of one batch with their features, ready for the models."""
+
+    bar_time_us: np.ndarray
+    features: np.ndarray   # (n, len(FEATURE_NAMES)) float32
+    window_ok: np.ndarray  # lookback window complete
+    compute_ns: int        # time spent preparing, for the latency column
+
+
+@dataclass(frozen=True)
+class Decisions:
+    """One evaluated batch of a worker. `frames()` builds its records; the recorder calls it on its
+    writer thread, so building records overlaps with the next batch's inference."""
+
+    params: StrategyParams
+    evaluation: Evaluation
+    bar_time_us: np.ndarray
+    now_us: np.ndarray
+    predictions: np.ndarray
+    mode: str
+    run_id: str
+    latency_us: int  # compute time per bar of this batch
+
+    @property
+    def bars(self) -> int:
+        return int(self.bar_time_us.size)
+
+    @property
+    def signals(self) -> int:
+        return int(np.count_nonzero(self.evaluation.accepted))
+
+    @property
+    def reasons(self) -> dict[str, int]:
+        return count_reasons(self.evaluation.reasons)
+
+    def frames(self) -> tuple[pl.DataFrame, pl.DataFrame]:
+        """(signals, rejections) in SIGNAL_SCHEMA and REJECTION_SCHEMA."""
+        if not self.bars:
+            return pl.DataFrame(schema=SIGNAL_SCHEMA), pl.DataFrame(schema=REJECTION_SCHEMA)
+        return to_frames(self.params, self.evaluation, self.bar_time_us, self.now_us, self.predictions,
+                         mode=self.mode, run_id=self.run_id, latency_us=self.latency_us)
 
 
 class WorkerEngine:
@@ -55,23 +98,30 @@ class WorkerEngine:
         self.problems = [msg for h in health for msg in h]  # reported once per run, per worker
         self.model_ok = np.array([not h for h in health])
         self.params = strategy_params(spec, cards)
-        # bars of history a batch needs before its first candidate: features' warm-up + the lookback window
-        self.history = WARMUP_BARS + self.params.lookback
+        self.history = history_bars(spec)
 
-    def process(self, bars: pl.DataFrame, emit_from_us: int, now_us: np.ndarray | None = None,
-                latency_us: int | np.ndarray = 0) -> Batch:
-        """Evaluate the bars with bar_time > emit_from_us; earlier rows are history only.
+    def prepare(self, bars: pl.DataFrame, emit_from_us: int) -> Prepared:
+        """Features of the bars with bar_time > emit_from_us; earlier rows are history only.
 
-        `bars` are validated bars of this worker's symbol in ascending time; `now_us` is the evaluation
-        time of each new bar (default: its own end time, as in historical replay).
+        `bars` are validated bars of this worker's symbol in ascending time. Needs no model, so a
+        runner may prepare the next batch on another thread while `decide` runs.
         """
+        started = time.perf_counter_ns()
         times = bars["bar_time"].dt.epoch("us").to_numpy()
         new = times > emit_from_us
         if not new.any():
-            return Batch(pl.DataFrame(schema=SIGNAL_SCHEMA), pl.DataFrame(schema=REJECTION_SCHEMA), 0, {}, emit_from_us)
-        features = feature_matrix(compute_features(bars))
+            return Prepared(times[new], np.empty((0, len(FEATURE_NAMES)), np.float32), np.empty(0, bool), 0)
+        x = feature_matrix(compute_features(bars))[new]
         window_ok = window_complete(times, self.params.lookback, self.params.max_gap_us)[new]
-        x, t = features[new], times[new]
+        return Prepared(times[new], x, window_ok, time.perf_counter_ns() - started)
+
+    def decide(self, prepared: Prepared, now_us: np.ndarray | None = None) -> Decisions:
+        """Run the models and the signal pipeline on prepared bars.
+
+        `now_us` is the evaluation time of each bar (default: its own end time, as in historical replay).
+        """
+        started = time.perf_counter_ns()
+        t, x = prepared.bar_time_us, prepared.features
         preds = np.full((t.size, len(self.predictors)), np.nan)
         finite = np.isfinite(x).all(axis=1)
         if finite.any():
@@ -79,7 +129,10 @@ class WorkerEngine:
             for j, predictor in enumerate(self.predictors):
                 preds[finite, j] = predictor.predict(xf)
         now = t if now_us is None else now_us
-        ev = evaluate(self.params, t, now, x, preds, self.model_ok, window_ok)
-        signals, rejections = to_frames(self.params, ev, t, now, preds, mode=self.mode, run_id=self.run_id,
-                                        latency_us=latency_us)
-        return Batch(signals, rejections, int(t.size), count_reasons(ev.reasons), int(t[-1]))
+        ev = evaluate(self.params, t, now, x, preds, self.model_ok, prepared.window_ok)
+        spent_ns = prepared.compute_ns + time.perf_counter_ns() - started
+        return Decisions(self.params, ev, t, now, preds, self.mode, self.run_id, spent_ns // 1000 // max(t.size, 1))
+
+    def process(self, bars: pl.DataFrame, emit_from_us: int, now_us: np.ndarray | None = None) -> Decisions:
+        """`prepare` then `decide`, on this thread."""
+        return self.decide(self.prepare(bars, emit_from_us), now_us)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import queue
+import threading
 from pathlib import Path
 
 import polars as pl
@@ -9,6 +11,7 @@ import polars as pl
 from signalgen.config.models import Routing, RunConfig
 from signalgen.errors import ConfigError, SignalgenError
 from signalgen.outputs import output_class
+from signalgen.modes.engine import Decisions
 from signalgen.outputs.base import Output
 from signalgen.process.specs import WorkerSpec
 
@@ -32,14 +35,39 @@ def open_store(cfg: RunConfig):
 class Recorder:
     """Stores every signal and rejection, then hands each client's signals to its routed outputs.
 
+    Building records, store writes and output writes run on one writer thread fed by a bounded
+    queue: polars and DuckDB work (without the GIL) while the caller computes the next batch, and when the store falls `queue_batches` behind,
+    `record()` blocks — backpressure, not an unbounded buffer. A failed write is raised by the
+    next `record()`, `flush()` or `close()`; nothing is dropped silently.
+
     Outputs are opened on first use, one per client and destination, so a client's signals can only
     ever reach that client's files and streams. One failing output does not stop the others: flush
     tries them all and raises the first error afterwards.
     """
 
-    def __init__(self, cfg: RunConfig, store) -> None:
+    def __init__(self, cfg: RunConfig, store, queue_batches: int = 2) -> None:
         self.cfg, self.store = cfg, store
         self._outputs: dict[tuple[str, str], Output] = {}
+        self._queue: queue.Queue = queue.Queue(maxsize=queue_batches)
+        self._error: BaseException | None = None
+        self._writer = threading.Thread(target=self._write_loop, name="recorder-writer", daemon=True)
+        self._writer.start()
+
+    def _write_loop(self) -> None:
+        while (item := self._queue.get()) is not None:
+            write, args = item
+            try:
+                if self._error is None:  # after a failure, drain without writing
+                    write(*args)
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
+                self._error = exc
+            finally:
+                self._queue.task_done()
+        self._queue.task_done()
+
+    def _raise_failed_write(self) -> None:
+        if self._error is not None:
+            raise SignalgenError(f"signal store write failed: {self._error}") from self._error
 
     def _output(self, client_id: str, destination: str) -> Output:
         key = (client_id, destination)
@@ -56,7 +84,13 @@ class Recorder:
             self._outputs[key] = out
         return self._outputs[key]
 
-    def record(self, spec: WorkerSpec, signals: pl.DataFrame, rejections: pl.DataFrame) -> None:
+    def record(self, spec: WorkerSpec, decisions: Decisions) -> None:
+        """Queue a batch: its records are built, stored and routed on the writer thread."""
+        self._raise_failed_write()
+        self._queue.put((self._write, (spec, decisions)))
+
+    def _write(self, spec: WorkerSpec, decisions: Decisions) -> None:
+        signals, rejections = decisions.frames()
         self.store.write_decisions(signals, rejections)
         if signals.height:
             for destination in DESTINATIONS[spec.routing]:
@@ -64,9 +98,13 @@ class Recorder:
 
     def record_bar_rejections(self, rejections: pl.DataFrame, run_id: str) -> None:
         if rejections.height:
-            self.store.write_bar_rejections(rejections.with_columns(pl.lit(run_id).alias("run_id")))
+            self._raise_failed_write()
+            self._queue.put((self.store.write_bar_rejections, (rejections, run_id)))
 
     def flush(self) -> None:
+        """Wait until the store holds everything recorded, then flush every output."""
+        self._queue.join()
+        self._raise_failed_write()
         errors: list[Exception] = []
         for out in self._outputs.values():
             try:
@@ -80,6 +118,8 @@ class Recorder:
         try:
             self.flush()
         finally:
+            self._queue.put(None)
+            self._writer.join()
             for out in self._outputs.values():
                 out.close()
             self._outputs.clear()

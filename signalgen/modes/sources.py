@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import queue
+import threading
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
+from typing import TypeVar
 
 import polars as pl
 
 from signalgen.config.models import RunConfig
 from signalgen.errors import ConfigError
+
+T = TypeVar("T")
 
 
 def bar_chunks(cfg: RunConfig, symbol: str, timeframe: str, start: datetime, end: datetime,
@@ -26,3 +31,42 @@ def bar_chunks(cfg: RunConfig, symbol: str, timeframe: str, start: datetime, end
             symbol, timeframe, start, end, chunk_bars)
     raise ConfigError(f"data source {cfg.data_source!r} cannot feed mode {cfg.mode.name!r}; "
                       "use synthetic or files", file=cfg.files.get("mode"), field="data_source")
+
+
+def prefetched(items: Iterator[T], depth: int = 1) -> Iterator[T]:
+    """Yield `items` while a thread produces the next ones (polars and numpy release the GIL).
+
+    Errors of the producer are raised in the consumer; a consumer that stops early stops the
+    producer at its next item.
+    """
+    out: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    end = object()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        out.put((item, None), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            out.put((end, None))
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer
+            out.put((end, exc))
+
+    thread = threading.Thread(target=produce, name="prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, exc = out.get()
+            if item is end:
+                if exc is not None:
+                    raise exc
+                return
+            yield item
+    finally:
+        stop.set()

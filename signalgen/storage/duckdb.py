@@ -122,6 +122,9 @@ class DuckDBStore:
             raise TransientError(f"{self.path} is locked by another process ({holder})") from exc
         # Results come back as UTC datetimes whatever the machine's zone.
         con.execute("SET TimeZone = 'UTC'")
+        # The recorder writes on one background thread while workers compute; more DuckDB threads
+        # would only compete with model inference for the same cores.
+        con.execute("SET threads = 1")
         for table, (schema, _) in TABLES.items():
             cols = ", ".join(f"{_q(c)} {'UUID' if c in ID_COLUMNS else sql_type(t)}" for c, t in schema.items())
             con.execute(f"CREATE TABLE IF NOT EXISTS {table} ({cols})")
