@@ -133,10 +133,14 @@ def main() -> None:
         t0 = time.perf_counter()
         train_demo_models(root / "registry", seed=7, timeframe="1m")  # 1-minute twins of the demo models
         print(f"trained 1m models in {time.perf_counter() - t0:.1f} s", flush=True)
-        raw = raw_inference(root / "registry", args.raw_rows, args.chunk_bars)
-        print("raw inference:", raw, flush=True)
+        before = raw_inference(root / "registry", args.raw_rows, args.chunk_bars)
+        print("raw inference before:", before, flush=True)
         e2e = end_to_end(root)
         print("end to end:", e2e, flush=True)
+        after = raw_inference(root / "registry", args.raw_rows, args.chunk_bars)
+        print("raw inference after:", after, flush=True)
+        # this machine's speed drifts by several percent between runs: divide by the faster raw figure
+        raw = max(before, after, key=lambda r: r["both_rows_per_s"])
         db = root / "var" / "bench.duckdb"
         db_mb = db.stat().st_size / 2**20
 
@@ -153,7 +157,7 @@ Command: `{command}` — run on {datetime.now(timezone.utc):%Y-%m-%d}, {machine(
 | --- | --- |
 | (a) raw inference, ONNX Runtime, 1 thread, `swing_high` alone | {raw['swing_high_rows_per_s']:,.0f} rows/s |
 | (a) raw inference, `swing_low` alone | {raw['swing_low_rows_per_s']:,.0f} rows/s |
-| (a) raw inference, both models (one strategy bar needs both) | **{raw['both_rows_per_s']:,.0f} rows/s** |
+| (a) raw inference, both models (one strategy bar needs both) | **{raw['both_rows_per_s']:,.0f} rows/s** (before: {before['both_rows_per_s']:,.0f}, after: {after['both_rows_per_s']:,.0f}) |
 | (b) end to end: {args.days} days x {args.symbols} symbols of 1-minute bars, one strategy, two models | **{e2e['bars_per_s']:,.0f} bars/s** |
 | bars evaluated | {e2e['bars']:,} |
 | signals stored | {e2e['signals']:,} |
@@ -164,9 +168,13 @@ Command: `{command}` — run on {datetime.now(timezone.utc):%Y-%m-%d}, {machine(
 | **ratio (b) / (a)** | **{ratio:.2f}** (target >= 0.70) |
 
 Raw inference is measured on {raw['rows']:,} feature rows in chunks of {args.chunk_bars:,}, after one
-warm-up call. End to end includes synthetic bar generation, bar validation, features, both models,
+warm-up call, once before and once after the end-to-end run; the ratio divides by the faster of the
+two, so machine drift can only make it look worse. End to end includes synthetic bar generation, bar validation, features, both models,
 validation/filters/aggregation/sizing, building signal and rejection records, DuckDB upserts and
-QuantConnect CSV files; it runs in a fresh process (spawn) so its peak RSS is its own.
+QuantConnect CSV files; it runs in a fresh process (spawn) so its peak RSS is its own. Inside it,
+ONNX Runtime keeps one intra-op thread; bar generation + validation run on a prefetch thread and
+record building + DuckDB writes (one DuckDB thread) on the recorder's writer thread, both at lower
+OS priority, so on this 2-core machine they use the second core instead of the model's.
 {MARK_END}"""
     print(section)
     if not args.no_write:

@@ -186,6 +186,20 @@ def _series_features(h: np.ndarray, lo: np.ndarray, c: np.ndarray, v: np.ndarray
             close_location, sma_ratio]
 
 
+def _feature_columns(bars: pl.DataFrame) -> list[np.ndarray]:
+    n = bars.height
+    symbols = bars["symbol"]
+    run_ids = symbols.rle_id()
+    n_runs = int(run_ids[-1]) + 1
+    if n_runs != symbols.n_unique():
+        raise ValueError("compute_features needs each symbol's bars contiguous (sort by symbol, bar_time)")
+    cols = [bars[name].cast(pl.Float64).to_numpy() for name in ("high", "low", "close", "volume")]
+    bounds = np.flatnonzero(np.diff(run_ids.to_numpy())) + 1
+    per_symbol = [_series_features(*(col[lo:hi] for col in cols))
+                  for lo, hi in zip(np.r_[0, bounds], np.r_[bounds, n])]
+    return per_symbol[0] if n_runs == 1 else [np.concatenate(parts) for parts in zip(*per_symbol)]
+
+
 def compute_features(bars: pl.DataFrame) -> pl.DataFrame:
     """Add the FEATURE_NAMES columns (Float64, NaN during warm-up) to bars.
 
@@ -196,21 +210,19 @@ def compute_features(bars: pl.DataFrame) -> pl.DataFrame:
     Raises:
         ValueError: a symbol's rows are not contiguous.
     """
-    n = bars.height
-    if n == 0:
+    if bars.height == 0:
         return bars.with_columns([pl.lit(None, pl.Float64).alias(f) for f in FEATURE_NAMES])
-    symbols = bars["symbol"]
-    run_ids = symbols.rle_id()
-    n_runs = int(run_ids[-1]) + 1
-    if n_runs != symbols.n_unique():
-        raise ValueError("compute_features needs each symbol's bars contiguous (sort by symbol, bar_time)")
-    cols = [bars[name].cast(pl.Float64).to_numpy() for name in ("high", "low", "close", "volume")]
-    bounds = np.flatnonzero(np.diff(run_ids.to_numpy())) + 1
-    per_symbol = [_series_features(*(col[lo:hi] for col in cols))
-                  for lo, hi in zip(np.r_[0, bounds], np.r_[bounds, n])]
-    out = per_symbol[0] if n_runs == 1 else [np.concatenate(parts) for parts in zip(*per_symbol)]
     return bars.with_columns([pl.Series(name, arr, dtype=pl.Float64, nan_to_null=False)
-                              for name, arr in zip(FEATURE_NAMES, out)])
+                              for name, arr in zip(FEATURE_NAMES, _feature_columns(bars))])
+
+
+def feature_array(bars: pl.DataFrame) -> np.ndarray:
+    """`feature_matrix(compute_features(bars))` without building the frame: (n, 15) float32."""
+    out = np.empty((bars.height, len(FEATURE_NAMES)), dtype=np.float32)
+    if bars.height:
+        for j, column in enumerate(_feature_columns(bars)):
+            out[:, j] = column
+    return out
 
 
 def feature_matrix(df: pl.DataFrame) -> np.ndarray:

@@ -10,7 +10,7 @@ from datetime import datetime
 import numpy as np
 import polars as pl
 
-from signalgen.features.batch import compute_features, feature_matrix
+from signalgen.features.batch import feature_array
 from signalgen.features.spec import FEATURE_NAMES, WARMUP_BARS
 from signalgen.models.backends import Predictor, load_predictor
 from signalgen.models.health import check_card
@@ -111,7 +111,7 @@ class WorkerEngine:
         new = times > emit_from_us
         if not new.any():
             return Prepared(times[new], np.empty((0, len(FEATURE_NAMES)), np.float32), np.empty(0, bool), 0)
-        x = feature_matrix(compute_features(bars))[new]
+        x = feature_array(bars)[new]
         window_ok = window_complete(times, self.params.lookback, self.params.max_gap_us)[new]
         return Prepared(times[new], x, window_ok, time.perf_counter_ns() - started)
 

@@ -12,6 +12,7 @@ from signalgen.config.models import Routing, RunConfig
 from signalgen.errors import ConfigError, SignalgenError
 from signalgen.outputs import output_class
 from signalgen.modes.engine import Decisions
+from signalgen.modes.sources import background_priority
 from signalgen.outputs.base import Output
 from signalgen.process.specs import WorkerSpec
 
@@ -54,6 +55,7 @@ class Recorder:
         self._writer.start()
 
     def _write_loop(self) -> None:
+        background_priority()
         while (item := self._queue.get()) is not None:
             write, args = item
             try:

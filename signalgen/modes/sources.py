@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
+from contextlib import suppress
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
@@ -33,6 +35,14 @@ def bar_chunks(cfg: RunConfig, symbol: str, timeframe: str, start: datetime, end
                       "use synthetic or files", file=cfg.files.get("mode"), field="data_source")
 
 
+def background_priority(increment: int = 10) -> None:
+    """Lower the calling thread's CPU priority (Linux nice is per thread), so helper threads use spare
+    cores and never starve the thread that runs the models. A no-op where unsupported."""
+    tid = threading.get_native_id()
+    with suppress(AttributeError, OSError):
+        os.setpriority(os.PRIO_PROCESS, tid, min(os.getpriority(os.PRIO_PROCESS, tid) + increment, 19))
+
+
 def prefetched(items: Iterator[T], depth: int = 1) -> Iterator[T]:
     """Yield `items` while a thread produces the next ones (polars and numpy release the GIL).
 
@@ -44,6 +54,7 @@ def prefetched(items: Iterator[T], depth: int = 1) -> Iterator[T]:
     end = object()
 
     def produce() -> None:
+        background_priority()
         try:
             for item in items:
                 while not stop.is_set():

@@ -39,39 +39,43 @@ def votes(p: np.ndarray, directions: np.ndarray, thresholds: np.ndarray) -> np.n
 def aggregate(p: np.ndarray, directions: np.ndarray, weights: np.ndarray, thresholds: np.ndarray,
               rule: Aggregation) -> Aggregated:
     """Aggregate outputs `p` (n, k) of k models for n bars."""
-    v = votes(p, directions, thresholds)
+    # Work model by model on (k, n) rows: k is small, so a few weighted sums (matrix-vector
+    # products) replace many (n, k) temporaries.
     w = weights / weights.sum()
-    p0 = np.nan_to_num(p, nan=0.0)
+    cols = np.ascontiguousarray(p.T)
+    with np.errstate(invalid="ignore"):
+        active = cols >= thresholds[:, None]  # NaN never passes
+    voted = np.where(active, cols, 0.0)       # outputs of the models that vote, else 0
+    up, down = directions > 0, directions < 0
     if rule is Aggregation.WEIGHTED:
-        score = (w[None, :] * v * p0).sum(axis=1)
-        direction = np.sign(score).astype(np.int8)
+        direction = np.sign((w * directions) @ voted).astype(np.int8)
     else:
-        up = (w[None, :] * (v > 0)).sum(axis=1)
-        down = (w[None, :] * (v < 0)).sum(axis=1)
+        up_w, down_w = w[up] @ active[up], w[down] @ active[down]
         if rule is Aggregation.MAJORITY:
             # ties do not win: 1e-12 absorbs float noise of weights that sum to one
-            direction = np.where(up > down + 1e-12, 1, np.where(down > up + 1e-12, -1, 0)).astype(np.int8)
+            direction = np.where(up_w > down_w + 1e-12, 1, np.where(down_w > up_w + 1e-12, -1, 0))
         else:
-            direction = np.where(up >= 1 - 1e-12, 1, np.where(down >= 1 - 1e-12, -1, 0)).astype(np.int8)
-    agree = (v == direction[:, None]) & (direction[:, None] != 0)
-    agree_w = (w[None, :] * agree).sum(axis=1)
-    agree_wp = (w[None, :] * agree * p0).sum(axis=1)
-    strength = np.clip(agree_wp, 0.0, 1.0)
+            direction = np.where(up_w >= 1 - 1e-12, 1, np.where(down_w >= 1 - 1e-12, -1, 0))
+        direction = direction.astype(np.int8)
+    agree = active & (directions[:, None] == direction[None, :])  # flat (0) never equals +-1
+    agree_w = w @ agree
+    agree_wp = w @ np.where(agree, voted, 0.0)
     with np.errstate(invalid="ignore", divide="ignore"):
         confidence = np.where(agree_w > 0, agree_wp / agree_w, 0.0)
-    return Aggregated(direction, np.clip(confidence, 0.0, 1.0), strength, agree, (v != 0).any(axis=1))
+    return Aggregated(direction, np.clip(confidence, 0.0, 1.0), np.clip(agree_wp, 0.0, 1.0), agree.T,
+                      active.any(axis=0))
 
 
 def expected_move(p: np.ndarray, agree: np.ndarray, weights: np.ndarray, target_returns: np.ndarray,
                   direction: np.ndarray) -> np.ndarray:
     """Signed magnitude: weighted mean of p_i * target_return_i over agreeing models (0 if none)."""
-    wa = weights[None, :] * agree
-    num = (wa * np.nan_to_num(p) * target_returns[None, :]).sum(axis=1)
-    den = wa.sum(axis=1)
+    rows = agree.T
+    num = (weights * target_returns) @ np.where(rows, np.nan_to_num(p.T), 0.0)
+    den = weights @ rows
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(den > 0, direction * num / den, 0.0)
 
 
 def holding_period(agree: np.ndarray, horizons: np.ndarray) -> np.ndarray:
     """Longest horizon among agreeing models (0 if none)."""
-    return (agree * horizons[None, :]).max(axis=1, initial=0).astype(np.int32)
+    return np.where(agree.T, horizons[:, None], 0).max(axis=0, initial=0).astype(np.int32)

@@ -39,8 +39,8 @@ def non_finite_rows(features: np.ndarray) -> np.ndarray:
 def bad_model_rows(predictions: np.ndarray, model_ok: np.ndarray) -> np.ndarray:
     """True where any model is unhealthy for the run or produced a non-finite / out-of-range output."""
     with np.errstate(invalid="ignore"):
-        bad = ~np.isfinite(predictions) | (predictions < 0.0) | (predictions > 1.0)
-    return (bad | ~model_ok[None, :]).any(axis=1)
+        good = (predictions >= 0.0) & (predictions <= 1.0)  # NaN fails both comparisons
+    return ~(good & model_ok[None, :]).all(axis=1)
 
 
 def duplicate_rows(bar_time_us: np.ndarray) -> np.ndarray:

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from signalgen.data.synthetic import synthetic_bars
-from signalgen.features.batch import compute_features, feature_matrix
+from signalgen.features.batch import compute_features, feature_array, feature_matrix
 from signalgen.features.spec import FEATURE_NAMES, WARMUP_BARS
 
 from .helpers import T0, assert_close, frame, reference, with_flat_stretches
@@ -108,3 +108,9 @@ def test_near_flat_prices_after_big_moves_keep_full_precision():
     arrays = (c, c, c, c, v)
     got = compute_features(frame(*arrays)).select(FEATURE_NAMES).to_numpy()
     assert_close(got, reference(*arrays))
+
+
+def test_feature_array_equals_the_frame_route():
+    bars = synthetic_bars(["BTCUSD", "ETHUSD"], "5m", T0, T0 + timedelta(days=2), seed=3)
+    np.testing.assert_array_equal(feature_array(bars), feature_matrix(compute_features(bars)))
+    assert feature_array(bars.head(0)).shape == (0, 15)
