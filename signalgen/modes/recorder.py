@@ -48,7 +48,11 @@ class Recorder:
 
     def __init__(self, cfg: RunConfig, store, queue_batches: int = 2) -> None:
         self.cfg, self.store = cfg, store
-        self._outputs: dict[tuple[str, str], Output] = {}
+        # every routed output is opened now, so a destination this environment cannot serve stops
+        # the run before any work (ConfigError), not halfway through it
+        self._outputs: dict[tuple[str, str], Output] = {
+            (c.id, d): self._open_output(c.id, d)
+            for c in cfg.clients for d in sorted({d for s in c.strategies for d in DESTINATIONS[c.routing_for(s)]})}
         self._queue: queue.Queue = queue.Queue(maxsize=queue_batches)
         self._error: BaseException | None = None
         self._writer = threading.Thread(target=self._write_loop, name="recorder-writer", daemon=True)
@@ -68,23 +72,22 @@ class Recorder:
         self._queue.task_done()
 
     def _raise_failed_write(self) -> None:
+        if isinstance(self._error, SignalgenError):
+            raise self._error
         if self._error is not None:
-            raise SignalgenError(f"signal store write failed: {self._error}") from self._error
+            raise SignalgenError(f"recording failed: {self._error!r}") from self._error
 
-    def _output(self, client_id: str, destination: str) -> Output:
-        key = (client_id, destination)
-        if key not in self._outputs:
-            root, env = Path(self.cfg.root), self.cfg.environment
-            if destination == "quantconnect":
-                out = output_class("quantconnect")(root / env.paths.output_dir, client_id)
-            elif env.messaging.type == "local":
-                out = output_class("local")(root / env.messaging.path, client_id)
-            else:
-                raise ConfigError(f"messaging type {env.messaging.type!r} is not available in this release",
-                                  file=self.cfg.files.get("environment"), field="messaging.type")
-            out.open()
-            self._outputs[key] = out
-        return self._outputs[key]
+    def _open_output(self, client_id: str, destination: str) -> Output:
+        root, env = Path(self.cfg.root), self.cfg.environment
+        if destination == "quantconnect":
+            out = output_class("quantconnect")(root / env.paths.output_dir, client_id)
+        elif env.messaging.type == "local":
+            out = output_class("local")(root / env.messaging.path, client_id)
+        else:
+            raise ConfigError(f"messaging type {env.messaging.type!r} is not available in this release; "
+                              "use local", file=self.cfg.files.get("environment"), field="messaging.type")
+        out.open()
+        return out
 
     def record(self, spec: WorkerSpec, decisions: Decisions) -> None:
         """Queue a batch: its records are built, stored and routed on the writer thread."""
@@ -96,7 +99,7 @@ class Recorder:
         self.store.write_decisions(signals, rejections)
         if signals.height:
             for destination in DESTINATIONS[spec.routing]:
-                self._output(spec.client.id, destination).write(signals)
+                self._outputs[(spec.client.id, destination)].write(signals)
 
     def record_bar_rejections(self, rejections: pl.DataFrame, run_id: str) -> None:
         if rejections.height:
