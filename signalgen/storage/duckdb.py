@@ -125,6 +125,8 @@ class DuckDBStore:
         # The recorder writes on one background thread while workers compute; more DuckDB threads
         # would only compete with model inference for the same cores.
         con.execute("SET threads = 1")
+        # DuckDB's default cache is 80% of RAM; a fixed cap keeps a long run's memory bounded (it spills)
+        con.execute("SET memory_limit = '512MB'")
         for table, (schema, _) in TABLES.items():
             cols = ", ".join(f"{_q(c)} {'UUID' if c in ID_COLUMNS else sql_type(t)}" for c, t in schema.items())
             con.execute(f"CREATE TABLE IF NOT EXISTS {table} ({cols})")
