@@ -50,7 +50,7 @@ class BatchRunner:
         t0 = time.perf_counter()
         # one prefetched stream for the whole run, so the next worker's first chunk is generated and
         # validated while the current worker finishes
-        for spec, items in groupby(prefetched(self._checked_chunks(specs)), key=itemgetter(0)):
+        for spec, items in groupby(prefetched(self._checked_chunks(specs), depth=2), key=itemgetter(0)):
             self._run_worker(spec, (checked for _, checked in items if checked is not None), report, task)
         report.elapsed_s = time.perf_counter() - t0
         report.peak_rss_mb = peak_rss_mb()

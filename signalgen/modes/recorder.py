@@ -46,7 +46,7 @@ class Recorder:
     tries them all and raises the first error afterwards.
     """
 
-    def __init__(self, cfg: RunConfig, store, queue_batches: int = 2) -> None:
+    def __init__(self, cfg: RunConfig, store, queue_batches: int = 1) -> None:
         self.cfg, self.store = cfg, store
         # every routed output is opened now, so a destination this environment cannot serve stops
         # the run before any work (ConfigError), not halfway through it
@@ -110,6 +110,9 @@ class Recorder:
         """Wait until the store holds everything recorded, then flush every output."""
         self._queue.join()
         self._raise_failed_write()
+        self._flush_outputs()
+
+    def _flush_outputs(self) -> None:
         errors: list[Exception] = []
         for out in self._outputs.values():
             try:

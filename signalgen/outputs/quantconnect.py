@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 from pathlib import Path
 
@@ -75,12 +76,14 @@ class QuantConnectCsvOutput:
         if not pending:
             return
         rows = csv_rows(pl.concat(pending))
-        folders = set()
-        for (strategy, day), new in rows.partition_by("strategy_id", "day", as_dict=True).items():
-            folder = self.root / str(strategy)
+        days = rows.partition_by("strategy_id", "day", as_dict=True)
+        folders = {self.root / str(strategy) for strategy, _ in days}
+        for folder in folders:
             folder.mkdir(parents=True, exist_ok=True)
-            _merge_into(folder / f"{day}.csv", new.select(CSV_COLUMNS))
-            folders.add(folder)
+        # each file ends in an fsync, which releases the GIL: a few threads overlap the disk waits
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            list(pool.map(lambda item: _merge_into(self.root / str(item[0][0]) / f"{item[0][1]}.csv",
+                                                   item[1].select(CSV_COLUMNS)), days.items()))
         for folder in folders:  # make the renames themselves durable
             fd = os.open(folder, os.O_RDONLY)
             try:

@@ -51,7 +51,7 @@ def recorder_for(root):
     made = []
 
     def make(store):
-        rec = Recorder(cfg, store)
+        rec = Recorder(cfg, store, queue_batches=2)
         made.append(rec)
         return rec, worker_specs(cfg), root / "registry"
 
