@@ -60,13 +60,13 @@ def write_configs(root: Path, symbols: list[str], days: int, chunk_bars: int) ->
 def raw_inference(registry: Path, rows: int, chunk: int) -> dict:
     """Rows per second of each model alone and of both (a bar of the strategy needs both)."""
     from signalgen.data.synthetic import synthetic_bars
-    from signalgen.features.batch import compute_features, feature_matrix
+    from signalgen.features.batch import feature_array
     from signalgen.models.backends import load_predictor
     from signalgen.models.registry import ModelRegistry
 
     per_symbol = rows // 4 + 100
     bars = synthetic_bars(SYMBOLS[:4], "1m", START, START + timedelta(minutes=per_symbol), seed=11)
-    x = feature_matrix(compute_features(bars))
+    x = feature_array(bars)
     x = np.ascontiguousarray(x[np.isfinite(x).all(axis=1)][:rows])
     reg = ModelRegistry(registry)
     out = {"rows": int(x.shape[0])}

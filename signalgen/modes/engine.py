@@ -132,7 +132,3 @@ class WorkerEngine:
         ev = evaluate(self.params, t, now, x, preds, self.model_ok, prepared.window_ok)
         spent_ns = prepared.compute_ns + time.perf_counter_ns() - started
         return Decisions(self.params, ev, t, now, preds, self.mode, self.run_id, spent_ns // 1000 // max(t.size, 1))
-
-    def process(self, bars: pl.DataFrame, emit_from_us: int, now_us: np.ndarray | None = None) -> Decisions:
-        """`prepare` then `decide`, on this thread."""
-        return self.decide(self.prepare(bars, emit_from_us), now_us)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from signalgen.models.health import bad_outputs
+
 
 def window_complete(bar_time_us: np.ndarray, lookback: int, max_gap_us: int) -> np.ndarray:
     """True where the `lookback` bars ending at each bar exist and no gap inside exceeds `max_gap_us`.
@@ -38,9 +40,7 @@ def non_finite_rows(features: np.ndarray) -> np.ndarray:
 
 def bad_model_rows(predictions: np.ndarray, model_ok: np.ndarray) -> np.ndarray:
     """True where any model is unhealthy for the run or produced a non-finite / out-of-range output."""
-    with np.errstate(invalid="ignore"):
-        good = (predictions >= 0.0) & (predictions <= 1.0)  # NaN fails both comparisons
-    return ~(good & model_ok[None, :]).all(axis=1)
+    return (bad_outputs(predictions) | ~model_ok[None, :]).any(axis=1)
 
 
 def duplicate_rows(bar_time_us: np.ndarray) -> np.ndarray:
