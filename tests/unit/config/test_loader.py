@@ -73,7 +73,7 @@ def test_demo_clients_match_the_brief(demo_root: Path) -> None:
     assert high.models[0].model_id == "swing_high" and high.models[0].confidence_threshold == 0.6
     assert high.models[0].lookback_window == 60
     vol = high.filters.volatility
-    assert vol.enabled and (vol.min, vol.max) == (0, 0.02)
+    assert vol.enabled and (vol.min, vol.max) == (0.0005, 0.0035)
     momentum = odum.strategies[0]
     assert [m.model_id for m in momentum.models] == ["swing_high", "swing_low"]
     assert momentum.filters.trend_confirmation.enabled and momentum.sizing.method == "volatility_target"
