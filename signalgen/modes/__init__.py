@@ -47,6 +47,8 @@ def run_mode(cfg: RunConfig, *, progress: bool = False) -> RunReport:
                           TimeElapsedColumn(), TimeRemainingColumn(), disable=not progress) as bar:
                 report = BatchRunner(cfg, recorder, run_id=run_id, started_at=started_at,
                                      progress=bar if progress else None).run(specs)
+            for client_id, strategy_id in report.stats:  # only a run that finished owns its range
+                recorder.own(client_id, strategy_id, cfg.start, cfg.end)
         finally:
             recorder.close()
         totals = report.totals

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import queue
 import threading
+from datetime import datetime
 from pathlib import Path
 
 import polars as pl
@@ -100,6 +101,14 @@ class Recorder:
         if signals.height:
             for destination in DESTINATIONS[spec.routing]:
                 self._outputs[(spec.client.id, destination)].write(signals)
+
+    def own(self, client_id: str, strategy_id: str, start: datetime, end: datetime) -> None:
+        """A batch run finished (client, strategy) over (start, end]: its CSV files of that interval
+        are replaced by this run's signals at the next flush (see QuantConnectCsvOutput.own)."""
+        out = self._outputs.get((client_id, "quantconnect"))
+        strategy = next(s for s in self.cfg.client(client_id).strategies if s.id == strategy_id)
+        if out is not None and "quantconnect" in DESTINATIONS[self.cfg.client(client_id).routing_for(strategy)]:
+            out.own(strategy_id, start, end)
 
     def record_bar_rejections(self, rejections: pl.DataFrame, run_id: str) -> None:
         if rejections.height:

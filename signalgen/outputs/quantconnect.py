@@ -11,6 +11,7 @@ import os
 import re
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import polars as pl
@@ -57,6 +58,7 @@ class QuantConnectCsvOutput:
         self.client_id = client_id
         self.root = Path(output_dir) / "quantconnect" / client_id
         self._pending: list[pl.DataFrame] = []
+        self._owned: dict[str, tuple[str, str]] = {}  # strategy -> (after, up to) CSV `time` text
 
     def open(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -70,20 +72,36 @@ class QuantConnectCsvOutput:
         if batch.height:
             self._pending.append(batch)
 
+    def own(self, strategy_id: str, start: datetime, end: datetime) -> None:
+        """Declare the buffered rows to be all of `strategy_id`'s signals whose time is in (start, end]
+        (a finished batch run): the next flush replaces that interval of its day files — days left
+        without signals included — instead of merging into it, so a re-run with another config
+        leaves no signal the run no longer produces."""
+        self._owned[strategy_id] = (_csv_time(start), _csv_time(end))
+
     def flush(self) -> None:
         """Merge buffered signals into their day files; durable when this returns."""
         pending, self._pending = self._pending, []
-        if not pending:
+        owned, self._owned = self._owned, {}
+        days: dict[tuple[str, str], pl.DataFrame] = {}
+        if pending:
+            rows = csv_rows(pl.concat(pending))
+            days = {(str(s), str(d)): df.select(CSV_COLUMNS)
+                    for (s, d), df in rows.partition_by("strategy_id", "day", as_dict=True).items()}
+        for strategy, (after, up_to) in owned.items():
+            first, last = after[:10].replace("-", ""), up_to[:10].replace("-", "")
+            for path in (self.root / strategy).glob("*.csv"):
+                if first <= path.stem <= last:
+                    days.setdefault((strategy, path.stem), pl.DataFrame(schema={c: pl.String for c in CSV_COLUMNS}))
+        if not days:
             return
-        rows = csv_rows(pl.concat(pending))
-        days = rows.partition_by("strategy_id", "day", as_dict=True)
-        folders = {self.root / str(strategy) for strategy, _ in days}
+        folders = {self.root / strategy for strategy, _ in days}
         for folder in folders:
             folder.mkdir(parents=True, exist_ok=True)
         # each file ends in an fsync, which releases the GIL: a few threads overlap the disk waits
         with ThreadPoolExecutor(max_workers=4) as pool:
-            list(pool.map(lambda item: _merge_into(self.root / str(item[0][0]) / f"{item[0][1]}.csv",
-                                                   item[1].select(CSV_COLUMNS)), days.items()))
+            list(pool.map(lambda item: _merge_into(self.path_for(*item[0]), item[1], owned.get(item[0][0])),
+                          days.items()))
         for folder in folders:  # make the renames themselves durable
             fd = os.open(folder, os.O_RDONLY)
             try:
@@ -100,11 +118,21 @@ class QuantConnectCsvOutput:
         return self.root / strategy_id / f"{day}.csv"
 
 
-def _merge_into(path: Path, new: pl.DataFrame) -> None:
+def _csv_time(t: datetime) -> str:
+    """`t` as CSV `time` text, rounded up to the second like every row's time."""
+    whole = t.astimezone(timezone.utc).replace(microsecond=0)
+    return f"{whole + timedelta(seconds=1) if whole < t else whole:%Y-%m-%d %H:%M:%S}"
+
+
+def _merge_into(path: Path, new: pl.DataFrame, replace: tuple[str, str] | None = None) -> None:
+    """Rewrite `path` with its rows merged with `new` by signal_id; rows whose time falls in
+    `replace` = (after, up to] are dropped first (their interval is owned by `new`)."""
     if path.exists():
         old = pl.read_csv(path, infer_schema=False)
         if tuple(old.columns) != CSV_COLUMNS:
             raise ValueError(f"{path}: header {old.columns} is not {list(CSV_COLUMNS)}; not merging into it")
+        if replace:
+            old = old.filter((pl.col("time") <= replace[0]) | (pl.col("time") > replace[1]))
         new = pl.concat([old, new]).unique(subset="signal_id", keep="last", maintain_order=True)
     new = new.sort("time", "symbol", "signal_id")
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")

@@ -131,3 +131,31 @@ def test_cli_run_prints_summary_and_broken_config_exits_2(root):
     assert broken.returncode == 2
     assert "odum.yaml" in broken.stderr and "confidence_threshold" in broken.stderr
     assert "Traceback" not in broken.stderr
+
+
+def test_rerun_with_a_higher_threshold_rewrites_the_csv(root):
+    run(root)
+    before = {r["signal_id"] for r in csv_rows(root, "ikenna")}
+    days_before = {p.name for p in (root / "var/local-dev/out/quantconnect/ikenna").rglob("*.csv")}
+    client = root / "clients" / "ikenna.yaml"
+    client.write_text(client.read_text().replace("confidence_threshold: 0.6", "confidence_threshold: 0.7"))
+    run(root)
+    after = {r["signal_id"] for r in csv_rows(root, "ikenna")}
+    stored = set(table(root, "select signal_id from signals where client_id = 'ikenna'")["signal_id"])
+    assert after == stored and after < before  # signals the new config rejects left the CSV as well
+    # day files that lost all their signals are rewritten (header only), not left stale
+    assert {p.name for p in (root / "var/local-dev/out/quantconnect/ikenna").rglob("*.csv")} == days_before
+
+
+def test_rerun_of_part_of_the_range_keeps_the_rest(root):
+    run(root)
+    full = {(r["time"], r["signal_id"]) for r in csv_rows(root, "christian")}
+    client = root / "clients" / "christian.yaml"
+    client.write_text(client.read_text().replace("confidence_threshold: 0.55", "confidence_threshold: 0.9"))
+    part_start, part_end = datetime(2025, 1, 3, tzinfo=timezone.utc), datetime(2025, 1, 4, 12, tzinfo=timezone.utc)
+    cfg = load_config("local-dev", "historical", root=root, overrides=Overrides(start=part_start, end=part_end))
+    run_mode(cfg)
+    inside = lambda t: "2025-01-03 00:00:00" < t <= "2025-01-04 12:00:00"  # noqa: E731
+    now = {(r["time"], r["signal_id"]) for r in csv_rows(root, "christian")}
+    assert {x for x in now if not inside(x[0])} == {x for x in full if not inside(x[0])}
+    assert {x for x in full if inside(x[0])} - now, "the stricter config must have dropped signals inside"

@@ -9,7 +9,7 @@ import pytest
 
 from signalgen.outputs.base import Output
 from signalgen.outputs.quantconnect import CSV_COLUMNS, QuantConnectCsvOutput
-from tests.unit.outputs.factories import signal_frame
+from tests.unit.outputs.factories import START, signal_frame
 
 HEADER = "time,symbol,direction,confidence,magnitude,weight,period,signal_id"
 
@@ -168,3 +168,17 @@ def test_half_a_million_signals_over_a_year_in_seconds(out, tmp_path):
     assert len(files) == df["generated_at"].dt.date().n_unique() > 300
     assert sum(len(_lines(f)) - 1 for f in files) == 500_000
     assert elapsed < 15, f"flush of 500k signals took {elapsed:.1f}s"  # ~1 s measured on 2 cores
+
+
+def test_owned_range_replaces_rows_inside_and_keeps_rows_outside(tmp_path):
+    out = QuantConnectCsvOutput(tmp_path, "ikenna")
+    out.open()
+    first = signal_frame(6, step=timedelta(hours=1))  # 2024-01-02 14:30 .. 16:30, two symbols
+    out.write(first)
+    out.flush()
+    keep = first.filter(pl.col("bar_time") <= START + timedelta(hours=1))
+    out.own("swing_high_v1", START + timedelta(hours=1), START + timedelta(hours=3))
+    out.flush()  # nothing new inside the owned interval: its rows go, the rest stays
+    rows = _lines(out.path_for("swing_high_v1", "20240102"))
+    assert rows[0] == ",".join(CSV_COLUMNS)
+    assert {line.split(",")[-1] for line in rows[1:]} == set(keep["signal_id"]) and keep.height == 4
