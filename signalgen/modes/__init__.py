@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import uuid
 from datetime import datetime, timezone
 
@@ -55,18 +54,10 @@ def run_mode(cfg: RunConfig, *, progress: bool = False) -> RunReport:
         store.finish_run(run_id, finished_at=datetime.now(timezone.utc), status="ok", **totals,
                          elapsed_s=report.elapsed_s, peak_rss_mb=report.peak_rss_mb,
                          bars_per_s=totals["bars"] / max(report.elapsed_s, 1e-9),
-                         rejections_by_reason=json.dumps(_by_reason(report)))
+                         rejections_by_reason=dict(report.rejections_by_reason))
     except BaseException:
         store.finish_run(run_id, finished_at=datetime.now(timezone.utc), status="failed")
         raise
     finally:
         store.close()
     return report
-
-
-def _by_reason(report: RunReport) -> dict[str, int]:
-    total: dict[str, int] = {}
-    for s in report.stats.values():
-        for k, v in s.rejections.items():
-            total[k] = total.get(k, 0) + v
-    return total

@@ -52,6 +52,10 @@ class RunReport:
                 "rejections": sum(x.rejected for x in s),
                 "bar_rejections": sum(x.bar_rejections.total() for x in s)}
 
+    @property
+    def rejections_by_reason(self) -> Counter:
+        return sum((x.rejections for x in self.stats.values()), Counter())
+
 
 def peak_rss_mb() -> float:
     """Peak resident set size of this process so far (Linux reports KiB)."""

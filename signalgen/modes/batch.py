@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from datetime import datetime, timedelta
 from itertools import groupby
 from operator import itemgetter
-from datetime import datetime, timedelta
 
 import polars as pl
 from rich.progress import Progress

@@ -11,9 +11,9 @@ import polars as pl
 
 from signalgen.config.models import Routing, RunConfig
 from signalgen.errors import ConfigError, SignalgenError
-from signalgen.outputs import output_class
 from signalgen.modes.engine import Decisions
 from signalgen.modes.sources import background_priority
+from signalgen.outputs import output_class
 from signalgen.outputs.base import Output
 from signalgen.process.specs import WorkerSpec
 
@@ -38,13 +38,14 @@ class Recorder:
     """Stores every signal and rejection, then hands each client's signals to its routed outputs.
 
     Building records, store writes and output writes run on one writer thread fed by a bounded
-    queue: polars and DuckDB work (without the GIL) while the caller computes the next batch, and when the store falls `queue_batches` behind,
-    `record()` blocks — backpressure, not an unbounded buffer. A failed write is raised by the
-    next `record()`, `flush()` or `close()`; nothing is dropped silently.
+    queue: polars and DuckDB work (without the GIL) while the caller computes the next batch, and
+    when the writer falls `queue_batches` behind, `record()` blocks — backpressure, not an
+    unbounded buffer. A failed write is raised by the next `record()`, `flush()` or `close()`;
+    nothing is dropped silently.
 
-    Outputs are opened on first use, one per client and destination, so a client's signals can only
-    ever reach that client's files and streams. One failing output does not stop the others: flush
-    tries them all and raises the first error afterwards.
+    Outputs are opened when the recorder is created, one per client and destination, so a client's
+    signals can only ever reach that client's files and streams. One failing output does not stop
+    the others: flush tries them all and raises the first error afterwards.
     """
 
     def __init__(self, cfg: RunConfig, store, queue_batches: int = 1) -> None:
@@ -105,10 +106,10 @@ class Recorder:
     def own(self, client_id: str, strategy_id: str, start: datetime, end: datetime) -> None:
         """A batch run finished (client, strategy) over (start, end]: its CSV files of that interval
         are replaced by this run's signals at the next flush (see QuantConnectCsvOutput.own)."""
-        out = self._outputs.get((client_id, "quantconnect"))
-        strategy = next(s for s in self.cfg.client(client_id).strategies if s.id == strategy_id)
-        if out is not None and "quantconnect" in DESTINATIONS[self.cfg.client(client_id).routing_for(strategy)]:
-            out.own(strategy_id, start, end)
+        client = self.cfg.client(client_id)
+        strategy = next(s for s in client.strategies if s.id == strategy_id)
+        if "quantconnect" in DESTINATIONS[client.routing_for(strategy)]:
+            self._outputs[(client_id, "quantconnect")].own(strategy_id, start, end)
 
     def record_bar_rejections(self, rejections: pl.DataFrame, run_id: str) -> None:
         if rejections.height:

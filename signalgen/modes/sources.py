@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 import queue
 import threading
-from contextlib import suppress
 from collections.abc import Iterator
+from contextlib import suppress
 from datetime import datetime
 from pathlib import Path
 from typing import TypeVar
