@@ -39,3 +39,20 @@ class TransientError(SignalgenError):
     """Network or sink unavailable: back off and retry."""
 
     exit_code = 75  # EX_TEMPFAIL
+
+
+class StorageError(SignalgenError):
+    """A store or output cannot be written (read-only folder, disk full, corrupt file).
+
+    The message is one line naming the path; the run is recorded as failed and stops.
+    """
+
+
+class RunStopped(SignalgenError):
+    """The run was asked to stop (SIGINT / SIGTERM): work done so far is flushed, the run is
+    recorded as `stopped`. Exit code 128 + the signal number (130 for SIGINT, 143 for SIGTERM)."""
+
+    def __init__(self, signum: int, message: str) -> None:
+        self.signum = signum
+        self.exit_code = 128 + signum
+        super().__init__(message)

@@ -37,7 +37,9 @@ class RunReport:
     stats: dict[tuple[str, str], StrategyStats]
     elapsed_s: float = 0.0
     peak_rss_mb: float = 0.0
-    problems: list[str] = field(default_factory=list)  # model health problems, once each
+    problems: list[str] = field(default_factory=list)  # model health problems and warnings, once each
+    failures: dict[str, str] = field(default_factory=dict)  # worker id -> why it failed (one line)
+    status: str = "ok"  # ok | failed (a worker failed) | stopped (SIGINT / SIGTERM)
 
     def stat(self, spec: WorkerSpec) -> StrategyStats:
         key = (spec.client.id, spec.strategy.id)
