@@ -6,8 +6,12 @@ in `main()` only: ConfigError -> 2, other SignalgenError -> its exit_code; no tr
 
 from __future__ import annotations
 
+import json
+import logging
 import sys
+import time
 from datetime import datetime
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -15,8 +19,11 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from signalgen import __version__
 from signalgen.config.models import Environment, Mode
-from signalgen.errors import SignalgenError
+from signalgen.errors import ConfigError, SignalgenError
+
+log = logging.getLogger(__name__)
 
 # piped output (CI logs, files) gets wide tables instead of rich's 80-column default
 console = Console(width=None if sys.stdout.isatty() else 200)
@@ -27,13 +34,48 @@ app = typer.Typer(help="signalgen: ML model predictions -> trading signals, per 
 config_app = typer.Typer(help="Validate and show the resolved configuration.", no_args_is_help=True)
 data_app = typer.Typer(help="Market data: sample import.", no_args_is_help=True)
 models_app = typer.Typer(help="Train, list and compare the models in the registry.", no_args_is_help=True)
+signals_app = typer.Typer(help="List, tail and export stored signals and rejections (works during a run).",
+                          no_args_is_help=True)
+runs_app = typer.Typer(help="Past runs: status, counts, durations, problems.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 app.add_typer(data_app, name="data")
 app.add_typer(models_app, name="models")
+app.add_typer(signals_app, name="signals")
+app.add_typer(runs_app, name="runs")
+
+
+class Kind(StrEnum):
+    SIGNALS = "signals"
+    REJECTIONS = "rejections"
+
+
+class Format(StrEnum):
+    TABLE = "table"
+    JSON = "json"
+    CSV = "csv"
+    PARQUET = "parquet"
+
+
+class Output(StrEnum):
+    TABLE = "table"
+    JSON = "json"
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"signalgen {__version__}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _app(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                help="Print the version and exit.")] = False) -> None:
+    """signalgen: ML model predictions -> trading signals, per client."""
 
 EnvOpt = Annotated[Environment, typer.Option("--env", "-e", help="Environment profile (environments/<name>.yaml).")]
 ModeOpt = Annotated[Mode, typer.Option("--mode", "-m", help="Mode preset (modes/<name>.yaml).")]
-RootOpt = Annotated[Path, typer.Option("--root", help="Folder holding clients/, environments/, modes/.")]
+RootOpt = Annotated[Optional[Path], typer.Option(
+    "--root", help="Folder holding clients/, environments/, modes/ (default: the nearest one from here up).")]
 ClientOpt = Annotated[Optional[list[str]], typer.Option("--client", "-c", help="Only this client (repeatable).")]
 StrategyOpt = Annotated[Optional[list[str]], typer.Option("--strategy", "-s", help="Only this strategy (repeatable).")]
 StartOpt = Annotated[Optional[datetime], typer.Option(help="Start of the date range (UTC).")]
@@ -42,15 +84,31 @@ SeedOpt = Annotated[Optional[int], typer.Option(help="Seed for synthetic data an
 BackendOpt = Annotated[Optional[str], typer.Option(help="Inference backend: onnx (default) or lightgbm.")]
 InferenceOpt = Annotated[Optional[str], typer.Option(help="ml_inference override: local or mock.")]
 SourceOpt = Annotated[Optional[str], typer.Option("--data-source", help="synthetic, files or stream.")]
+OutputOpt = Annotated[Output, typer.Option("--output", "-o", help="table (for people) or json (for programs).")]
+
+
+def find_root(root: Path | None, cwd: Path | None = None) -> Path:
+    """`root` as given, or the nearest folder from `cwd` up that holds `clients/`; ConfigError if none."""
+    if root is not None:
+        return root
+    cwd = (cwd or Path.cwd()).resolve()
+    for folder in (cwd, *cwd.parents):
+        if (folder / "clients").is_dir():
+            return folder
+    raise ConfigError(f"no clients/ in {cwd}; pass --root")
 
 
 def _load(env: Environment, mode: Mode, root: Path, clients=None, strategies=None, start=None, end=None,
           seed=None, backend=None, inference=None, data_source=None):
     from signalgen.config.loader import Overrides, load_config
 
+    from signalgen.logs import configure
+
     overrides = Overrides(start=start, end=end, seed=seed, backend=backend, inference=inference,
                           data_source=data_source, strategies=tuple(strategies or ()))
-    return load_config(env, mode, root=root, clients=clients, overrides=overrides)
+    cfg = load_config(env, mode, root=find_root(root), clients=clients, overrides=overrides)
+    configure(cfg.environment.log_level)
+    return cfg
 
 
 @config_app.command("validate")
@@ -69,7 +127,7 @@ def config_validate(env: EnvOpt = Environment.LOCAL_DEV, mode: ModeOpt = Mode.HI
 
 @config_app.command("show")
 def config_show(env: EnvOpt = Environment.LOCAL_DEV, mode: ModeOpt = Mode.HISTORICAL,
-                root: RootOpt = Path("."), client: ClientOpt = None) -> None:
+                root: RootOpt = None, client: ClientOpt = None) -> None:
     """Print the resolved configuration as YAML, secrets redacted."""
     import yaml
 
@@ -80,20 +138,20 @@ def config_show(env: EnvOpt = Environment.LOCAL_DEV, mode: ModeOpt = Mode.HISTOR
 
 
 @data_app.command("import-sample")
-def data_import_sample(env: EnvOpt = Environment.LOCAL_DEV, root: RootOpt = Path("."),
+def data_import_sample(env: EnvOpt = Environment.LOCAL_DEV, root: RootOpt = None,
                        data_dir: Annotated[Optional[Path], typer.Option(help="Override paths.data_dir.")] = None) -> None:
     """Import real daily bars shipped offline by bokeh_sampledata into the files source."""
     from signalgen.data.sample import import_sample
 
     if data_dir is None:
-        cfg = _load(env, Mode.HISTORICAL, root)
-        data_dir = Path(cfg.root) / cfg.environment.paths.data_dir
+        environment, root = _environment(env, root)
+        data_dir = root / environment.paths.data_dir
     for path, rows in import_sample(data_dir):
         console.print(f"{path}  {rows} bars")
 
 
 @models_app.command("train")
-def models_train(env: EnvOpt = Environment.LOCAL_DEV, root: RootOpt = Path("."), seed: int = 7,
+def models_train(env: EnvOpt = Environment.LOCAL_DEV, root: RootOpt = None, seed: int = 7,
                  registry: Annotated[Optional[Path], typer.Option(help="Override paths.registry_dir.")] = None) -> None:
     """Train the demo LightGBM models on synthetic bars; register LightGBM text + ONNX."""
     from signalgen.models.train import train_demo_models
@@ -105,7 +163,7 @@ def models_train(env: EnvOpt = Environment.LOCAL_DEV, root: RootOpt = Path("."),
 
 
 @models_app.command("list")
-def models_list(env: EnvOpt = Environment.LOCAL_DEV, root: RootOpt = Path("."),
+def models_list(env: EnvOpt = Environment.LOCAL_DEV, root: RootOpt = None,
                 registry: Annotated[Optional[Path], typer.Option(help="Override paths.registry_dir.")] = None) -> None:
     """List the models in the registry (latest version of each)."""
     from signalgen.models.registry import ModelRegistry
@@ -117,7 +175,7 @@ def models_list(env: EnvOpt = Environment.LOCAL_DEV, root: RootOpt = Path("."),
 
 @models_app.command("parity")
 def models_parity(env: EnvOpt = Environment.LOCAL_DEV, mode: ModeOpt = Mode.HISTORICAL,
-                  root: RootOpt = Path("."), bars: Annotated[int, typer.Option(help="Bars per symbol.")] = 20_000,
+                  root: RootOpt = None, bars: Annotated[int, typer.Option(help="Bars per symbol.")] = 20_000,
                   seed: int = 11) -> None:
     """Compare ONNX Runtime and LightGBM outputs on the same bars; count threshold flips per client."""
     from signalgen.models.parity import parity_report
@@ -128,25 +186,235 @@ def models_parity(env: EnvOpt = Environment.LOCAL_DEV, mode: ModeOpt = Mode.HIST
 
 
 @app.command("run")
-def run(env: EnvOpt = Environment.LOCAL_DEV, mode: ModeOpt = Mode.HISTORICAL, root: RootOpt = Path("."),
+def run(env: EnvOpt = Environment.LOCAL_DEV, mode: ModeOpt = Mode.HISTORICAL, root: RootOpt = None,
         client: ClientOpt = None, strategy: StrategyOpt = None, start: StartOpt = None, end: EndOpt = None,
         seed: SeedOpt = None, backend: BackendOpt = None, inference: InferenceOpt = None,
         data_source: SourceOpt = None,
-        progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True) -> None:
-    """Run the strategy channels: bars -> features -> models -> signals -> store and outputs."""
+        progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+        output: OutputOpt = Output.TABLE) -> None:
+    """Run the strategy channels: bars -> features -> models -> signals -> store and outputs.
+
+    Exits 1 after the summary when a worker failed; 130 / 143 when stopped by SIGINT / SIGTERM.
+    """
     from signalgen.modes import run_mode
-    from signalgen.report import summary_table
+    from signalgen.report import report_dict, summary_table
 
     cfg = _load(env, mode, root, client, strategy, start, end, seed, backend, inference, data_source)
-    report = run_mode(cfg, progress=progress and console.is_terminal)
-    console.print(summary_table(report))
+    log.info("run starting", extra={"mode": cfg.mode.name.value, "environment": cfg.environment.name.value,
+                                    "client": ",".join(c.id for c in cfg.clients)})
+    report = run_mode(cfg, progress=progress and console.is_terminal and output is Output.TABLE)
+    for worker, why in sorted(report.failures.items()):
+        log.error("worker failed: %s", why, extra={"run_id": report.run_id, "worker": worker})
+    for problem in report.problems:
+        log.warning("problem: %s", problem, extra={"run_id": report.run_id})
+    log.info("run finished", extra={"run_id": report.run_id, "status": report.status, **report.totals})
+    if output is Output.JSON:
+        _print_json(report_dict(report))
+    else:
+        console.print(summary_table(report))
+    if report.status == "failed":
+        raise typer.Exit(1)
 
 
-def _registry_dir(env: Environment, root: Path) -> Path:
+def _print_json(data) -> None:
+    # plain print: rich would wrap long lines and colour the JSON
+    print(json.dumps(data, indent=2, default=str))
+
+
+def _environment(env: Environment, root: Path | None):
+    """The environment profile and the project root; configures logging from its log_level."""
     from signalgen.config.loader import load_environment
+    from signalgen.logs import configure
 
+    root = find_root(root)
     e = load_environment(env, root=root)
-    return Path(root) / e.paths.registry_dir
+    configure(e.log_level)
+    return e, Path(root)
+
+
+def _registry_dir(env: Environment, root: Path | None) -> Path:
+    e, root = _environment(env, root)
+    return root / e.paths.registry_dir
+
+
+def _store_path(env: Environment, root: Path | None) -> Path:
+    e, root = _environment(env, root)
+    if e.storage.type != "duckdb":
+        raise ConfigError(f"reading a {e.storage.type} store is not available in this release; use duckdb",
+                          field="storage.type")
+    return root / e.storage.path
+
+
+# ---------------------------------------------------------------- signals
+
+
+SignalClientOpt = Annotated[Optional[list[str]], typer.Option("--client", "-c", help="Only this client (repeatable).")]
+SymbolOpt = Annotated[Optional[list[str]], typer.Option("--symbol", help="Only this symbol (repeatable).")]
+ModesOpt = Annotated[Optional[list[Mode]], typer.Option(
+    "--mode", "-m", help="Only signals of this mode (repeatable; default: every mode).")]
+KindOpt = Annotated[Kind, typer.Option("--kind", help="signals, or rejected candidates with their reasons.")]
+FormatOpt = Annotated[Format, typer.Option("--format", "-f", help="table, json (one object per line), csv, parquet.")]
+OutOpt = Annotated[Optional[Path], typer.Option("--out", help="Write to this file instead of stdout (parquet needs it).")]
+BarStartOpt = Annotated[Optional[datetime], typer.Option(help="Only bars ending after this time (UTC).")]
+BarEndOpt = Annotated[Optional[datetime], typer.Option(help="Only bars ending at or before this time (UTC).")]
+
+
+def _signals_query(kind: Kind, client, strategy, symbol, mode, start, end, **more):
+    from datetime import timezone
+
+    from signalgen.storage.reads import ReadQuery
+
+    def utc(t: datetime | None) -> datetime | None:  # naive times on the command line are UTC
+        return t.replace(tzinfo=timezone.utc) if t is not None and t.tzinfo is None else t
+
+    return ReadQuery(kind=kind.value, clients=tuple(client or ()), strategies=tuple(strategy or ()),
+                     symbols=tuple(symbol or ()), modes=tuple(m.value for m in mode or ()),
+                     start=utc(start), end=utc(end), **more)
+
+
+def _emit(df, kind: Kind, fmt: Format, out: Path | None, *, header: bool = True) -> None:
+    """Print or write signal/rejection rows in `fmt`."""
+    from signalgen.report import flat_records, records_table
+
+    if fmt is Format.PARQUET:
+        if out is None:
+            raise ConfigError("--format parquet needs --out FILE")
+        df.write_parquet(out)
+    elif fmt is Format.TABLE:
+        if out is not None:
+            raise ConfigError("--out needs --format json, csv or parquet")
+        console.print(records_table(df, kind.value, show_header=header))
+        return
+    else:
+        text = (df.write_ndjson() if fmt is Format.JSON
+                else flat_records(df).write_csv(include_header=header, datetime_format="%Y-%m-%dT%H:%M:%S%.6fZ"))
+        if out is None:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+        else:
+            out.write_text(text)
+    if out is not None:
+        err_console.print(f"{df.height:,} {kind.value} -> {out}", highlight=False)
+
+
+@signals_app.command("list")
+def signals_list(env: EnvOpt = Environment.LOCAL_DEV, root: RootOpt = None, client: SignalClientOpt = None,
+                 strategy: StrategyOpt = None, symbol: SymbolOpt = None, mode: ModesOpt = None,
+                 start: BarStartOpt = None, end: BarEndOpt = None, kind: KindOpt = Kind.SIGNALS,
+                 limit: Annotated[int, typer.Option(min=1, help="At most this many rows (oldest first).")] = 100,
+                 fmt: FormatOpt = Format.TABLE, out: OutOpt = None) -> None:
+    """List stored signals (or rejections) by bar time, oldest first."""
+    from signalgen.storage.readserver import read
+
+    df = read(_store_path(env, root), _signals_query(kind, client, strategy, symbol, mode, start, end, limit=limit))
+    _emit(df, kind, fmt, out)
+
+
+@signals_app.command("export")
+def signals_export(env: EnvOpt = Environment.LOCAL_DEV, root: RootOpt = None, client: SignalClientOpt = None,
+                   strategy: StrategyOpt = None, symbol: SymbolOpt = None, mode: ModesOpt = None,
+                   start: BarStartOpt = None, end: BarEndOpt = None, kind: KindOpt = Kind.SIGNALS,
+                   fmt: Annotated[Format, typer.Option("--format", "-f", help="csv, json (one object per line), "
+                                                       "parquet.")] = Format.CSV,
+                   out: OutOpt = None) -> None:
+    """Export every matching signal (or rejection), oldest first, as csv, json or parquet."""
+    from signalgen.storage.readserver import read
+
+    if fmt is Format.TABLE:
+        raise ConfigError("export writes csv, json or parquet; use `signals list` for a table")
+    df = read(_store_path(env, root), _signals_query(kind, client, strategy, symbol, mode, start, end))
+    _emit(df, kind, fmt, out)
+
+
+FOLLOW_OVERLAP_S = 120  # rows generated up to this long before the newest seen are checked again
+
+
+@signals_app.command("tail")
+def signals_tail(env: EnvOpt = Environment.LOCAL_DEV, root: RootOpt = None, client: SignalClientOpt = None,
+                 strategy: StrategyOpt = None, symbol: SymbolOpt = None, mode: ModesOpt = None,
+                 kind: KindOpt = Kind.SIGNALS,
+                 n: Annotated[int, typer.Option("-n", "--lines", min=1, max=100_000,
+                                                help="How many of the newest rows.")] = 20,
+                 follow: Annotated[bool, typer.Option("--follow", help="Keep printing new rows until Ctrl-C.")] = False,
+                 interval: Annotated[float, typer.Option(min=0.2, max=60.0, help="Seconds between polls.")] = 2.0,
+                 fmt: Annotated[Format, typer.Option("--format", "-f",
+                                                     help="table, json (one object per line) or csv.")] = Format.TABLE
+                 ) -> None:
+    """Print the newest N signals (by bar time); with --follow, then every new one as it is stored."""
+    from datetime import timedelta
+
+    import polars as pl
+
+    from signalgen.storage.readserver import read
+
+    if fmt is Format.PARQUET:
+        raise ConfigError("tail prints table, json or csv; use `signals export --format parquet --out FILE`")
+    path = _store_path(env, root)
+    query = _signals_query(kind, client, strategy, symbol, mode, None, None)
+    df = read(path, query.model_copy(update={"limit": n, "newest": True})).reverse()
+    _emit(df, kind, fmt, None)
+    if not follow:
+        return
+    id_col = "signal_id" if kind is Kind.SIGNALS else "rejection_id"
+    # A row is new when its id was not printed yet; ids generated before the watermark minus the
+    # overlap are forgotten, so memory stays bounded however long the tail runs.
+    seen = dict(zip(df[id_col], df["generated_at"]))
+    mark = df["generated_at"].max() if df.height else None
+    try:
+        while True:
+            time.sleep(interval)
+            since = None if mark is None else mark - timedelta(seconds=FOLLOW_OVERLAP_S)
+            new = read(path, query.model_copy(update={"since": since}))
+            new = new.filter(~pl.col(id_col).is_in(list(seen)))
+            if new.height:
+                new = new.sort("generated_at", "bar_time", maintain_order=True)
+                _emit(new, kind, fmt, None, header=fmt is Format.TABLE)
+                seen.update(zip(new[id_col], new["generated_at"]))
+                mark = max(d for d in (mark, new["generated_at"].max()) if d is not None)
+                floor = mark - timedelta(seconds=FOLLOW_OVERLAP_S)
+                seen = {k: g for k, g in seen.items() if g >= floor}
+    except KeyboardInterrupt:
+        return
+
+
+# ---------------------------------------------------------------- runs
+
+
+@runs_app.command("list")
+def runs_list(env: EnvOpt = Environment.LOCAL_DEV, root: RootOpt = None, client: SignalClientOpt = None,
+              mode: ModesOpt = None,
+              limit: Annotated[int, typer.Option(min=1, help="At most this many runs.")] = 20,
+              output: OutputOpt = Output.TABLE) -> None:
+    """The newest runs: status, duration and counts."""
+    from signalgen.report import runs_table, run_dict
+    from signalgen.storage.reads import ReadQuery
+    from signalgen.storage.readserver import read
+
+    df = read(_store_path(env, root), ReadQuery(kind="runs", clients=tuple(client or ()),
+                                                modes=tuple(m.value for m in mode or ()), limit=limit, newest=True))
+    if output is Output.JSON:
+        _print_json([run_dict(r) for r in df.iter_rows(named=True)])
+    else:
+        console.print(runs_table(df))
+
+
+@runs_app.command("show")
+def runs_show(run_id: Annotated[str, typer.Argument(help="The run id (as `runs list` shows it).")],
+              env: EnvOpt = Environment.LOCAL_DEV, root: RootOpt = None, output: OutputOpt = Output.TABLE) -> None:
+    """Everything recorded about one run: status, times, counts, rejections by reason."""
+    from signalgen.report import run_detail, run_dict
+    from signalgen.storage.reads import ReadQuery
+    from signalgen.storage.readserver import read
+
+    path = _store_path(env, root)
+    df = read(path, ReadQuery(kind="runs", run_id=run_id[:200], limit=1))
+    if df.is_empty():
+        raise SignalgenError(f"no run {run_id[:80]!r} in {path}; `runs list` shows the recorded runs")
+    row = df.row(0, named=True)
+    if output is Output.JSON:
+        _print_json(run_dict(row))
+    else:
+        console.print(run_detail(row))
 
 
 def main(argv: list[str] | None = None) -> int:

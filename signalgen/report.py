@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
 
+import polars as pl
+from rich import box
 from rich.console import Group
 from rich.table import Table
 from rich.text import Text
@@ -41,19 +46,141 @@ def parity_table(report) -> Table:
     return t
 
 
+def _numbers_table(title: str, text_cols: Sequence[str], num_cols: Sequence[str], rows: list[list[str]]) -> Table:
+    """A compact table whose number columns never shrink below their widest cell.
+
+    Rich cuts cells (`33,9…`) when a table is wider than the terminal; text columns fold instead,
+    and the number columns keep their full width, so an 80-column terminal shows every count.
+    """
+    t = Table(title=title, box=box.SIMPLE_HEAD, padding=(0, 1), title_justify="left")
+    for col in text_cols:
+        t.add_column(col, overflow="fold")
+    for i, col in enumerate(num_cols, start=len(text_cols)):
+        width = max([len(r[i]) for r in rows] + [min(len(col), 7)])
+        t.add_column(col, justify="right", no_wrap=True, min_width=width)
+    for r in rows:
+        t.add_row(*r)
+    return t
+
+
 def summary_table(report) -> Group:
-    t = Table(title=f"run {report.run_id} ({report.mode}, {report.environment})")
-    for col in ("client", "strategy", "workers", "bars", "signals", "rejected", "rejections by reason",
-                "bar rejections", "elapsed s", "bars/s"):
-        t.add_column(col, justify="right" if col not in ("client", "strategy", "rejections by reason") else "left")
-    for s in report.stats.values():
-        reasons = ", ".join(f"{k}={v}" for k, v in s.rejections.most_common())
-        bad_bars = ", ".join(f"{k}={v}" for k, v in s.bar_rejections.most_common()) or "0"
-        t.add_row(s.client_id, s.strategy_id, str(s.workers), f"{s.bars:,}", f"{s.signals:,}", f"{s.rejected:,}",
-                  reasons, bad_bars, f"{s.elapsed_s:.2f}", f"{s.bars_per_s:,.0f}")
+    """The end-of-run summary: per-strategy counts, rejections by reason, failures and problems.
+
+    Fits an 80-column terminal without cutting a number: reasons are lines under the table, not
+    a column of it.
+    """
+    status_style = {"ok": "green", "failed": "bold red", "stopped": "yellow"}.get(report.status, "")
+    title = f"run {report.run_id} ({report.mode}, {report.environment}): [{status_style}]{report.status}[/]"
+    rows = [[s.client_id, s.strategy_id, f"{s.workers:,}", f"{s.bars:,}", f"{s.signals:,}", f"{s.rejected:,}",
+             f"{s.bar_rejections.total():,}", f"{s.elapsed_s:,.1f}", f"{s.bars_per_s:,.0f}"]
+            for s in report.stats.values()]
+    t = _numbers_table(title, ("client", "strategy"),
+                       ("workers", "bars", "signals", "rejected", "bad bars", "s", "bars/s"), rows)
+    parts: list[Any] = [t]
+    reasons = [(s, s.rejections, s.bar_rejections) for s in report.stats.values()
+               if s.rejections or s.bar_rejections]
+    if reasons:
+        parts.append(Text("rejections by reason (a candidate may have several; bad bars marked bar:)",
+                          style="bold"))
+    for s, cand, bars in reasons:
+        items = [f"{k}={v:,}" for k, v in cand.most_common()] + [f"bar:{k}={v:,}" for k, v in bars.most_common()]
+        parts.append(Text(f"  {s.client_id}.{s.strategy_id}: " + ", ".join(items)))
     tot = report.totals
-    footer = Text(f"total: {tot['bars']:,} bars, {tot['signals']:,} signals, {tot['rejections']:,} rejected, "
-                  f"{report.elapsed_s:.2f} s, {tot['bars'] / max(report.elapsed_s, 1e-9):,.0f} bars/s, "
-                  f"peak RSS {report.peak_rss_mb:.0f} MB")
-    problems = [Text(f"model health: {p}", style="yellow") for p in report.problems]
-    return Group(t, footer, *problems)
+    parts.append(Text(f"total: {tot['bars']:,} bars, {tot['signals']:,} signals, {tot['rejections']:,} rejected, "
+                      f"{report.elapsed_s:,.2f} s, {tot['bars'] / max(report.elapsed_s, 1e-9):,.0f} bars/s, "
+                      f"peak RSS {report.peak_rss_mb:,.0f} MB"))
+    if report.failures:
+        parts.append(Text(f"{len(report.failures)} failed workers:", style="bold red"))
+        parts.extend(Text(f"  {worker}: {why}", style="red") for worker, why in sorted(report.failures.items()))
+    parts.extend(Text(f"problem: {p}", style="yellow") for p in report.problems)
+    return Group(*parts)
+
+
+def report_dict(report) -> dict[str, Any]:
+    """The run report as plain JSON-ready data (`run --output json`)."""
+    return {
+        "run_id": report.run_id, "mode": str(report.mode), "environment": str(report.environment),
+        "status": report.status, "elapsed_s": round(report.elapsed_s, 3),
+        "peak_rss_mb": round(report.peak_rss_mb, 1), "totals": report.totals,
+        "rejections_by_reason": dict(report.rejections_by_reason.most_common()),
+        "strategies": [{"client": s.client_id, "strategy": s.strategy_id, "workers": s.workers, "bars": s.bars,
+                        "signals": s.signals, "rejected": s.rejected,
+                        "rejections_by_reason": dict(s.rejections.most_common()),
+                        "bar_rejections": dict(s.bar_rejections.most_common()),
+                        "elapsed_s": round(s.elapsed_s, 3), "bars_per_s": round(s.bars_per_s, 1)}
+                       for s in report.stats.values()],
+        "failures": dict(report.failures), "problems": list(report.problems),
+    }
+
+
+# ---------------------------------------------------------------- stored records (signals, runs)
+
+
+def _when(t: datetime | None) -> str:
+    return "" if t is None else f"{t:%Y-%m-%d %H:%M:%S}"
+
+
+def records_table(df: pl.DataFrame, kind: str, *, show_header: bool = True) -> Table:
+    """Signals or rejections as read from the store; the mode is always a column."""
+    last = ("reasons",) if kind == "rejections" else ("strength", "weight")
+    t = Table(box=box.SIMPLE_HEAD, padding=(0, 1), show_header=show_header, show_edge=False)
+    for col in ("bar_time (UTC)", "client", "strategy", "symbol", "tf", "mode", "dir", "conf", *last):
+        t.add_column(col, no_wrap=col in ("bar_time (UTC)", "dir", "conf", "strength", "weight"),
+                     justify="right" if col in ("dir", "conf", "strength", "weight") else "left",
+                     overflow="fold")
+    for r in df.iter_rows(named=True):
+        tail = ([", ".join(r["reasons"] or ())] if kind == "rejections"
+                else [f"{r['strength']:.4f}", f"{r['weight']:.4f}"])
+        t.add_row(_when(r["bar_time"]), r["client_id"], r["strategy_id"], r["symbol"], r["timeframe"], r["mode"],
+                  f"{r['direction']:+d}", f"{r['confidence']:.4f}", *tail)
+    return t
+
+
+def flat_records(df: pl.DataFrame) -> pl.DataFrame:
+    """Nested columns as text for CSV: `models` as a JSON array, `reasons` joined by `;`."""
+    exprs = []
+    if "models" in df.columns:
+        exprs.append(pl.concat_str(pl.lit("["), pl.col("models").list.eval(pl.element().struct.json_encode())
+                                   .list.join(","), pl.lit("]")).alias("models"))
+    if "reasons" in df.columns:
+        exprs.append(pl.col("reasons").list.join(";"))
+    if "clients" in df.columns:
+        exprs.append(pl.col("clients").list.join(";"))
+    return df.with_columns(exprs) if exprs else df
+
+
+RUN_LIST_COLUMNS = ("run_id", "mode", "environment", "status", "started_at", "elapsed_s", "bars", "signals",
+                    "rejections")
+
+
+def runs_table(df: pl.DataFrame) -> Table:
+    """One line per run, newest first."""
+    rows = [[r["run_id"], r["mode"], r["status"] or "running?", _when(r["started_at"]),
+             "" if r["elapsed_s"] is None else f"{r['elapsed_s']:,.1f}",
+             *("" if r[c] is None else f"{r[c]:,}" for c in ("bars", "signals", "rejections"))]
+            for r in df.iter_rows(named=True)]
+    return _numbers_table(f"{df.height} runs (newest first)", ("run", "mode", "status", "started (UTC)"),
+                          ("s", "bars", "signals", "rejected"), rows)
+
+
+def run_dict(row: dict[str, Any]) -> dict[str, Any]:
+    """A `runs` row as JSON-ready data: times in ISO 8601, `rejections_by_reason` decoded."""
+    out = {k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in row.items()}
+    if isinstance(out.get("rejections_by_reason"), str):
+        out["rejections_by_reason"] = json.loads(out["rejections_by_reason"])
+    return out
+
+
+def run_detail(row: dict[str, Any]) -> Group:
+    """Every stored field of one run, then its rejections by reason."""
+    data = run_dict(row)
+    reasons = data.pop("rejections_by_reason", None) or {}
+    t = Table(box=box.SIMPLE, show_header=False, padding=(0, 1))
+    t.add_column("field", style="bold")
+    t.add_column("value", overflow="fold")
+    for k, v in data.items():
+        if isinstance(v, list):
+            v = ", ".join(map(str, v))
+        t.add_row(k, "" if v is None else f"{v:,}" if isinstance(v, int) else str(v))
+    lines = [Text(f"  {k}={v:,}") for k, v in sorted(reasons.items(), key=lambda kv: -kv[1])]
+    return Group(t, *([Text("rejections by reason", style="bold")] + lines if lines else []))
