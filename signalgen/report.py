@@ -9,7 +9,8 @@ from typing import Any
 
 import polars as pl
 from rich import box
-from rich.console import Group
+from rich.console import Console, ConsoleOptions, Group, RenderResult
+from rich.segment import Segment
 from rich.table import Table
 from rich.text import Text
 
@@ -52,7 +53,8 @@ def _numbers_table(title: str, text_cols: Sequence[str], num_cols: Sequence[str]
     Rich cuts cells (`33,9…`) when a table is wider than the terminal; text columns fold instead,
     and the number columns keep their full width, so an 80-column terminal shows every count.
     """
-    t = Table(title=title, box=box.SIMPLE_HEAD, padding=(0, 1), title_justify="left")
+    # one space between columns (the box's separator), no padding: numbers keep the room
+    t = Table(title=title, box=box.SIMPLE_HEAD, padding=0, title_justify="left", show_edge=False)
     for col in text_cols:
         t.add_column(col, overflow="fold")
     for i, col in enumerate(num_cols, start=len(text_cols)):
@@ -63,6 +65,22 @@ def _numbers_table(title: str, text_cols: Sequence[str], num_cols: Sequence[str]
     return t
 
 
+class Fit:
+    """Renders `wide` when its natural width fits the terminal, else `narrow` (text that wraps).
+
+    Rich fits a too-wide table by cutting cells (`33,9…`); a count must never be cut.
+    """
+
+    def __init__(self, wide: Any, narrow: Any) -> None:
+        self.wide, self.narrow = wide, narrow
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        # the width it takes when nothing limits it (Measurement over-counts a table's padding)
+        lines = console.render_lines(self.wide, options.update(width=10_000), pad=False)
+        fits = max((Segment.get_line_length(line) for line in lines), default=0) <= options.max_width
+        yield self.wide if fits else self.narrow
+
+
 def summary_table(report) -> Group:
     """The end-of-run summary: per-strategy counts, rejections by reason, failures and problems.
 
@@ -71,12 +89,14 @@ def summary_table(report) -> Group:
     """
     status_style = {"ok": "green", "failed": "bold red", "stopped": "yellow"}.get(report.status, "")
     title = f"run {report.run_id} ({report.mode}, {report.environment}): [{status_style}]{report.status}[/]"
-    rows = [[s.client_id, s.strategy_id, f"{s.workers:,}", f"{s.bars:,}", f"{s.signals:,}", f"{s.rejected:,}",
-             f"{s.bar_rejections.total():,}", f"{s.elapsed_s:,.1f}", f"{s.bars_per_s:,.0f}"]
+    rows = [[f"{s.client_id}.{s.strategy_id}", f"{s.workers:,}", f"{s.bars:,}", f"{s.signals:,}",
+             f"{s.rejected:,}", f"{s.bar_rejections.total():,}", f"{s.bars_per_s:,.0f}"]
             for s in report.stats.values()]
-    t = _numbers_table(title, ("client", "strategy"),
-                       ("workers", "bars", "signals", "rejected", "bad bars", "s", "bars/s"), rows)
-    parts: list[Any] = [t]
+    cols = ("workers", "bars", "signals", "rejected", "bad bars", "bars/s")
+    t = _numbers_table(title, ("client.strategy",), cols, rows)
+    lines = [Text.from_markup(title)] + [Text(f"  {r[0]}: " + ", ".join(f"{v} {c}" for c, v in zip(cols, r[1:])))
+                                         for r in rows]
+    parts: list[Any] = [Fit(t, Group(*lines))]
     reasons = [(s, s.rejections, s.bar_rejections) for s in report.stats.values()
                if s.rejections or s.bar_rejections]
     if reasons:
