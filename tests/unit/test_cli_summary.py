@@ -79,8 +79,21 @@ def test_report_json_has_everything_the_summary_shows() -> None:
     assert data["problems"] == ["model swing_low 1.0.0: 3 NaN outputs in 1,000"]
 
 
+@pytest.fixture
+def logger_restored():
+    """The CLI configures the `signalgen` logger; put it back so other tests' caplog still works."""
+    import logging
+
+    logger = logging.getLogger("signalgen")
+    saved = (logger.level, list(logger.handlers), logger.propagate)
+    yield
+    logger.setLevel(saved[0])
+    logger.handlers[:], logger.propagate = saved[1], saved[2]
+
+
 @pytest.mark.parametrize(("status", "code"), [("ok", 0), ("failed", 1)])
-def test_run_exits_1_after_the_summary_when_a_worker_failed(monkeypatch, status: str, code: int) -> None:
+def test_run_exits_1_after_the_summary_when_a_worker_failed(monkeypatch, logger_restored, status: str,
+                                                             code: int) -> None:
     import signalgen.modes
     from signalgen import cli
 
