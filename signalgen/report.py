@@ -152,7 +152,7 @@ def records_table(df: pl.DataFrame, kind: str, *, show_header: bool = True) -> T
         tail = ([", ".join(r["reasons"] or ())] if kind == "rejections"
                 else [f"{r['strength']:.4f}", f"{r['weight']:.4f}"])
         t.add_row(_when(r["bar_time"]), r["client_id"], r["strategy_id"], r["symbol"], r["timeframe"], r["mode"],
-                  f"{r['direction']:+d}", f"{r['confidence']:.4f}", *tail)
+                  f"{r['direction']:+d}" if r["direction"] else "0", f"{r['confidence']:.4f}", *tail)
     return t
 
 
@@ -175,7 +175,7 @@ RUN_LIST_COLUMNS = ("run_id", "mode", "environment", "status", "started_at", "el
 
 def runs_table(df: pl.DataFrame) -> Table:
     """One line per run, newest first."""
-    rows = [[r["run_id"], r["mode"], r["status"] or "running?", _when(r["started_at"]),
+    rows = [[r["run_id"], r["mode"], r["status"] or "running", _when(r["started_at"]),
              "" if r["elapsed_s"] is None else f"{r['elapsed_s']:,.1f}",
              *("" if r[c] is None else f"{r[c]:,}" for c in ("bars", "signals", "rejections"))]
             for r in df.iter_rows(named=True)]
@@ -201,6 +201,7 @@ def run_detail(row: dict[str, Any]) -> Group:
     for k, v in data.items():
         if isinstance(v, list):
             v = ", ".join(map(str, v))
-        t.add_row(k, "" if v is None else f"{v:,}" if isinstance(v, int) else str(v))
+        t.add_row(k, "" if v is None else f"{v:,}" if isinstance(v, int)
+                  else f"{v:,.2f}" if isinstance(v, float) else str(v))
     lines = [Text(f"  {k}={v:,}") for k, v in sorted(reasons.items(), key=lambda kv: -kv[1])]
     return Group(t, *([Text("rejections by reason", style="bold")] + lines if lines else []))
