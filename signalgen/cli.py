@@ -113,16 +113,48 @@ def _load(env: Environment, mode: Mode, root: Path, clients=None, strategies=Non
 
 @config_app.command("validate")
 def config_validate(env: EnvOpt = Environment.LOCAL_DEV, mode: ModeOpt = Mode.HISTORICAL,
-                    root: RootOpt = Path("."), client: ClientOpt = None) -> None:
-    """Load and check every config layer; list the workers it expands to."""
+                    root: RootOpt = Path("."), client: ClientOpt = None,
+                    output: Annotated[str, typer.Option("--output", "-o", help="table or json.")] = "table") -> None:
+    """Load and check every config layer and what `run` needs (models, data, outputs); list the workers.
+
+    Exit 2 when `run` would refuse or degrade anything: every problem is listed, one line each.
+    """
+    import json
+
+    from signalgen.config.preflight import preflight
+    from signalgen.errors import ConfigError
     from signalgen.process.specs import worker_specs
     from signalgen.report import workers_table
 
-    cfg = _load(env, mode, root, clients=client)
+    if output not in ("table", "json"):
+        raise typer.BadParameter("use table or json", param_hint="--output")
+    try:
+        cfg = _load(env, mode, root, clients=client)
+    except ConfigError as exc:
+        if output == "json":
+            sys.stdout.write(json.dumps({"ok": False, "clients": [], "workers": [], "config_hash": None,
+                                         "problems": [str(exc)]}, indent=2) + "\n")
+        raise
     specs = worker_specs(cfg)
-    console.print(workers_table(specs))
-    console.print(f"[green]ok[/green]: {len(cfg.clients)} clients, {len(specs)} workers, "
-                  f"config hash {cfg.config_hash[:12]}")
+    problems = preflight(cfg)
+    if output == "json":
+        workers = [{"id": s.id, "client": s.client.id, "strategy": s.strategy.id, "symbol": s.symbol,
+                    "timeframe": s.timeframe, "routing": s.routing.value,
+                    "models": [m.model_id for m in s.strategy.models]} for s in specs]
+        sys.stdout.write(json.dumps({"ok": not problems, "clients": [c.id for c in cfg.clients],
+                                     "workers": workers, "config_hash": cfg.config_hash,
+                                     "problems": problems}, indent=2) + "\n")
+    else:
+        console.print(workers_table(specs))
+        for problem in problems:
+            console.print(f"[red]problem[/red]: {escape(problem)}", highlight=False)
+        if not problems:
+            console.print(f"[green]ok[/green]: {len(cfg.clients)} clients, {len(specs)} workers, "
+                          f"config hash {cfg.config_hash[:12]}")
+    if problems:
+        err_console.print(f"[bold red]error:[/bold red] {len(problems)} problem(s): `run` would refuse this "
+                          "config or reject some workers' bars", highlight=False)
+        raise typer.Exit(2)
 
 
 @config_app.command("show")

@@ -15,6 +15,12 @@ start/end/seed = override, else the mode preset (the live preset may leave the r
 
 Every problem is a `ConfigError` naming the file, the line and the dotted field path. A missing file
 is an error, never skipped. Duplicate YAML keys are errors (YAML would silently keep the last one).
+
+Config files are untrusted input, so reading one is bounded: at most `MAX_FILE_BYTES`, nesting at most
+`MAX_DEPTH` levels, at most `MAX_NODES` values once aliases are expanded (a "billion laughs" document
+is refused before it is built), no recursive aliases, scalars of at most `MAX_SCALAR_CHARS`, and only
+the first `MAX_ERRORS` validation problems are reported. Messages never echo more than a few dozen
+characters of what was written.
 """
 
 from __future__ import annotations
@@ -43,6 +49,12 @@ _MARKET_DATA_SOURCE = {"mock": "synthetic", "files": "files", "stream": "stream"
 # The live preset may have no range: these open bounds mean "whatever the stream delivers".
 LIVE_START = datetime(1970, 1, 1, tzinfo=timezone.utc)
 LIVE_END = datetime(9999, 12, 31, tzinfo=timezone.utc)
+# Limits on one config file (see the module docstring). Real configs are a few KiB, 5 levels deep.
+MAX_FILE_BYTES = 1 << 20
+MAX_DEPTH = 32
+MAX_NODES = 100_000
+MAX_SCALAR_CHARS = 4096
+MAX_ERRORS = 5
 _SECRET_KEYS = ("api_key", "api_token", "password", "secret", "token")
 _TRAIN_HINT = "run `python strategy_runner.py models train`"
 # Friendlier words for the id patterns of signalgen.config.models.
@@ -77,8 +89,30 @@ class _DuplicateKeyError(yaml.constructor.ConstructorError):
     pass
 
 
-class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that rejects duplicate mapping keys instead of keeping the last one."""
+class _LimitError(yaml.MarkedYAMLError):
+    """A document over one of the reading limits, or a value YAML cannot build; carries its position."""
+
+    def __init__(self, problem: str, mark: yaml.Mark | None) -> None:
+        super().__init__(problem=problem, problem_mark=mark)
+
+
+def _clip(text: str, limit: int = 60) -> str:
+    """`text` cut to `limit` characters: messages never carry unbounded input."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# libyaml's parser (when PyYAML has it) reads a large file ~10x faster than the pure-Python one.
+_BaseLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+class _StrictLoader(_BaseLoader):  # type: ignore[misc, valid-type]
+    """SafeLoader that rejects duplicate mapping keys and values YAML cannot build (a 5,000-digit int)."""
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep)
+        except (ValueError, OverflowError) as exc:  # int digit limit, impossible dates, ...
+            raise _LimitError(f"unreadable value: {_clip(str(exc), 120)}", node.start_mark) from None
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         seen: dict[Any, int] = {}
@@ -91,36 +125,110 @@ class _StrictLoader(yaml.SafeLoader):
             except TypeError:
                 continue  # unhashable key: SafeLoader reports it below
             if first != key_node.start_mark.line + 1:
-                raise _DuplicateKeyError(None, None, f"duplicate key {key!r} (first at line {first}); "
+                raise _DuplicateKeyError(None, None, f"duplicate key {_clip(repr(key))} (first at line {first}); "
                                          "YAML would silently keep only the last value", key_node.start_mark)
         return super().construct_mapping(node, deep)
 
 
-def _read_yaml(path: Path) -> tuple[Any, yaml.Node | None]:
-    """Parse one file into (data, node tree); the node tree gives line numbers for messages."""
+def _measure(node: yaml.Node, open_: set[int], memo: dict[int, tuple[int, int]]) -> tuple[int, int]:
+    """(values, height) of `node` with aliases expanded; raises _LimitError over a limit.
+
+    Aliases share node objects, so sizes are memoized by identity: the walk visits each written node
+    once, however many times aliases repeat it. A node that contains itself is a recursive alias.
+    """
+    if id(node) in memo:
+        size, height = memo[id(node)]
+    elif id(node) in open_:
+        raise _LimitError("recursive alias: a value contains itself", node.start_mark)
+    elif isinstance(node, yaml.ScalarNode):
+        if len(node.value) > MAX_SCALAR_CHARS:
+            raise _LimitError(f"a value of {len(node.value):,} characters (limit {MAX_SCALAR_CHARS:,})",
+                              node.start_mark)
+        size, height = 1, 1
+    else:
+        open_.add(id(node))
+        children = [c for pair in node.value for c in pair] if isinstance(node, yaml.MappingNode) else node.value
+        size, height = 1, 0
+        for child in children:
+            if len(open_) >= MAX_DEPTH:
+                raise _LimitError(f"nested more than {MAX_DEPTH} levels deep (aliases included)",
+                                  child.start_mark)
+            child_size, child_height = _measure(child, open_, memo)
+            size, height = size + child_size, max(height, child_height)
+            if size > MAX_NODES:
+                raise _LimitError(f"expands to more than {MAX_NODES:,} values (aliases repeat "
+                                  "values); config files are far smaller", child.start_mark)
+        open_.discard(id(node))
+        size, height = size, height + 1
+        memo[id(node)] = size, height
+    if len(open_) + height > MAX_DEPTH:
+        raise _LimitError(f"nested more than {MAX_DEPTH} levels deep (aliases included)", node.start_mark)
+    return size, height
+
+
+def _check_nesting(text: str) -> None:
+    """Refuse nesting deeper than MAX_DEPTH from the event stream (the parser is a loop, not a
+    recursion), before the recursive composer could exhaust the stack."""
+    depth = 0
+    for event in yaml.parse(text, Loader=_BaseLoader):
+        if isinstance(event, yaml.CollectionStartEvent):
+            depth += 1
+            if depth > MAX_DEPTH:
+                raise _LimitError(f"nested more than {MAX_DEPTH} levels deep", event.start_mark)
+        elif isinstance(event, yaml.CollectionEndEvent):
+            depth -= 1
+
+
+def _read_text(path: Path) -> str:
     if not path.is_file():
         raise ConfigError("file not found" if not path.exists() else "not a file", file=str(path))
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read: {exc}", file=str(path)) from None
-    loader = _StrictLoader(text)
+        with path.open("rb") as f:
+            raw = f.read(MAX_FILE_BYTES + 1)
+        if len(raw) > MAX_FILE_BYTES:
+            raise ConfigError(f"file is larger than {MAX_FILE_BYTES // 1024} KiB; config files are a few KiB",
+                              file=str(path))
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"not UTF-8 text (byte {exc.start})", file=str(path)) from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read: {exc.strerror or exc}", file=str(path)) from None
+
+
+def _read_yaml(path: Path) -> tuple[Any, yaml.Node | None]:
+    """Parse one file into (data, node tree); the node tree gives line numbers for messages."""
+    text = _read_text(path)
+    loader = None
     try:
+        _check_nesting(text)
+        loader = _StrictLoader(text)
         node = loader.get_single_node()
+        if node is not None:
+            _measure(node, set(), {})
         data = loader.construct_document(node) if node is not None else None
     except _DuplicateKeyError as exc:
         raise ConfigError(exc.problem, file=str(path), line=exc.problem_mark.line + 1) from None
+    except yaml.reader.ReaderError as exc:
+        bad = yaml.reader.Reader.NON_PRINTABLE.search(text)  # libyaml reports a byte offset: find the line
+        raise ConfigError(f"YAML error: character #x{exc.character:02x} is not allowed "
+                          "(control characters cannot appear in YAML)", file=str(path),
+                          line=text.count("\n", 0, bad.start()) + 1 if bad else None) from None
+    except _LimitError as exc:
+        raise ConfigError(f"refused: {exc.problem}", file=str(path), line=exc.problem_mark.line + 1) from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         # Only problem/context words and the position: the offending line might hold a secret.
-        what = "; ".join(p for p in (exc.context, exc.problem) if p)
+        what = _clip("; ".join(p for p in (exc.context, exc.problem) if p), 200)
         col = f" (column {mark.column + 1})" if mark else ""
         raise ConfigError(f"YAML syntax error: {what}{col}", file=str(path),
                           line=mark.line + 1 if mark else None) from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"YAML error: {exc}", file=str(path)) from None
+        raise ConfigError(f"YAML error: {_clip(str(exc), 200)}", file=str(path)) from None
+    except RecursionError:  # a last resort: the limits above should stop every deep document first
+        raise ConfigError(f"nested too deeply (limit {MAX_DEPTH} levels)", file=str(path)) from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
     if data is None:
         raise ConfigError("file is empty; expected a mapping of keys", file=str(path))
     if not isinstance(data, dict):
@@ -129,16 +237,29 @@ def _read_yaml(path: Path) -> tuple[Any, yaml.Node | None]:
     return data, node
 
 
-def _line_of(node: yaml.Node | None, loc: Sequence[str | int]) -> int | None:
-    """Line (1-based) of the deepest key along `loc` that exists in the YAML node tree."""
+def _line_of(node: yaml.Node | None, loc: Sequence[str | int],
+             index: dict[int, dict[Any, tuple[yaml.Node, yaml.Node]]] | None = None) -> int | None:
+    """Line (1-based) of the deepest key along `loc` that exists in the YAML node tree.
+
+    `index` caches each mapping's keys (pass one dict for many lookups in the same tree): without
+    it each lookup scans the mapping, and 20,000 unknown keys would take 20,000² steps.
+    """
     if node is None:
         return None
+    index = {} if index is None else index
     line = node.start_mark.line + 1
     for part in loc:
         if isinstance(node, yaml.MappingNode):
-            match = next(((k, v) for k, v in node.value if k.value == part), None)
+            keys = index.get(id(node))
+            if keys is None:
+                keys = index[id(node)] = {}
+                for k, v in node.value:
+                    if isinstance(k, yaml.ScalarNode):
+                        keys.setdefault(k.value, (k, v))
+            match = keys.get(part)
             if match is None:
-                if any(k.value == "type" and v.value == part for k, v in node.value):
+                tag = keys.get("type")
+                if tag is not None and isinstance(tag[1], yaml.ScalarNode) and tag[1].value == part:
                     continue  # pydantic puts the union tag in the path; it is not a YAML key
                 break
             line, node = match[0].start_mark.line + 1, match[1]
@@ -198,15 +319,14 @@ def _model_at(model: type[BaseModel], loc: Sequence[str | int]) -> type[BaseMode
 def _got(value: Any) -> str:
     if isinstance(value, (dict, list)):
         return ""
-    text = repr(value)
-    return f" (got {text if len(text) <= 60 else text[:57] + '...'})"
+    return f" (got {_clip(repr(value))})"
 
 
 def _message(err: dict, model: type[BaseModel], loc: Sequence[str | int]) -> str:
     kind, key = err["type"], str(loc[-1]) if loc else ""
     name = key if loc and isinstance(loc[-1], str) else "value"
     if kind == "extra_forbidden":
-        msg = f"unknown key {key!r}"
+        msg = f"unknown key {_clip(repr(key))}"
         parent = _model_at(model, err["loc"][:-1])
         if parent is not None:
             allowed = list(parent.model_fields)
@@ -230,9 +350,9 @@ def _reject_secrets(data: Any, node: yaml.Node | None, path: Path, loc: tuple = 
     items = data.items() if isinstance(data, dict) else enumerate(data) if isinstance(data, list) else ()
     for key, value in items:
         if isinstance(key, str) and key.lower().endswith(_SECRET_KEYS):
-            field = ".".join(map(str, (*loc, key)))
-            raise ConfigError(f"key {key!r} looks like a secret value; secrets never go in YAML: "
-                              f"put the value in an environment variable and name it with {key}_env",
+            field = _clip(".".join(map(str, (*loc, key))), 120)
+            raise ConfigError(f"key {_clip(repr(key))} looks like a secret value; secrets never go in YAML: "
+                              f"put the value in an environment variable and name it with {_clip(key)}_env",
                               file=str(path), line=_line_of(node, (*loc, key)), field=field)
         _reject_secrets(value, node, path, (*loc, key))
 
@@ -243,16 +363,22 @@ def _validate(model: type[M], data: dict, node: yaml.Node | None, path: Path) ->
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        problems = []
-        for err in exc.errors():
-            loc = _display_loc(data, err["loc"])
-            problems.append((_line_of(node, err["loc"]) or 0, ".".join(map(str, loc)),
-                             _message(err, model, err["loc"])))
-    problems.sort(key=lambda p: p[0])
+        errors = exc.errors()
+    # Lines for every error (cheap with the index), words only for the first few, in file order.
+    index: dict = {}
+    lines = [_line_of(node, err["loc"], index) or 0 for err in errors]
+    first = sorted(range(len(errors)), key=lambda i: lines[i])[:MAX_ERRORS]
+    problems = []
+    for i in first:
+        loc = _display_loc(data, errors[i]["loc"])
+        problems.append((lines[i], _clip(".".join(map(str, loc)), 120),
+                         _clip(_message(errors[i], model, errors[i]["loc"]), 300)))
     (line, field, msg), rest = problems[0], problems[1:]
     for other_line, other_field, other_msg in rest:
         extra = ConfigError(other_msg, file=str(path), line=other_line or None, field=other_field or None)
         msg += f"\n{extra}"
+    if len(errors) > MAX_ERRORS:
+        msg += f"\n{path}: ... and {len(errors) - MAX_ERRORS:,} more problems"
     raise ConfigError(msg, file=str(path), line=line or None, field=field or None) from None
 
 
@@ -306,7 +432,7 @@ def _load_client(path: Path) -> tuple[ClientConfig, yaml.Node | None]:
         for i, s in enumerate(strategies):
             sid = s.get("id") if isinstance(s, dict) else None
             if isinstance(sid, str) and sid in first:
-                raise ConfigError(f"duplicate strategy id {sid!r} (also strategies.{first[sid]}); "
+                raise ConfigError(f"duplicate strategy id {_clip(repr(sid))} (also strategies.{first[sid]}); "
                                   "strategy ids must be unique within a client",
                                   file=str(path), line=_line_of(node, ["strategies", i, "id"]),
                                   field=f"strategies.{i}.id")

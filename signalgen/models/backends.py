@@ -8,6 +8,8 @@ backend that needs them.
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Literal, Protocol
 
@@ -15,6 +17,7 @@ import numpy as np
 
 from signalgen.errors import ConfigError
 from signalgen.features.spec import FEATURE_NAMES
+from signalgen.models.health import check_card
 from signalgen.models.registry import LIGHTGBM_FILE, ONNX_FILE, ModelCard, ModelRegistry, sha256
 
 Backend = Literal["onnx", "lightgbm", "mock"]
@@ -57,9 +60,12 @@ class OnnxPredictor:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        self._session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
-        self._input = self._session.get_inputs()[0].name
-        self._output = _probability_output(self._session)
+        try:
+            self._session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # noqa: BLE001 - ORT raises its own types for every kind of bad file
+            raise ConfigError(f"ONNX Runtime cannot load the model: {str(exc)[:200]}", file=str(path)) from None
+        self._input = _feature_input(self._session, path)
+        self._output = _probability_output(self._session, path)
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         x = _rows(x)
@@ -72,12 +78,26 @@ class OnnxPredictor:
         return out
 
 
-def _probability_output(session) -> str:
+def _feature_input(session, path: str | Path) -> str:
+    """The name of the one (n, N_FEATURES) float input; a model of another width would make ORT fail on
+    every batch, so it is refused here, at load."""
+    inputs = session.get_inputs()
+    if len(inputs) != 1:
+        raise ConfigError(f"ONNX model has {len(inputs)} inputs; expected one (n, {N_FEATURES}) float input",
+                          file=str(path))
+    shape = inputs[0].shape
+    if inputs[0].type != "tensor(float)" or len(shape) != 2 or shape[1] != N_FEATURES:
+        raise ConfigError(f"ONNX model input is {inputs[0].type} {shape}; the feature set needs (n, {N_FEATURES}) "
+                          "float rows", file=str(path))
+    return inputs[0].name
+
+
+def _probability_output(session, path: str | Path) -> str:
     for out in session.get_outputs():
         if out.type == "tensor(float)" and len(out.shape) == 2 and out.shape[1] == 2:
             return out.name
-    names = [o.name for o in session.get_outputs()]
-    raise ConfigError(f"ONNX model has no (n, 2) float probability output among {names}")
+    names = [o.name for o in session.get_outputs()][:5]
+    raise ConfigError(f"ONNX model has no (n, 2) float probability output among {names}", file=str(path))
 
 
 class LightGBMPredictor:
@@ -87,7 +107,13 @@ class LightGBMPredictor:
         import lightgbm as lgb
 
         self.card = card
-        self._booster = lgb.Booster(model_file=str(path))
+        try:
+            self._booster = lgb.Booster(model_file=str(path))
+        except lgb.basic.LightGBMError as exc:
+            raise ConfigError(f"LightGBM cannot load the model: {str(exc)[:200]}", file=str(path)) from None
+        if self._booster.num_feature() != N_FEATURES:
+            raise ConfigError(f"LightGBM model takes {self._booster.num_feature()} features; the feature set "
+                              f"has {N_FEATURES}", file=str(path))
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         x = _rows(x)
@@ -140,8 +166,10 @@ def load_predictor(registry: ModelRegistry, model_id: str, backend: Backend, see
                    version: str | None = None, threads: int = 1) -> Predictor:
     """The predictor of `model_id` (newest version unless given) for `backend`.
 
-    Model files are checked against the card's sha256 before loading: a corrupted or
-    swapped file is a ConfigError naming it, never a silently different model.
+    Every file the card lists is checked against its sha256 before loading (the backend's own file
+    first): a corrupted, edited or swapped file is a ConfigError naming it, never a silently different
+    model. A loaded model must take (n, 15) float rows, so a wrong width fails here, not in every batch.
+    The mock backend needs only the card.
     """
     card = registry.card(model_id, version)
     if backend == "mock":
@@ -149,14 +177,52 @@ def load_predictor(registry: ModelRegistry, model_id: str, backend: Backend, see
     name = {"onnx": ONNX_FILE, "lightgbm": LIGHTGBM_FILE}.get(backend)
     if name is None:
         raise ConfigError(f"unknown inference backend {backend!r}: onnx, lightgbm or mock", field="backend")
-    path = registry.path(model_id, card.version) / name
-    try:
-        digest = sha256(path.read_bytes())
-    except OSError as exc:
-        raise ConfigError(f"model file missing for {model_id} {card.version}: {exc}", file=str(path)) from exc
-    if digest != card.files.get(name):
-        raise ConfigError(f"sha256 {digest[:12]} does not match the card of {model_id} {card.version}",
-                          file=str(path))
+    folder = registry.path(model_id, card.version)
+    if name not in card.files:
+        raise ConfigError(f"the card of {model_id} {card.version} lists no {name}", file=str(folder / "card.json"))
+    for file in (name, *sorted(set(card.files) - {name})):
+        path = folder / file
+        try:
+            digest = sha256(path.read_bytes())
+        except OSError as exc:
+            raise ConfigError(f"model file missing or unreadable for {model_id} {card.version}: "
+                              f"{exc.strerror or exc}", file=str(path)) from None
+        if digest != card.files[file]:
+            raise ConfigError(f"sha256 {digest[:12]} does not match the card of {model_id} {card.version}",
+                              file=str(path))
+    path = folder / name
     if backend == "onnx":
         return OnnxPredictor(card, path, threads=threads)
     return LightGBMPredictor(card, path)
+
+
+@dataclass(frozen=True)
+class CheckedModel:
+    """A model as a worker gets it: its predictor, or None when it cannot be loaded, and its problems.
+
+    A model with problems serves no predictions: its workers reject every bar as `model_unhealthy`.
+    """
+
+    model_id: str
+    predictor: Predictor | None
+    problems: tuple[str, ...]
+
+    @property
+    def ok(self) -> bool:
+        return self.predictor is not None and not self.problems
+
+
+def load_checked(registry: ModelRegistry, model_id: str, backend: Backend, *, now: datetime,
+                 max_age_days: int, timeframe: str | None, seed: int = 0, threads: int = 1) -> CheckedModel:
+    """`load_predictor` + `check_card`, never raising for a faulty model: the fault becomes a problem.
+
+    The one place both `run` (per worker) and `config validate` (via preflight) judge a model, so both
+    report the same words for the same fault.
+    """
+    try:
+        predictor = load_predictor(registry, model_id, backend, seed=seed, threads=threads)
+    except ConfigError as exc:
+        return CheckedModel(model_id, None, (f"model {model_id}: {exc}",))
+    problems = check_card(predictor.card, now=now, max_age_days=max_age_days, feature_names=FEATURE_NAMES,
+                          timeframe=timeframe)
+    return CheckedModel(model_id, predictor, tuple(problems))

@@ -161,7 +161,18 @@ class ModelRegistry:
         return self._read(final / CARD_FILE)
 
     def _read(self, file: Path) -> ModelCard:
+        """The card in `file`; it must describe the folder it is in (<model_id>/<version>/card.json)."""
         try:
-            return ModelCard.model_validate(json.loads(file.read_text()))
-        except (OSError, ValueError, ValidationError) as exc:
-            raise ConfigError(f"unreadable model card: {exc}", file=str(file)) from exc
+            card = ModelCard.model_validate(json.loads(file.read_text()))
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(map(str, first["loc"])) or "card"
+            raise ConfigError(f"invalid model card: {where}: {first['msg']}"
+                              + (f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""),
+                              file=str(file)) from None
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"unreadable model card: {str(exc)[:200]}", file=str(file)) from None
+        if (card.model_id, card.version) != (file.parent.parent.name, file.parent.name):
+            raise ConfigError(f"card describes {card.model_id} {card.version} but lies in "
+                              f"{file.parent.parent.name}/{file.parent.name}/", file=str(file))
+        return card

@@ -12,8 +12,7 @@ import polars as pl
 
 from signalgen.features.batch import feature_array
 from signalgen.features.spec import FEATURE_NAMES, WARMUP_BARS
-from signalgen.models.backends import Predictor, load_predictor
-from signalgen.models.health import check_card
+from signalgen.models.backends import Predictor, load_checked
 from signalgen.models.registry import ModelCard, ModelRegistry
 from signalgen.process.specs import WorkerSpec
 from signalgen.signals.pipeline import (
@@ -23,12 +22,20 @@ from signalgen.signals.types import REJECTION_SCHEMA, SIGNAL_SCHEMA
 from signalgen.signals.validate import window_complete
 
 
-def strategy_params(spec: WorkerSpec, cards: Sequence[ModelCard]) -> StrategyParams:
-    """Plain parameters of a worker: its strategy config joined with its models' cards."""
+# Stands in for the card of a model that could not be loaded: its bars are all rejected as
+# model_unhealthy, so these values never shape a signal; the version marks the records.
+UNAVAILABLE = "unavailable"
+
+
+def strategy_params(spec: WorkerSpec, cards: Sequence[ModelCard | None]) -> StrategyParams:
+    """Plain parameters of a worker: its strategy config joined with its models' cards (None: a model
+    that could not be loaded)."""
     s = spec.strategy
     models = tuple(
         ModelParams(ref.model_id, card.version, card.direction, card.horizon_bars, card.target_return,
-                    ref.weight, ref.confidence_threshold, ref.lookback_window)
+                    ref.weight, ref.confidence_threshold, ref.lookback_window) if card is not None
+        else ModelParams(ref.model_id, UNAVAILABLE, 1, 1, 0.0, ref.weight, ref.confidence_threshold,
+                         ref.lookback_window)
         for ref, card in zip(s.models, cards, strict=True))
     return StrategyParams(spec.client.id, s.id, spec.symbol, spec.timeframe, s.aggregation, s.filters, s.sizing,
                           spec.exposure_budget, s.max_staleness_bars, models)
@@ -90,14 +97,14 @@ class WorkerEngine:
                  mode: str, run_id: str, seed: int = 0) -> None:
         self.spec = spec
         self.mode, self.run_id = mode, run_id
-        refs = spec.strategy.models
-        self.predictors: list[Predictor] = [load_predictor(registry, r.model_id, backend, seed=seed) for r in refs]
-        cards = [p.card for p in self.predictors]
-        health = [check_card(c, now=now, max_age_days=r.max_age_days, feature_names=FEATURE_NAMES,
-                             timeframe=spec.timeframe) for r, c in zip(refs, cards)]
-        self.problems = [msg for h in health for msg in h]  # reported once per run, per worker
-        self.model_ok = np.array([not h for h in health])
-        self.params = strategy_params(spec, cards)
+        # A faulty model never raises here: it becomes problems, and only this worker's bars that need
+        # it are rejected as model_unhealthy (its predictions stay NaN); other models and workers run.
+        models = [load_checked(registry, r.model_id, backend, now=now, max_age_days=r.max_age_days,
+                               timeframe=spec.timeframe, seed=seed) for r in spec.strategy.models]
+        self.predictors: list[Predictor | None] = [m.predictor if m.ok else None for m in models]
+        self.problems = [msg for m in models for msg in m.problems]  # the run reports each once
+        self.model_ok = np.array([m.ok for m in models])
+        self.params = strategy_params(spec, [m.predictor.card if m.predictor else None for m in models])
         self.history = history_bars(spec)
 
     def prepare(self, bars: pl.DataFrame, emit_from_us: int) -> Prepared:
@@ -127,7 +134,8 @@ class WorkerEngine:
         if finite.any():
             xf = np.ascontiguousarray(x[finite])
             for j, predictor in enumerate(self.predictors):
-                preds[finite, j] = predictor.predict(xf)
+                if predictor is not None:
+                    preds[finite, j] = predictor.predict(xf)
         now = t if now_us is None else now_us
         ev = evaluate(self.params, t, now, x, preds, self.model_ok, prepared.window_ok)
         spent_ns = prepared.compute_ns + time.perf_counter_ns() - started

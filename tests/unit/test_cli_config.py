@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -9,6 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from tests.unit.models.helpers import fresh_registry
 
 REPO = Path(__file__).resolve().parents[2]
 MODELS = ("swing_high", "swing_low", "swing_high_short", "swing_low_short")
@@ -21,12 +24,10 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
 
 @pytest.fixture
 def root(tmp_path: Path) -> Path:
-    """A copy of the demo configs with a fake registry (the loader only checks card.json is there)."""
+    """A copy of the demo configs with the demo's trained registry, fresh by its cards' dates."""
     for layer in ("clients", "environments", "modes"):
         shutil.copytree(REPO / layer, tmp_path / layer)
-    for model_id in MODELS:
-        (tmp_path / "registry" / model_id / "1.0.0").mkdir(parents=True)
-        (tmp_path / "registry" / model_id / "1.0.0" / "card.json").write_text("{}")
+    fresh_registry(tmp_path / "registry")
     return tmp_path
 
 
@@ -34,6 +35,42 @@ def test_validate_ok(root: Path) -> None:
     proc = run_cli("config", "validate", "--root", str(root))
     assert proc.returncode == 0, proc.stderr
     assert "ok" in proc.stdout and "3 clients, 9 workers" in proc.stdout
+    assert "problem" not in proc.stdout
+
+
+def test_validate_json(root: Path) -> None:
+    proc = run_cli("config", "validate", "--root", str(root), "--output", "json")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["ok"] is True and out["problems"] == [] and len(out["config_hash"]) == 64
+    assert out["clients"] == ["christian", "ikenna", "odum"] and len(out["workers"]) == 9
+    assert out["workers"][0] == {"id": "christian.consensus_v1.ETHUSD.5m", "client": "christian",
+                                 "strategy": "consensus_v1", "symbol": "ETHUSD", "timeframe": "5m",
+                                 "routing": "both", "models": list(MODELS)}
+
+
+@pytest.mark.parametrize(("args", "words"), [
+    # approved before (exit 0), then `run` refused them: exit 2 (environment) or 1 (mode)
+    (("--env", "local-integration"), "messaging type 'redis' is not available in this release"),
+    (("--mode", "live"), "mode 'live' is not available in this release"),
+    (("--mode", "simulation"), "mode 'simulation' is not available in this release"),
+    (("--env", "cloud-dev"), "storage type 'bigquery' is not available in this release"),
+])
+def test_validate_finds_what_run_refuses(root: Path, args: tuple[str, ...], words: str) -> None:
+    proc = run_cli("config", "validate", "--root", str(root), *args)
+    assert proc.returncode == 2, proc.stdout
+    assert "Traceback" not in proc.stderr and "workers" in proc.stdout  # the table, then the problems
+    assert words in " ".join(proc.stdout.split())
+    assert "problem(s)" in proc.stderr
+
+
+def test_validate_json_on_a_load_error(root: Path) -> None:
+    (root / "clients" / "odum.yaml").write_text("id: odum\nrouting: sideways\n")
+    proc = run_cli("config", "validate", "--root", str(root), "-o", "json")
+    assert proc.returncode == 2
+    out = json.loads(proc.stdout)
+    assert out["ok"] is False and out["workers"] == [] and len(out["problems"]) == 1
+    assert "odum.yaml" in out["problems"][0] and "odum.yaml" in proc.stderr
 
 
 def test_validate_broken_config_exits_2_with_a_clear_message(root: Path) -> None:
