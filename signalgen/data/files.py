@@ -65,8 +65,6 @@ def _check_text(path: Path) -> None:
             head = f.read(_SNIFF_BYTES)
     except OSError as exc:
         raise DataError(f"{path}: cannot read: {exc.strerror or type(exc).__name__}") from exc
-    if not head:
-        raise DataError(f"{path}: empty file (0 bytes)")
     try:
         head.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -106,6 +104,8 @@ class FilesSource:
     def _read(self, path: Path) -> pl.DataFrame:
         """Every row of the file, raw (CSV cells as text), with a 0-based `_row`."""
         try:
+            if path.is_file() and path.stat().st_size == 0:
+                raise DataError(f"{path}: empty file (0 bytes)")
             if path.suffix == ".csv":
                 _check_text(path)
                 lf = pl.scan_csv(path, infer_schema=False)  # text: cells are parsed (and judged) below
@@ -130,7 +130,8 @@ class FilesSource:
         """BAR_SCHEMA + BAR_PROBLEM_SCHEMA + `_row`: cells parsed, unreadable ones null and marked."""
         where = "line" if path.suffix == ".csv" else "row"
         offset = 2 if path.suffix == ".csv" else 1  # 1-based, after the CSV header line
-        parsed, problems = {}, [(pl.col("bar_time").is_null(), BarReason.NON_FINITE, pl.lit("bar_time is empty"))]
+        empty_time = (pl.col("bar_time").is_null(), BarReason.NON_FINITE, pl.lit("bar_time is empty"))
+        parsed, problems = {}, [empty_time]
         for col in ("bar_time", *_VALUES):
             dtype = raw.schema[col]
             if dtype == pl.String:
@@ -161,11 +162,11 @@ class FilesSource:
             pl.lit(symbol).alias("symbol"), pl.lit(timeframe).alias("timeframe"),
             **{col: value.alias(col) for col, value in parsed.items()},
         )
-        for col in ("bar_time", *_VALUES):
-            if raw.schema[col] == pl.String and raw[col].null_count() < raw.height and df[col].null_count() == df.height:
+        for col in ("bar_time", *_VALUES):  # a column in which nothing parses is the wrong column
+            cells = raw.height - raw[col].null_count()
+            if raw.schema[col] == pl.String and cells and df[col].null_count() == df.height:
                 need = "an ISO 8601 time" if col == "bar_time" else "numeric"
-                raise DataError(f"{path}: column {col!r} must be {need}: none of its "
-                                f"{raw.height - raw[col].null_count()} values parses")
+                raise DataError(f"{path}: column {col!r} must be {need}: none of its {cells} values parses")
         return df.select("_row", *BAR_SCHEMA.names(), *BAR_PROBLEM_SCHEMA.names()).cast(
             {**BAR_SCHEMA, **BAR_PROBLEM_SCHEMA})
 

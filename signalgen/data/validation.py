@@ -28,7 +28,9 @@ import numpy as np
 import polars as pl
 
 from signalgen.config.models import timeframe_delta
-from signalgen.data.schema import BAR_PROBLEM_SCHEMA, BAR_REJECTION_SCHEMA, BAR_SCHEMA, MAX_BAR_VALUE, BarReason
+from signalgen.data.schema import (
+    BAR_PROBLEM_SCHEMA, BAR_REJECTION_SCHEMA, BAR_SCHEMA, MAX_BAR_VALUE, BarReason,
+)
 
 _VALUES = ("open", "high", "low", "close", "volume")
 _PRICES = ("open", "high", "low", "close")
@@ -103,7 +105,8 @@ def _value_reason(problems: bool) -> tuple[pl.Expr, pl.Expr]:
         (pl.any_horizontal(*bad_price), pl.lit(BarReason.NON_POSITIVE_PRICE.value), price_detail),
         (high < low, pl.lit(BarReason.HIGH_BELOW_LOW.value), _text("high=", high, " < low=", low)),
         (pl.any_horizontal(*outside), pl.lit(BarReason.CLOSE_OUTSIDE_RANGE.value), range_detail),
-        (pl.col("volume") < 0, pl.lit(BarReason.NEGATIVE_VOLUME.value), _text("volume=", pl.col("volume"), " < 0")),
+        (pl.col("volume") < 0, pl.lit(BarReason.NEGATIVE_VOLUME.value),
+         _text("volume=", pl.col("volume"), " < 0")),
     ]
     if problems:
         checks.insert(0, (pl.col("problem").is_not_null(), pl.col("problem"), pl.col("problem_detail")))
@@ -215,7 +218,8 @@ def validate_bars(bars: pl.DataFrame, timeframe: str, max_gap: timedelta | None 
         pl.when(time_order & pl.col("_dup")).then(_text("bar_time=", bar_time, " already accepted"))
         .when(time_order & pl.col("_late")).then(_text("bar_time=", bar_time, " before latest accepted ",
                                                        _ts(pl.col("_latest"))))
-        .when(time_order).then(_text("bar_time=", bar_time, " after the next accepted ", _ts(pl.col("_next"))))
+        .when(time_order).then(_text("bar_time=", bar_time, " after the next accepted ",
+                                     _ts(pl.col("_next"))))
         .otherwise(detail).alias("_detail"),
     )
 

@@ -135,7 +135,7 @@ def one_line_naming(err: pytest.ExceptionInfo, path: Path) -> str:
 def test_empty_file(tmp_path, name):
     path = tmp_path / "1h" / name
     write_csv(path, "")
-    with pytest.raises(DataError) as err:
+    with pytest.raises(DataError, match=r"empty file \(0 bytes\)") as err:
         FilesSource(tmp_path).load("X", "1h")
     one_line_naming(err, path)
 
@@ -219,7 +219,8 @@ def test_an_unparsable_time_rejects_its_row_only(tmp_path):
 
 @pytest.mark.parametrize("start", [None, T0])
 def test_an_empty_bar_time_is_rejected_and_recorded(tmp_path, start):
-    rows = ["2025-01-01T01:00:00Z,10,11,9,10.5,100", ",10,11,9,10.5,100", "2025-01-01T02:00:00Z,10,11,9,10.5,100"]
+    rows = ["2025-01-01T01:00:00Z,10,11,9,10.5,100", ",10,11,9,10.5,100",
+            "2025-01-01T02:00:00Z,10,11,9,10.5,100"]
     write_csv(tmp_path / "1h" / "X.csv", "\n".join([HEADER, *rows]) + "\n")
     good, found = rejected(tmp_path, "X", "1h", start=start, end=T0 + timedelta(days=1))
     assert good.height == 2
@@ -252,7 +253,9 @@ def test_a_symbol_or_timeframe_column_that_contradicts_the_path_is_rejected(tmp_
 
 def test_parquet_symbol_mismatch(tmp_path, bars):
     (tmp_path / "5m").mkdir()
-    bars.head(3).with_columns(pl.lit("ETHUSD").alias("symbol")).write_parquet(tmp_path / "5m" / "BTCUSD.parquet")
+    wrong = bars.head(3).with_columns(pl.lit("ETHUSD").alias("symbol"))
+    wrong.write_parquet(tmp_path / "5m" / "BTCUSD.parquet")
     good, found = rejected(tmp_path, "BTCUSD", "5m")
     assert good.height == 0
-    assert found["symbol_mismatch"] == [f"row {i}: symbol='ETHUSD' contradicts the file's BTCUSD" for i in (1, 2, 3)]
+    assert found["symbol_mismatch"] == [f"row {i}: symbol='ETHUSD' contradicts the file's BTCUSD"
+                                        for i in (1, 2, 3)]
