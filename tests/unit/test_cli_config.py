@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-MODELS = ("swing_high", "swing_low", "swing_high_short", "swing_low_short")
+MODELS = ("swing_high", "swing_low", "swing_high_short", "swing_low_short", "daily_high", "daily_low")
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -33,7 +33,7 @@ def root(tmp_path: Path) -> Path:
 def test_validate_ok(root: Path) -> None:
     proc = run_cli("config", "validate", "--root", str(root))
     assert proc.returncode == 0, proc.stderr
-    assert "ok" in proc.stdout and "3 clients, 9 workers" in proc.stdout
+    assert "ok" in proc.stdout and "4 clients, 12 workers" in proc.stdout
 
 
 def test_validate_broken_config_exits_2_with_a_clear_message(root: Path) -> None:
