@@ -185,12 +185,12 @@ def data_import_sample(env: EnvOpt = Environment.LOCAL_DEV, root: RootOpt = None
 @models_app.command("train")
 def models_train(env: EnvOpt = Environment.LOCAL_DEV, root: RootOpt = None, seed: int = 7,
                  registry: Annotated[Optional[Path], typer.Option(help="Override paths.registry_dir.")] = None) -> None:
-    """Train the demo LightGBM models on synthetic bars; register LightGBM text + ONNX."""
-    from signalgen.models.train import train_demo_models
+    """Train the demo LightGBM models (5m synthetic, 1d real sample bars); register LightGBM text + ONNX."""
+    from signalgen.models.train import train_daily_models, train_demo_models
     from signalgen.report import cards_table
 
     registry = registry or _registry_dir(env, root)
-    cards = train_demo_models(registry, seed=seed)
+    cards = train_demo_models(registry, seed=seed) + train_daily_models(registry, seed=seed)
     console.print(cards_table(cards))
 
 

@@ -1,4 +1,8 @@
-"""The demo models: what each one predicts, and the data they are trained on."""
+"""The demo models: what each one predicts, and the data they are trained on.
+
+Two families: the intraday demo (5m, seeded synthetic crypto-like bars) and the daily demo (1d, the
+real US stock bars of `data import-sample`, 2000-2009; runs from 2010 on are out of sample).
+"""
 
 from __future__ import annotations
 
@@ -42,13 +46,25 @@ DEMO_START = datetime(2024, 1, 1, tzinfo=timezone.utc)
 DEMO_DAYS = 60
 VALID_FRACTION = 0.2  # the last 20% of the time range validates
 
+DAILY_MODELS: tuple[ModelSpec, ...] = (
+    ModelSpec("daily_high", +1, 5, None, "P(log return over the next 5 daily bars > +x)"),
+    ModelSpec("daily_low", -1, 5, None, "P(log return over the next 5 daily bars < -x)"),
+)
+# FB starts in 2012: too late to train on bars before DAILY_TRAIN_END.
+DAILY_SYMBOLS: tuple[str, ...] = ("AAPL", "GOOG", "IBM", "MSFT")
+DAILY_TIMEFRAME = "1d"
+DAILY_TRAIN_END = datetime(2010, 1, 1, tzinfo=timezone.utc)  # train + validate on bars before this
+# ~8,500 rows (a thousandth of the intraday demo's): smaller trees and a slower rate overfit less
+# (train AUC 0.74 instead of 0.84 at the same validation AUC).
+DAILY_PARAMS = {"num_leaves": 7, "min_data_in_leaf": 100, "learning_rate": 0.03}
+
 # Each side of a horizon gets about this positive rate: P(r > x) ~ P(r < -x) ~ 27.5%.
 TARGET_POSITIVE_RATE = 0.275
 
 
 def spec(model_id: str) -> ModelSpec:
-    """The demo spec named `model_id`; KeyError if there is none."""
-    for s in DEMO_MODELS:
+    """The demo spec named `model_id` (intraday or daily); KeyError if there is none."""
+    for s in DEMO_MODELS + DAILY_MODELS:
         if s.model_id == model_id:
             return s
     raise KeyError(model_id)

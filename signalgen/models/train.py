@@ -1,4 +1,5 @@
-"""Train the demo models on seeded synthetic bars and register LightGBM text + ONNX.
+"""Train the demo models and register LightGBM text + ONNX: the intraday ones on seeded synthetic
+5m bars, the daily ones on the real daily bars bundled with bokeh_sampledata (see `catalog`).
 
 Reproducible: the same seed and window give byte-identical model.txt, hence the same version.
 Split by time, never at random: the first 80% of the range trains, the last 20% validates,
@@ -19,11 +20,12 @@ import polars as pl
 
 from signalgen.config.models import timeframe_delta
 from signalgen.data.synthetic import synthetic_bars
+from signalgen.data.validation import default_max_gap
 from signalgen.features.batch import compute_features, feature_matrix
 from signalgen.features.spec import FEATURE_NAMES
 from signalgen.models.catalog import (
-    DEMO_DAYS, DEMO_MODELS, DEMO_START, DEMO_SYMBOLS, DEMO_TIMEFRAME, VALID_FRACTION, ModelSpec,
-    derive_target_return,
+    DAILY_MODELS, DAILY_PARAMS, DAILY_SYMBOLS, DAILY_TIMEFRAME, DAILY_TRAIN_END, DEMO_DAYS, DEMO_MODELS,
+    DEMO_START, DEMO_SYMBOLS, DEMO_TIMEFRAME, VALID_FRACTION, ModelSpec, derive_target_return,
 )
 from signalgen.models.registry import ModelCard, ModelMetrics, ModelRegistry, TrainingWindow
 
@@ -52,16 +54,24 @@ def fwd_column(horizon_bars: int) -> str:
 def training_frame(bars: pl.DataFrame, horizons: Sequence[int], timeframe: str) -> pl.DataFrame:
     """Features plus forward log returns `fwd_<h>` per symbol; warm-up rows dropped.
 
-    The forward close is looked up by time (bar_time + h bars), so a gap in the bars gives a
-    null label instead of a return over the wrong span. Rows without a full forward window
-    keep a null `fwd_<h>`; each model drops its own.
+    Intraday, the forward close is looked up by time (bar_time + h bars), so a gap in the bars
+    gives a null label instead of a return over the wrong span. Daily and longer bars follow the
+    exchange calendar (no bars on weekends and holidays, and a session close whose UTC hour moves
+    with daylight saving): the forward close is the h-th next bar, null if a gap longer than
+    `default_max_gap` lies between. Rows without a full forward window keep a null `fwd_<h>`; each
+    model drops its own.
     """
     delta = timeframe_delta(timeframe)
     bars = bars.sort("symbol", "bar_time")
     df = complete_rows(compute_features(bars))
     for h in sorted(set(horizons)):
-        ahead = bars.select("symbol", (pl.col("bar_time") - h * delta).alias("bar_time"),
-                            pl.col("close").alias("_ahead"))
+        if delta >= timedelta(days=1):
+            gaps = (pl.col("bar_time").diff() > default_max_gap(timeframe)).fill_null(False).cum_sum()
+            ahead = bars.select("symbol", "bar_time", pl.when(gaps.shift(-h) == gaps)
+                                .then(pl.col("close").shift(-h)).over("symbol").alias("_ahead"))
+        else:
+            ahead = bars.select("symbol", (pl.col("bar_time") - h * delta).alias("bar_time"),
+                                pl.col("close").alias("_ahead"))
         df = (df.join(ahead, on=["symbol", "bar_time"], how="left", maintain_order="left")
                 .with_columns((pl.col("_ahead") / pl.col("close")).log().alias(fwd_column(h)))
                 .drop("_ahead"))
@@ -86,11 +96,11 @@ def split(frame: pl.DataFrame, horizon_bars: int, start_valid: datetime,
           timeframe: str) -> tuple[pl.DataFrame, pl.DataFrame]:
     """(train, valid) rows with a label for `horizon_bars`.
 
-    Train rows end `horizon_bars` before validation starts, so no train label uses a
-    validation-period close.
+    Train rows end `horizon_bars` (times the longest normal gap, for daily bars' holidays) before
+    validation starts, so no train label uses a validation-period close.
     """
     labelled = frame.filter(pl.col(fwd_column(horizon_bars)).is_not_null())
-    purge = timeframe_delta(timeframe) * horizon_bars
+    purge = default_max_gap(timeframe) * horizon_bars  # intraday: h bars; daily: h bars with holidays
     train = labelled.filter(pl.col("bar_time") + purge < start_valid)
     valid = labelled.filter(pl.col("bar_time") >= start_valid)
     return train, valid
@@ -134,8 +144,11 @@ class TrainedModel:
 
 
 def train_model(spec: ModelSpec, frame: pl.DataFrame, start_valid: datetime, timeframe: str,
-                seed: int) -> TrainedModel:
-    """Fit one LightGBM model on `frame` (from `training_frame`) and export it to ONNX."""
+                seed: int, params: dict | None = None) -> TrainedModel:
+    """Fit one LightGBM model on `frame` (from `training_frame`) and export it to ONNX.
+
+    `params` override LGB_PARAMS.
+    """
     import lightgbm as lgb
 
     train, valid = split(frame, spec.horizon_bars, start_valid, timeframe)
@@ -149,7 +162,7 @@ def train_model(spec: ModelSpec, frame: pl.DataFrame, start_valid: datetime, tim
         if len(y) == 0 or y.min() == y.max():
             raise ValueError(f"{spec.model_id}: {part} rows ({len(y)}) do not hold both classes; "
                              "train on a longer window")
-    fitted = lgb.train({**LGB_PARAMS, "seed": seed},
+    fitted = lgb.train({**LGB_PARAMS, **(params or {}), "seed": seed},
                        lgb.Dataset(x_train, y_train, feature_name=list(FEATURE_NAMES)),
                        num_boost_round=NUM_ROUNDS)
     model_txt = float32_thresholds(fitted.model_to_string())
@@ -243,15 +256,41 @@ def train_demo_models(registry_dir: Path, seed: int = 7, *, days: int = DEMO_DAY
         The registered cards, in `specs` order. A version already in the registry keeps its card.
     """
     bars = demo_bars(seed, days, symbols, DEMO_START, timeframe)
+    return train_and_register(registry_dir, bars, tuple(symbols), specs, timeframe, seed, now=now)
+
+
+def daily_bars(symbols: Sequence[str] = DAILY_SYMBOLS, end: datetime = DAILY_TRAIN_END) -> pl.DataFrame:
+    """The real daily bars the daily demo models train on: the sample's bars before `end`, validated."""
+    from signalgen.data.sample import sample_bars
+    from signalgen.data.validation import validate_bars
+
+    bars = sample_bars().filter(pl.col("symbol").is_in(list(symbols)) & (pl.col("bar_time") < end))
+    return pl.concat([validate_bars(group, DAILY_TIMEFRAME).bars
+                      for _, group in bars.group_by("symbol", maintain_order=True)])
+
+
+def train_daily_models(registry_dir: Path, seed: int = 7, *, specs: Sequence[ModelSpec] = DAILY_MODELS,
+                       now: datetime | None = None) -> list[ModelCard]:
+    """Train the daily demo models on the sample's real daily bars before DAILY_TRAIN_END and
+    register them (reproducible: same seed, same versions). Arguments as `train_demo_models`."""
+    return train_and_register(registry_dir, daily_bars(), DAILY_SYMBOLS, specs, DAILY_TIMEFRAME, seed,
+                              now=now, params=DAILY_PARAMS)
+
+
+def train_and_register(registry_dir: Path, bars: pl.DataFrame, symbols: tuple[str, ...],
+                       specs: Sequence[ModelSpec], timeframe: str, seed: int, *, now: datetime | None = None,
+                       params: dict | None = None) -> list[ModelCard]:
+    """Train `specs` on `bars` (validation: the last VALID_FRACTION of their time range) and register
+    them; returns the cards in `specs` order. A version already in the registry keeps its card."""
     frame = training_frame(bars, [s.horizon_bars for s in specs], timeframe)
     start_valid = valid_start(frame, timeframe)
     registry = ModelRegistry(registry_dir)
     created_at = now or datetime.now(timezone.utc)
     cards = []
     for spec in specs:
-        m = train_model(spec, frame, start_valid, timeframe, seed)
+        m = train_model(spec, frame, start_valid, timeframe, seed, params)
         window = TrainingWindow(start=frame["bar_time"].min(), end=frame["bar_time"].max(),
-                                valid_start=start_valid, symbols=tuple(symbols), rows_train=m.rows_train,
+                                valid_start=start_valid, symbols=symbols, rows_train=m.rows_train,
                                 rows_valid=m.rows_valid, seed=seed)
         cards.append(registry.register(
             model_id=spec.model_id, description=spec.description, direction=spec.direction,

@@ -14,7 +14,7 @@ import pytest
 from tests.unit.models.helpers import fresh_registry
 
 REPO = Path(__file__).resolve().parents[2]
-MODELS = ("swing_high", "swing_low", "swing_high_short", "swing_low_short")
+MODELS = ("swing_high", "swing_low", "swing_high_short", "swing_low_short", "daily_high", "daily_low")
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -34,7 +34,7 @@ def root(tmp_path: Path) -> Path:
 def test_validate_ok(root: Path) -> None:
     proc = run_cli("config", "validate", "--root", str(root))
     assert proc.returncode == 0, proc.stderr
-    assert "ok" in proc.stdout and "3 clients, 9 workers" in proc.stdout
+    assert "ok" in proc.stdout and "4 clients, 12 workers" in proc.stdout
     assert "problem" not in proc.stdout
 
 
@@ -43,10 +43,10 @@ def test_validate_json(root: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert out["ok"] is True and out["problems"] == [] and len(out["config_hash"]) == 64
-    assert out["clients"] == ["christian", "ikenna", "odum"] and len(out["workers"]) == 9
-    assert out["workers"][0] == {"id": "christian.consensus_v1.ETHUSD.5m", "client": "christian",
+    assert out["clients"] == ["ada", "christian", "ikenna", "odum"] and len(out["workers"]) == 12
+    assert out["workers"][3] == {"id": "christian.consensus_v1.ETHUSD.5m", "client": "christian",
                                  "strategy": "consensus_v1", "symbol": "ETHUSD", "timeframe": "5m",
-                                 "routing": "both", "models": list(MODELS)}
+                                 "routing": "both", "models": list(MODELS[:4])}
 
 
 @pytest.mark.parametrize(("args", "words"), [

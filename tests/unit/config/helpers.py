@@ -6,7 +6,7 @@ import shutil
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[3]
-DEMO_MODELS = ("swing_high", "swing_low", "swing_high_short", "swing_low_short")
+DEMO_MODELS = ("swing_high", "swing_low", "swing_high_short", "swing_low_short", "daily_high", "daily_low")
 
 
 def make_registry(folder: Path, model_ids=DEMO_MODELS) -> None:

@@ -51,16 +51,16 @@ def fails(root: Path, **kwargs) -> ConfigError:
 def test_demo_configs_load(demo_root: Path, env: str, mode: str) -> None:
     cfg = load_config(env, mode, root=demo_root)
     assert str(cfg.environment.name) == env and str(cfg.mode.name) == mode
-    assert [c.id for c in cfg.clients] == ["christian", "ikenna", "odum"]
+    assert [c.id for c in cfg.clients] == ["ada", "christian", "ikenna", "odum"]
     assert cfg.start < cfg.end
     assert len(cfg.config_hash) == 64
     assert cfg.root == str(demo_root.resolve())
-    assert set(cfg.files) == {"environment", "mode", "client:christian", "client:ikenna", "client:odum"}
+    assert set(cfg.files) == {"environment", "mode", "client:ada", "client:christian", "client:ikenna", "client:odum"}
     assert all(Path(p).is_file() for p in cfg.files.values())
     workers = [(c.id, s.id, sym, tf) for c in cfg.clients for s in c.strategies for sym in s.symbols
                for tf in s.timeframes]
-    assert len(workers) == 9
-    assert {tf for *_, tf in workers} == {"5m"} and timeframe_delta("5m").total_seconds() == 300
+    assert len(workers) == 12  # 9 on 5m bars + ada's daily demo: AAPL, MSFT, IBM on 1d
+    assert {tf for *_, tf in workers} == {"5m", "1d"} and timeframe_delta("5m").total_seconds() == 300
 
 
 def test_demo_clients_match_the_brief(demo_root: Path) -> None:
@@ -78,7 +78,7 @@ def test_demo_clients_match_the_brief(demo_root: Path) -> None:
     assert [m.model_id for m in momentum.models] == ["swing_high", "swing_low"]
     assert momentum.filters.trend_confirmation.enabled and momentum.sizing.method == "volatility_target"
     consensus, reversal = christian.strategies
-    assert consensus.aggregation == "majority" and {m.model_id for m in consensus.models} == set(DEMO_MODELS)
+    assert consensus.aggregation == "majority" and {m.model_id for m in consensus.models} == set(DEMO_MODELS[:4])
     assert reversal.aggregation == "unanimous" and christian.routing_for(reversal) == "internal"
     assert christian.routing_for(consensus) == "both"
 
@@ -237,7 +237,7 @@ def test_model_not_in_registry(demo_root: Path) -> None:
     assert (err.file, err.line, err.field) == (str(path), line_of(text, "swing_lowshort"),
                                                "strategies.0.models.3.model_id")
     assert "did you mean 'swing_low_short'?" in str(err)
-    assert "known models: swing_high, swing_high_short, swing_low, swing_low_short" in str(err)
+    assert "known models: daily_high, daily_low, swing_high, swing_high_short, swing_low, swing_low_short" in str(err)
 
 
 def test_empty_registry_says_how_to_train(demo_root: Path) -> None:
@@ -251,9 +251,9 @@ def test_empty_registry_says_how_to_train(demo_root: Path) -> None:
 
 def test_registry_dir_comes_from_the_environment(demo_root: Path) -> None:
     edit(demo_root / "environments" / "local-dev.yaml", "registry_dir: registry", "registry_dir: other/reg")
-    make_registry(demo_root / "other" / "reg", ["swing_high", "swing_low"])
+    make_registry(demo_root / "other" / "reg", ["swing_high", "swing_low", "daily_high", "daily_low"])
     err = fails(demo_root)
-    assert "swing_high_short" in str(err) and "known models: swing_high, swing_low" in str(err)
+    assert "swing_high_short" in str(err) and "known models: daily_high, daily_low, swing_high, swing_low" in str(err)
 
 
 def test_duplicate_strategy_ids(demo_root: Path) -> None:
@@ -277,7 +277,7 @@ def test_unsafe_client_id(demo_root: Path, bad_id: str) -> None:
 @pytest.mark.parametrize("bad_id", ["../x", "a b", "*"])
 def test_unsafe_client_id_on_the_command_line(demo_root: Path, bad_id: str) -> None:
     err = fails(demo_root, clients=[bad_id])
-    assert "unknown client" in str(err) and "known clients: christian, ikenna, odum" in str(err)
+    assert "unknown client" in str(err) and "known clients: ada, christian, ikenna, odum" in str(err)
 
 
 def test_client_id_must_match_file_name(demo_root: Path) -> None:

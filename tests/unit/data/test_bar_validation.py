@@ -4,14 +4,18 @@ import math
 import time
 from datetime import datetime, timedelta, timezone
 
+import numpy as np
 import polars as pl
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from polars.testing import assert_frame_equal
 
-from signalgen.data.schema import BAR_REJECTION_SCHEMA, BAR_SCHEMA, BarReason
+from signalgen.data.schema import BAR_REJECTION_SCHEMA, BAR_SCHEMA, MAX_BAR_VALUE, BarReason
 from signalgen.data.synthetic import synthetic_bars
-from signalgen.data.validation import default_max_gap, validate_bars, validate_chunks
+from signalgen.data.validation import default_max_gap, in_order, validate_bars, validate_chunks
+from signalgen.features.batch import compute_features
+from signalgen.features.spec import FEATURE_NAMES, WARMUP_BARS
 
 T0 = datetime(2025, 1, 1, tzinfo=timezone.utc)
 GOOD = (10.0, 11.0, 9.0, 10.5, 100.0)  # open, high, low, close, volume
@@ -75,6 +79,32 @@ def test_negative_volume():
     assert row["detail"] == "volume=-5.0 < 0"
 
 
+def test_values_beyond_the_bound_are_too_large():
+    row = second_bar((10.0, 1e308, 9.0, 10.5, 100.0), BarReason.TOO_LARGE)
+    assert row["detail"] == "high=1e+308, above 1e+18"
+    row = second_bar((10.0, 11.0, 9.0, 10.5, 3.4e38), BarReason.TOO_LARGE)
+    assert row["detail"] == "volume=3.4e+38, above 1e+18"
+
+
+def test_the_bound_keeps_features_finite_and_1e308_does_not():
+    """Why MAX_BAR_VALUE: a spike at the bound still gives finite features; 1e308 gives NaN/inf."""
+    base = synthetic_bars(["X"], "1m", T0, T0 + timedelta(minutes=200), seed=5)
+    spike = pl.int_range(pl.len()) == 100
+
+    def features(value: float) -> pl.DataFrame:
+        bars = base.with_columns(*(pl.when(spike).then(value).otherwise(c).alias(c)
+                                   for c in ("high", "close", "volume")))
+        return compute_features(bars).slice(WARMUP_BARS).select(FEATURE_NAMES)
+
+    at_bound = features(MAX_BAR_VALUE)
+    at_bound_bars = base.with_columns(pl.when(spike).then(MAX_BAR_VALUE).otherwise(c).alias(c)
+                                      for c in ("high", "volume"))
+    assert validate_bars(at_bound_bars, "1m").removed == 0
+    assert at_bound.select(pl.all().is_finite().all()).row(0) == (True,) * len(FEATURE_NAMES)
+    with np.errstate(over="ignore", invalid="ignore"):
+        assert not all(features(1e308).select(pl.all().is_finite().all()).row(0))
+
+
 def test_first_failing_check_names_the_reason():
     result = validate_bars(bars((1, *GOOD), (2, float("nan"), 9.0, 10.0, -1.0, -1.0)), "1m")
     only(result, BarReason.NON_FINITE)
@@ -94,6 +124,30 @@ def test_out_of_order_is_removed():
     assert row["bar_time"] == T0 + timedelta(minutes=2)
     assert "before latest accepted 2025-01-01T00:03:00Z" in row["detail"]
     assert result.bars["bar_time"].is_sorted()
+
+
+def test_out_of_order_after_the_next_accepted_bar():
+    df = bars((1, *GOOD), (5, *GOOD), (2, *GOOD), (3, *GOOD), (4, *GOOD))
+    row = only(validate_bars(df, "1m"), BarReason.OUT_OF_ORDER)
+    assert row["detail"] == "bar_time=2025-01-01T00:05:00Z after the next accepted 2025-01-01T00:02:00Z"
+
+
+@pytest.mark.parametrize("shift", [-100, 100, -2, 2])
+def test_one_displaced_row_costs_only_itself(shift):
+    """Before: a row moved 100 places earlier got the 100 good bars after it rejected (101 in all)."""
+    df = synthetic_bars(["X"], "1m", T0, T0 + timedelta(minutes=1000), seed=2)
+    order = list(range(df.height))
+    order.insert(500 + shift, order.pop(500))
+    result = validate_bars(df[order], "1m", max_gap=timedelta(minutes=2))  # the hole it leaves
+    row = only(result, BarReason.OUT_OF_ORDER)
+    assert row["bar_time"] == df["bar_time"][500] and result.bars.height == df.height - 1
+
+
+def test_a_duplicate_that_arrives_early_loses_to_the_one_in_place():
+    df = bars((1, *GOOD), (4, 1.0, 1.0, 1.0, 1.0, 1.0), (2, *GOOD), (3, *GOOD), (4, *GOOD))
+    row = only(validate_bars(df, "1m"), BarReason.DUPLICATE_TIME)
+    assert row["bar_time"] == T0 + timedelta(minutes=4)
+    assert validate_bars(df, "1m").bars["close"].to_list() == [10.5, 10.5, 10.5, 10.5]
 
 
 def test_a_bad_bar_does_not_block_a_good_one_at_the_same_time():
@@ -152,11 +206,35 @@ def test_half_a_million_bars_validate_quickly():
     df = synthetic_bars(["BTCUSD"], "1m", T0, T0 + timedelta(minutes=500_000), seed=1)
     every_1000th = pl.int_range(pl.len()) % 1000 == 0
     df = df.with_columns(pl.when(every_1000th).then(-1.0).otherwise("volume").alias("volume"))
+    order = list(range(df.height))
+    for k in range(5007, df.height - 200, 10_000):  # 50 rows, each moved 100 places earlier
+        order.insert(k - 100, order.pop(k))
+    df = df[order]
     started = time.perf_counter()
     result = validate_bars(df, "1m")
     elapsed = time.perf_counter() - started
-    assert result.counts["negative_volume"] == 500 and result.counts["gap"] == 499
+    assert result.counts["negative_volume"] == 500 and result.counts["out_of_order"] == 50
     assert elapsed < 2.0, elapsed  # ~0.3 s here; generous for a loaded 2-core machine
+
+
+def longest_increasing_length(times: list[int]) -> int:
+    """O(n^2) reference."""
+    best = [1] * len(times)
+    for i in range(len(times)):
+        for j in range(i):
+            if times[j] < times[i]:
+                best[i] = max(best[i], best[j] + 1)
+    return max(best, default=0)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, 30), max_size=60), st.one_of(st.none(), st.integers(0, 10)))
+def test_in_order_keeps_a_longest_increasing_subsequence(times, last):
+    keep = in_order(np.asarray(times, dtype=np.int64), last)
+    kept = [t for t, k in zip(times, keep) if k]
+    assert all(a < b for a, b in zip(kept, kept[1:]))
+    eligible = [t for t in times if last is None or t > last]
+    assert len(kept) == longest_increasing_length(eligible)
 
 
 values = st.one_of(st.floats(-5, 50, allow_nan=False), st.sampled_from([float("nan"), float("inf"), 0.0]))
@@ -178,3 +256,15 @@ def test_invariants_on_arbitrary_bars(rows):
         assert 0 < lo <= min(o, c) and max(o, c) <= h and v >= 0
     gap_times = set(rej.filter(pl.col("reason") == "gap")["bar_time"].to_list())
     assert gap_times <= set(kept["bar_time"].to_list())
+
+
+def test_disorder_at_the_edges_of_a_chunk():
+    """No kept bar before (or after) a left-out one: its detail must still be written."""
+    three = "2025-01-01T00:03:00Z"
+    result = validate_bars(bars((5, *GOOD), (1, *GOOD), (2, *GOOD), (3, *GOOD)), "1m")
+    row = only(result, BarReason.OUT_OF_ORDER)
+    assert row["detail"] == "bar_time=2025-01-01T00:05:00Z after the next accepted 2025-01-01T00:01:00Z"
+    result = validate_bars(bars((2, *GOOD), (3, *GOOD), (1, *GOOD)), "1m")
+    assert only(result, BarReason.OUT_OF_ORDER)["detail"].endswith("before latest accepted " + three)
+    result = validate_bars(bars((1, *GOOD)), "1m", last_time=T0 + timedelta(minutes=3))
+    assert only(result, BarReason.OUT_OF_ORDER)["detail"].endswith("before latest accepted " + three)

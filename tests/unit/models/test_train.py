@@ -1,4 +1,5 @@
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -168,3 +169,74 @@ def test_float32_thresholds_keep_lightgbm_decisions_and_match_onnx():
 
     assert np.abs(onnx_predict(raw) - raw.predict(probes)).max() > 1e-3  # the problem is real
     assert np.abs(onnx_predict(fixed) - fixed.predict(probes)).max() < 1e-6  # and gone
+
+
+def daily(days: list[int]) -> pl.DataFrame:
+    """Daily bars (16:00 New York, so the UTC hour moves with daylight saving) on the given day numbers."""
+    from signalgen.data.schema import BAR_SCHEMA
+
+    t0 = datetime(2008, 12, 1)  # a Monday; US daylight saving starts on 2009-03-08
+    times = pl.Series([t0 + timedelta(days=d, hours=16) for d in days]).dt.replace_time_zone(
+        "America/New_York").dt.convert_time_zone("UTC")
+    closes = [100.0 + i for i in range(len(days))]
+    return pl.DataFrame({"symbol": "AAPL", "timeframe": "1d", "bar_time": times, "open": closes,
+                         "high": [c + 1 for c in closes], "low": [c - 1 for c in closes], "close": closes,
+                         "volume": 1e6}).cast(dict(BAR_SCHEMA))
+
+
+def test_daily_forward_returns_follow_the_exchange_calendar():
+    """Before: looked up at bar_time + 5 days, so every label across a holiday or a daylight-saving
+    change was null (here: the week before 2009-03-08, whose +5 days lands on another UTC hour)."""
+    weekdays = [d for d in range(300) if d % 7 < 5]
+    weekdays.remove(weekdays[150])  # one holiday: a 1-day hole is no gap on daily bars
+    del weekdays[170:173]  # a 5-day hole: a gap (default_max_gap 4 days), no label across it
+    bars = daily(weekdays)
+    frame = training_frame(bars, [5], "1d")
+    close = bars["close"].to_list()
+    first = bars.height - frame.height  # warm-up rows dropped
+    expected = []
+    for i in range(first, bars.height):
+        across_gap = any(weekdays[j + 1] - weekdays[j] > 4 for j in range(i, min(i + 5, len(weekdays) - 1)))
+        expected.append(None if i + 5 >= bars.height or across_gap else np.log(close[i + 5] / close[i]))
+    got = frame["fwd_5"].to_list()
+    assert [g is None for g in got] == [e is None for e in expected]
+    assert all(abs(g - e) < 1e-12 for g, e in zip(got, expected) if e is not None)
+    before_dst = frame.filter(pl.col("bar_time").dt.date().is_between(datetime(2009, 3, 2).date(),
+                                                                      datetime(2009, 3, 6).date()))
+    assert before_dst.height == 5 and before_dst["fwd_5"].null_count() == 0
+
+
+@pytest.mark.parametrize("weekday", range(5))
+def test_daily_split_purges_weekends_too(weekday):
+    """Before: the purge was 5 calendar days, so a train label could use validation closes."""
+    frame = training_frame(daily([d for d in range(400) if d % 7 < 5]), [5], "1d")
+    start_valid = frame["bar_time"][200 + weekday]
+    train, _ = split(frame, 5, start_valid, "1d")
+    last = train["bar_time"].max()
+    bars_after = frame.filter((pl.col("bar_time") > last) & (pl.col("bar_time") < start_valid)).height
+    assert bars_after >= 5  # the last train label's 5 bars all lie before validation
+
+
+def test_daily_models_reproduce_the_registered_versions(tmp_path):
+    """The committed registry/daily_* models are what `models train` builds, and they are healthy
+    for the ada client's strategy (1d, features in order, AUC above chance, age within its limit)."""
+    from signalgen.config.loader import load_client
+    from signalgen.models.catalog import DAILY_MODELS
+    from signalgen.models.health import check_card
+    from signalgen.models.train import train_daily_models
+
+    root = Path(__file__).resolve().parents[3]
+    repo = ModelRegistry(root / "registry")
+    strategy = load_client(root / "clients" / "ada.yaml").strategies[0]
+    assert strategy.timeframes == ["1d"]
+    refs = {ref.model_id: ref for ref in strategy.models}
+    cards = train_daily_models(tmp_path, now=NOW)
+    assert [c.model_id for c in cards] == [s.model_id for s in DAILY_MODELS]
+    for card in cards:
+        committed = repo.card(card.model_id, card.version)
+        assert card.files == committed.files and card.metrics == committed.metrics
+        assert card.timeframe == "1d" and card.horizon_bars == 5
+        assert card.training_window.end < datetime(2010, 1, 1, tzinfo=timezone.utc)
+        max_age = refs[card.model_id].max_age_days
+        assert check_card(committed, now=datetime.now(timezone.utc), max_age_days=max_age,
+                          feature_names=FEATURE_NAMES, timeframe="1d") == []

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from signalgen.models.train import train_demo_models
+from signalgen.models.train import train_daily_models, train_demo_models
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -18,6 +18,7 @@ def registry_dir(tmp_path_factory) -> Path:
     """The demo models trained on 20 days (fast), created now so their age is healthy."""
     path = tmp_path_factory.mktemp("registry")
     train_demo_models(path, seed=7, days=20, now=datetime.now(timezone.utc))
+    train_daily_models(path, now=datetime.now(timezone.utc))  # for ada's daily demo
     return path
 
 

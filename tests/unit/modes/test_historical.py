@@ -19,6 +19,11 @@ from signalgen.modes import run_mode
 START = datetime(2025, 1, 1, tzinfo=timezone.utc)
 END = datetime(2025, 1, 8, tzinfo=timezone.utc)  # 7 days = 2016 five-minute bars per worker
 BARS_PER_WORKER = 2016
+DAILY_BARS_PER_WORKER = 7  # ada's daily demo strategy: 1d bars
+
+
+def bars_per_worker(client: str) -> int:
+    return DAILY_BARS_PER_WORKER if client == "ada" else BARS_PER_WORKER
 
 
 def run(root: Path, mode: str = "historical", **overrides):
@@ -38,9 +43,9 @@ def csv_rows(root: Path, client: str) -> list[dict]:
 
 def test_every_bar_becomes_a_signal_or_a_rejection(root):
     cfg, report = run(root)
-    assert len(report.stats) == 5  # (client, strategy): ikenna x2, odum x1, christian x2
-    for stats in report.stats.values():
-        assert stats.bars == stats.workers * BARS_PER_WORKER
+    assert len(report.stats) == 6  # (client, strategy): ikenna x2, odum x1, christian x2, ada x1
+    for (client, _), stats in report.stats.items():
+        assert stats.bars == stats.workers * bars_per_worker(client)
         assert stats.signals + stats.rejected == stats.bars
     counts = table(root, "select (select count(*) from signals) s, (select count(*) from rejections) r").row(0)
     assert counts == (report.totals["signals"], report.totals["rejections"])
@@ -66,7 +71,7 @@ def test_rerun_adds_no_duplicates(root):
 def test_routing_and_tenant_isolation(root):
     run(root)
     out = root / "var/local-dev/out/quantconnect"
-    assert {p.name for p in out.iterdir()} == {"ikenna", "christian"}  # odum is internal-only
+    assert {p.name for p in out.iterdir()} == {"ada", "ikenna", "christian"}  # odum is internal-only
     assert {p.name for p in (out / "christian").iterdir()} == {"consensus_v1"}  # reversal_v1 overrides: internal
     stream = root / "var/local-dev/stream"
     assert {p.name for p in stream.iterdir()} <= {"odum.jsonl", "christian.jsonl"}
@@ -98,7 +103,7 @@ def test_chunking_does_not_change_signals(root, tmp_path_factory):
             (small / item.name).symlink_to(item)
     cfg = load_config("local-dev", "historical", root=small, overrides=Overrides(start=START, end=END))
     report = run_mode(cfg.model_copy(update={"mode": cfg.mode.model_copy(update={"chunk_bars": 300})}))
-    assert all(s.bars == s.workers * BARS_PER_WORKER for s in report.stats.values())  # no bar evaluated twice
+    assert all(s.bars == s.workers * bars_per_worker(c) for (c, _), s in report.stats.items())  # no bar evaluated twice
     cols = "signal_id, direction, confidence, strength, magnitude, weight, period"
     a = table(root, f"select {cols} from signals order by signal_id")
     b = table(small, f"select {cols} from signals order by signal_id")
