@@ -43,7 +43,7 @@ def test_open_creates_parent_folders_and_is_idempotent(tmp_path):
     with DuckDBStore(path) as s:  # schema creation again: no error, data kept
         assert s.count("signals") == 4
         assert set(s.query("SELECT table_name FROM information_schema.tables")["table_name"]) == {
-            "signals", "rejections", "bar_rejections", "runs"}
+            "signals", "rejections", "bar_rejections", "runs", "superseded_signals", "superseded_rejections"}
 
 
 def test_signals_round_trip_keeps_types(store):
@@ -97,16 +97,25 @@ def test_rejections_upsert_and_keep_reason_lists(store):
     assert two == df.filter(pl.col("reasons").list.len() == 2).height > 0
 
 
-def test_bar_rejections_upsert_by_symbol_timeframe_time_reason(store):
-    store.write_bar_rejections(_bar_rejections(6, run_id=None), run_id="run-1")
-    store.write_bar_rejections(_bar_rejections(6, run_id="run-2"))
+def test_bar_rejections_upsert_by_symbol_timeframe_time_reason_mode(store):
+    store.write_bar_rejections(_bar_rejections(6, run_id=None), run_id="run-1", mode="historical")
+    store.write_bar_rejections(_bar_rejections(6, run_id="run-2"), mode="historical")
     assert store.count("bar_rejections") == 6
     assert store.count("bar_rejections", run_id="run-2") == 6
     other_reason = _bar_rejections(1).with_columns(reason=pl.lit("high_below_low"))
-    store.write_bar_rejections(other_reason)  # same bar, another reason: a new row
+    store.write_bar_rejections(other_reason, mode="historical")  # same bar, another reason: a new row
     assert store.count("bar_rejections") == 7
     with pytest.raises(ValueError, match="run_id"):
-        store.write_bar_rejections(_bar_rejections(1, run_id=None))
+        store.write_bar_rejections(_bar_rejections(1, run_id=None), mode="historical")
+    with pytest.raises(ValueError, match="mode"):
+        store.write_bar_rejections(_bar_rejections(1))
+
+
+def test_a_mock_run_leaves_historical_bar_rejections_alone(store):
+    store.write_bar_rejections(_bar_rejections(6, run_id="hist"), mode="historical")
+    store.write_bar_rejections(_bar_rejections(6, run_id="mock"), mode="mock")
+    assert store.count("bar_rejections", mode="historical", run_id="hist") == 6
+    assert store.count("bar_rejections", mode="mock", run_id="mock") == 6
 
 
 def test_frames_off_schema_are_refused(store):
