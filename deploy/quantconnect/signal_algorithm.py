@@ -1,10 +1,12 @@
 """Trade signalgen signals in LEAN: read the QuantConnect CSV day files, emit Insights, size by weight.
 
-Files: `quantconnect/<client>/<strategy>/<YYYYMMDD>.csv` under the LEAN data folder (local and
-backtests) or under the same key in the Object Store (QuantConnect cloud). Columns and time
-semantics: docs/outputs.md.
+Files: `<mode>/quantconnect/<client>/<strategy>/<YYYYMMDD>.csv` under the LEAN data folder (local
+and backtests) or under the same key in the Object Store (QuantConnect cloud): the same relative
+path as under signalgen's `output_dir`. Columns and time semantics: docs/outputs.md. The last
+column is the mode that produced the row; rows of any other mode than `mode` are skipped.
 
 Parameters (LEAN `config.json` "parameters", or the cloud project's parameters):
+    mode        signalgen mode whose signals to trade     (default historical; also simulation, live, mock)
     client      signalgen client id                       (default ikenna)
     strategy    strategy id                               (default swing_high_v1)
     symbols     comma-separated tickers the strategy runs (default AAPL,MSFT)
@@ -30,13 +32,15 @@ class SignalgenSignal(PythonData):
     """One signalgen signal, emitted to the algorithm at the time it became available."""
 
     # Which day files to read; set by the algorithm before it subscribes.
+    MODE = "historical"
     CLIENT = "ikenna"
     STRATEGY = "swing_high_v1"
     FROM_OBJECT_STORE = False
 
     def get_source(self, config: SubscriptionDataConfig, date: datetime,
                    is_live_mode: bool) -> SubscriptionDataSource:
-        key = f"quantconnect/{SignalgenSignal.CLIENT}/{SignalgenSignal.STRATEGY}/{date:%Y%m%d}.csv"
+        key = (f"{SignalgenSignal.MODE}/quantconnect/{SignalgenSignal.CLIENT}/{SignalgenSignal.STRATEGY}/"
+               f"{date:%Y%m%d}.csv")
         if SignalgenSignal.FROM_OBJECT_STORE:
             return SubscriptionDataSource(key, SubscriptionTransportMedium.OBJECT_STORE, FileFormat.CSV)
         return SubscriptionDataSource(os.path.join(Globals.data_folder, key),
@@ -46,7 +50,12 @@ class SignalgenSignal(PythonData):
         # LEAN skips a row the reader returns None for (the stubs do not say so, hence the ignores).
         if not line or not line[0].isdigit():  # the header row
             return None  # type: ignore[return-value]
-        time, symbol, direction, confidence, magnitude, weight, period, signal_id = line.strip().split(",")
+        fields = line.strip().split(",")
+        # A row without the mode column (an older file) or of another mode is not ours to trade:
+        # a mock or research signal must never move this algorithm's holdings.
+        if len(fields) != 9 or fields[8] != SignalgenSignal.MODE:
+            return None  # type: ignore[return-value]
+        time, symbol, direction, confidence, magnitude, weight, period, signal_id, _ = fields
         # A day file holds every symbol of the strategy; this subscription wants one.
         if symbol != config.symbol.value:
             return None  # type: ignore[return-value]
@@ -62,6 +71,7 @@ class SignalgenSignal(PythonData):
         signal["weight"] = float(weight)
         signal["period"] = int(period)
         signal["signal_id"] = signal_id
+        signal["mode"] = SignalgenSignal.MODE
         return signal
 
     def is_sparse_data(self) -> bool:
@@ -75,6 +85,7 @@ class SignalgenAlgorithm(QCAlgorithm):
         self.set_start_date(datetime.strptime(self.get_parameter("start", "2024-01-02"), "%Y-%m-%d"))
         self.set_end_date(datetime.strptime(self.get_parameter("end", "2024-12-31"), "%Y-%m-%d"))
         self.set_cash(100_000)
+        SignalgenSignal.MODE = self.get_parameter("mode", "historical")
         SignalgenSignal.CLIENT = self.get_parameter("client", "ikenna")
         SignalgenSignal.STRATEGY = self.get_parameter("strategy", "swing_high_v1")
         SignalgenSignal.FROM_OBJECT_STORE = self.get_parameter("source", "local") == "object_store"

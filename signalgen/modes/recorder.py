@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 
 import polars as pl
@@ -17,12 +18,15 @@ from signalgen.outputs import output_class
 from signalgen.outputs.base import Output
 from signalgen.process.specs import WorkerSpec
 
+log = logging.getLogger(__name__)
+
 DESTINATIONS = {Routing.QUANTCONNECT: ("quantconnect",), Routing.INTERNAL: ("internal",),
                 Routing.BOTH: ("quantconnect", "internal")}
 
 
 def open_store(cfg: RunConfig):
-    """The environment's signal store, opened."""
+    """The environment's signal store, opened; runs a killed process left without a status are
+    marked 'abandoned' (the store's file lock proves their writer is gone)."""
     storage = cfg.environment.storage
     if storage.type != "duckdb":
         raise ConfigError(f"storage type {storage.type!r} is not available in this release; use duckdb",
@@ -31,6 +35,12 @@ def open_store(cfg: RunConfig):
 
     store = DuckDBStore(Path(cfg.root) / storage.path)
     store.open()
+    try:
+        for run_id in store.abandon_stale_runs(datetime.now(timezone.utc)):
+            log.warning("run %s never finished; marked abandoned", run_id, extra={"run_id": run_id})
+    except BaseException:
+        store.close()
+        raise
     return store
 
 
@@ -43,18 +53,26 @@ class Recorder:
     unbounded buffer. A failed write is raised by the next `record()`, `flush()` or `close()`;
     nothing is dropped silently.
 
-    Outputs are opened when the recorder is created, one per client and destination, so a client's
-    signals can only ever reach that client's files and streams. One failing output does not stop
-    the others: flush tries them all and raises the first error afterwards.
+    Outputs are opened when the recorder is created, one per client and destination, for the
+    run's mode only (`<output_dir>/<mode>/...`, `<messaging.path>/<mode>/...`), so a client's
+    signals can only ever reach that client's files and streams of that mode: a historical or mock
+    run never writes where live consumers read. One failing output does not stop the others:
+    flush tries them all and raises the first error afterwards.
     """
 
     def __init__(self, cfg: RunConfig, store, queue_batches: int = 1) -> None:
         self.cfg, self.store = cfg, store
         # every routed output is opened now, so a destination this environment cannot serve stops
         # the run before any work (ConfigError), not halfway through it
-        self._outputs: dict[tuple[str, str], Output] = {
-            (c.id, d): self._open_output(c.id, d)
-            for c in cfg.clients for d in sorted({d for s in c.strategies for d in DESTINATIONS[c.routing_for(s)]})}
+        self._outputs: dict[tuple[str, str], Output] = {}
+        try:
+            for c in cfg.clients:
+                for d in sorted({d for s in c.strategies for d in DESTINATIONS[c.routing_for(s)]}):
+                    self._outputs[(c.id, d)] = self._open_output(c.id, d)
+        except BaseException:
+            for out in self._outputs.values():  # nothing was written to them yet
+                out.close()
+            raise
         self._queue: queue.Queue = queue.Queue(maxsize=queue_batches)
         self._error: BaseException | None = None
         self._writer = threading.Thread(target=self._write_loop, name="recorder-writer", daemon=True)
@@ -80,11 +98,11 @@ class Recorder:
             raise SignalgenError(f"recording failed: {self._error!r}") from self._error
 
     def _open_output(self, client_id: str, destination: str) -> Output:
-        root, env = Path(self.cfg.root), self.cfg.environment
+        root, env, mode = Path(self.cfg.root), self.cfg.environment, self.cfg.mode.name.value
         if destination == "quantconnect":
-            out = output_class("quantconnect")(root / env.paths.output_dir, client_id)
+            out = output_class("quantconnect")(root / env.paths.output_dir, client_id, mode)
         elif env.messaging.type == "local":
-            out = output_class("local")(root / env.messaging.path, client_id)
+            out = output_class("local")(root / env.messaging.path, client_id, mode)
         else:
             raise ConfigError(f"messaging type {env.messaging.type!r} is not available in this release; "
                               "use local", file=self.cfg.files.get("environment"), field="messaging.type")
@@ -114,7 +132,7 @@ class Recorder:
     def record_bar_rejections(self, rejections: pl.DataFrame, run_id: str) -> None:
         if rejections.height:
             self._raise_failed_write()
-            self._queue.put((self.store.write_bar_rejections, (rejections, run_id)))
+            self._queue.put((self.store.write_bar_rejections, (rejections, run_id, self.cfg.mode.name.value)))
 
     def flush(self) -> None:
         """Wait until the store holds everything recorded, then flush every output."""
@@ -129,8 +147,12 @@ class Recorder:
                 out.flush()
             except Exception as exc:  # noqa: BLE001 - one failing output must not block the others
                 errors.append(exc)
+        for exc in errors[1:]:
+            log.error("output failed to flush: %s", exc)
+        if errors and isinstance(errors[0], SignalgenError):
+            raise errors[0]  # as it is: a StorageError stays one line naming its path
         if errors:
-            raise SignalgenError(f"{len(errors)} output(s) failed to flush: {errors[0]}") from errors[0]
+            raise SignalgenError(f"output failed to flush: {errors[0]}") from errors[0]
 
     def close(self) -> None:
         try:

@@ -29,12 +29,13 @@ def output_class(alias: str) -> type:
     return getattr(importlib.import_module(module), name)
 
 
-def client_batch(batch: pl.DataFrame, client_id: str) -> pl.DataFrame:
-    """Check a batch handed to an output: SIGNAL_SCHEMA columns, and only `client_id`'s rows.
+def client_batch(batch: pl.DataFrame, client_id: str, mode: str | None = None) -> pl.DataFrame:
+    """Check a batch handed to an output: SIGNAL_SCHEMA columns, only `client_id`'s rows, and (if
+    given) only rows of `mode`.
 
     Returns the batch with the schema's columns in order. Raises ValueError otherwise: a row of
     another client reaching this output is a routing bug, and delivering it would leak signals
-    across tenants.
+    across tenants; a row of another mode would mix, say, mock signals into a live stream.
     """
     missing = [c for c in SIGNAL_SCHEMA if c not in batch.columns]
     wrong = [f"{c}: {batch.schema[c]} (want {t})" for c, t in SIGNAL_SCHEMA.items()
@@ -44,4 +45,8 @@ def client_batch(batch: pl.DataFrame, client_id: str) -> pl.DataFrame:
     others = batch.filter(pl.col("client_id").ne_missing(client_id))["client_id"].unique().to_list()
     if others:
         raise ValueError(f"output of client {client_id!r} was given signals of {sorted(others, key=str)}")
+    if mode is not None:
+        modes = batch.filter(pl.col("mode").ne_missing(mode))["mode"].unique().to_list()
+        if modes:
+            raise ValueError(f"{mode} output of client {client_id!r} was given {sorted(modes, key=str)} signals")
     return batch.select(SIGNAL_SCHEMA.names())

@@ -1,13 +1,18 @@
-"""The local-dev internal stream: one JSON-lines file per client, appended to.
+"""The local-dev internal stream: one JSON-lines file per mode and client, appended to.
 
-Each line is one signal: the SIGNAL_SCHEMA fields, datetimes as ISO-8601 UTC strings
-("2024-01-02T14:30:00.000000Z"), `models` as a list of {model_id, version, output} objects.
-Delivery is at-least-once: a replay after a failure appends the same signal again, so consumers
-dedupe by signal_id (`read_stream` does).
+Layout `<messaging.path>/<mode>/<client>.jsonl`: a live consumer reads `<path>/live/`, which no
+historical, simulation or mock run ever writes. Each line is one signal: the SIGNAL_SCHEMA fields
+(`mode` included), datetimes as ISO-8601 UTC strings ("2024-01-02T14:30:00.000000Z"), `models` as a
+list of {model_id, version, output} objects.
+
+A signal is appended once, and again only when what it says changes: re-running a range leaves
+the file byte-identical. Delivery is still at-least-once (a crash between the append and the
+checkpoint replays it), so consumers dedupe by signal_id (`read_stream` does).
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 from pathlib import Path
@@ -16,9 +21,12 @@ import polars as pl
 
 from signalgen.outputs import client_batch
 from signalgen.signals.types import SIGNAL_SCHEMA
+from signalgen.storage import storage_error
 
 ISO_UTC = "%Y-%m-%dT%H:%M:%S%.6fZ"
 _TIMES = ("bar_time", "generated_at")
+# fields that differ between deliveries of the same decision; a change in them is not news
+VOLATILE = ("run_id", "latency_us", "generated_at")
 
 
 def to_json_lines(signals: pl.DataFrame) -> bytes:
@@ -46,52 +54,82 @@ def read_stream(path: Path | str, dedupe: bool = True) -> pl.DataFrame:
     return df.unique("signal_id", keep="last", maintain_order=True) if dedupe else df
 
 
-class LocalStreamOutput:
-    """Appends one client's signals to `<path>/<client>.jsonl`.
+def content_digests(signals: pl.DataFrame) -> dict[str, bytes]:
+    """signal_id -> digest of what the signal says (its JSON line without the VOLATILE fields).
 
-    `flush()` writes the buffered signals in one append, then fsyncs the file. If it raises, the
-    file is cut back to where the append began (no half lines) and the buffered signals are
-    dropped; the caller replays from its checkpoint.
+    Hashing the serialized line makes a signal read back from a file and the same signal built in
+    memory digest alike (the JSON text round-trips exactly). The last row of an id wins.
+    """
+    blank = signals.with_columns(pl.lit(None, signals.schema[c]).alias(c) for c in VOLATILE)
+    lines = to_json_lines(blank).splitlines()
+    return {i: hashlib.blake2b(line, digest_size=16).digest() for i, line in zip(signals["signal_id"], lines)}
+
+
+class LocalStreamOutput:
+    """Appends one client's signals of one mode to `<path>/<mode>/<client>.jsonl`.
+
+    `open()` indexes the file (signal_id -> content digest); `flush()` appends, in one write, the
+    buffered signals that are new or whose content changed, then fsyncs the file. If it raises,
+    the file is cut back to where the append began (no half lines), the index is unchanged and
+    the buffered signals are dropped; the caller replays from its checkpoint. A file that cannot
+    be written raises StorageError naming it.
     """
 
-    def __init__(self, path: Path | str, client_id: str) -> None:
-        self.client_id = client_id
-        self.file = Path(path) / f"{client_id}.jsonl"
+    def __init__(self, path: Path | str, client_id: str, mode: str) -> None:
+        self.client_id, self.mode = client_id, mode
+        self.file = Path(path) / mode / f"{client_id}.jsonl"
         self._fd: int | None = None
         self._pending: list[pl.DataFrame] = []
+        self._sent: dict[str, bytes] = {}  # signal_id -> content digest of its last line
 
     def open(self) -> None:
         if self._fd is not None:
             return
-        self.file.parent.mkdir(parents=True, exist_ok=True)
-        # Unbuffered: after a failed write no stale bytes wait in a buffer to be written later.
-        fd = os.open(self.file, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
-        # A crash mid-append can leave a partial last line; drop it so the next line starts clean.
-        os.ftruncate(fd, _complete_length(fd))
+        try:
+            self.file.parent.mkdir(parents=True, exist_ok=True)
+            # Unbuffered: after a failed write no stale bytes wait in a buffer to be written later.
+            fd = os.open(self.file, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                # A crash mid-append can leave a partial last line; drop it so the next line starts clean.
+                os.ftruncate(fd, _complete_length(fd))
+            except BaseException:
+                os.close(fd)
+                raise
+        except OSError as exc:
+            raise storage_error(self.file, exc) from exc
         self._fd = fd
+        self._sent = content_digests(read_stream(self.file, dedupe=False))
 
     def write(self, batch: pl.DataFrame) -> None:
-        """Buffer signals of this client (ValueError for any other client's row)."""
-        batch = client_batch(batch, self.client_id)
+        """Buffer signals of this client and mode (ValueError for any other client's or mode's row)."""
+        batch = client_batch(batch, self.client_id, self.mode)
         if batch.height:
             self._pending.append(batch)
 
     def flush(self) -> None:
-        """Append the buffered signals; durable (fsynced) when this returns."""
+        """Append the buffered signals that are new or changed; durable (fsynced) when this returns."""
         if self._fd is None:
             raise RuntimeError(f"{self.file}: call open() first")
         pending, self._pending = self._pending, []
         if not pending:
             return
-        data = memoryview(to_json_lines(pl.concat(pending)))
+        signals = pl.concat(pending).unique("signal_id", keep="last", maintain_order=True)
+        digests = content_digests(signals)
+        news = [self._sent.get(i) != d for i, d in digests.items()]
+        if not any(news):
+            return
+        data = memoryview(to_json_lines(signals.filter(pl.Series(news))))
         start = os.fstat(self._fd).st_size
         try:
             while data:
                 data = data[os.write(self._fd, data):]
             os.fsync(self._fd)
-        except BaseException:
+        except BaseException as exc:
             os.ftruncate(self._fd, start)
+            if isinstance(exc, OSError):
+                raise storage_error(self.file, exc) from exc
             raise
+        self._sent.update(digests)
 
     def close(self) -> None:
         """Flush what is still buffered and close the file."""

@@ -1,8 +1,9 @@
-"""QuantConnect CSV: one file per client, strategy and UTC day, read by a LEAN custom data class.
+"""QuantConnect CSV: one file per mode, client, strategy and UTC day, read by a LEAN custom data class.
 
-Layout `<output_dir>/quantconnect/<client>/<strategy>/<YYYYMMDD>.csv`, columns `CSV_COLUMNS`
-(docs/outputs.md). `time` is when the signal became available, rounded up to the second so a
-backtest never sees a signal before it existed; the file's day is that time's UTC date.
+Layout `<output_dir>/<mode>/quantconnect/<client>/<strategy>/<YYYYMMDD>.csv`, columns `CSV_COLUMNS`
+(docs/outputs.md), the last one the mode, so a reader configured for one mode can skip any other.
+`time` is when the signal became available, rounded up to the second so a backtest never sees a
+signal before it existed; the file's day is that time's UTC date.
 """
 
 from __future__ import annotations
@@ -17,9 +18,11 @@ from pathlib import Path
 import polars as pl
 
 from signalgen.outputs import client_batch
+from signalgen.storage import storage_error
 
-CSV_COLUMNS = ("time", "symbol", "direction", "confidence", "magnitude", "weight", "period", "signal_id")
+CSV_COLUMNS = ("time", "symbol", "direction", "confidence", "magnitude", "weight", "period", "signal_id", "mode")
 _SAFE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")  # the config's SafeId: safe as a folder name
+_TEMP = re.compile(r"^\.\d{8}\.csv\.\d+\.tmp$")  # what _merge_into writes before its rename
 
 
 def csv_rows(signals: pl.DataFrame) -> pl.DataFrame:
@@ -39,6 +42,7 @@ def csv_rows(signals: pl.DataFrame) -> pl.DataFrame:
         pl.col("weight").cast(pl.Decimal(38, 6)).cast(pl.String),
         pl.col("period").cast(pl.String),
         "signal_id",
+        "mode",
     )
 
 
@@ -52,20 +56,29 @@ class QuantConnectCsvOutput:
     dropped: the caller replays from its checkpoint and the merge makes the replay harmless.
     """
 
-    def __init__(self, output_dir: Path | str, client_id: str) -> None:
-        if not _SAFE.match(client_id):
-            raise ValueError(f"client id {client_id!r} is not a safe folder name")
-        self.client_id = client_id
-        self.root = Path(output_dir) / "quantconnect" / client_id
+    def __init__(self, output_dir: Path | str, client_id: str, mode: str) -> None:
+        for what, name in (("client id", client_id), ("mode", mode)):
+            if not _SAFE.match(name):
+                raise ValueError(f"{what} {name!r} is not a safe folder name")
+        self.client_id, self.mode = client_id, mode
+        self.root = Path(output_dir) / mode / "quantconnect" / client_id
         self._pending: list[pl.DataFrame] = []
         self._owned: dict[str, tuple[str, str]] = {}  # strategy -> (after, up to) CSV `time` text
 
     def open(self) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
+        """Create the client's folder and remove temporary files a killed run left in it (the
+        recorder is the only writer of these files, so no temporary file here is in use)."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            for tmp in self.root.glob("*/.*.tmp"):
+                if _TEMP.match(tmp.name):
+                    tmp.unlink(missing_ok=True)
+        except OSError as exc:
+            raise storage_error(self.root, exc) from exc
 
     def write(self, batch: pl.DataFrame) -> None:
-        """Buffer signals of this client (ValueError for any other client's row)."""
-        batch = client_batch(batch, self.client_id)
+        """Buffer signals of this client and mode (ValueError for any other client's or mode's row)."""
+        batch = client_batch(batch, self.client_id, self.mode)
         bad = [s for s in batch["strategy_id"].unique().to_list() if not (s and _SAFE.match(s))]
         if bad:
             raise ValueError(f"strategy ids {bad} are not safe folder names")
@@ -80,7 +93,15 @@ class QuantConnectCsvOutput:
         self._owned[strategy_id] = (_csv_time(start), _csv_time(end))
 
     def flush(self) -> None:
-        """Merge buffered signals into their day files; durable when this returns."""
+        """Merge buffered signals into their day files; durable when this returns.
+
+        A file or folder that cannot be written raises StorageError naming it."""
+        try:
+            self._flush()
+        except OSError as exc:
+            raise storage_error(self.root, exc) from exc
+
+    def _flush(self) -> None:
         pending, self._pending = self._pending, []
         owned, self._owned = self._owned, {}
         days: dict[tuple[str, str], pl.DataFrame] = {}

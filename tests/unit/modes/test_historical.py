@@ -37,7 +37,7 @@ def table(root: Path, sql: str) -> pl.DataFrame:
 
 
 def csv_rows(root: Path, client: str) -> list[dict]:
-    files = sorted((root / "var/local-dev/out/quantconnect" / client).rglob("*.csv"))
+    files = sorted((root / "var/local-dev/out/historical/quantconnect" / client).rglob("*.csv"))
     return [row for f in files for row in csv.DictReader(f.open())]
 
 
@@ -70,10 +70,10 @@ def test_rerun_adds_no_duplicates(root):
 
 def test_routing_and_tenant_isolation(root):
     run(root)
-    out = root / "var/local-dev/out/quantconnect"
+    out = root / "var/local-dev/out/historical/quantconnect"
     assert {p.name for p in out.iterdir()} == {"ada", "ikenna", "christian"}  # odum is internal-only
     assert {p.name for p in (out / "christian").iterdir()} == {"consensus_v1"}  # reversal_v1 overrides: internal
-    stream = root / "var/local-dev/stream"
+    stream = root / "var/local-dev/stream/historical"
     assert {p.name for p in stream.iterdir()} <= {"odum.jsonl", "christian.jsonl"}
     for client in ("ikenna", "christian"):
         ids = {r["signal_id"] for r in csv_rows(root, client)}
@@ -85,11 +85,11 @@ def test_routing_and_tenant_isolation(root):
 
 def test_csv_format_for_lean(root):
     run(root)
-    files = sorted((root / "var/local-dev/out/quantconnect/ikenna").rglob("*.csv"))
+    files = sorted((root / "var/local-dev/out/historical/quantconnect/ikenna").rglob("*.csv"))
     assert files
     for f in files:
         lines = f.read_text().splitlines()
-        assert lines[0] == "time,symbol,direction,confidence,magnitude,weight,period,signal_id"
+        assert lines[0] == "time,symbol,direction,confidence,magnitude,weight,period,signal_id,mode"
         times = [line.split(",")[0] for line in lines[1:]]
         assert times == sorted(times)
         assert all(t.startswith(f"{f.stem[:4]}-{f.stem[4:6]}-{f.stem[6:]} ") and len(t) == 19 for t in times)
@@ -141,7 +141,7 @@ def test_cli_run_prints_summary_and_broken_config_exits_2(root):
 def test_rerun_with_a_higher_threshold_rewrites_the_csv(root):
     run(root)
     before = {r["signal_id"] for r in csv_rows(root, "ikenna")}
-    days_before = {p.name for p in (root / "var/local-dev/out/quantconnect/ikenna").rglob("*.csv")}
+    days_before = {p.name for p in (root / "var/local-dev/out/historical/quantconnect/ikenna").rglob("*.csv")}
     client = root / "clients" / "ikenna.yaml"
     client.write_text(client.read_text().replace("confidence_threshold: 0.6", "confidence_threshold: 0.7"))
     run(root)
@@ -149,7 +149,7 @@ def test_rerun_with_a_higher_threshold_rewrites_the_csv(root):
     stored = set(table(root, "select signal_id from signals where client_id = 'ikenna'")["signal_id"])
     assert after == stored and after < before  # signals the new config rejects left the CSV as well
     # day files that lost all their signals are rewritten (header only), not left stale
-    assert {p.name for p in (root / "var/local-dev/out/quantconnect/ikenna").rglob("*.csv")} == days_before
+    assert {p.name for p in (root / "var/local-dev/out/historical/quantconnect/ikenna").rglob("*.csv")} == days_before
 
 
 def test_rerun_of_part_of_the_range_keeps_the_rest(root):

@@ -2,20 +2,33 @@
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
 import threading
 import time
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
+import duckdb
 import numpy as np
+import polars as pl
 import pytest
 
 from signalgen.config.loader import Overrides, load_config
-from signalgen.errors import SignalgenError
+from signalgen.errors import SignalgenError, StorageError
+from signalgen.models.train import train_demo_models
+from signalgen.modes import run_mode
 from signalgen.modes.engine import Decisions, strategy_params
 from signalgen.models.registry import ModelRegistry
-from signalgen.modes.recorder import Recorder
+from signalgen.modes.recorder import Recorder, open_store
 from signalgen.process.specs import worker_specs
 from signalgen.signals.pipeline import evaluate
+
+from tests.unit.modes.conftest import REPO
+from tests.unit.storage.faults import fill, read_only, small_disk
 
 START = datetime(2025, 1, 1, tzinfo=timezone.utc)
 
@@ -94,3 +107,162 @@ def test_slow_store_blocks_the_producer(recorder_for):
     producer.join(timeout=5)
     rec.flush()
     assert len(done) == 5 and store.calls == 5
+
+
+# ---------------------------------------------------------------- whole runs: modes apart, re-runs, faults
+
+DAY = timedelta(days=1)
+
+
+def _run(root, mode: str = "historical", days: int = 1, **overrides):
+    cfg = load_config("local-dev", mode, root=root, overrides=Overrides(start=START, end=START + days * DAY,
+                                                                        **overrides))
+    return run_mode(cfg)
+
+
+def _files(root, *under: str) -> dict[str, bytes]:
+    """Every output file under var/local-dev/<under...> by path, with its bytes."""
+    base = root / "var/local-dev"
+    return {p.relative_to(base).as_posix(): p.read_bytes()
+            for u in under for p in sorted((base / u).rglob("*")) if p.is_file()}
+
+
+def _table(root, sql: str) -> pl.DataFrame:
+    with duckdb.connect(str(root / "var/local-dev/signalgen.duckdb"), read_only=True) as con:
+        return con.sql(sql).pl()
+
+
+def _mode_rows(root, mode: str) -> dict[str, pl.DataFrame]:
+    return {t: _table(root, f"SELECT * EXCLUDE (run_id) FROM {t} WHERE mode = '{mode}' ORDER BY ALL")
+            for t in ("signals", "rejections", "bar_rejections")}
+
+
+def test_a_mock_run_changes_nothing_a_historical_run_wrote(root):
+    _run(root)
+    rows, files = _mode_rows(root, "historical"), _files(root, "out/historical", "stream/historical")
+    assert rows["signals"].height > 0 and any(p.endswith(".csv") for p in files)
+    _run(root, "mock", inference="mock")
+    # before the fix: the mock run deleted the historical signals sharing its ids and wrote mock
+    # rows into the same CSV files
+    after = _mode_rows(root, "historical")
+    assert all(after[t].equals(rows[t]) for t in rows)
+    assert _files(root, "out/historical", "stream/historical") == files
+    mock = _files(root, "out/mock", "stream/mock")
+    assert mock and _table(root, "SELECT count(*) FROM signals WHERE mode = 'mock'").item() > 0
+    assert all(line.endswith(b",mock") for p, data in mock.items() if p.endswith(".csv")
+               for line in data.splitlines()[1:])
+    assert all(json.loads(line)["mode"] == "mock" for p, data in mock.items() if p.endswith(".jsonl")
+               for line in data.splitlines())
+    assert not (root / "var/local-dev/stream/live").exists()  # nothing but live reaches live consumers
+
+
+def test_four_identical_runs_leave_every_output_byte_identical(root):
+    _run(root)
+    first = _files(root, "out", "stream")
+    assert any(p.endswith(".jsonl") for p in first) and any(p.endswith(".csv") for p in first)
+    for _ in range(3):
+        _run(root)
+    assert _files(root, "out", "stream") == first  # the stream grew by every signal per run before
+
+
+def test_a_new_model_version_leaves_one_current_decision_per_bar_and_the_csv_equal(root):
+    private = root / "registry"
+    shared = private.resolve()
+    private.unlink()
+    shutil.copytree(shared, private)
+    _run(root)
+    train_demo_models(private, seed=8, days=20, now=datetime.now(timezone.utc))  # a new version of each model
+    _run(root)
+    key = "client_id, strategy_id, symbol, timeframe, bar_time, mode"
+    per_bar = _table(root, f"SELECT {key}, count(*) n FROM (SELECT {key} FROM signals UNION ALL "
+                           f"SELECT {key} FROM rejections) GROUP BY ALL")
+    assert per_bar["n"].max() == 1  # before the fix: the old and the new decision of every bar
+    assert _table(root, "SELECT count(*) FROM superseded_signals").item() > 0
+    for client in ("ikenna", "christian"):
+        csv_ids = {line.split(",")[-2] for p, data in _files(root, f"out/historical/quantconnect/{client}").items()
+                   for line in data.decode().splitlines()[1:]}
+        strategies = [p.name for p in (root / f"var/local-dev/out/historical/quantconnect/{client}").iterdir()]
+        stored = set(_table(root, f"SELECT CAST(signal_id AS VARCHAR) s FROM signals WHERE client_id = '{client}' "
+                                  f"AND strategy_id IN ({', '.join(repr(s) for s in strategies)})")["s"])
+        assert csv_ids == stored
+
+
+def test_a_killed_run_is_marked_abandoned_by_the_next_start(root):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    child = subprocess.Popen([sys.executable, "-c", KILLED_RUN, str(root)], env=env, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        wal = root / "var/local-dev/signalgen.duckdb.wal"
+        while not wal.exists() and time.monotonic() < deadline and child.poll() is None:
+            time.sleep(0.05)
+        assert wal.exists(), child.stderr.read().decode()[-2000:] if child.poll() is not None else "no WAL yet"
+        time.sleep(0.5)
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=30)
+    assert child.returncode == -signal.SIGKILL
+    cfg = load_config("local-dev", "historical", root=root, overrides=Overrides(start=START, end=START + DAY))
+    open_store(cfg).close()
+    runs = _table(root, "SELECT status, finished_at FROM runs")
+    assert runs.height == 1 and runs["status"].to_list() == ["abandoned"]
+    assert runs["finished_at"].is_not_null().all()
+
+
+KILLED_RUN = """
+import sys
+from datetime import datetime, timezone
+from signalgen.config.loader import Overrides, load_config
+from signalgen.modes import run_mode
+cfg = load_config("local-dev", "historical", root=sys.argv[1],
+                  overrides=Overrides(start=datetime(2025, 1, 1, tzinfo=timezone.utc),
+                                      end=datetime(2025, 12, 31, tzinfo=timezone.utc)))
+run_mode(cfg)
+"""
+
+
+def _fails_cleanly(root, before: dict[str, pl.DataFrame], *needles: str, recorded: bool = True) -> None:
+    """The next run raises one StorageError line naming the path and reason; the store keeps its rows."""
+    with pytest.raises(StorageError) as caught:
+        _run(root, days=2)
+    message = str(caught.value)
+    assert "\n" not in message and all(n in message for n in needles), message
+    assert _mode_rows(root, "historical")["signals"].height >= before["signals"].height
+    # every earlier decision still there (the failed run may have rewritten it: same id and values)
+    what = ["signal_id", "bar_time", "direction", "confidence", "weight"]
+    old = _mode_rows(root, "historical")["signals"].join(before["signals"], on=what, how="semi")
+    assert old.height == before["signals"].height
+    statuses = _table(root, "SELECT status FROM runs ORDER BY started_at")["status"].to_list()
+    assert statuses == (["ok", "failed"] if recorded else ["ok"])
+
+
+def test_read_only_stream_folder(root):
+    _run(root)
+    before = _mode_rows(root, "historical")
+    with read_only(root / "var/local-dev/stream"):
+        _fails_cleanly(root, before, "var/local-dev/stream/historical/", "Read-only file system")
+
+
+def test_read_only_csv_folder(root):
+    _run(root)
+    before = _mode_rows(root, "historical")
+    with read_only(root / "var/local-dev/out"):
+        _fails_cleanly(root, before, "var/local-dev/out/historical/quantconnect/", "Read-only file system")
+
+
+def test_read_only_var_folder(root):
+    _run(root)
+    before = _mode_rows(root, "historical")
+    with read_only(root / "var"):  # the store cannot even open: nothing can record the run
+        _fails_cleanly(root, before, "var/local-dev/signalgen.duckdb", "Read-only file system", recorded=False)
+
+
+def test_full_disk(root):
+    with small_disk(root / "var/local-dev", 4096):
+        _run(root)
+        before = _mode_rows(root, "historical")
+        filler = fill(root / "var/local-dev", leave_bytes=16 << 10)
+        try:
+            _fails_cleanly(root, before, "var/local-dev/", "No space left on device")
+        finally:
+            filler.unlink()
+        _run(root)  # space again: the same store takes the next run

@@ -8,13 +8,13 @@ import pytest
 from polars.testing import assert_frame_equal
 
 from signalgen.outputs.base import Output
-from signalgen.outputs.local import LocalStreamOutput, read_stream
+from signalgen.outputs.local import LocalStreamOutput, content_digests, read_stream
 from tests.unit.outputs.factories import signal_frame
 
 
 @pytest.fixture
 def out(tmp_path):
-    o = LocalStreamOutput(tmp_path / "stream", "ikenna")
+    o = LocalStreamOutput(tmp_path / "stream", "ikenna", "historical")
     o.open()
     yield o
     o.close()
@@ -28,7 +28,7 @@ def test_round_trip(out):
     df = signal_frame(25)
     out.write(df)
     out.flush()
-    assert out.file.name == "ikenna.jsonl"
+    assert out.file.relative_to(out.file.parents[1]).as_posix() == "historical/ikenna.jsonl"
     assert_frame_equal(read_stream(out.file), df)
 
 
@@ -47,20 +47,46 @@ def test_one_json_object_per_line_with_iso_utc_times(out):
     assert first["magnitude"] is None  # optional field, present as null
 
 
-def test_appends_across_opens_and_consumers_dedupe(tmp_path):
+def test_replays_append_only_new_or_changed_signals(tmp_path):
     df = signal_frame(6)
-    for _ in range(2):  # a replay after a restart delivers the same signals again
-        o = LocalStreamOutput(tmp_path, "ikenna")
+    file = tmp_path / "historical" / "ikenna.jsonl"
+    for run in range(4):  # re-runs deliver the same decisions with another run id, latency, time
+        o = LocalStreamOutput(tmp_path, "ikenna", "historical")
         o.open()
-        o.write(df)
+        o.write(df.with_columns(run_id=pl.lit(f"run-{run}"), latency_us=pl.lit(run, pl.Int64),
+                                generated_at=pl.col("generated_at") + pl.duration(seconds=run)))
         o.close()
-    assert read_stream(tmp_path / "ikenna.jsonl", dedupe=False).height == 12
-    assert_frame_equal(read_stream(tmp_path / "ikenna.jsonl"), df)
+        if run == 0:
+            first = file.read_bytes()
+    assert file.read_bytes() == first  # saw 24 lines before the fix
+    o = LocalStreamOutput(tmp_path, "ikenna", "historical")
+    o.open()
+    o.write(df.head(2).with_columns(confidence=pl.lit(0.99)))  # a changed decision is news
+    o.write(signal_frame(1, symbols=("TSLA",)))               # and so is a new one
+    o.close()
+    assert read_stream(file, dedupe=False).height == 9
+    assert read_stream(file).filter(pl.col("confidence") == 0.99).height == 2
+
+
+def test_stream_digests_survive_the_json_round_trip(tmp_path):
+    df = signal_frame(2_000, seed=11)  # random floats: the file's text must digest like memory
+    o = LocalStreamOutput(tmp_path, "ikenna", "historical")
+    o.open()
+    o.write(df)
+    o.close()
+    assert content_digests(read_stream(o.file, dedupe=False)) == content_digests(df)
+
+
+def test_rows_of_another_mode_are_refused(out):
+    with pytest.raises(ValueError, match="mock"):
+        out.write(signal_frame(2, mode="mock"))
+    out.flush()
+    assert out.file.read_bytes() == b""
 
 
 def test_partial_last_line_is_skipped_and_repaired(tmp_path):
-    file = tmp_path / "ikenna.jsonl"
-    o = LocalStreamOutput(tmp_path, "ikenna")
+    file = tmp_path / "historical" / "ikenna.jsonl"
+    o = LocalStreamOutput(tmp_path, "ikenna", "historical")
     o.open()
     o.write(signal_frame(3))
     o.close()
@@ -82,7 +108,7 @@ def test_other_clients_rows_are_refused(out):
 
 
 def test_flush_needs_open(tmp_path):
-    o = LocalStreamOutput(tmp_path, "ikenna")
+    o = LocalStreamOutput(tmp_path, "ikenna", "historical")
     o.write(signal_frame(1))
     with pytest.raises(RuntimeError, match="open"):
         o.flush()

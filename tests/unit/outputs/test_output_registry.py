@@ -13,8 +13,8 @@ from tests.unit.outputs.factories import signal_frame
 
 def test_every_alias_names_an_output(tmp_path):
     made = {
-        "quantconnect": output_class("quantconnect")(tmp_path, "ikenna"),
-        "local": output_class("local")(tmp_path, "ikenna"),
+        "quantconnect": output_class("quantconnect")(tmp_path, "ikenna", "historical"),
+        "local": output_class("local")(tmp_path, "ikenna", "historical"),
         "memory": output_class("memory")("ikenna"),
     }
     assert set(made) == set(OUTPUTS)

@@ -7,16 +7,17 @@ from datetime import UTC, datetime, timedelta
 import polars as pl
 import pytest
 
+from signalgen.errors import StorageError
 from signalgen.outputs.base import Output
 from signalgen.outputs.quantconnect import CSV_COLUMNS, QuantConnectCsvOutput
 from tests.unit.outputs.factories import START, signal_frame
 
-HEADER = "time,symbol,direction,confidence,magnitude,weight,period,signal_id"
+HEADER = "time,symbol,direction,confidence,magnitude,weight,period,signal_id,mode"
 
 
 @pytest.fixture
 def out(tmp_path):
-    o = QuantConnectCsvOutput(tmp_path, "ikenna")
+    o = QuantConnectCsvOutput(tmp_path, "ikenna", "historical")
     o.open()
     return o
 
@@ -47,9 +48,9 @@ def test_header_and_number_formats(out):
     out.flush()
     assert _lines(out.path_for("swing_high_v1", "20240304")) == [
         HEADER,
-        "2024-03-04 15:00:00,AAPL,1,0.500000,-0.00012346,0.123457,12,a",
-        "2024-03-04 15:00:00,MSFT,-1,1.000000,,0.000000,3,b",
-        "2024-03-04 15:00:00,SPY,0,1.000000,0.02000000,0.250000,1,c",
+        "2024-03-04 15:00:00,AAPL,1,0.500000,-0.00012346,0.123457,12,a,historical",
+        "2024-03-04 15:00:00,MSFT,-1,1.000000,,0.000000,3,b,historical",
+        "2024-03-04 15:00:00,SPY,0,1.000000,0.02000000,0.250000,1,c,historical",
     ]
     assert ",".join(CSV_COLUMNS) == HEADER
 
@@ -65,8 +66,8 @@ def test_time_is_availability_rounded_up_to_the_second(out):
     day1 = _lines(out.path_for("swing_high_v1", "20240304"))
     day2 = _lines(out.path_for("swing_high_v1", "20240305"))
     assert [line.split(",")[0] for line in day1[1:]] == ["2024-03-04 23:59:58", "2024-03-04 23:59:59"]
-    assert [line.split(",")[-1] for line in day1[1:]] == ["exact", "micro"]
-    assert day2[1].startswith("2024-03-05 00:00:00,") and day2[1].endswith(",late")
+    assert [line.split(",")[-2] for line in day1[1:]] == ["exact", "micro"]
+    assert day2[1].startswith("2024-03-05 00:00:00,") and day2[1].endswith(",late,historical")
 
 
 def test_rows_sorted_by_time_symbol_id_and_split_by_strategy_and_day(out, tmp_path):
@@ -76,7 +77,7 @@ def test_rows_sorted_by_time_symbol_id_and_split_by_strategy_and_day(out, tmp_pa
     ])
     out.write(df.reverse())
     out.flush()
-    root = tmp_path / "quantconnect" / "ikenna"
+    root = tmp_path / "historical" / "quantconnect" / "ikenna"
     written = {p.relative_to(root).as_posix() for p in root.rglob("*.csv")}
     expected = df.select("strategy_id", pl.col("generated_at").dt.strftime("%Y%m%d").alias("day")).unique()
     assert written == {f"{s}/{d}.csv" for s, d in expected.iter_rows()}
@@ -124,7 +125,7 @@ def test_flush_replaces_the_file_atomically(out):
     # A write that cannot finish leaves the old file whole.
     (path.parent / f".{path.name}.{os.getpid()}.tmp").mkdir()
     out.write(signal_frame(4, seed=9))
-    with pytest.raises(IsADirectoryError):
+    with pytest.raises(StorageError, match=r"cannot write .*\.tmp: Is a directory"):
         out.flush()
     assert path.read_text() == second
 
@@ -150,7 +151,7 @@ def test_refuses_to_merge_into_a_foreign_file(out):
 
 
 def test_close_flushes(tmp_path):
-    o = QuantConnectCsvOutput(tmp_path, "ikenna")
+    o = QuantConnectCsvOutput(tmp_path, "ikenna", "historical")
     o.open()
     o.write(signal_frame(3))
     o.close()
@@ -164,14 +165,14 @@ def test_half_a_million_signals_over_a_year_in_seconds(out, tmp_path):
     started = time.perf_counter()
     out.flush()
     elapsed = time.perf_counter() - started
-    files = list((tmp_path / "quantconnect" / "ikenna" / "swing_high_v1").glob("*.csv"))
+    files = list((tmp_path / "historical" / "quantconnect" / "ikenna" / "swing_high_v1").glob("*.csv"))
     assert len(files) == df["generated_at"].dt.date().n_unique() > 300
     assert sum(len(_lines(f)) - 1 for f in files) == 500_000
     assert elapsed < 15, f"flush of 500k signals took {elapsed:.1f}s"  # ~1 s measured on 2 cores
 
 
 def test_owned_range_replaces_rows_inside_and_keeps_rows_outside(tmp_path):
-    out = QuantConnectCsvOutput(tmp_path, "ikenna")
+    out = QuantConnectCsvOutput(tmp_path, "ikenna", "historical")
     out.open()
     first = signal_frame(6, step=timedelta(hours=1))  # 2024-01-02 14:30 .. 16:30, two symbols
     out.write(first)
@@ -181,4 +182,35 @@ def test_owned_range_replaces_rows_inside_and_keeps_rows_outside(tmp_path):
     out.flush()  # nothing new inside the owned interval: its rows go, the rest stays
     rows = _lines(out.path_for("swing_high_v1", "20240102"))
     assert rows[0] == ",".join(CSV_COLUMNS)
-    assert {line.split(",")[-1] for line in rows[1:]} == set(keep["signal_id"]) and keep.height == 4
+    assert {line.split(",")[-2] for line in rows[1:]} == set(keep["signal_id"]) and keep.height == 4
+
+
+def test_layout_is_per_mode_with_a_mode_column(tmp_path):
+    for mode in ("historical", "mock"):
+        o = QuantConnectCsvOutput(tmp_path, "ikenna", mode)
+        o.open()
+        o.write(signal_frame(4, mode=mode))
+        o.close()
+    hist = tmp_path / "historical/quantconnect/ikenna/swing_high_v1/20240102.csv"
+    mock = tmp_path / "mock/quantconnect/ikenna/swing_high_v1/20240102.csv"
+    assert {p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.csv")} == {
+        hist.relative_to(tmp_path).as_posix(), mock.relative_to(tmp_path).as_posix()}
+    assert {line.rsplit(",", 1)[1] for line in _lines(hist)[1:]} == {"historical"}
+    assert {line.rsplit(",", 1)[1] for line in _lines(mock)[1:]} == {"mock"}
+    o = QuantConnectCsvOutput(tmp_path, "ikenna", "historical")
+    with pytest.raises(ValueError, match="mock"):  # a mock row reaching historical files is a routing bug
+        o.write(signal_frame(1, mode="mock"))
+
+
+def test_open_removes_temporary_files_a_killed_run_left(tmp_path):
+    out = QuantConnectCsvOutput(tmp_path, "ikenna", "historical")
+    out.open()
+    out.write(signal_frame(4))
+    out.flush()
+    day = out.path_for("swing_high_v1", "20240102")
+    stale = day.with_name(f".{day.name}.999999.tmp")  # what a SIGKILL between write and rename leaves
+    stale.write_text("half a file")
+    other = day.with_name("notes.tmp")  # not ours: kept
+    other.write_text("x")
+    QuantConnectCsvOutput(tmp_path, "ikenna", "historical").open()
+    assert not stale.exists() and other.exists() and day.exists()

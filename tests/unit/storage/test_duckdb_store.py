@@ -13,8 +13,8 @@ from polars.testing import assert_frame_equal
 from signalgen.data.schema import BAR_REJECTION_SCHEMA
 from signalgen.errors import TransientError
 from signalgen.signals.types import SIGNAL_SCHEMA
-from signalgen.storage.duckdb import FINISH_FIELDS, DuckDBStore, RunRecord
-from tests.unit.outputs.factories import rejection_frame, signal_frame
+from signalgen.storage.duckdb import FINISH_FIELDS, RUN_COLUMNS, DuckDBStore, RunRecord
+from tests.unit.outputs.factories import START, rejection_frame, signal_frame
 from tests.unit.storage.store_fixtures import try_open_store
 
 
@@ -43,7 +43,7 @@ def test_open_creates_parent_folders_and_is_idempotent(tmp_path):
     with DuckDBStore(path) as s:  # schema creation again: no error, data kept
         assert s.count("signals") == 4
         assert set(s.query("SELECT table_name FROM information_schema.tables")["table_name"]) == {
-            "signals", "rejections", "bar_rejections", "runs"}
+            "signals", "rejections", "bar_rejections", "runs", "superseded_signals", "superseded_rejections"}
 
 
 def test_signals_round_trip_keeps_types(store):
@@ -97,16 +97,25 @@ def test_rejections_upsert_and_keep_reason_lists(store):
     assert two == df.filter(pl.col("reasons").list.len() == 2).height > 0
 
 
-def test_bar_rejections_upsert_by_symbol_timeframe_time_reason(store):
-    store.write_bar_rejections(_bar_rejections(6, run_id=None), run_id="run-1")
-    store.write_bar_rejections(_bar_rejections(6, run_id="run-2"))
+def test_bar_rejections_upsert_by_symbol_timeframe_time_reason_mode(store):
+    store.write_bar_rejections(_bar_rejections(6, run_id=None), run_id="run-1", mode="historical")
+    store.write_bar_rejections(_bar_rejections(6, run_id="run-2"), mode="historical")
     assert store.count("bar_rejections") == 6
     assert store.count("bar_rejections", run_id="run-2") == 6
     other_reason = _bar_rejections(1).with_columns(reason=pl.lit("high_below_low"))
-    store.write_bar_rejections(other_reason)  # same bar, another reason: a new row
+    store.write_bar_rejections(other_reason, mode="historical")  # same bar, another reason: a new row
     assert store.count("bar_rejections") == 7
     with pytest.raises(ValueError, match="run_id"):
-        store.write_bar_rejections(_bar_rejections(1, run_id=None))
+        store.write_bar_rejections(_bar_rejections(1, run_id=None), mode="historical")
+    with pytest.raises(ValueError, match="mode"):
+        store.write_bar_rejections(_bar_rejections(1))
+
+
+def test_a_mock_run_leaves_historical_bar_rejections_alone(store):
+    store.write_bar_rejections(_bar_rejections(6, run_id="hist"), mode="historical")
+    store.write_bar_rejections(_bar_rejections(6, run_id="mock"), mode="mock")
+    assert store.count("bar_rejections", mode="historical", run_id="hist") == 6
+    assert store.count("bar_rejections", mode="mock", run_id="mock") == 6
 
 
 def test_frames_off_schema_are_refused(store):
@@ -185,3 +194,71 @@ def test_second_process_gets_transient_error_naming_the_lock(tmp_path):
     child.start()
     assert results.get(timeout=60) == ("ok", "3")
     child.join(timeout=30)
+
+
+def test_a_mock_write_leaves_historical_rows_alone(store):
+    # same worker, same bars and models: the same ids in both modes
+    hist_s, hist_r = signal_frame(20), rejection_frame(20, start=START + timedelta(days=1))
+    store.write_decisions(hist_s, hist_r)
+    store.write_decisions(signal_frame(20, mode="mock", run_id="mock-1"),
+                          rejection_frame(20, start=START + timedelta(days=1), mode="mock", run_id="mock-1"))
+    # before the fix the mock write deleted the 40 historical rows (upsert by id alone)
+    assert_frame_equal(store.query("SELECT * FROM signals WHERE mode = 'historical' ORDER BY signal_id"),
+                       hist_s.sort("signal_id"))
+    assert_frame_equal(store.query("SELECT * FROM rejections WHERE mode = 'historical' ORDER BY rejection_id"),
+                       hist_r.sort("rejection_id"))
+    assert store.count("signals", mode="mock") == store.count("rejections", mode="mock") == 20
+
+
+def _new_version(df: pl.DataFrame, id_col: str, run_id: str) -> pl.DataFrame:
+    """The same bars decided by another model version: other ids, same natural keys."""
+    other = signal_frame(df.height, symbols=("ZZZ",), start=START + timedelta(days=400))[id_col] \
+        if id_col == "signal_id" else rejection_frame(df.height, symbols=("ZZZ",),
+                                                      start=START + timedelta(days=400))[id_col]
+    return df.with_columns(other.alias(id_col), run_id=pl.lit(run_id))
+
+
+def test_a_new_model_version_supersedes_the_old_decision_of_each_bar(store):
+    v1_s, v1_r = signal_frame(10), rejection_frame(10, start=START + timedelta(hours=1))
+    store.write_decisions(v1_s, v1_r)
+    # v2 turns the first half of v1's signals into rejections and keeps the rest as signals
+    v2_s = _new_version(v1_s.tail(5), "signal_id", "run-2")
+    moved = _new_version(rejection_frame(10).head(5), "rejection_id", "run-2")
+    v2_r = pl.concat([moved, _new_version(v1_r, "rejection_id", "run-2")])
+    for _ in range(2):  # a replay of v2 changes nothing
+        store.write_decisions(v2_s, v2_r)
+        current = store.query(
+            "SELECT client_id, strategy_id, symbol, timeframe, bar_time, mode FROM signals UNION ALL "
+            "SELECT client_id, strategy_id, symbol, timeframe, bar_time, mode FROM rejections")
+        assert current.height == 20 and not current.is_duplicated().any()  # one decision per bar
+        assert set(store.query("SELECT signal_id FROM signals")["signal_id"]) == set(v2_s["signal_id"])
+        assert store.count("superseded_signals") == 10 and store.count("superseded_rejections") == 10
+    audit = store.query("SELECT * FROM superseded_signals ORDER BY signal_id")
+    assert_frame_equal(audit.drop("superseded_by", "superseded_by_run"), v1_s.sort("signal_id"))
+    assert set(audit["superseded_by_run"]) == {"run-2"}
+    assert set(audit["superseded_by"]) <= set(v2_s["signal_id"]) | set(moved["rejection_id"])
+
+
+def test_abandon_stale_runs_marks_runs_without_a_status(store):
+    t0 = datetime(2024, 1, 1, tzinfo=UTC)
+    for run_id in ("killed-1", "killed-2", "done"):
+        store.start_run(RunRecord(run_id=run_id, config_hash="h", mode="historical", environment="local-dev",
+                                  start=t0, end=t0, started_at=t0, clients=["ikenna"]))
+    store.finish_run("done", status="ok", finished_at=t0)
+    now = datetime(2025, 1, 1, tzinfo=UTC)
+    assert store.abandon_stale_runs(now) == ["killed-1", "killed-2"]
+    assert store.count("runs", status="abandoned", finished_at=now) == 2
+    assert store.count("runs", status="ok") == 1
+    assert store.abandon_stale_runs(now) == []
+
+
+def test_a_store_from_before_modes_gets_bar_rejection_modes_from_its_runs(tmp_path):
+    path = tmp_path / "old.duckdb"
+    with duckdb.connect(str(path)) as con:  # bar_rejections as it was, and the run that wrote it
+        con.execute("CREATE TABLE bar_rejections (symbol VARCHAR, timeframe VARCHAR, "
+                    "bar_time TIMESTAMPTZ, reason VARCHAR, detail VARCHAR, run_id VARCHAR)")
+        con.execute("INSERT INTO bar_rejections VALUES ('AAPL', '5m', '2024-03-01 00:00:00+00', 'gap', '', 'r1')")
+        con.execute(f"CREATE TABLE runs ({', '.join(f'{c!r} {t}'.replace(chr(39), chr(34)) for c, t in RUN_COLUMNS.items())})")
+        con.execute("INSERT INTO runs (run_id, mode, status) VALUES ('r1', 'mock', 'ok')")
+    with DuckDBStore(path) as s:
+        assert s.count("bar_rejections", mode="mock", run_id="r1") == 1
