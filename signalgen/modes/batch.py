@@ -148,7 +148,7 @@ class BatchRunner:
         if not bars:
             problem = f"{spec.id}: no bars in ({cfg.start:%Y-%m-%d %H:%M}, {cfg.end:%Y-%m-%d %H:%M}]"
             report.problems.append(problem)
-            log.warning("no bars in range", extra=fields)
+            log.warning("%s", problem, extra=fields)
         return True
 
 

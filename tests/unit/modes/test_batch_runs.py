@@ -177,3 +177,24 @@ def test_a_failing_output_leaves_the_run_recorded_as_failed(root):
         run_mode(cfg)
     [(status,)] = table(root, "select status from runs").rows()
     assert status == "failed"
+
+
+def test_when_even_recording_the_failure_fails_the_first_error_is_raised(root, monkeypatch):
+    """A store that cannot record `failed` (e.g. its disk is full) must not hide why the run failed."""
+    from signalgen.storage.duckdb import DuckDBStore
+
+    record = DuckDBStore.finish_run
+
+    def finish_run(self, run_id, **values):
+        if values.get("status") == "failed":
+            raise OSError("no space left on device")
+        return record(self, run_id, **values)
+
+    monkeypatch.setattr(DuckDBStore, "finish_run", finish_run)
+    (root / "var/local-dev").mkdir(parents=True)
+    (root / "var/local-dev/out").write_text("a file where the output folder should be")
+    cfg = load_config("local-dev", "historical", root=root, clients=["ikenna"],
+                      overrides=Overrides(start=EARLY, end=EARLY + timedelta(hours=6)))
+    with pytest.raises(Exception) as raised:
+        run_mode(cfg)
+    assert str(root / "var/local-dev/out") in str(raised.value) and "no space" not in str(raised.value)
