@@ -40,12 +40,20 @@ class RunReport:
     problems: list[str] = field(default_factory=list)  # model health problems and warnings, once each
     failures: dict[str, str] = field(default_factory=dict)  # worker id -> why it failed (one line)
     status: str = "ok"  # ok | failed (a worker failed) | stopped (SIGINT / SIGTERM)
+    completed: set[str] = field(default_factory=set)  # ids of the workers that finished their range
 
     def stat(self, spec: WorkerSpec) -> StrategyStats:
         key = (spec.client.id, spec.strategy.id)
         if key not in self.stats:
             self.stats[key] = StrategyStats(*key)
         return self.stats[key]
+
+    def finished(self, specs: list[WorkerSpec]) -> list[tuple[str, str]]:
+        """(client, strategy) pairs all of whose workers in `specs` finished their range."""
+        pairs = {(s.client.id, s.strategy.id): True for s in specs}
+        for s in specs:
+            pairs[(s.client.id, s.strategy.id)] &= s.id in self.completed
+        return [pair for pair, done in pairs.items() if done]
 
     @property
     def totals(self) -> dict[str, int]:

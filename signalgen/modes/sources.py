@@ -13,26 +13,54 @@ from typing import TypeVar
 
 import polars as pl
 
-from signalgen.config.models import RunConfig
+from signalgen.config.models import RunConfig, timeframe_delta
+from signalgen.data.schema import BAR_SCHEMA
 from signalgen.errors import ConfigError
 
 T = TypeVar("T")
 
 
-def bar_chunks(cfg: RunConfig, symbol: str, timeframe: str, start: datetime, end: datetime,
-               chunk_bars: int) -> Iterator[pl.DataFrame]:
-    """Chunks of raw (not yet validated) bars of one symbol with start < bar_time <= end."""
+def bar_chunks(cfg: RunConfig, symbol: str, timeframe: str, chunk_bars: int, *,
+               history: int) -> Iterator[pl.DataFrame]:
+    """Raw (not yet validated) bars of one symbol: first ONE frame of history, then chunks of the
+    run's range (cfg.start, cfg.end].
+
+    The history frame holds bars at or before cfg.start, enough that its last `history` valid bars
+    exist however far back they lie (files: every earlier bar; the caller validates and keeps the
+    tail). History is counted in bars, not time: a run starting right after a data gap still gets
+    the context a run from an earlier start has.
+    """
     if cfg.data_source == "synthetic":
         from signalgen.data.synthetic import iter_synthetic_chunks
 
-        return iter_synthetic_chunks(symbol, timeframe, start, end, cfg.seed, chunk_bars)
-    if cfg.data_source == "files":
+        # one seamless series from its origin (it has no gaps: `history` bars are exactly that far back)
+        origin = cfg.start - history * timeframe_delta(timeframe)
+        yield from _cut_at(iter_synthetic_chunks(symbol, timeframe, origin, cfg.end, cfg.seed, chunk_bars),
+                           cfg.start)
+    elif cfg.data_source == "files":
         from signalgen.data.files import FilesSource
 
-        return FilesSource(Path(cfg.root) / cfg.environment.paths.data_dir).iter_chunks(
-            symbol, timeframe, start, end, chunk_bars)
-    raise ConfigError(f"data source {cfg.data_source!r} cannot feed mode {cfg.mode.name!r}; "
-                      "use synthetic or files", file=cfg.files.get("mode"), field="data_source")
+        files = FilesSource(Path(cfg.root) / cfg.environment.paths.data_dir)
+        yield files.load(symbol, timeframe, None, cfg.start)
+        yield from files.iter_chunks(symbol, timeframe, cfg.start, cfg.end, chunk_bars)
+    else:
+        raise ConfigError(f"data source {cfg.data_source!r} cannot feed mode {cfg.mode.name!r}; "
+                          "use synthetic or files", file=cfg.files.get("mode"), field="data_source")
+
+
+def _cut_at(chunks: Iterator[pl.DataFrame], start: datetime) -> Iterator[pl.DataFrame]:
+    """Ascending chunks re-cut so that the first frame holds exactly the rows at or before `start`."""
+    head: list[pl.DataFrame] = []
+    for chunk in chunks:
+        before = int(chunk["bar_time"].search_sorted(start, side="right"))
+        head.append(chunk.slice(0, before))
+        if before < chunk.height:
+            yield pl.concat(head)
+            yield chunk.slice(before)
+            break
+    else:
+        yield pl.concat(head) if head else pl.DataFrame(schema=BAR_SCHEMA)
+    yield from chunks
 
 
 def background_priority(increment: int = 10) -> None:

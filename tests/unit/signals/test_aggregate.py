@@ -1,6 +1,7 @@
 """Properties of aggregation: bounds, up/down symmetry, monotonic in confidence, abstention."""
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -76,7 +77,7 @@ def test_rules_on_a_known_case():
     d, w, t = np.array([1.0, 1.0, -1.0]), np.ones(3), np.full(3, 0.6)
     weighted = aggregate(p, d, w, t, Aggregation.WEIGHTED)
     assert weighted.direction[0] == 1  # (0.8 + 0.7 - 0.9) / 3 = 0.2 > 0
-    np.testing.assert_allclose(weighted.strength, [(0.8 + 0.7) / 3])
+    np.testing.assert_allclose(weighted.strength, [(0.8 + 0.7 - 0.9) / 3])  # the opposite vote subtracts
     np.testing.assert_allclose(weighted.confidence, [0.75])
     assert aggregate(p, d, w, t, Aggregation.MAJORITY).direction[0] == 1  # 2/3 of the voting weight
     assert aggregate(p, d, w, t, Aggregation.UNANIMOUS).direction[0] == 0
@@ -101,3 +102,45 @@ def test_a_tie_is_not_a_majority():
 def test_nan_output_abstains():
     v = votes(np.array([[np.nan, 0.9]]), np.array([1.0, 1.0]), np.array([0.5, 0.5]))
     assert v.tolist() == [[0, 1]]
+
+
+def test_weighted_strength_is_the_absolute_score():
+    # an up model at 0.4622 (weight 2) against a down model at 0.4655 (weight 1), both past 0.45
+    p = np.array([[0.4622, 0.4655]])
+    a = aggregate(p, np.array([1.0, -1.0]), np.array([2.0, 1.0]), np.full(2, 0.45), Aggregation.WEIGHTED)
+    assert a.direction[0] == 1
+    assert a.strength[0] == pytest.approx((2 * 0.4622 - 0.4655) / 3, abs=1e-15)  # 0.15297, not 0.308
+    assert round(a.strength[0], 3) == 0.153
+    assert a.confidence[0] == pytest.approx(0.4622)  # the agreeing model's output
+
+
+@settings(max_examples=400, deadline=None)
+@given(ensembles(min_models=2), RULES, st.data())
+def test_an_opposing_vote_never_raises_strength(ens, rule, data):
+    """A model against the signal that starts to vote (or votes more) weakens it or leaves it."""
+    p, d, w, t = ens
+    a = aggregate(p, d, w, t, rule)
+    row = data.draw(st.integers(0, p.shape[0] - 1))
+    if a.direction[row] == 0:
+        return
+    opposing = np.flatnonzero(d == -a.direction[row])
+    if opposing.size == 0:
+        return
+    j = data.draw(st.sampled_from(list(opposing)))
+    q = p.copy()
+    q[row, j] = data.draw(st.floats(max(p[row, j], t[j]), 1.0))  # now votes against, at least as much
+    b = aggregate(q, d, w, t, rule)
+    if b.direction[row] == a.direction[row]:
+        assert b.strength[row] <= a.strength[row] + 1e-12
+        if rule is Aggregation.WEIGHTED and p[row, j] < t[j]:  # a new opposing vote subtracts
+            assert b.strength[row] < a.strength[row]
+
+
+@settings(max_examples=300, deadline=None)
+@given(ensembles(), RULES)
+def test_strength_at_most_the_agreeing_weight(ens, rule):
+    """Votes against the direction can only take strength away from what the agreeing models give."""
+    p, d, w, t = ens
+    a = aggregate(p, d, w, t, rule)
+    agreeing = (w[None, :] * np.where(a.agree, p, 0.0)).sum(axis=1) / w.sum()
+    assert (a.strength <= agreeing + 1e-12).all()
