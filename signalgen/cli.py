@@ -113,37 +113,30 @@ def _load(env: Environment, mode: Mode, root: Path, clients=None, strategies=Non
 
 @config_app.command("validate")
 def config_validate(env: EnvOpt = Environment.LOCAL_DEV, mode: ModeOpt = Mode.HISTORICAL,
-                    root: RootOpt = Path("."), client: ClientOpt = None,
-                    output: Annotated[str, typer.Option("--output", "-o", help="table or json.")] = "table") -> None:
+                    root: RootOpt = None, client: ClientOpt = None, output: OutputOpt = Output.TABLE) -> None:
     """Load and check every config layer and what `run` needs (models, data, outputs); list the workers.
 
     Exit 2 when `run` would refuse or degrade anything: every problem is listed, one line each.
     """
-    import json
-
     from signalgen.config.preflight import preflight
     from signalgen.errors import ConfigError
     from signalgen.process.specs import worker_specs
     from signalgen.report import workers_table
 
-    if output not in ("table", "json"):
-        raise typer.BadParameter("use table or json", param_hint="--output")
     try:
         cfg = _load(env, mode, root, clients=client)
     except ConfigError as exc:
-        if output == "json":
-            sys.stdout.write(json.dumps({"ok": False, "clients": [], "workers": [], "config_hash": None,
-                                         "problems": [str(exc)]}, indent=2) + "\n")
+        if output is Output.JSON:
+            _print_json({"ok": False, "clients": [], "workers": [], "config_hash": None, "problems": [str(exc)]})
         raise
     specs = worker_specs(cfg)
     problems = preflight(cfg)
-    if output == "json":
+    if output is Output.JSON:
         workers = [{"id": s.id, "client": s.client.id, "strategy": s.strategy.id, "symbol": s.symbol,
                     "timeframe": s.timeframe, "routing": s.routing.value,
                     "models": [m.model_id for m in s.strategy.models]} for s in specs]
-        sys.stdout.write(json.dumps({"ok": not problems, "clients": [c.id for c in cfg.clients],
-                                     "workers": workers, "config_hash": cfg.config_hash,
-                                     "problems": problems}, indent=2) + "\n")
+        _print_json({"ok": not problems, "clients": [c.id for c in cfg.clients], "workers": workers,
+                     "config_hash": cfg.config_hash, "problems": problems})
     else:
         console.print(workers_table(specs))
         for problem in problems:
@@ -232,14 +225,7 @@ def run(env: EnvOpt = Environment.LOCAL_DEV, mode: ModeOpt = Mode.HISTORICAL, ro
     from signalgen.report import report_dict, summary_table
 
     cfg = _load(env, mode, root, client, strategy, start, end, seed, backend, inference, data_source)
-    log.info("run starting", extra={"mode": cfg.mode.name.value, "environment": cfg.environment.name.value,
-                                    "client": ",".join(c.id for c in cfg.clients)})
     report = run_mode(cfg, progress=progress and console.is_terminal and output is Output.TABLE)
-    for worker, why in sorted(report.failures.items()):
-        log.error("worker failed: %s", why, extra={"run_id": report.run_id, "worker": worker})
-    for problem in report.problems:
-        log.warning("problem: %s", problem, extra={"run_id": report.run_id})
-    log.info("run finished", extra={"run_id": report.run_id, "status": report.status, **report.totals})
     if output is Output.JSON:
         _print_json(report_dict(report))
     else:

@@ -7,13 +7,13 @@ import signal
 import threading
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, closing, contextmanager
 from datetime import datetime, timezone
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from signalgen.config.models import Mode, RunConfig
-from signalgen.errors import RunStopped, SignalgenError
+from signalgen.errors import ConfigError, RunStopped
 from signalgen.modes.base import RunReport
 from signalgen.process.specs import worker_specs
 
@@ -72,48 +72,49 @@ def run_mode(cfg: RunConfig, *, progress: bool = False) -> RunReport:
     from signalgen.modes.recorder import Recorder, open_store
     from signalgen.storage.duckdb import RunRecord
 
-    if cfg.mode.name not in BATCH_MODES:
-        raise SignalgenError(f"mode {cfg.mode.name.value!r} is not available in this release; "
-                             f"use {' or '.join(m.value for m in BATCH_MODES)}")
+    from signalgen.config.preflight import run_refusals
+    from signalgen.storage.readserver import serve_reads
+
+    refused = run_refusals(cfg)  # the same checks `config validate` reports
+    if refused:
+        raise ConfigError("\n".join(refused))
     specs = worker_specs(cfg)
     started_at = datetime.now(timezone.utc)
     run_id = new_run_id(started_at)
-    store = open_store(cfg)
-    try:
+    report: RunReport | None = None
+    stop = threading.Event()
+    with ExitStack() as held:  # closed in reverse: the read server stops before the store closes
+        store = held.enter_context(closing(open_store(cfg)))
+        held.enter_context(serve_reads(store))  # `signals` / `runs` read through this process meanwhile
         store.start_run(RunRecord(run_id=run_id, config_hash=cfg.config_hash, mode=cfg.mode.name.value,
                                   environment=cfg.environment.name.value, start=cfg.start, end=cfg.end,
                                   started_at=started_at, clients=[c.id for c in cfg.clients]))
-    except BaseException:
-        store.close()
-        raise
-    log.info("run started: %s mode, %s environment, %d workers", cfg.mode.name.value,
-             cfg.environment.name.value, len(specs), extra={"run_id": run_id})
-    report: RunReport | None = None
-    stop = threading.Event()
-    try:
-        with stop_on_signals(stop) as received:
-            recorder = Recorder(cfg, store)
-            try:
-                with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                              TimeElapsedColumn(), TimeRemainingColumn(), disable=not progress) as bar:
-                    report = BatchRunner(cfg, recorder, run_id=run_id, started_at=started_at,
-                                         progress=bar if progress else None, stop=stop).run(specs)
-                for client_id, strategy_id in report.finished(specs):  # only finished ranges are owned
-                    recorder.own(client_id, strategy_id, cfg.start, cfg.end)
-            finally:
-                recorder.close()
-        _finish(store, run_id, report.status, report)
-    except BaseException as exc:
+        log.info("run started: %s mode, %s environment, %d workers", cfg.mode.name.value,
+                 cfg.environment.name.value, len(specs),
+                 extra={"run_id": run_id, "client": ",".join(c.id for c in cfg.clients)})
         try:
-            _finish(store, run_id, "failed", report)
-        except Exception as secondary:  # noqa: BLE001 - the original error is the one to report
-            log.error("run could not be recorded as failed: %s", secondary, extra={"run_id": run_id})
-        log.error("run failed: %s", exc, extra={"run_id": run_id})
-        raise
-    finally:
-        store.close()
+            with stop_on_signals(stop) as received:
+                recorder = Recorder(cfg, store)
+                try:
+                    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                  TimeElapsedColumn(), TimeRemainingColumn(), disable=not progress) as bar:
+                        report = BatchRunner(cfg, recorder, run_id=run_id, started_at=started_at,
+                                             progress=bar if progress else None, stop=stop).run(specs)
+                    for client_id, strategy_id in report.finished(specs):  # only finished ranges are owned
+                        recorder.own(client_id, strategy_id, cfg.start, cfg.end)
+                finally:
+                    recorder.close()
+            _finish(store, run_id, report.status, report)
+        except BaseException as exc:
+            try:
+                _finish(store, run_id, "failed", report)
+            except Exception as secondary:  # noqa: BLE001 - the original error is the one to report
+                log.error("run could not be recorded as failed: %s", secondary, extra={"run_id": run_id})
+            log.error("run failed: %s", exc, extra={"run_id": run_id})
+            raise
     log.info("run finished: %s, %d bars, %d signals, %d failed workers", report.status,
-             report.totals["bars"], report.totals["signals"], len(report.failures), extra={"run_id": run_id})
+             report.totals["bars"], report.totals["signals"], len(report.failures),
+             extra={"run_id": run_id, "status": report.status, **report.totals})
     if report.status == "stopped":
         signum = received[0] if received else signal.SIGTERM
         raise RunStopped(signum, f"stopped by {signal.Signals(signum).name}: {report.totals['bars']:,} bars "

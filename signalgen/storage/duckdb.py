@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, fields
@@ -65,7 +66,9 @@ DECISION_ID = {"signals": "signal_id", "rejections": "rejection_id"}
 TABLES: dict[str, tuple[pl.Schema, tuple[str, ...]]] = {
     "signals": (SIGNAL_SCHEMA, DECISION_KEY),
     "rejections": (REJECTION_SCHEMA, DECISION_KEY),
-    "bar_rejections": (BAR_REJECTION_STORE_SCHEMA, ("symbol", "timeframe", "bar_time", "reason", "mode")),
+    # detail is part of the key: a row whose time could not be read has a NULL bar_time, and its
+    # detail (the file line) is what tells it from another such row
+    "bar_rejections": (BAR_REJECTION_STORE_SCHEMA, ("symbol", "timeframe", "bar_time", "reason", "mode", "detail")),
 }
 # superseded_<table>: the table's columns plus who replaced the row
 AUDIT_COLUMNS = {"superseded_by": "UUID", "superseded_by_run": "VARCHAR"}
@@ -129,11 +132,13 @@ class DuckDBStore:
     """Signals, rejections, bar rejections and runs in one DuckDB file.
 
     DuckDB lets one process write a file: open it in the recorder only. A second writer gets
-    TransientError (the holder may be a run that is about to finish).
+    TransientError (the holder may be a run that is about to finish) after waiting `lock_wait_s`
+    for a reader that holds the file for one query (`signals`, `runs`) to let go.
     """
 
-    def __init__(self, path: Path | str) -> None:
+    def __init__(self, path: Path | str, lock_wait_s: float = 3.0) -> None:
         self.path = Path(path)
+        self.lock_wait_s = lock_wait_s
         self._con: duckdb.DuckDBPyConnection | None = None
 
     # ------------------------------------------------------------ lifecycle
@@ -142,17 +147,24 @@ class DuckDBStore:
         """Open (creating the file, its folder and the tables if needed)."""
         if self._con is not None:
             return
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            con = duckdb.connect(str(self.path))
-        except duckdb.IOException as exc:
-            if "lock" not in str(exc).lower():
-                raise storage_error(self.path, exc) from exc
-            pid = re.search(r"PID (\d+)", str(exc))
-            holder = f"pid {pid.group(1)}" if pid else "pid unknown"
-            raise TransientError(f"{self.path} is locked by another process ({holder})") from exc
-        except OSError as exc:
-            raise storage_error(self.path.parent, exc) from exc
+        deadline = time.monotonic() + self.lock_wait_s
+        while True:
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                con = duckdb.connect(str(self.path))
+                break
+            except duckdb.IOException as exc:
+                if "lock" not in str(exc).lower():
+                    raise storage_error(self.path, exc) from exc
+                # a `signals` / `runs` reader holds the file for one short query: wait it out
+                if time.monotonic() < deadline:
+                    time.sleep(0.05)
+                    continue
+                pid = re.search(r"PID (\d+)", str(exc))
+                holder = f"pid {pid.group(1)}" if pid else "pid unknown"
+                raise TransientError(f"{self.path} is locked by another process ({holder})") from exc
+            except OSError as exc:
+                raise storage_error(self.path.parent, exc) from exc
         try:
             self._setup(con)
         except BaseException as exc:
@@ -215,7 +227,7 @@ class DuckDBStore:
         return self.write_decisions(SIGNAL_SCHEMA.to_frame(), df)
 
     def write_bar_rejections(self, df: pl.DataFrame, run_id: str | None = None, mode: str | None = None) -> int:
-        """Upsert rejected bars (BAR_REJECTION_SCHEMA) by (symbol, timeframe, bar_time, reason, mode).
+        """Upsert rejected bars (BAR_REJECTION_SCHEMA) by (symbol, timeframe, bar_time, reason, mode, detail).
 
         `run_id` and `mode` fill those columns when the frame has none; a mode is required, so a
         run of one mode never replaces another mode's bar rejections.
@@ -289,9 +301,10 @@ class DuckDBStore:
         df = self._prepare(table, df)
         if df.is_empty():
             return 0
-        match = " AND ".join(f"t.{_q(k)} = b.{_q(k)}" for k in TABLES[table][1])
+        match = " AND ".join(f"t.{_q(k)} IS NOT DISTINCT FROM b.{_q(k)}" for k in TABLES[table][1])
+        times = "t.bar_time BETWEEN ? AND ?" + (" OR t.bar_time IS NULL" if df["bar_time"].has_nulls() else "")
         with self._registered(_batch=df), self._transaction():
-            self.con.execute(f"DELETE FROM {table} t USING _batch b WHERE t.bar_time BETWEEN ? AND ? AND {match}",
+            self.con.execute(f"DELETE FROM {table} t USING _batch b WHERE ({times}) AND {match}",
                              [df["bar_time"].min(), df["bar_time"].max()])
             self._insert(table, "_batch")
         return df.height

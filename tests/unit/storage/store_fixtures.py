@@ -15,3 +15,15 @@ def try_open_store(path: str, results: Queue) -> None:
             results.put(("ok", str(store.count("signals"))))
     except Exception as exc:  # noqa: BLE001 - the parent asserts on what arrived
         results.put((type(exc).__name__, str(exc)))
+
+
+def hold_read_only(path: str, seconds: float, ready: Queue) -> None:
+    """Hold the store read-only for `seconds`, as a `signals` reader does for one query."""
+    import time
+
+    import duckdb
+
+    con = duckdb.connect(path, read_only=True)
+    ready.put("held")
+    time.sleep(seconds)
+    con.close()

@@ -15,7 +15,7 @@ from signalgen.errors import TransientError
 from signalgen.signals.types import SIGNAL_SCHEMA
 from signalgen.storage.duckdb import FINISH_FIELDS, RUN_COLUMNS, DuckDBStore, RunRecord
 from tests.unit.outputs.factories import START, rejection_frame, signal_frame
-from tests.unit.storage.store_fixtures import try_open_store
+from tests.unit.storage.store_fixtures import hold_read_only, try_open_store
 
 
 @pytest.fixture
@@ -262,3 +262,39 @@ def test_a_store_from_before_modes_gets_bar_rejection_modes_from_its_runs(tmp_pa
         con.execute("INSERT INTO runs (run_id, mode, status) VALUES ('r1', 'mock', 'ok')")
     with DuckDBStore(path) as s:
         assert s.count("bar_rejections", mode="mock", run_id="r1") == 1
+
+
+def test_a_writer_waits_out_a_reader_holding_the_file_for_one_query(tmp_path):
+    # Without the wait, a run started while `signals list` held the file exited 75 (TransientError).
+    path = tmp_path / "read.duckdb"
+    with DuckDBStore(path) as s:
+        s.write_signals(signal_frame(3))
+    ctx = multiprocessing.get_context("spawn")
+    ready = ctx.Queue()
+    reader = ctx.Process(target=hold_read_only, args=(str(path), 0.5, ready))
+    reader.start()
+    assert ready.get(timeout=60) == "held"
+    with DuckDBStore(path, lock_wait_s=10) as s:  # gets in once the reader lets go
+        assert s.count("signals") == 3
+    reader.join(timeout=30)
+    with pytest.raises(TransientError, match="locked by another process"):
+        reader = ctx.Process(target=hold_read_only, args=(str(path), 3, ready))
+        reader.start()
+        assert ready.get(timeout=60) == "held"
+        try:
+            DuckDBStore(path, lock_wait_s=0.2).open()  # a holder that stays: the wait is bounded
+        finally:
+            reader.join(timeout=30)
+
+
+def test_bar_rejections_without_a_time_are_replaced_not_added_on_a_rerun(store):
+    # Rows whose time could not be read (NULL bar_time) were stored again by every run, and two of
+    # them with one reason in one batch collapsed into one.
+    rows = pl.DataFrame({"symbol": ["AAPL"] * 3, "timeframe": ["1d"] * 3,
+                         "bar_time": [None, None, datetime(2024, 1, 2, tzinfo=UTC)],
+                         "reason": ["non_finite"] * 3,
+                         "detail": ["line 3: bar_time is empty", "line 9: bar_time is empty", "close=nan"]},
+                        schema=BAR_REJECTION_SCHEMA)
+    for _ in range(3):
+        store.write_bar_rejections(rows, run_id="r", mode="historical")
+    assert store.count("bar_rejections") == 3
