@@ -62,6 +62,12 @@ def timeframe_delta(timeframe: str) -> timedelta:
     return timedelta(**{_UNIT[m.group(2)]: int(m.group(1))})
 
 
+def default_max_gap(timeframe: str) -> timedelta:
+    """One bar for intraday timeframes; for daily and longer, 4 days (weekend plus a holiday)."""
+    tf = timeframe_delta(timeframe)
+    return tf if tf < timedelta(days=1) else max(tf, timedelta(days=4))
+
+
 def _check_timeframe(value: str) -> str:
     timeframe_delta(value)
     return value

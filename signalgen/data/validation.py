@@ -27,7 +27,7 @@ from datetime import datetime, timedelta
 import numpy as np
 import polars as pl
 
-from signalgen.config.models import timeframe_delta
+from signalgen.config.models import default_max_gap  # also imported from here by older callers
 from signalgen.data.schema import (
     BAR_PROBLEM_SCHEMA, BAR_REJECTION_SCHEMA, BAR_SCHEMA, MAX_BAR_VALUE, BarReason,
 )
@@ -56,12 +56,6 @@ class ValidatedBars:
     def last_time(self) -> datetime | None:
         """bar_time of the last accepted bar, or None."""
         return self.bars["bar_time"][-1] if self.bars.height else None
-
-
-def default_max_gap(timeframe: str) -> timedelta:
-    """One bar for intraday timeframes; for daily and longer, 4 days (weekend plus a holiday)."""
-    tf = timeframe_delta(timeframe)
-    return tf if tf < timedelta(days=1) else max(tf, timedelta(days=4))
 
 
 def _text(*parts: str | pl.Expr) -> pl.Expr:

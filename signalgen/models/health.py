@@ -9,6 +9,7 @@ from datetime import datetime, timedelta
 import numpy as np
 
 from signalgen.models.registry import ModelCard
+from signalgen.signals.validate import bad_outputs  # noqa: F401  (re-exported: its old home)
 
 
 def check_card(card: ModelCard, *, now: datetime, max_age_days: int, feature_names: Sequence[str],
@@ -48,10 +49,3 @@ def check_card(card: ModelCard, *, now: datetime, max_age_days: int, feature_nam
     elif m.auc < 0.5:
         problems.append(f"{label}: validation AUC {m.auc:.3f} is worse than chance")
     return problems
-
-
-def bad_outputs(p: np.ndarray) -> np.ndarray:
-    """Boolean mask of outputs that are not finite probabilities in [0, 1]."""
-    p = np.asarray(p, dtype=np.float64)
-    with np.errstate(invalid="ignore"):
-        return ~np.isfinite(p) | (p < 0.0) | (p > 1.0)

@@ -14,8 +14,9 @@ from datetime import timedelta
 import numpy as np
 import polars as pl
 
-from signalgen.config.models import Aggregation, FiltersConfig, SizingConfig, timeframe_delta
-from signalgen.data.validation import default_max_gap
+from signalgen.config.models import (
+    Aggregation, FiltersConfig, SizingConfig, default_max_gap, timeframe_delta,
+)
 from signalgen.features.spec import FEATURE_NAMES
 from signalgen.signals import filters, sizing, validate
 from signalgen.signals.aggregate import aggregate, expected_move, holding_period

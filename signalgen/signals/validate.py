@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from signalgen.models.health import bad_outputs
 
 
 def window_complete(bar_time_us: np.ndarray, lookback: int, max_gap_us: int) -> np.ndarray:
@@ -36,6 +35,13 @@ def stale(bar_time_us: np.ndarray, now_us: np.ndarray | int, max_staleness_us: i
 def non_finite_rows(features: np.ndarray) -> np.ndarray:
     """True where any feature of the row is NaN or infinite."""
     return ~np.isfinite(features).all(axis=1)
+
+
+def bad_outputs(p: np.ndarray) -> np.ndarray:
+    """Boolean mask of outputs that are not finite probabilities in [0, 1]."""
+    p = np.asarray(p, dtype=np.float64)
+    with np.errstate(invalid="ignore"):
+        return ~np.isfinite(p) | (p < 0.0) | (p > 1.0)
 
 
 def bad_model_rows(predictions: np.ndarray, model_ok: np.ndarray) -> np.ndarray:
