@@ -4,10 +4,45 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from signalgen.features.incremental import IncrementalFeatures, _Window
+from signalgen.features import kernel
+from signalgen.features.incremental import IncrementalFeatures, _Nodes
 from signalgen.features.spec import FEATURE_NAMES
 
 from .helpers import assert_close, reference
+
+
+class _Window:
+    """One (mean, M2) window of `_Nodes`, read the way the features read it."""
+
+    def __init__(self, w: int) -> None:
+        self.w, self.nodes, self.values = w, _Nodes((w,), paired=True), []
+
+    def push(self, x: float) -> None:
+        self.nodes.push(x)
+        self.values = (self.values + [x])[-self.w:]
+
+    def mean(self) -> float:
+        return kernel.mean(self.nodes.window(self.w), self.w)
+
+    def var(self) -> float:
+        return kernel.variance(self.nodes.window(self.w), self.w)
+
+    @property
+    def flat(self) -> bool:
+        return len(self.values) == self.w and all(v == self.values[0] for v in self.values)
+
+
+def test_window_parts_are_binary_digits_newest_first():
+    assert kernel.parts(60) == (32, 16, 8, 4) and kernel.parts(20) == (16, 4) and kernel.parts(5) == (4, 1)
+    assert all(sum(kernel.parts(w)) == w for w in range(1, 200))
+    assert kernel.levels((20, 60)) == (1, 2, 4, 8, 16, 32)
+
+
+def test_a_flat_window_is_exactly_its_value_with_variance_zero():
+    win = _Window(20)
+    for x in [3.0, 7.0] + [101.37] * 20:
+        win.push(x)
+    assert win.mean() == 101.37 and win.var() == 0.0
 
 
 @settings(max_examples=60, deadline=None)
@@ -24,7 +59,7 @@ def test_window_matches_two_pass_statistics(n, level, steps):
             exact = 0.0 if np.all(last == last[0]) else np.var(last, ddof=1)
             assert abs(win.var() - exact) <= 1e-9 * exact + 1e-300, (i, win.var(), exact)
             assert abs(win.mean() - last.mean()) <= 1e-12 * abs(last.mean())
-            assert win.flat == bool(np.all(last == last[0]))
+            assert (win.var() == 0.0) == bool(np.all(last == last[0]))
 
 
 def test_no_drift_over_a_long_run():
