@@ -20,6 +20,7 @@ its bars at or before the last accepted time are rejected; disorder that straddl
 from __future__ import annotations
 
 from bisect import bisect_left
+from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -247,3 +248,77 @@ def validate_chunks(chunks: Iterable[pl.DataFrame], timeframe: str,
         result = validate_bars(chunk, timeframe, max_gap, last_time=last_time)
         last_time = result.last_time or last_time
         yield result
+
+
+class BarValidator:
+    """`validate_chunks` one bar at a time, for the per-bar path (simulation, live).
+
+    A bar is decided on arrival: one at or before the last accepted time is rejected, never an
+    earlier one undone; DUPLICATE_TIME when its time equals one of the last `remember` accepted
+    times, else OUT_OF_ORDER. Over a whole chunk the batch rule keeps the longest increasing run
+    instead. The two agree whenever no bar arrives ahead of bars older than it: late bars,
+    duplicates, bad values and gaps get the same rejection rows. A bar that arrives k places early
+    costs only itself in batch, but is kept on arrival here, and the k older bars after it are
+    OUT_OF_ORDER. The accepted bars always equal those of `validate_chunks` with one-bar chunks.
+
+    A bar that plainly passes (finite, in range, after the last accepted bar, no gap) is accepted
+    in a few comparisons; any other goes through `validate_bars` itself, so its rejection rows and
+    their text are exactly the batch ones.
+    """
+
+    def __init__(self, timeframe: str, max_gap: timedelta | None = None, last_time: datetime | None = None,
+                 remember: int = 4096) -> None:
+        self.timeframe = timeframe
+        self.max_gap = default_max_gap(timeframe) if max_gap is None else max_gap
+        self.last_time = last_time
+        # recent accepted times: a late bar equal to one is a duplicate, as over a whole chunk
+        self._recent: deque[datetime] = deque(maxlen=remember)
+        self._recent_set: set[datetime] = set()
+        if last_time is not None:
+            self._accept(last_time)
+
+    def _accept(self, t: datetime) -> None:
+        recent = self._recent
+        if len(recent) == recent.maxlen:
+            self._recent_set.discard(recent[0])
+        recent.append(t)
+        self._recent_set.add(t)
+        self.last_time = t
+
+    def push(self, bar: dict) -> tuple[bool, pl.DataFrame | None]:
+        """Decide one bar (a BAR_SCHEMA row as a dict, optionally with the BAR_PROBLEM_SCHEMA keys).
+
+        Returns:
+            (accepted, rejection rows in BAR_REJECTION_SCHEMA or None when there are none).
+        """
+        if self._plainly_good(bar):
+            self._accept(bar["bar_time"])
+            return True, None
+        row = {k: [bar.get(k)] for k in BAR_SCHEMA.names()}
+        schema = dict(BAR_SCHEMA)
+        if any(bar.get(k) is not None for k in BAR_PROBLEM_SCHEMA):
+            row.update({k: [bar.get(k)] for k in BAR_PROBLEM_SCHEMA})
+            schema.update(BAR_PROBLEM_SCHEMA)
+        checked = validate_bars(pl.DataFrame(row, schema=schema), self.timeframe, self.max_gap,
+                                last_time=self.last_time)
+        accepted = checked.bars.height == 1
+        rejections = checked.rejections
+        if accepted:
+            self._accept(bar["bar_time"])
+        elif rejections["reason"][0] == BarReason.OUT_OF_ORDER and bar["bar_time"] in self._recent_set:
+            rejections = rejections.with_columns(
+                reason=pl.lit(BarReason.DUPLICATE_TIME.value),
+                detail=_text("bar_time=", _ts(pl.col("bar_time")), " already accepted"))
+        return accepted, rejections if rejections.height else None
+
+    def _plainly_good(self, bar: dict) -> bool:
+        if bar.get("problem") is not None or bar.get("bar_time") is None:
+            return False
+        o, h, lo, c, v = values = [bar.get(k) for k in _VALUES]
+        if any(x is None for x in values):
+            return False
+        # every comparison with NaN is False, so a NaN never passes; inf fails the MAX_BAR_VALUE bound
+        if not (0.0 < lo <= h <= MAX_BAR_VALUE and lo <= c <= h and lo <= o <= h and 0.0 <= v <= MAX_BAR_VALUE):
+            return False
+        last, t = self.last_time, bar["bar_time"]
+        return last is None or (t > last and t - last <= self.max_gap)
