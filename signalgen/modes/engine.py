@@ -1,16 +1,23 @@
-"""One worker's pipeline over bars, shared by every mode: features -> models -> signals."""
+"""One worker's pipeline over bars, shared by every mode: features -> models -> signals.
+
+Two ways to prepare, one way to decide: `WorkerEngine.prepare` (a chunk of bars, batch features)
+and `BarPreparer.push` (one bar, incremental features and window check) give the same `Prepared`
+rows bit for bit (`features/kernel.py`), and `WorkerEngine.decide` turns either into decisions.
+Every stage is row-independent, so a bar decided alone gets exactly the decision it gets in a batch.
+"""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta, timezone
 
 import numpy as np
 import polars as pl
 
 from signalgen.features.batch import feature_array
+from signalgen.features.incremental import IncrementalFeatures
 from signalgen.features.spec import FEATURE_NAMES, WARMUP_BARS
 from signalgen.models.backends import Predictor, load_checked
 from signalgen.models.registry import ModelCard, ModelRegistry
@@ -19,7 +26,10 @@ from signalgen.signals.pipeline import (
     Evaluation, ModelParams, StrategyParams, count_reasons, evaluate, to_frames,
 )
 from signalgen.signals.types import REJECTION_SCHEMA, SIGNAL_SCHEMA
-from signalgen.signals.validate import window_complete
+from signalgen.signals.validate import WindowCheck, window_complete
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_US = timedelta(microseconds=1)
 
 
 # Stands in for the card of a model that could not be loaded: its bars are all rejected as
@@ -88,6 +98,33 @@ class Decisions:
             return pl.DataFrame(schema=SIGNAL_SCHEMA), pl.DataFrame(schema=REJECTION_SCHEMA)
         return to_frames(self.params, self.evaluation, self.bar_time_us, self.now_us, self.predictions,
                          mode=self.mode, run_id=self.run_id, latency_us=self.latency_us)
+
+
+def epoch_us(t: datetime) -> int:
+    """A UTC datetime as epoch microseconds (the pipeline's time unit)."""
+    return (t - _EPOCH) // _US
+
+
+class BarPreparer:
+    """`WorkerEngine.prepare` one bar at a time: incremental features and lookback-window state.
+
+    Push every validated bar in time order, history included; each push returns that bar's
+    `Prepared` row, equal bit for bit to its row in a batch `prepare` over the same bars (given the
+    WARMUP_BARS + lookback bars before it, as `history_bars` loads).
+    """
+
+    def __init__(self, params: StrategyParams) -> None:
+        self.features = IncrementalFeatures()
+        self.window = WindowCheck(params.lookback, params.max_gap_us)
+
+    def push(self, bar: dict) -> Prepared:
+        """One validated bar (a BAR_SCHEMA row as a dict) -> its Prepared row."""
+        started = time.perf_counter_ns()
+        t = epoch_us(bar["bar_time"])
+        x = self.features.update(bar["open"], bar["high"], bar["low"], bar["close"], bar["volume"])
+        ok = self.window.push(t)
+        return Prepared(np.array([t], dtype=np.int64), x.astype(np.float32)[None, :], np.array([ok]),
+                        time.perf_counter_ns() - started)
 
 
 class WorkerEngine:

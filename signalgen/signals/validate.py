@@ -27,6 +27,24 @@ def window_complete(bar_time_us: np.ndarray, lookback: int, max_gap_us: int) -> 
     return ok
 
 
+class WindowCheck:
+    """`window_complete` one bar at a time: True once `lookback` bars in a row (from the first bar
+    pushed) have no gap above `max_gap_us` between neighbours. Equal to `window_complete` over the
+    same bars from the same first bar."""
+
+    __slots__ = ("lookback", "max_gap_us", "run", "last")
+
+    def __init__(self, lookback: int, max_gap_us: int) -> None:
+        self.lookback, self.max_gap_us = lookback, max_gap_us
+        self.run, self.last = 0, None
+
+    def push(self, bar_time_us: int) -> bool:
+        gap = self.last is not None and bar_time_us - self.last > self.max_gap_us
+        self.run = 1 if gap else self.run + 1
+        self.last = bar_time_us
+        return self.run >= self.lookback
+
+
 def stale(bar_time_us: np.ndarray, now_us: np.ndarray | int, max_staleness_us: int) -> np.ndarray:
     """True where the newest bar is older than allowed at evaluation time `now_us`."""
     return (np.asarray(now_us, dtype=np.int64) - bar_time_us) > max_staleness_us
