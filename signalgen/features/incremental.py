@@ -27,6 +27,9 @@ def maximum(a: float, b: float) -> float:
     return a if a >= b or a != a else b
 
 
+_merge_pair = kernel.merge_pair  # a module global: one lookup less per merge, ~40 merges per bar
+
+
 class _Nodes:
     """Ring buffers of one series' nodes, one per size, for the windows asked for.
 
@@ -49,7 +52,7 @@ class _Nodes:
         self.count = 0  # values pushed, up to the ring length: below it, a node may lie before the start
 
     def push(self, x: float) -> None:
-        paired, empty, merge = self.paired, self.empty, kernel.merge_pair
+        paired, empty = self.paired, self.empty
         self.rings[1].append((x, 0.0, 0.0) if paired else x)
         warm = self.count >= WARMUP_BARS + 3
         if not warm:
@@ -58,17 +61,17 @@ class _Nodes:
             if not warm and len(half) < -back:
                 ring.append(empty)
             elif paired:
-                ring.append(merge(half[back], half[-1], share, cross))
+                ring.append(_merge_pair(half[back], half[-1], share, cross))
             else:
                 ring.append(half[back] + half[-1])
 
     def window(self, w: int):
         newest, steps = self.plans[w]
         acc = newest[-1]
-        warm, paired, empty, merge = self.count >= WARMUP_BARS + 3, self.paired, self.empty, kernel.merge_pair
+        warm, paired, empty = self.count >= WARMUP_BARS + 3, self.paired, self.empty
         for ring, back, share, cross in steps:
             older = ring[back] if warm or len(ring) >= -back else empty
-            acc = merge(older, acc, share, cross) if paired else older + acc
+            acc = _merge_pair(older, acc, share, cross) if paired else older + acc
         return acc
 
 
