@@ -91,7 +91,8 @@ def run_mode(cfg: RunConfig, *, progress: bool = False) -> RunReport:
                                   started_at=started_at, clients=[c.id for c in cfg.clients]))
         log.info("run started: %s mode, %s environment, %d workers", cfg.mode.name.value,
                  cfg.environment.name.value, len(specs),
-                 extra={"run_id": run_id, "client": ",".join(c.id for c in cfg.clients)})
+                 extra={"run_id": run_id, "mode": cfg.mode.name.value, "environment": cfg.environment.name.value,
+                        "client": ",".join(c.id for c in cfg.clients)})
         try:
             with stop_on_signals(stop) as received:
                 recorder = Recorder(cfg, store)
