@@ -1,4 +1,4 @@
-"""The local signal store: one DuckDB file, one writing process (the recorder).
+"""The local signal store: one DuckDB file, one writing process (the one holding `storage.writer.SignalWriter`).
 
 Modes are namespaces: every record carries its `mode`, and a write replaces only rows of its own
 mode. `signals` and `rejections` hold one *current* decision per natural key (client, strategy,
@@ -93,7 +93,7 @@ def _columns(con: duckdb.DuckDBPyConnection, table: str) -> set[str]:
 class DuckDBStore:
     """Signals, rejections, bar rejections and runs in one DuckDB file.
 
-    DuckDB lets one process write a file: open it in the recorder only. A second writer gets
+    DuckDB lets one process write a file: open it where the SignalWriter runs only. A second writer gets
     TransientError (the holder may be a run that is about to finish) after waiting `lock_wait_s`
     for a reader that holds the file for one query (`signals`, `runs`) to let go.
     """
@@ -154,7 +154,7 @@ class DuckDBStore:
     def _setup(con: duckdb.DuckDBPyConnection) -> None:
         # Results come back as UTC datetimes whatever the machine's zone.
         con.execute("SET TimeZone = 'UTC'")
-        # The recorder writes on one background thread while workers compute; more DuckDB threads
+        # The signal writer writes on one background thread while workers compute; more DuckDB threads
         # would only compete with model inference for the same cores.
         con.execute("SET threads = 1")
         # DuckDB's default cache is 80% of RAM; a fixed cap keeps a long run's memory bounded (it spills)
