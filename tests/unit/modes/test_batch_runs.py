@@ -19,7 +19,7 @@ from signalgen.config.loader import Overrides, load_config
 from signalgen.data.synthetic import synthetic_bars
 from signalgen.errors import SignalgenError
 from signalgen.modes import run_mode
-from signalgen.process.specs import worker_specs
+from signalgen.config.workers import worker_specs
 
 REPO = Path(__file__).resolve().parents[3]
 SYMBOLS = ("BTCUSD", "ETHUSD", "SOLUSD", "XRPUSD")

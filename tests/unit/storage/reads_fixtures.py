@@ -18,7 +18,7 @@ def fill_store(store) -> None:
     The rejections are of the 3 bar times after the signals' 6: the store keeps one current decision
     per bar, so a rejection of a signal's bar would replace that signal.
     """
-    from signalgen.storage.duckdb import RunRecord
+    from signalgen.storage.base import RunRecord
 
     store.write_signals(signal_frame(12, run_id=RUN_ID))
     store.write_signals(signal_frame(4, client_id="odum", strategy_id="momentum_v1", mode="mock", run_id=RUN_ID))
@@ -36,11 +36,10 @@ def hold_and_serve(db_path: str, events: Queue, stop: Event, more: Event | None 
     When `more` is set, 2 more ikenna signals are written (bars after the first ones), once.
     """
     from signalgen.storage.duckdb import DuckDBStore
-    from signalgen.storage.readserver import serve_reads
 
     with DuckDBStore(Path(db_path)) as store:
         fill_store(store)
-        with serve_reads(store) as sock:
+        with store.serve_reads() as sock:
             events.put(("serving", str(sock)))
             while not stop.wait(0.05):
                 if more is not None and more.is_set():
