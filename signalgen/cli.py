@@ -120,7 +120,7 @@ def config_validate(env: EnvOpt = Environment.LOCAL_DEV, mode: ModeOpt = Mode.HI
     """
     from signalgen.config.preflight import preflight
     from signalgen.errors import ConfigError
-    from signalgen.process.specs import worker_specs
+    from signalgen.config.workers import worker_specs
     from signalgen.report import workers_table
 
     try:
@@ -255,12 +255,12 @@ def _registry_dir(env: Environment, root: Path | None) -> Path:
     return root / e.paths.registry_dir
 
 
-def _store_path(env: Environment, root: Path | None) -> Path:
+def _store(env: Environment, root: Path | None):
+    """The environment's signal store, unopened: reads go through a run that holds it."""
+    from signalgen.storage import store_for
+
     e, root = _environment(env, root)
-    if e.storage.type != "duckdb":
-        raise ConfigError(f"reading a {e.storage.type} store is not available in this release; use duckdb",
-                          field="storage.type")
-    return root / e.storage.path
+    return store_for(e, root)
 
 
 # ---------------------------------------------------------------- signals
@@ -322,9 +322,7 @@ def signals_list(env: EnvOpt = Environment.LOCAL_DEV, root: RootOpt = None, clie
                  limit: Annotated[int, typer.Option(min=1, help="At most this many rows (oldest first).")] = 100,
                  fmt: FormatOpt = Format.TABLE, out: OutOpt = None) -> None:
     """List stored signals (or rejections) by bar time, oldest first."""
-    from signalgen.storage.readserver import read
-
-    df = read(_store_path(env, root), _signals_query(kind, client, strategy, symbol, mode, start, end, limit=limit))
+    df = _store(env, root).read(_signals_query(kind, client, strategy, symbol, mode, start, end, limit=limit))
     _emit(df, kind, fmt, out)
 
 
@@ -336,11 +334,9 @@ def signals_export(env: EnvOpt = Environment.LOCAL_DEV, root: RootOpt = None, cl
                                                        "parquet.")] = Format.CSV,
                    out: OutOpt = None) -> None:
     """Export every matching signal (or rejection), oldest first, as csv, json or parquet."""
-    from signalgen.storage.readserver import read
-
     if fmt is Format.TABLE:
         raise ConfigError("export writes csv, json or parquet; use `signals list` for a table")
-    df = read(_store_path(env, root), _signals_query(kind, client, strategy, symbol, mode, start, end))
+    df = _store(env, root).read(_signals_query(kind, client, strategy, symbol, mode, start, end))
     _emit(df, kind, fmt, out)
 
 
@@ -363,13 +359,11 @@ def signals_tail(env: EnvOpt = Environment.LOCAL_DEV, root: RootOpt = None, clie
 
     import polars as pl
 
-    from signalgen.storage.readserver import read
-
     if fmt is Format.PARQUET:
         raise ConfigError("tail prints table, json or csv; use `signals export --format parquet --out FILE`")
-    path = _store_path(env, root)
+    store = _store(env, root)
     query = _signals_query(kind, client, strategy, symbol, mode, None, None)
-    df = read(path, query.model_copy(update={"limit": n, "newest": True})).reverse()
+    df = store.read(query.model_copy(update={"limit": n, "newest": True})).reverse()
     _emit(df, kind, fmt, None)
     if not follow:
         return
@@ -382,7 +376,7 @@ def signals_tail(env: EnvOpt = Environment.LOCAL_DEV, root: RootOpt = None, clie
         while True:
             time.sleep(interval)
             since = None if mark is None else mark - timedelta(seconds=FOLLOW_OVERLAP_S)
-            new = read(path, query.model_copy(update={"since": since}))
+            new = store.read(query.model_copy(update={"since": since}))
             new = new.filter(~pl.col(id_col).is_in(list(seen)))
             if new.height:
                 new = new.sort("generated_at", "bar_time", maintain_order=True)
@@ -406,10 +400,9 @@ def runs_list(env: EnvOpt = Environment.LOCAL_DEV, root: RootOpt = None, client:
     """The newest runs: status, duration and counts."""
     from signalgen.report import runs_table, run_dict
     from signalgen.storage.reads import ReadQuery
-    from signalgen.storage.readserver import read
 
-    df = read(_store_path(env, root), ReadQuery(kind="runs", clients=tuple(client or ()),
-                                                modes=tuple(m.value for m in mode or ()), limit=limit, newest=True))
+    df = _store(env, root).read(ReadQuery(kind="runs", clients=tuple(client or ()),
+                                          modes=tuple(m.value for m in mode or ()), limit=limit, newest=True))
     if output is Output.JSON:
         _print_json([run_dict(r) for r in df.iter_rows(named=True)])
     else:
@@ -422,12 +415,11 @@ def runs_show(run_id: Annotated[str, typer.Argument(help="The run id (as `runs l
     """Everything recorded about one run: status, times, counts, rejections by reason."""
     from signalgen.report import run_detail, run_dict
     from signalgen.storage.reads import ReadQuery
-    from signalgen.storage.readserver import read
 
-    path = _store_path(env, root)
-    df = read(path, ReadQuery(kind="runs", run_id=run_id[:200], limit=1))
+    store = _store(env, root)
+    df = store.read(ReadQuery(kind="runs", run_id=run_id[:200], limit=1))
     if df.is_empty():
-        raise SignalgenError(f"no run {run_id[:80]!r} in {path}; `runs list` shows the recorded runs")
+        raise SignalgenError(f"no run {run_id[:80]!r} in {store}; `runs list` shows the recorded runs")
     row = df.row(0, named=True)
     if output is Output.JSON:
         _print_json(run_dict(row))

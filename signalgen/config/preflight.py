@@ -5,10 +5,11 @@ Where each fault is caught:
 * Refused at config load (`load_config`, exit 2): every YAML and schema fault, unknown clients or
   strategies, and a model id with no `card.json` in the registry (a model folder without a card, or
   a version folder whose card is missing, is no model at all: "not in the model registry").
-* Refused at run start (`run_refusals`, exit 2; today `run_mode`, `open_store`, `Recorder` and
-  `bar_chunks` each refuse one of these): a mode this release cannot run (only
-  `signalgen.modes.BATCH_MODES`), a data source the batch runner cannot read (`stream`), storage other
-  than duckdb, and messaging other than local while a strategy routes to the internal stream.
+* Refused at run start (`run_refusals`, exit 2; today `run_mode`, `storage.open_store`,
+  `outputs.build_output` and `bar_chunks` each refuse one of these): a mode this release cannot run
+  (only `signalgen.modes.BATCH_MODES`), a data source the batch runner cannot read (`stream`), a
+  storage type without a backend in `signalgen.storage.STORES`, and a messaging type without one in
+  `signalgen.outputs.OUTPUTS` while a strategy routes to the internal stream.
 * Degraded at run (the run completes; only the workers of the faulty model reject every bar as
   `model_unhealthy`; the run's problems list names the fault once) — every registry fault of a model
   that has a card: unparsable card, card schema error, card in a folder of another version or model,
@@ -40,6 +41,8 @@ def _where(cfg: RunConfig, layer: str, field: str | None, message: str) -> str:
 def run_refusals(cfg: RunConfig) -> list[str]:
     """Problems that make `run` refuse the whole config before any work (see the module docstring)."""
     from signalgen.modes import BATCH_MODES
+    from signalgen.outputs import OUTPUTS
+    from signalgen.storage import STORES
 
     env, out = cfg.environment, []
     if cfg.mode.name not in BATCH_MODES:
@@ -48,12 +51,12 @@ def run_refusals(cfg: RunConfig) -> list[str]:
     if cfg.data_source not in ("synthetic", "files"):
         out.append(_where(cfg, "mode", "data_source", f"data source {cfg.data_source!r} cannot feed mode "
                           f"{cfg.mode.name.value!r} in this release; use synthetic or files"))
-    if env.storage.type != "duckdb":
+    if env.storage.type not in STORES:
         out.append(_where(cfg, "environment", "storage.type", f"storage type {env.storage.type!r} is not "
-                          "available in this release; use duckdb"))
+                          f"available in this release; use {', '.join(sorted(STORES))}"))
     internal = [f"{c.id}.{s.id}" for c in cfg.clients for s in c.strategies
                 if c.routing_for(s) in (Routing.INTERNAL, Routing.BOTH)]
-    if env.messaging.type != "local" and internal:
+    if env.messaging.type not in OUTPUTS and internal:
         out.append(_where(cfg, "environment", "messaging.type", f"messaging type {env.messaging.type!r} is not "
                           f"available in this release; use local (routed to the internal stream: "
                           f"{', '.join(internal[:3])}{' ...' if len(internal) > 3 else ''})"))
@@ -88,7 +91,7 @@ def data_problems(cfg: RunConfig) -> list[str]:
     if cfg.data_source != "files":
         return []
     from signalgen.data.files import FilesSource
-    from signalgen.process.specs import worker_specs
+    from signalgen.config.workers import worker_specs
 
     data_dir = Path(cfg.root) / cfg.environment.paths.data_dir
     source = FilesSource(data_dir)

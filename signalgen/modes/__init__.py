@@ -15,7 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from signalgen.config.models import Mode, RunConfig
 from signalgen.errors import ConfigError, RunStopped
 from signalgen.modes.base import RunReport
-from signalgen.process.specs import worker_specs
+from signalgen.config.workers import worker_specs
 
 log = logging.getLogger(__name__)
 
@@ -68,12 +68,11 @@ def run_mode(cfg: RunConfig, *, progress: bool = False) -> RunReport:
     not be read (`report.failures`; the other workers complete) or the run itself failed; "stopped"
     after SIGINT / SIGTERM, which flushes the work done and raises RunStopped.
     """
-    from signalgen.modes.batch import BatchRunner
-    from signalgen.modes.recorder import Recorder, open_store
-    from signalgen.storage.duckdb import RunRecord
-
     from signalgen.config.preflight import run_refusals
-    from signalgen.storage.readserver import serve_reads
+    from signalgen.modes.batch import BatchRunner
+    from signalgen.storage import open_store
+    from signalgen.storage.base import RunRecord
+    from signalgen.storage.writer import SignalWriter
 
     refused = run_refusals(cfg)  # the same checks `config validate` reports
     if refused:
@@ -85,25 +84,27 @@ def run_mode(cfg: RunConfig, *, progress: bool = False) -> RunReport:
     stop = threading.Event()
     with ExitStack() as held:  # closed in reverse: the read server stops before the store closes
         store = held.enter_context(closing(open_store(cfg)))
-        held.enter_context(serve_reads(store))  # `signals` / `runs` read through this process meanwhile
+        held.enter_context(store.serve_reads())  # `signals` / `runs` read through this process meanwhile
         store.start_run(RunRecord(run_id=run_id, config_hash=cfg.config_hash, mode=cfg.mode.name.value,
                                   environment=cfg.environment.name.value, start=cfg.start, end=cfg.end,
                                   started_at=started_at, clients=[c.id for c in cfg.clients]))
         log.info("run started: %s mode, %s environment, %d workers", cfg.mode.name.value,
                  cfg.environment.name.value, len(specs),
-                 extra={"run_id": run_id, "client": ",".join(c.id for c in cfg.clients)})
+                 extra={"run_id": run_id, "mode": cfg.mode.name.value, "environment": cfg.environment.name.value,
+                        "client": ",".join(c.id for c in cfg.clients)})
         try:
             with stop_on_signals(stop) as received:
-                recorder = Recorder(cfg, store)
+                writer = SignalWriter.from_config(cfg, store)
                 try:
                     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                                   TimeElapsedColumn(), TimeRemainingColumn(), disable=not progress) as bar:
-                        report = BatchRunner(cfg, recorder, run_id=run_id, started_at=started_at,
+                        report = BatchRunner(cfg, writer, run_id=run_id, started_at=started_at,
                                              progress=bar if progress else None, stop=stop).run(specs)
-                    for client_id, strategy_id in report.finished(specs):  # only finished ranges are owned
-                        recorder.own(client_id, strategy_id, cfg.start, cfg.end)
+                    by_strategy = {(s.client.id, s.strategy.id): s for s in specs}
+                    for pair in report.finished(specs):  # only finished ranges are owned
+                        writer.own(by_strategy[pair], cfg.start, cfg.end)
                 finally:
-                    recorder.close()
+                    writer.close()
             _finish(store, run_id, report.status, report)
         except BaseException as exc:
             try:

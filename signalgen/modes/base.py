@@ -7,7 +7,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from signalgen.process.specs import WorkerSpec
+from signalgen.config.workers import WorkerSpec
 
 
 @dataclass

@@ -22,10 +22,10 @@ from signalgen.data.validation import ValidatedBars, validate_chunks
 from signalgen.errors import ConfigError, SignalgenError
 from signalgen.modes.base import RunReport, peak_rss_mb
 from signalgen.modes.engine import Prepared, WorkerEngine, history_bars
-from signalgen.modes.recorder import Recorder
+from signalgen.storage.writer import SignalWriter
 from signalgen.modes.sources import bar_chunks, prefetched
 from signalgen.models.registry import ModelRegistry
-from signalgen.process.specs import WorkerSpec
+from signalgen.config.workers import WorkerSpec
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ class BatchRunner:
     `stop` is set (by a signal handler) the run stops between chunks with `report.status = "stopped"`.
     """
 
-    def __init__(self, cfg: RunConfig, recorder: Recorder, *, run_id: str, started_at: datetime,
+    def __init__(self, cfg: RunConfig, recorder: SignalWriter, *, run_id: str, started_at: datetime,
                  progress: Progress | None = None, stop: threading.Event | None = None) -> None:
         self.cfg, self.recorder, self.progress = cfg, recorder, progress
         self.run_id, self.started_at = run_id, started_at

@@ -21,7 +21,7 @@ from signalgen.features.incremental import IncrementalFeatures
 from signalgen.features.spec import FEATURE_NAMES, WARMUP_BARS
 from signalgen.models.backends import Predictor, load_checked
 from signalgen.models.registry import ModelCard, ModelRegistry
-from signalgen.process.specs import WorkerSpec
+from signalgen.config.workers import WorkerSpec
 from signalgen.signals.pipeline import (
     Evaluation, ModelParams, StrategyParams, count_reasons, evaluate, to_frames,
 )

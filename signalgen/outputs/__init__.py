@@ -7,11 +7,17 @@ only by the runs that use it.
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING
 
 import polars as pl
 
+from signalgen.config.models import Routing
 from signalgen.errors import ConfigError
 from signalgen.signals.types import SIGNAL_SCHEMA
+
+if TYPE_CHECKING:
+    from signalgen.config.models import RunConfig
+    from signalgen.outputs.base import Output
 
 OUTPUTS: dict[str, str] = {
     "quantconnect": "signalgen.outputs.quantconnect:QuantConnectCsvOutput",
@@ -27,6 +33,31 @@ def output_class(alias: str) -> type:
     except KeyError:
         raise ConfigError(f"unknown output {alias!r}; known: {', '.join(sorted(OUTPUTS))}") from None
     return getattr(importlib.import_module(module), name)
+
+
+# where a routing sends a strategy's signals: the research file (QuantConnect CSV) and/or the
+# environment's internal stream (messaging.type picks the backend)
+DESTINATIONS: dict[Routing, tuple[str, ...]] = {
+    Routing.QUANTCONNECT: ("quantconnect",), Routing.INTERNAL: ("internal",),
+    Routing.BOTH: ("quantconnect", "internal"),
+}
+
+
+def output_alias(cfg: RunConfig, destination: str) -> str:
+    """The registered output serving `destination` ("quantconnect" or "internal") in this environment.
+
+    ConfigError naming the environment file when this release has no backend for it."""
+    alias = "quantconnect" if destination == "quantconnect" else cfg.environment.messaging.type
+    if alias not in OUTPUTS:
+        raise ConfigError(f"messaging type {alias!r} is not available in this release; use local",
+                          file=cfg.files.get("environment"), field="messaging.type")
+    return alias
+
+
+def build_output(cfg: RunConfig, client_id: str, destination: str) -> Output:
+    """`client_id`'s output for `destination` in the run's mode, built by its backend's
+    `from_config` (not yet opened)."""
+    return output_class(output_alias(cfg, destination)).from_config(cfg, client_id)
 
 
 def client_batch(batch: pl.DataFrame, client_id: str, mode: str | None = None) -> pl.DataFrame:

@@ -16,10 +16,13 @@ import hashlib
 import io
 import os
 from pathlib import Path
+from typing import Self
 
 import polars as pl
 
+from signalgen.config.models import RunConfig
 from signalgen.outputs import client_batch
+from signalgen.outputs.base import Output
 from signalgen.signals.types import SIGNAL_SCHEMA
 from signalgen.storage import storage_error
 
@@ -65,7 +68,7 @@ def content_digests(signals: pl.DataFrame) -> dict[str, bytes]:
     return {i: hashlib.blake2b(line, digest_size=16).digest() for i, line in zip(signals["signal_id"], lines)}
 
 
-class LocalStreamOutput:
+class LocalStreamOutput(Output):
     """Appends one client's signals of one mode to `<path>/<mode>/<client>.jsonl`.
 
     `open()` indexes the file (signal_id -> content digest); `flush()` appends, in one write, the
@@ -81,6 +84,10 @@ class LocalStreamOutput:
         self._fd: int | None = None
         self._pending: list[pl.DataFrame] = []
         self._sent: dict[str, bytes] = {}  # signal_id -> content digest of its last line
+
+    @classmethod
+    def from_config(cls, cfg: RunConfig, client_id: str) -> Self:
+        return cls(Path(cfg.root) / cfg.environment.messaging.path, client_id, cfg.mode.name.value)
 
     def open(self) -> None:
         if self._fd is not None:

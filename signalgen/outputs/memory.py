@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+from datetime import datetime
+from typing import Self
+
 import polars as pl
 
+from signalgen.config.models import RunConfig
 from signalgen.errors import TransientError
 from signalgen.outputs import client_batch
+from signalgen.outputs.base import Output
 from signalgen.signals.types import SIGNAL_SCHEMA
 
 
-class ListOutput:
+class ListOutput(Output):
     """Keeps each flushed batch in memory; `fail_next_flush` makes the next N flushes fail.
 
     A failing flush raises TransientError and drops what was pending, as a sink that lost the
@@ -21,7 +26,12 @@ class ListOutput:
         self.batches: list[pl.DataFrame] = []  # one frame per successful flush
         self.fail_next_flush = 0
         self.opened = self.closed = False
+        self.owned: list[tuple[str, datetime, datetime]] = []  # every own() call, to test routing
         self._pending: list[pl.DataFrame] = []
+
+    @classmethod
+    def from_config(cls, cfg: RunConfig, client_id: str) -> Self:
+        return cls(client_id)
 
     def open(self) -> None:
         self.opened = True
@@ -29,6 +39,9 @@ class ListOutput:
     def write(self, batch: pl.DataFrame) -> None:
         """Buffer signals of this client (ValueError for any other client's row)."""
         self._pending.append(client_batch(batch, self.client_id))
+
+    def own(self, strategy_id: str, start: datetime, end: datetime) -> None:
+        self.owned.append((strategy_id, start, end))
 
     def flush(self) -> None:
         pending, self._pending = self._pending, []

@@ -14,10 +14,13 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Self
 
 import polars as pl
 
+from signalgen.config.models import RunConfig
 from signalgen.outputs import client_batch
+from signalgen.outputs.base import Output
 from signalgen.storage import storage_error
 
 CSV_COLUMNS = ("time", "symbol", "direction", "confidence", "magnitude", "weight", "period", "signal_id", "mode")
@@ -46,7 +49,7 @@ def csv_rows(signals: pl.DataFrame) -> pl.DataFrame:
     )
 
 
-class QuantConnectCsvOutput:
+class QuantConnectCsvOutput(Output):
     """Writes one client's signals as LEAN-readable CSV day files.
 
     `write()` buffers; `flush()` merges the buffered rows into every touched day file by
@@ -64,6 +67,10 @@ class QuantConnectCsvOutput:
         self.root = Path(output_dir) / mode / "quantconnect" / client_id
         self._pending: list[pl.DataFrame] = []
         self._owned: dict[str, tuple[str, str]] = {}  # strategy -> (after, up to) CSV `time` text
+
+    @classmethod
+    def from_config(cls, cfg: RunConfig, client_id: str) -> Self:
+        return cls(Path(cfg.root) / cfg.environment.paths.output_dir, client_id, cfg.mode.name.value)
 
     def open(self) -> None:
         """Create the client's folder and remove temporary files a killed run left in it (the

@@ -1,13 +1,60 @@
-"""Signal stores (DuckDB locally), and the one rule for reporting a store or output that cannot be written."""
+"""Signal stores: one protocol (`base.SignalStore`), one backend per file, chosen by the
+environment's `storage.type` and imported only when chosen; and the one rule for reporting a store
+or output that cannot be written."""
 
 from __future__ import annotations
 
+import importlib
+import logging
 import re
+from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from signalgen.errors import StorageError
+from signalgen.errors import ConfigError, StorageError
+
+if TYPE_CHECKING:
+    from signalgen.config.models import EnvironmentConfig, RunConfig
+    from signalgen.storage.base import SignalStore
+
+log = logging.getLogger(__name__)
+
+STORES: dict[str, str] = {
+    "duckdb": "signalgen.storage.duckdb:DuckDBStore",
+}
 
 _QUOTED = re.compile(r'"([^"]{1,500})"')
+
+
+def store_class(environment: EnvironmentConfig, file: str | None = None) -> type[SignalStore]:
+    """The store class of the environment's `storage.type`; ConfigError (naming `file`) when this
+    release has none."""
+    kind = environment.storage.type
+    if kind not in STORES:
+        raise ConfigError(f"storage type {kind!r} is not available in this release; use "
+                          f"{', '.join(sorted(STORES))}", file=file, field="storage.type")
+    module, name = STORES[kind].split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def store_for(environment: EnvironmentConfig, root: Path | str, file: str | None = None) -> SignalStore:
+    """The environment's store, unopened: enough to `read()` without taking the writer's place
+    (the `signals` and `runs` commands load only the environment)."""
+    return store_class(environment, file).from_config(environment, Path(root))
+
+
+def open_store(cfg: RunConfig) -> SignalStore:
+    """The environment's store, opened for writing; runs a killed process left without a status are
+    marked 'abandoned' (holding the store proves their writer is gone)."""
+    store = store_for(cfg.environment, cfg.root, cfg.files.get("environment"))
+    store.open()
+    try:
+        for run_id in store.abandon_stale_runs(datetime.now(timezone.utc)):
+            log.warning("run %s never finished; marked abandoned", run_id, extra={"run_id": run_id})
+    except BaseException:
+        store.close()
+        raise
+    return store
 
 
 def storage_error(path: Path | str, exc: BaseException) -> StorageError:

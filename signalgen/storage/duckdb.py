@@ -1,4 +1,4 @@
-"""The local signal store: one DuckDB file, one writing process (the recorder).
+"""The local signal store: one DuckDB file, one writing process (the one holding `storage.writer.SignalWriter`).
 
 Modes are namespaces: every record carries its `mode`, and a write replaces only rows of its own
 mode. `signals` and `rejections` hold one *current* decision per natural key (client, strategy,
@@ -24,10 +24,11 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager, suppress
-from dataclasses import dataclass, fields
+from contextlib import AbstractContextManager, closing, contextmanager, suppress
+from dataclasses import fields
 from datetime import datetime
 from pathlib import Path
 from types import TracebackType
@@ -35,41 +36,17 @@ from typing import Any, Self
 
 import duckdb
 import polars as pl
+import pyarrow as pa
 
-from signalgen.data.schema import BAR_REJECTION_SCHEMA
-from signalgen.errors import TransientError
+from signalgen.config.models import EnvironmentConfig
+from signalgen.errors import StorageError, TransientError
 from signalgen.signals.types import REJECTION_SCHEMA, SIGNAL_SCHEMA
 from signalgen.storage import storage_error
+from signalgen.storage.base import (DECISION_ID, DECISION_KEY, FINISH_FIELDS, RUN_SCHEMA, TABLES, RunRecord,
+                                    conform)
+from signalgen.storage.reads import COLUMNS, ID_COLUMN, ReadQuery
 
 
-@dataclass(frozen=True)
-class RunRecord:
-    """What is known about a run when it starts; `DuckDBStore.finish_run` adds the outcome."""
-
-    run_id: str
-    config_hash: str
-    mode: str
-    environment: str
-    start: datetime
-    end: datetime
-    started_at: datetime
-    clients: list[str]
-
-
-BAR_REJECTION_STORE_SCHEMA = pl.Schema({**BAR_REJECTION_SCHEMA, "run_id": pl.String, "mode": pl.String})
-
-# one current decision per bar and mode, whatever its id
-DECISION_KEY = ("client_id", "strategy_id", "symbol", "timeframe", "bar_time", "mode")
-DECISION_ID = {"signals": "signal_id", "rejections": "rejection_id"}
-
-# table -> (schema, upsert key)
-TABLES: dict[str, tuple[pl.Schema, tuple[str, ...]]] = {
-    "signals": (SIGNAL_SCHEMA, DECISION_KEY),
-    "rejections": (REJECTION_SCHEMA, DECISION_KEY),
-    # detail is part of the key: a row whose time could not be read has a NULL bar_time, and its
-    # detail (the file line) is what tells it from another such row
-    "bar_rejections": (BAR_REJECTION_STORE_SCHEMA, ("symbol", "timeframe", "bar_time", "reason", "mode", "detail")),
-}
 # superseded_<table>: the table's columns plus who replaced the row
 AUDIT_COLUMNS = {"superseded_by": "UUID", "superseded_by_run": "VARCHAR"}
 
@@ -80,15 +57,6 @@ _IO_ERRORS = (OSError, duckdb.IOException, duckdb.FatalException, duckdb.Transac
 # Ids are UUID text (signalgen.signals.ids): stored as 16-byte UUIDs, which insert ~2x faster and
 # checkpoint ~8x faster than 36-character strings; they read back as the same canonical text.
 ID_COLUMNS = frozenset({"signal_id", "rejection_id"})
-
-RUN_COLUMNS: dict[str, str] = {
-    "run_id": "VARCHAR", "config_hash": "VARCHAR", "mode": "VARCHAR", "environment": "VARCHAR",
-    "start": "TIMESTAMPTZ", "end": "TIMESTAMPTZ", "started_at": "TIMESTAMPTZ", "clients": "VARCHAR[]",
-    "finished_at": "TIMESTAMPTZ", "status": "VARCHAR", "bars": "BIGINT", "signals": "BIGINT",
-    "rejections": "BIGINT", "bar_rejections": "BIGINT", "elapsed_s": "DOUBLE", "bars_per_s": "DOUBLE",
-    "peak_rss_mb": "DOUBLE", "rejections_by_reason": "VARCHAR",
-}
-FINISH_FIELDS = tuple(c for c in RUN_COLUMNS if c not in {f.name for f in fields(RunRecord)})
 
 _SCALAR_SQL = {pl.String: "VARCHAR", pl.Int8: "TINYINT", pl.Int32: "INTEGER", pl.Int64: "BIGINT",
                pl.Float64: "DOUBLE", pl.Boolean: "BOOLEAN"}
@@ -112,26 +80,20 @@ def sql_type(dtype: pl.DataType | type[pl.DataType]) -> str:
     raise TypeError(f"no DuckDB type for polars {dtype}")
 
 
+def _run_columns() -> dict[str, str]:
+    return {c: sql_type(t) for c, t in RUN_SCHEMA.items()}
+
+
 def _columns(con: duckdb.DuckDBPyConnection, table: str) -> set[str]:
     """Column names of `table` ({} when it does not exist)."""
     rows = con.execute("SELECT column_name FROM information_schema.columns WHERE table_name = ?", [table])
     return {r[0] for r in rows.fetchall()}
 
 
-def conform(df: pl.DataFrame, schema: pl.Schema, what: str) -> pl.DataFrame:
-    """Columns of `schema` in its order; ValueError naming what is missing or mistyped."""
-    missing = [c for c in schema if c not in df.columns]
-    wrong = [f"{c}: {df.schema[c]} (want {t})" for c, t in schema.items()
-             if c in df.columns and df.schema[c] != t]
-    if missing or wrong:
-        raise ValueError(f"{what} frame does not match its schema: missing {missing}, wrong types {wrong}")
-    return df.select(schema.names())
-
-
 class DuckDBStore:
     """Signals, rejections, bar rejections and runs in one DuckDB file.
 
-    DuckDB lets one process write a file: open it in the recorder only. A second writer gets
+    DuckDB lets one process write a file: open it where the SignalWriter runs only. A second writer gets
     TransientError (the holder may be a run that is about to finish) after waiting `lock_wait_s`
     for a reader that holds the file for one query (`signals`, `runs`) to let go.
     """
@@ -140,6 +102,16 @@ class DuckDBStore:
         self.path = Path(path)
         self.lock_wait_s = lock_wait_s
         self._con: duckdb.DuckDBPyConnection | None = None
+        self._reader: duckdb.DuckDBPyConnection | None = None
+        self._read_lock = threading.Lock()
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    @classmethod
+    def from_config(cls, environment: EnvironmentConfig, root: Path) -> Self:
+        """The store at the environment's `storage.path` (relative to the project root)."""
+        return cls(Path(root) / environment.storage.path)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -173,12 +145,16 @@ class DuckDBStore:
                 raise storage_error(self.path, exc) from exc
             raise
         self._con = con
+        # reads (the read server's thread, analytics) get their own cursor, made here on the
+        # opening thread: a DuckDB connection must not be shared by two threads at once
+        self._reader = con.cursor()
+        self._reader.execute("SET TimeZone = 'UTC'")
 
     @staticmethod
     def _setup(con: duckdb.DuckDBPyConnection) -> None:
         # Results come back as UTC datetimes whatever the machine's zone.
         con.execute("SET TimeZone = 'UTC'")
-        # The recorder writes on one background thread while workers compute; more DuckDB threads
+        # The signal writer writes on one background thread while workers compute; more DuckDB threads
         # would only compete with model inference for the same cores.
         con.execute("SET threads = 1")
         # DuckDB's default cache is 80% of RAM; a fixed cap keeps a long run's memory bounded (it spills)
@@ -190,7 +166,7 @@ class DuckDBStore:
             if table in DECISION_ID:
                 audit = ", ".join(f"{c} {t}" for c, t in AUDIT_COLUMNS.items())
                 con.execute(f"CREATE TABLE IF NOT EXISTS superseded_{table} ({cols}, {audit})")
-        cols = ", ".join(f"{_q(c)} {t}" for c, t in RUN_COLUMNS.items())
+        cols = ", ".join(f"{_q(c)} {t}" for c, t in _run_columns().items())
         con.execute(f"CREATE TABLE IF NOT EXISTS runs ({cols})")
         if had_bar_rejections and "mode" not in had_bar_rejections:
             # a store from before modes were kept apart: each bar rejection takes its run's mode
@@ -199,8 +175,10 @@ class DuckDBStore:
 
     def close(self) -> None:
         if self._con is not None:
+            with self._read_lock:
+                self._reader.close()
             self._con.close()
-            self._con = None
+            self._con = self._reader = None
 
     def __enter__(self) -> Self:
         self.open()
@@ -384,7 +362,7 @@ class DuckDBStore:
 
     def count(self, table: str, **where: Any) -> int:
         """Rows of `table` whose columns equal the given values (None matches NULL)."""
-        tables = {"runs": RUN_COLUMNS, **{t: schema for t, (schema, _) in TABLES.items()},
+        tables = {"runs": RUN_SCHEMA, **{t: schema for t, (schema, _) in TABLES.items()},
                   **{f"superseded_{t}": {**TABLES[t][0], **AUDIT_COLUMNS} for t in DECISION_ID}}
         columns = tables.get(table)
         if columns is None:
@@ -397,7 +375,91 @@ class DuckDBStore:
         sql = f"SELECT count(*) FROM {table}" + (f" WHERE {' AND '.join(conds)}" if conds else "")
         return self.con.execute(sql, params).fetchall()[0][0]
 
+    def read(self, query: ReadQuery) -> pl.DataFrame:
+        """Rows matching `query`. Opened: on this process's read cursor (safe beside a writing thread;
+        it sees committed rows). Not opened: through the process that holds the file, if one does
+        (`signalgen.storage.readserver`), else on a read-only connection for this one query."""
+        if self._con is None:
+            from signalgen.storage.readserver import read
+
+            return read(self.path, query, self._read_once)
+        with self._read_lock:
+            return pl.from_arrow(self._run(self._reader, query))
+
+    def serve_reads(self) -> AbstractContextManager[Path]:
+        """While inside (this store open), other processes read it through this one: a DuckDB file
+        has one holder, and a reader's read-only connection would block the writer."""
+        from signalgen.storage.readserver import serve_reads
+
+        return serve_reads(self, self.path)
+
+    def _read_once(self, query: ReadQuery) -> pa.Table | None:
+        """The answer from a read-only connection, or None when another process holds the file."""
+        try:
+            con = duckdb.connect(str(self.path), read_only=True)
+        except duckdb.Error as exc:
+            if isinstance(exc, duckdb.IOException) and "lock" in str(exc).lower():
+                return None
+            raise StorageError(f"{self.path}: {str(exc).splitlines()[0][:300]}") from exc
+        with closing(con):
+            con.execute("SET TimeZone = 'UTC'")
+            return self._run(con, query)
+
+    def _run(self, con: duckdb.DuckDBPyConnection, query: ReadQuery) -> pa.Table:
+        sql, params = build_sql(query)
+        try:
+            return con.sql(sql, params=params).to_arrow_table()
+        except duckdb.Error as exc:
+            raise StorageError(f"{self.path}: read failed: {str(exc).splitlines()[0][:300]}") from exc
+
     def query(self, sql: str, params: Sequence[Any] | Mapping[str, Any] | None = None) -> pl.DataFrame:
         """Run a read query; the result as a polars frame (datetimes in UTC)."""
         rel = self.con.sql(sql, params=params)
         return rel.pl() if rel is not None else pl.DataFrame()
+
+
+def build_sql(query: ReadQuery) -> tuple[str, list[Any]]:
+    """The SQL and parameters of `query`; every value is a parameter, every name a known column."""
+    conds: list[str] = []
+    params: list[Any] = []
+
+    def any_of(column: str, values: tuple[str, ...]) -> None:
+        if values:
+            conds.append(f"{_q(column)} IN ({', '.join('?' for _ in values)})")
+            params.extend(values)
+
+    if query.kind == "runs":
+        select, time_col = "*", "started_at"
+        if query.clients:
+            conds.append("list_has_any(clients, ?::VARCHAR[])")
+            params.append(list(query.clients))
+    else:
+        time_col = "bar_time"
+        select = ", ".join(f"CAST({_q(c)} AS VARCHAR) AS {_q(c)}" if c == ID_COLUMN[query.kind] else _q(c)
+                           for c in COLUMNS[query.kind])
+        any_of("client_id", query.clients)
+        any_of("strategy_id", query.strategies)
+        any_of("symbol", query.symbols)
+        if query.start is not None:
+            conds.append("bar_time > ?")
+            params.append(query.start)
+        if query.end is not None:
+            conds.append("bar_time <= ?")
+            params.append(query.end)
+        if query.since is not None:
+            conds.append("generated_at >= ?")
+            params.append(query.since)
+    any_of("mode", query.modes)
+    if query.run_id is not None:
+        conds.append("run_id = ?")
+        params.append(query.run_id)
+    sql = f"SELECT {select} FROM {query.kind}"
+    if conds:
+        sql += " WHERE " + " AND ".join(conds)
+    order = "DESC" if query.newest else "ASC"
+    sql += f" ORDER BY {time_col} {order}"
+    if query.kind != "runs":
+        sql += f", client_id, strategy_id, symbol, timeframe {order}"
+    if query.limit is not None:
+        sql += f" LIMIT {int(query.limit)}"
+    return sql, params

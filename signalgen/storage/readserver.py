@@ -1,10 +1,10 @@
 """Reads that never stop a run: the writer serves them, otherwise a brief read-only connection.
 
-DuckDB lets one process hold a file, and a read-only connection blocks a writer as much as a
-writer blocks it. So the process that holds the store (a run) serves read queries on a unix socket
-next to the file (`<db>.sock`), on a thread with its own cursor: readers get committed rows while
-the run writes. When no process holds the file, the reader opens it read-only for one query and
-closes it at once, so a run starting meanwhile waits at most that long.
+A store file that one process holds (DuckDB: a read-only connection blocks a writer as much as a
+writer blocks it) is read through its holder: the process that holds the store (a run) serves read
+queries on a unix socket next to the file (`<db>.sock`) by calling `SignalStore.read` on a thread:
+readers get committed rows while the run writes. When no process holds the file, the reader falls
+back to the backend's one-query read-only path, so a run starting meanwhile waits at most that long.
 
 Wire format (one query per connection): the client sends a `ReadQuery` as JSON (at most
 `MAX_REQUEST` bytes) and shuts down its side; the server answers `A` + an Arrow IPC stream, or
@@ -20,17 +20,17 @@ import socket
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import closing, contextmanager, suppress
 from pathlib import Path
 
-import duckdb
 import polars as pl
 import pyarrow as pa
 from pydantic import ValidationError
 
-from signalgen.errors import StorageError, TransientError
-from signalgen.storage.reads import ReadQuery, run_query
+from signalgen.errors import SignalgenError, StorageError, TransientError
+from signalgen.storage.base import SignalStore
+from signalgen.storage.reads import ReadQuery
 
 log = logging.getLogger(__name__)
 
@@ -53,13 +53,14 @@ def socket_path(db_path: Path | str) -> Path:
 
 
 @contextmanager
-def serve_reads(store) -> Iterator[Path]:
-    """Serve read queries on `store` (an open DuckDBStore) until the block ends; yields the socket path.
+def serve_reads(store: SignalStore, db_path: Path | str) -> Iterator[Path]:
+    """Serve read queries on `store` (opened, holding `db_path`) until the block ends; yields the
+    socket path.
 
-    The caller holds the file for the whole block; queries run one at a time on a thread with
-    its own cursor, so they see committed rows and never wait for the writer's transaction.
+    Queries run one at a time on a thread through `store.read` (the DuckDB backend reads on its own
+    cursor), so they see committed rows and never wait for the writer's transaction.
     """
-    path = socket_path(store.path)
+    path = socket_path(db_path)
     with suppress(FileNotFoundError):
         path.unlink()  # left by a killed holder: we hold the file lock now, so it is stale
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -67,10 +68,8 @@ def serve_reads(store) -> Iterator[Path]:
     os.chmod(path, 0o600)  # the store's owner only
     server.listen(8)
     server.settimeout(0.2)  # how long close waits for the accept loop at most
-    cursor = store.con.cursor()
-    cursor.execute("SET TimeZone = 'UTC'")
     stop = threading.Event()
-    thread = threading.Thread(target=_serve, args=(server, cursor, stop), name="read-server", daemon=True)
+    thread = threading.Thread(target=_serve, args=(server, store, stop), name="read-server", daemon=True)
     thread.start()
     log.debug("serving reads", extra={"path": str(path)})
     try:
@@ -79,12 +78,11 @@ def serve_reads(store) -> Iterator[Path]:
         stop.set()
         thread.join()
         server.close()
-        cursor.close()
         with suppress(FileNotFoundError):
             path.unlink()
 
 
-def _serve(server: socket.socket, cursor: duckdb.DuckDBPyConnection, stop: threading.Event) -> None:
+def _serve(server: socket.socket, store: SignalStore, stop: threading.Event) -> None:
     while not stop.is_set():
         try:
             conn, _ = server.accept()
@@ -95,20 +93,20 @@ def _serve(server: socket.socket, cursor: duckdb.DuckDBPyConnection, stop: threa
         with closing(conn):
             conn.settimeout(10)
             try:
-                conn.sendall(_answer(_recv_all(conn, MAX_REQUEST), cursor))
+                conn.sendall(_answer(_recv_all(conn, MAX_REQUEST), store))
             except OSError as exc:  # the reader went away; the next one is served
                 log.debug("read client dropped: %s", exc)
 
 
-def _answer(request: bytes | None, cursor: duckdb.DuckDBPyConnection) -> bytes:
+def _answer(request: bytes | None, store: SignalStore) -> bytes:
     if request is None:
         return b"E" + f"request larger than {MAX_REQUEST} bytes".encode()
     try:
-        table = run_query(cursor, ReadQuery.model_validate_json(request))
+        table = store.read(ReadQuery.model_validate_json(request)).to_arrow()
     except ValidationError as exc:
         return b"E" + f"bad read query: {exc.error_count()} errors, first: {exc.errors()[0]['msg']}".encode()
-    except duckdb.Error as exc:
-        return b"E" + f"read failed: {str(exc).splitlines()[0][:300]}".encode()
+    except SignalgenError as exc:
+        return b"E" + str(exc).splitlines()[0][:300].encode()
     sink = pa.BufferOutputStream()
     with pa.ipc.new_stream(sink, table.schema) as writer:
         writer.write_table(table)
@@ -129,11 +127,12 @@ def _recv_all(conn: socket.socket, limit: int | None) -> bytes | None:
 # ------------------------------------------------------------------ client
 
 
-def read(db_path: Path | str, query: ReadQuery, *, wait_s: float = 5.0) -> pl.DataFrame:
+def read(db_path: Path | str, query: ReadQuery, read_file: Callable[[ReadQuery], pa.Table | None], *,
+         wait_s: float = 5.0) -> pl.DataFrame:
     """Run `query` on the store at `db_path`, whoever holds it.
 
-    Asks the holder's socket first; when nothing serves it, opens the file read-only for this one
-    query. A file held by a process that serves no reads (an older version, or one still starting)
+    Asks the holder's socket first; when nothing serves it, `read_file(query)` (the backend's
+    one-query read-only path; None when another process holds the file). A file held by a process that serves no reads (an older version, or one still starting)
     is retried until `wait_s`, then TransientError (exit 75).
     """
     db = Path(db_path)
@@ -143,7 +142,7 @@ def read(db_path: Path | str, query: ReadQuery, *, wait_s: float = 5.0) -> pl.Da
     while True:
         table = _ask(socket_path(db), query)
         if table is None:
-            table = _read_file(db, query)
+            table = read_file(query)
         if table is not None:
             return pl.from_arrow(table)
         if time.monotonic() >= deadline:
@@ -168,16 +167,3 @@ def _ask(path: Path, query: ReadQuery) -> pa.Table | None:
     if answer[:1] == b"E":
         raise StorageError(f"{path}: {answer[1:301].decode(errors='replace')}")
     return pa.ipc.open_stream(answer[1:]).read_all()
-
-
-def _read_file(db: Path, query: ReadQuery) -> pa.Table | None:
-    """The answer from a read-only connection, or None when another process holds the file."""
-    try:
-        con = duckdb.connect(str(db), read_only=True)
-    except duckdb.Error as exc:
-        if isinstance(exc, duckdb.IOException) and "lock" in str(exc).lower():
-            return None
-        raise StorageError(f"{db}: {str(exc).splitlines()[0][:300]}") from exc
-    with closing(con):
-        con.execute("SET TimeZone = 'UTC'")
-        return run_query(con, query)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 import shutil
 from pathlib import Path
 
@@ -35,14 +36,17 @@ def test_run_logs_start_and_finish_with_fields_at_info_and_nothing_at_warning(ro
     proc = cli(*args)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stderr.splitlines()
-    start = next(line for line in lines if "signalgen.cli: run starting" in line)
+    # run_mode logs both (once: the CLI does not log them again), with the run's id as a field
+    [start] = [line for line in lines if "signalgen.modes: run started: historical mode" in line]
     assert " INFO " in start and "client=odum" in start and "mode=historical" in start
-    finish = next(line for line in lines if "run finished" in line)
-    assert "run_id=" in finish and "status=ok" in finish and "bars=576" in finish
+    [finish] = [line for line in lines if "signalgen.modes: run finished" in line]
+    assert " INFO " in finish and "status=ok" in finish and "bars=576" in finish
+    run_id = re.search(r" run_id=(\S+)", start)[1]
+    assert f" run_id={run_id} " in finish
     set_log_level(root, "WARNING")
     proc = cli(*args)
     assert proc.returncode == 0, proc.stderr
-    assert "run starting" not in proc.stderr and "run finished" not in proc.stderr
+    assert "run started" not in proc.stderr and "run finished" not in proc.stderr
 
 
 def test_formatter_renders_fields_as_key_value_and_bounds_values() -> None:

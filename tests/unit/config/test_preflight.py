@@ -32,10 +32,15 @@ def test_files_source_names_every_worker_without_a_file(demo_root: Path) -> None
         (folder / f"{symbol}.csv").write_text("bar_time,open,high,low,close,volume\n")
     cfg = load_config("local-dev", "historical", root=demo_root, overrides=Overrides(data_source="files"))
     problems = data_problems(cfg)
+    # ada trades daily bars and none were imported: its workers are named too, with the 1d folder.
     assert [p.split(":")[0] for p in problems] == [
+        "worker ada.daily_swing_v1.AAPL.1d", "worker ada.daily_swing_v1.MSFT.1d",
+        "worker ada.daily_swing_v1.IBM.1d",
         "worker christian.consensus_v1.XRPUSD.5m", "worker christian.reversal_v1.SOLUSD.5m",
         "worker odum.momentum_v1.SOLUSD.5m"]
-    assert str(folder) in problems[0]
+    daily = demo_root / "var" / "data" / "1d"
+    assert all(f"under {daily} " in p for p in problems[:3])
+    assert all(f"under {folder} " in p for p in problems[3:])
 
 
 def test_a_folder_that_cannot_be_created_is_named(demo_root: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -18,10 +19,11 @@ from signalgen.config.loader import Overrides, load_config
 from signalgen.data.synthetic import synthetic_bars
 from signalgen.errors import SignalgenError
 from signalgen.modes import run_mode
-from signalgen.process.specs import worker_specs
+from signalgen.config.workers import worker_specs
 
 REPO = Path(__file__).resolve().parents[3]
 SYMBOLS = ("BTCUSD", "ETHUSD", "SOLUSD", "XRPUSD")
+CLIENTS = ["christian", "ikenna", "odum"]  # the clients trading 5m bars: write_bars writes only those
 FIRST = datetime(2024, 12, 30, tzinfo=timezone.utc)   # the files start here
 EARLY = datetime(2025, 1, 1, tzinfo=timezone.utc)     # an early run's start
 LATE = datetime(2025, 1, 3, 7, 35, tzinfo=timezone.utc)  # a later start, inside the early run's range
@@ -54,6 +56,8 @@ def twin(root: Path, tmp_path_factory) -> Path:
 
 
 def files_config(root: Path, start: datetime, end: datetime = END, **kw):
+    """A files run of the 5m clients (unless `clients` says otherwise): the daily client ada has no 1d files here."""
+    kw.setdefault("clients", CLIENTS)
     return load_config("local-dev", "historical", root=root,
                        overrides=Overrides(start=start, end=end, data_source="files"), **kw)
 
@@ -113,10 +117,10 @@ def test_a_bad_file_fails_its_worker_alone(root):
     assert not workers & {tuple(w.split(".")[:3]) for w in bad}
     assert {("odum", "momentum_v1", "BTCUSD"), ("christian", "consensus_v1", "ETHUSD"),
             ("ikenna", "swing_high_v1", "ETHUSD")} <= workers  # the good workers' signals are stored ...
-    streamed = pl.read_ndjson(root / "var/local-dev/stream/odum.jsonl")
+    streamed = pl.read_ndjson(root / "var/local-dev/stream/historical/odum.jsonl")  # the mode's folder
     assert set(streamed["symbol"]) == {"BTCUSD"}  # ... and routed
     assert streamed.height == stored.filter(pl.col("client_id") == "odum")["n"].item()
-    assert list((root / "var/local-dev/out/quantconnect/ikenna").rglob("*.csv"))
+    assert list((root / "var/local-dev/out/historical/quantconnect/ikenna").rglob("*.csv"))
     [(status, signals)] = table(root, "select status, signals from runs").rows()
     assert status == "failed" and signals == stored["n"].sum()
     # only strategies whose workers all finished own (replace) their range in the QuantConnect CSV
@@ -152,13 +156,19 @@ def test_a_signal_stops_the_run_and_records_it(root, signum):
     finally:
         proc.kill()
     assert proc.returncode == 128 + signum, err
-    lines = err.strip().splitlines()
+    # stderr also carries the INFO log (run started / finished); besides it, one line says what happened
+    lines = [line for line in err.strip().splitlines() if not LOG_LINE.match(line)]
     assert len(lines) == 1 and f"stopped by {signal.Signals(signum).name}" in lines[0], err
+    assert lines[0].startswith("error: stopped by "), err
     assert "recorded as stopped" in lines[0] and "Traceback" not in err
     with duckdb.connect(str(store), read_only=True) as con:
         [(status, bars, signals)] = con.execute("select status, bars, signals from runs").fetchall()
         [(stored,)] = con.execute("select count(*) from signals").fetchall()
     assert status == "stopped" and 0 < bars and signals == stored
+
+
+# a record of signalgen/logs.py's format: "<UTC time> LEVEL logger: message k=v ..."
+LOG_LINE = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ (DEBUG|INFO|WARNING|ERROR|CRITICAL) signalgen[\w.]*: ")
 
 
 def _under_way(store: Path) -> bool:

@@ -1,4 +1,5 @@
-"""The recorder's writer thread: failures surface, a slow store applies backpressure, routing by client."""
+"""The signal writer: failures surface, a slow store applies backpressure, checkpoints advance only once
+durable, routing by client; and whole runs: modes apart, byte-identical re-runs, storage faults."""
 
 from __future__ import annotations
 
@@ -23,8 +24,11 @@ from signalgen.models.train import train_demo_models
 from signalgen.modes import run_mode
 from signalgen.modes.engine import Decisions, strategy_params
 from signalgen.models.registry import ModelRegistry
-from signalgen.modes.recorder import Recorder, open_store
-from signalgen.process.specs import worker_specs
+from signalgen.outputs import DESTINATIONS
+from signalgen.outputs.memory import ListOutput
+from signalgen.storage import open_store
+from signalgen.storage.writer import SignalWriter
+from signalgen.config.workers import worker_specs
 from signalgen.signals.pipeline import evaluate
 
 from tests.unit.modes.conftest import REPO
@@ -64,7 +68,9 @@ def recorder_for(root):
     made = []
 
     def make(store):
-        rec = Recorder(cfg, store, queue_batches=2)
+        outputs = {(c.id, d): ListOutput(c.id) for c in cfg.clients for s in c.strategies
+                   for d in DESTINATIONS[c.routing_for(s)]}
+        rec = SignalWriter(store, outputs, mode="historical", queue_batches=2)
         made.append(rec)
         return rec, worker_specs(cfg), root / "registry"
 
@@ -107,6 +113,85 @@ def test_slow_store_blocks_the_producer(recorder_for):
     producer.join(timeout=5)
     rec.flush()
     assert len(done) == 5 and store.calls == 5
+
+
+def _writer(root, store):
+    """A writer over `store` with a memory output per client and destination; and those outputs."""
+    cfg = load_config("local-dev", "historical", root=root, overrides=Overrides(start=START))
+    outputs = {(c.id, d): ListOutput(c.id) for c in cfg.clients for s in c.strategies
+               for d in DESTINATIONS[c.routing_for(s)]}
+    return SignalWriter(store, outputs, mode="historical"), outputs, worker_specs(cfg)
+
+
+def test_the_checkpoint_advances_only_after_the_store_and_every_output_confirm(root):
+    from signalgen.storage.duckdb import DuckDBStore
+
+    with DuckDBStore(root / "w.duckdb") as store:
+        writer, outputs, specs = _writer(root, store)
+        spec = next(s for s in specs if s.client.id == "ikenna")
+        batch = decisions(spec, root / "registry", n=4)
+        last = datetime(1970, 1, 1, 0, 20, tzinfo=timezone.utc)  # the 4th 5-minute bar
+        try:
+            writer.record(spec, batch)
+            assert writer.checkpoints == {}  # queued is not durable
+            failing = next(o for (c, _), o in outputs.items() if c == spec.client.id)
+            failing.fail_next_flush = 1
+            with pytest.raises(SignalgenError, match="simulated sink failure"):
+                writer.flush()
+            # the store holds the bars, but an output lost them: no acknowledgement
+            assert sum(store.count(t, client_id=spec.client.id) for t in ("signals", "rejections")) == 4
+            assert writer.checkpoints == {}
+            assert writer.flush() == {}  # a later good flush does not acknowledge what was lost
+            writer.record(spec, batch)  # the replay from the checkpoint
+            other = next(s for s in specs if s.client.id == "christian")
+            writer.record(other, decisions(other, root / "registry", n=2))
+            assert writer.flush() == {spec.id: last, other.id: datetime(1970, 1, 1, 0, 10, tzinfo=timezone.utc)}
+            assert failing.signals["signal_id"].n_unique() == batch.signals > 0
+        finally:
+            writer.close()
+
+
+def test_a_failed_store_write_never_advances_the_checkpoint(root):
+    writer, _, specs = _writer(root, SlowOrFailingStore(fail_on=2))
+    try:
+        writer.record(specs[0], decisions(specs[0], root / "registry"))
+        assert set(writer.flush()) == {specs[0].id}
+        first = writer.checkpoints
+        writer.record(specs[0], decisions(specs[0], root / "registry", n=8))
+        with pytest.raises(SignalgenError, match="disk full"):
+            writer.flush()
+        assert writer.checkpoints == first
+    finally:
+        writer._queue.put(None)
+
+
+def test_owning_a_range_reaches_only_the_outputs_the_strategy_routes_to(root):
+    writer, outputs, specs = _writer(root, SlowOrFailingStore())
+    try:
+        for spec in specs:
+            writer.own(spec, START, START + timedelta(days=1))
+        for (client, destination), out in outputs.items():
+            routed = {s.strategy.id for s in specs if s.client.id == client and destination in DESTINATIONS[s.routing]}
+            assert {o[0] for o in out.owned} == routed
+    finally:
+        writer.close()
+
+
+def test_outputs_are_built_by_the_registry_for_the_run_mode_and_refused_when_unavailable(root):
+    from signalgen.errors import ConfigError
+    from signalgen.config.models import RedisMessagingConfig
+    from signalgen.outputs import build_output
+    from signalgen.outputs.local import LocalStreamOutput
+    from signalgen.outputs.quantconnect import QuantConnectCsvOutput
+
+    cfg = load_config("local-dev", "mock", root=root, overrides=Overrides(start=START))
+    qc, stream = build_output(cfg, "ikenna", "quantconnect"), build_output(cfg, "ikenna", "internal")
+    assert isinstance(qc, QuantConnectCsvOutput) and qc.root == root / "var/local-dev/out/mock/quantconnect/ikenna"
+    assert isinstance(stream, LocalStreamOutput) and stream.file == root / "var/local-dev/stream/mock/ikenna.jsonl"
+    redis = cfg.model_copy(update={"environment": cfg.environment.model_copy(
+        update={"messaging": RedisMessagingConfig(type="redis")})})
+    with pytest.raises(ConfigError, match="messaging type 'redis' is not available in this release"):
+        build_output(redis, "ikenna", "internal")
 
 
 # ---------------------------------------------------------------- whole runs: modes apart, re-runs, faults

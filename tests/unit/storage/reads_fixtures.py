@@ -2,23 +2,27 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from multiprocessing.queues import Queue
 from multiprocessing.synchronize import Event
 from pathlib import Path
 
-from tests.unit.outputs.factories import rejection_frame, signal_frame
+from tests.unit.outputs.factories import START, rejection_frame, signal_frame
 
 RUN_ID = "20250301T000000Z-feedc0de"
 
 
 def fill_store(store) -> None:
-    """12 historical + 4 mock signals of ikenna, 6 rejections, one finished run."""
-    from signalgen.storage.duckdb import RunRecord
+    """12 historical signals of ikenna, 4 mock signals of odum, 6 rejections of ikenna, one finished run.
+
+    The rejections are of the 3 bar times after the signals' 6: the store keeps one current decision
+    per bar, so a rejection of a signal's bar would replace that signal.
+    """
+    from signalgen.storage.base import RunRecord
 
     store.write_signals(signal_frame(12, run_id=RUN_ID))
     store.write_signals(signal_frame(4, client_id="odum", strategy_id="momentum_v1", mode="mock", run_id=RUN_ID))
-    store.write_rejections(rejection_frame(6, seed=1, run_id=RUN_ID))
+    store.write_rejections(rejection_frame(6, seed=1, start=START + timedelta(minutes=30), run_id=RUN_ID))
     t = datetime(2025, 3, 1, tzinfo=UTC)
     store.start_run(RunRecord(run_id=RUN_ID, config_hash="abc", mode="historical", environment="local-dev",
                               start=t, end=t, started_at=t, clients=["ikenna", "odum"]))
@@ -31,14 +35,11 @@ def hold_and_serve(db_path: str, events: Queue, stop: Event, more: Event | None 
 
     When `more` is set, 2 more ikenna signals are written (bars after the first ones), once.
     """
-    from datetime import timedelta
-
     from signalgen.storage.duckdb import DuckDBStore
-    from signalgen.storage.readserver import serve_reads
 
     with DuckDBStore(Path(db_path)) as store:
         fill_store(store)
-        with serve_reads(store) as sock:
+        with store.serve_reads() as sock:
             events.put(("serving", str(sock)))
             while not stop.wait(0.05):
                 if more is not None and more.is_set():

@@ -13,7 +13,8 @@ from polars.testing import assert_frame_equal
 from signalgen.data.schema import BAR_REJECTION_SCHEMA
 from signalgen.errors import TransientError
 from signalgen.signals.types import SIGNAL_SCHEMA
-from signalgen.storage.duckdb import FINISH_FIELDS, RUN_COLUMNS, DuckDBStore, RunRecord
+from signalgen.storage.base import FINISH_FIELDS, RUN_SCHEMA, RunRecord
+from signalgen.storage.duckdb import DuckDBStore, sql_type
 from tests.unit.outputs.factories import START, rejection_frame, signal_frame
 from tests.unit.storage.store_fixtures import hold_read_only, try_open_store
 
@@ -258,7 +259,8 @@ def test_a_store_from_before_modes_gets_bar_rejection_modes_from_its_runs(tmp_pa
         con.execute("CREATE TABLE bar_rejections (symbol VARCHAR, timeframe VARCHAR, "
                     "bar_time TIMESTAMPTZ, reason VARCHAR, detail VARCHAR, run_id VARCHAR)")
         con.execute("INSERT INTO bar_rejections VALUES ('AAPL', '5m', '2024-03-01 00:00:00+00', 'gap', '', 'r1')")
-        con.execute(f"CREATE TABLE runs ({', '.join(f'{c!r} {t}'.replace(chr(39), chr(34)) for c, t in RUN_COLUMNS.items())})")
+        cols = ", ".join(f'"{c}" {sql_type(t)}' for c, t in RUN_SCHEMA.items())
+        con.execute(f"CREATE TABLE runs ({cols})")
         con.execute("INSERT INTO runs (run_id, mode, status) VALUES ('r1', 'mock', 'ok')")
     with DuckDBStore(path) as s:
         assert s.count("bar_rejections", mode="mock", run_id="r1") == 1

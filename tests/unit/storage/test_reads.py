@@ -10,8 +10,8 @@ from pydantic import ValidationError
 
 from signalgen.errors import StorageError
 from signalgen.storage.duckdb import DuckDBStore
-from signalgen.storage.reads import ReadQuery, run_query
-from signalgen.storage.readserver import read, serve_reads, socket_path
+from signalgen.storage.reads import ReadQuery
+from signalgen.storage.readserver import socket_path
 from tests.unit.outputs.factories import START
 from tests.unit.storage.reads_fixtures import RUN_ID, fill_store
 
@@ -24,7 +24,12 @@ def store(tmp_path):
 
 
 def _rows(store, **spec):
-    return run_query(store.con, ReadQuery(**spec)).to_pylist()
+    return store.read(ReadQuery(**spec)).to_dicts()
+
+
+def read(path, query):
+    """What the `signals` command does: an unopened store reads through the holder, or the file."""
+    return DuckDBStore(path).read(query)
 
 
 def test_filters_select_what_they_name(store):
@@ -71,7 +76,7 @@ def _raw(path, payload: bytes) -> bytes:
 
 
 def test_server_answers_bad_requests_with_one_line_and_keeps_serving(store):
-    with serve_reads(store) as path:
+    with store.serve_reads() as path:
         bad = _raw(path, b'{"kind": "signals", "sql": "DROP TABLE signals"}')
         assert bad.startswith(b"Ebad read query") and b"\n" not in bad
         try:  # the server stops reading at 64 KiB: the sender sees the answer or a reset
@@ -88,7 +93,7 @@ def test_server_answers_bad_requests_with_one_line_and_keeps_serving(store):
 def test_a_stale_socket_file_is_replaced_and_ignored_by_readers(store, tmp_path):
     path = socket_path(store.path)
     path.write_text("left by a killed run")
-    with serve_reads(store):
+    with store.serve_reads():
         assert read(store.path, ReadQuery(kind="runs")).height == 1
     path.write_text("left again")
     store.close()
@@ -102,7 +107,7 @@ def test_long_paths_get_a_socket_in_the_temp_folder(tmp_path):
     assert socket_path(deep) == path  # writer and reader agree
     with DuckDBStore(deep) as s:
         fill_store(s)
-        with serve_reads(s) as served:
+        with s.serve_reads() as served:
             assert served == path
             assert read(deep, ReadQuery(kind="signals")).height == 16
 

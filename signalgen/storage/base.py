@@ -1,0 +1,116 @@
+"""The signal store protocol and the records every backend keeps (DuckDB now, BigQuery next).
+
+The tables are defined here as polars schemas with their upsert keys, so each backend maps them to
+its own types; nothing outside a backend's file knows its query language.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, fields
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Protocol, Self, runtime_checkable
+
+import polars as pl
+
+from signalgen.config.models import EnvironmentConfig
+from signalgen.data.schema import BAR_REJECTION_SCHEMA
+from signalgen.signals.types import REJECTION_SCHEMA, SIGNAL_SCHEMA
+from signalgen.storage.reads import ReadQuery
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """What is known about a run when it starts; `SignalStore.finish_run` adds the outcome."""
+
+    run_id: str
+    config_hash: str
+    mode: str
+    environment: str
+    start: datetime
+    end: datetime
+    started_at: datetime
+    clients: list[str]
+
+
+BAR_REJECTION_STORE_SCHEMA = pl.Schema({**BAR_REJECTION_SCHEMA, "run_id": pl.String, "mode": pl.String})
+
+# one current decision per bar and mode, whatever its id
+DECISION_KEY = ("client_id", "strategy_id", "symbol", "timeframe", "bar_time", "mode")
+DECISION_ID = {"signals": "signal_id", "rejections": "rejection_id"}
+
+# table -> (schema, upsert key)
+TABLES: dict[str, tuple[pl.Schema, tuple[str, ...]]] = {
+    "signals": (SIGNAL_SCHEMA, DECISION_KEY),
+    "rejections": (REJECTION_SCHEMA, DECISION_KEY),
+    # detail is part of the key: a row whose time could not be read has a NULL bar_time, and its
+    # detail (the file line) is what tells it from another such row
+    "bar_rejections": (BAR_REJECTION_STORE_SCHEMA, ("symbol", "timeframe", "bar_time", "reason", "mode", "detail")),
+}
+
+_UTC = pl.Datetime("us", "UTC")
+# the `runs` table: a RunRecord, then the outcome (FINISH_FIELDS)
+RUN_SCHEMA = pl.Schema({
+    "run_id": pl.String, "config_hash": pl.String, "mode": pl.String, "environment": pl.String,
+    "start": _UTC, "end": _UTC, "started_at": _UTC, "clients": pl.List(pl.String),
+    "finished_at": _UTC, "status": pl.String, "bars": pl.Int64, "signals": pl.Int64,
+    "rejections": pl.Int64, "bar_rejections": pl.Int64, "elapsed_s": pl.Float64, "bars_per_s": pl.Float64,
+    "peak_rss_mb": pl.Float64, "rejections_by_reason": pl.String,  # JSON object: reason -> candidates
+})
+RUN_COLUMNS = tuple(RUN_SCHEMA.names())
+FINISH_FIELDS = tuple(c for c in RUN_COLUMNS if c not in {f.name for f in fields(RunRecord)})
+
+
+def conform(df: pl.DataFrame, schema: pl.Schema, what: str) -> pl.DataFrame:
+    """Columns of `schema` in its order; ValueError naming what is missing or mistyped."""
+    missing = [c for c in schema if c not in df.columns]
+    wrong = [f"{c}: {df.schema[c]} (want {t})" for c, t in schema.items()
+             if c in df.columns and df.schema[c] != t]
+    if missing or wrong:
+        raise ValueError(f"{what} frame does not match its schema: missing {missing}, wrong types {wrong}")
+    return df.select(schema.names())
+
+
+@runtime_checkable
+class SignalStore(Protocol):
+    """Where decisions, bar rejections and runs are kept.
+
+    Guarantees: every write is an upsert (replaying a range leaves the same rows); `signals` and
+    `rejections` hold one current decision per DECISION_KEY (mode included: a write never touches
+    another mode's rows); when a write returns, its rows are durable; a write that fails for a
+    storage reason raises StorageError (one line naming where) and leaves the store as it was.
+    `str(store)` names where it is (a file, a dataset), for messages.
+    """
+
+    @classmethod
+    def from_config(cls, environment: EnvironmentConfig, root: Path) -> Self:
+        """The environment's store (relative paths under the project `root`), not yet opened: config
+        only, no connection. A store is an environment's, so it needs no client or mode config."""
+
+    def open(self) -> None:
+        """Connect, creating the tables if needed. Only one process holds a store open for writing."""
+
+    def write_decisions(self, signals: pl.DataFrame, rejections: pl.DataFrame) -> int:
+        """Make one batch (SIGNAL_SCHEMA, REJECTION_SCHEMA rows) the current decisions of their bars."""
+
+    def write_bar_rejections(self, df: pl.DataFrame, run_id: str | None = None, mode: str | None = None) -> int:
+        """Upsert rejected bars (BAR_REJECTION_SCHEMA; `run_id`/`mode` fill missing columns)."""
+
+    def start_run(self, run: RunRecord) -> None: ...
+
+    def finish_run(self, run_id: str, **values: Any) -> None:
+        """Record a run's outcome: any of FINISH_FIELDS."""
+
+    def abandon_stale_runs(self, now: datetime) -> list[str]:
+        """Mark runs left without a status by a killed writer as 'abandoned'; their ids."""
+
+    def read(self, query: ReadQuery) -> pl.DataFrame:
+        """Rows matching `query` (reads.COLUMNS, or RUN_SCHEMA for runs). Works opened or not: an
+        unopened store reads without taking the writer's place (through the writer if it runs)."""
+
+    def serve_reads(self) -> AbstractContextManager[Any]:
+        """While inside, other processes can `read()` this opened store. For a store any number of
+        processes can read at once (BigQuery), a no-op context."""
+
+    def close(self) -> None: ...
