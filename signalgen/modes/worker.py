@@ -9,8 +9,9 @@ timeframe) in whatever process calls it. What differs between modes is only what
   belong to the runs that cover them.
 - a *clock* says "now": the end of the newest bar in replay (`ReplayClock`, optionally paced at
   `speed` x real time), the wall clock in live (`WallClock`).
-- a *sink* takes each batch of decisions and bar rejections and returns the checkpoint (epoch us of
-  the last bar it holds durably) the worker may advance to, or None while nothing new is durable.
+- a *sink* takes each batch of decisions and bar rejections and acknowledges, through its
+  `checkpoints`, the last bar time it holds durably per worker: `storage.writer.SignalWriter` is
+  one as it is (durable after its `flush`), `MemorySink` at once.
 
 Chunks are prepared with batch features (`WorkerEngine.prepare`), single bars with incremental ones
 (`BarPreparer`); both give bit-identical `Prepared` rows and go through the same `decide`, so a
@@ -25,7 +26,7 @@ import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta, timezone
 from typing import Protocol
 
 import numpy as np
@@ -34,7 +35,11 @@ import polars as pl
 from signalgen.data.validation import BarValidator, validate_bars
 from signalgen.modes.engine import BarPreparer, Decisions, WorkerEngine, epoch_us
 from signalgen.models.registry import ModelRegistry
-from signalgen.process.specs import WorkerSpec
+from signalgen.config.workers import WorkerSpec
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_US = timedelta(microseconds=1)
 
 
 class Clock(Protocol):
@@ -81,11 +86,17 @@ class WallClock:
 
 
 class Sink(Protocol):
-    def write(self, spec: WorkerSpec, decisions: Decisions) -> int | None:
-        """Take one batch of decisions; return the checkpoint now durable (epoch us) or None."""
+    """Where a worker's decisions go (`storage.writer.SignalWriter` has exactly this interface)."""
 
-    def write_bar_rejections(self, spec: WorkerSpec, rejections: pl.DataFrame) -> None:
+    def record(self, spec: WorkerSpec, decisions: Decisions) -> None:
+        """Take one batch of decisions."""
+
+    def record_bar_rejections(self, rejections: pl.DataFrame, run_id: str) -> None:
         """Take bar rejections (BAR_REJECTION_SCHEMA)."""
+
+    @property
+    def checkpoints(self) -> dict[str, datetime]:
+        """Worker id -> last bar time held durably: the point a restarted worker resumes after."""
 
 
 class MemorySink:
@@ -94,13 +105,19 @@ class MemorySink:
     def __init__(self) -> None:
         self.decisions: list[Decisions] = []
         self.bar_rejections: list[pl.DataFrame] = []
+        self._checkpoints: dict[str, datetime] = {}
 
-    def write(self, spec: WorkerSpec, decisions: Decisions) -> int | None:
+    def record(self, spec: WorkerSpec, decisions: Decisions) -> None:
         self.decisions.append(decisions)
-        return int(decisions.bar_time_us[-1]) if decisions.bars else None
+        if decisions.bars:
+            self._checkpoints[spec.id] = _EPOCH + int(decisions.bar_time_us[-1]) * _US
 
-    def write_bar_rejections(self, spec: WorkerSpec, rejections: pl.DataFrame) -> None:
+    def record_bar_rejections(self, rejections: pl.DataFrame, run_id: str) -> None:
         self.bar_rejections.append(rejections)
+
+    @property
+    def checkpoints(self) -> dict[str, datetime]:
+        return dict(self._checkpoints)
 
     def frames(self) -> tuple[pl.DataFrame, pl.DataFrame]:
         """All (signals, rejections) records written so far, in order."""
@@ -127,7 +144,7 @@ class WorkerOutcome:
     signals: int = 0
     reasons: Counter = field(default_factory=Counter)
     bar_rejections: Counter = field(default_factory=Counter)
-    checkpoint_us: int | None = None
+    checkpoint: datetime | None = None  # the sink's acknowledged checkpoint after the last batch
     problems: list[str] = field(default_factory=list)
     stopped: bool = False
 
@@ -158,13 +175,12 @@ def run_worker(spec: WorkerSpec, feed: Iterable[dict | pl.DataFrame], sink: Sink
         outcome.bars += decisions.bars
         outcome.signals += decisions.signals
         outcome.reasons.update(decisions.reasons)
-        checkpoint = sink.write(spec, decisions)
-        if checkpoint is not None:
-            outcome.checkpoint_us = checkpoint
+        sink.record(spec, decisions)
+        outcome.checkpoint = sink.checkpoints.get(spec.id, outcome.checkpoint)
 
     def reject(rejections: pl.DataFrame | None, in_range: bool) -> None:
         if rejections is not None and rejections.height and in_range:
-            sink.write_bar_rejections(spec, rejections)
+            sink.record_bar_rejections(rejections, ctx.run_id)
             outcome.bar_rejections.update(dict(rejections["reason"].value_counts().iter_rows()))
 
     for item in feed:

@@ -21,7 +21,7 @@ from signalgen.modes.engine import WorkerEngine, history_bars
 from signalgen.modes.sources import bar_chunks
 from signalgen.modes.worker import MemorySink, ReplayClock, WorkerContext, bar_feed, run_worker
 from signalgen.models.registry import ModelRegistry
-from signalgen.process.specs import worker_specs
+from signalgen.config.workers import worker_specs
 
 STARTED = datetime.now(timezone.utc) + timedelta(days=1)  # after the session's models are trained
 START = datetime(2025, 1, 2, tzinfo=timezone.utc)
@@ -51,8 +51,8 @@ def historical(cfg, spec) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
     history = next(chunks).bars.tail(history_bars(spec))
     sink = MemorySink()
     for checked, prepared in _prepare_chunks(engine, chunks, int(cfg.start.timestamp() * 1e6), history):
-        sink.write_bar_rejections(spec, checked.rejections)
-        sink.write(spec, engine.decide(prepared))
+        sink.record_bar_rejections(checked.rejections, "run-1")
+        sink.record(spec, engine.decide(prepared))
     return *sink.frames(), pl.concat(sink.bar_rejections)
 
 
@@ -60,9 +60,10 @@ def replay(cfg, spec, feed=None) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFra
     sink = MemorySink()
     outcome = run_worker(spec, feed if feed is not None else bar_feed(raw(cfg, spec)), sink, ReplayClock(),
                          context(cfg))
-    assert outcome.checkpoint_us == int(sink.decisions[-1].bar_time_us[-1])
     rejected = pl.concat(sink.bar_rejections) if sink.bar_rejections else None
-    return *sink.frames(), rejected
+    sig, rej = sink.frames()
+    assert outcome.checkpoint == sink.checkpoints[spec.id] == max(sig["bar_time"].max(), rej["bar_time"].max())
+    return sig, rej, rejected
 
 
 def assert_same_decisions(a: tuple, b: tuple) -> None:
