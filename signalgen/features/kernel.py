@@ -5,8 +5,13 @@ summarises bars t-k+1 .. t and is built from two nodes of size k/2 (at t-k/2 and
 merges the nodes of w's binary digits, newest first (w = 60: the 32 bars ending at t, then 16, 8
 and 4 older ones). Each value is therefore a fixed tree of IEEE operations over the window's own
 bars: it cannot depend on where a series, a chunk or a replay's history began. `batch.py` runs
-this tree over whole arrays, `incremental.py` over one bar's ring buffers, with the same `merge`
-and `window` functions, so both round identically. It costs O(log w) operations per bar and window.
+this tree over whole arrays, `incremental.py` over one bar's ring buffers, with the same
+`merge_pair` and merge order (`plan`), so both round identically. It costs O(log w) merges per bar
+and window: ~40 per bar for the whole feature set, where a running sum would need ~10 but round
+differently depending on where it started.
+
+The one transcendental, log, is numpy's on both paths (a SIMD log may differ from libm's by an
+ulp); the rest are +, -, *, /, sqrt and comparisons, which IEEE 754 rounds the same everywhere.
 
 Two kinds of node:
 - a float sum, for windows that only need a mean of values that are not far from zero relative to

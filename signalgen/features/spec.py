@@ -1,9 +1,10 @@
-"""The feature set, defined once. `batch.py` (polars) and `incremental.py` (O(1) per bar)
-implement it; tests prove them equal after warm-up.
+"""The feature set, defined once. `batch.py` (whole series) and `incremental.py` (one bar at a
+time) implement it with the same window arithmetic (`kernel.py`), so they agree bit for bit.
 
-Every feature is a function of a finite window of past bars (no EWM state), so a value at bar t
-depends only on bars t-WARMUP_BARS+1 .. t: chunked batch runs, bar-by-bar replay and full-series
-runs agree exactly.
+Every feature is a function of a finite window of past bars (no EWM state), and every rolling
+statistic is a fixed tree of operations over its window's own bars, so a value at bar t depends
+only on bars t-WARMUP_BARS+1 .. t: chunked batch runs, bar-by-bar replay and full-series runs
+agree exactly, whatever bar they started from.
 """
 
 from __future__ import annotations
