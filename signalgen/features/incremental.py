@@ -2,8 +2,8 @@
 
 Bit-identical to `batch.py` (and so to historical mode): each window is the same tree of
 operations (`kernel.py`) over the same bars, kept here as ring buffers of power-of-two nodes. A new
-bar costs O(log w) merges per window, about 40 in all (~11-20 us in CPython on this machine, the
-old running sums took ~11-19 us), whatever came before.
+bar costs O(log w) merges per window, about 40 in all (p50 ~20 us in CPython on this machine; the
+running sums this replaced took ~11 us but rounded differently from batch), whatever came before.
 A running sum would be O(1) but its rounding would depend on where it started (the first bar, or
 the last recompute), so per-bar and batch values could differ in the last bit and flip a filter
 threshold or a float32 cast of a feature.
