@@ -95,6 +95,9 @@ def _series_features(h: np.ndarray, lo: np.ndarray, c: np.ndarray, v: np.ndarray
     for arr, defined in ((vol_ratio, vol_60), (rsi, total), (zclose, c_mean_20), (zvolume, v_mean_20),
                          (volume_ratio, v_mean_20)):
         arr[np.isnan(defined)] = np.nan
+    # A window whose squares overflow (values near 1e308, beyond MAX_BAR_VALUE) has no defined z-score.
+    zclose[np.isinf(c_std_20)] = np.nan
+    zvolume[np.isinf(v_std_20)] = np.nan
     return [*rets, vol_20, vol_60, vol_ratio, rsi, zclose, zvolume, volume_ratio, hl_range, hl_range_20,
             close_location, sma_ratio]
 

@@ -119,10 +119,11 @@ class IncrementalFeatures:
         rsi = _NAN if total != total else 0.5 if total == 0.0 else min(max(gain / total, 0.0), 1.0)
         c20 = self._closes.window(20)
         mean, std = kernel.mean(c20, 20), math.sqrt(kernel.variance(c20, 20))
-        zclose = _NAN if mean != mean else 0.0 if std == 0.0 else (close - mean) / std
+        # as in batch: a window whose squares overflow has no defined z-score
+        zclose = _NAN if mean != mean or std == math.inf else 0.0 if std == 0.0 else (close - mean) / std
         v20 = self._volumes.window(20)
         mean, std = kernel.mean(v20, 20), math.sqrt(kernel.variance(v20, 20))
-        zvolume = _NAN if mean != mean else 0.0 if std == 0.0 else (volume - mean) / std
+        zvolume = _NAN if mean != mean or std == math.inf else 0.0 if std == 0.0 else (volume - mean) / std
         volume_ratio = _NAN if mean != mean else 1.0 if mean == 0.0 else kernel.mean(self._volumes.window(5), 5) / mean
         hl_range_20 = kernel.mean(self._ranges.window(20), 20)
         close_location = 0.5 if high == low else (close - low) / (high - low)

@@ -108,3 +108,16 @@ def test_any_chunking_gives_the_same_bits(cuts, history):
         ctx = max(0, lo - history)
         parts.append(feature_array(GAPPY.slice(ctx, hi - ctx))[lo - ctx:])
     assert np.array_equal(np.concatenate(parts), GAPPY_FULL.astype(np.float32), equal_nan=True)
+
+
+def test_overflowing_windows_are_nan_on_both_paths():
+    """Values beyond MAX_BAR_VALUE (validation removes them) overflow the squares: no z-score, and
+    NaN at the same bars per bar and in batch."""
+    bars = synthetic_bars(["X"], "1m", T0, T0 + timedelta(minutes=200), seed=5)
+    spike = pl.int_range(pl.len()) == 100
+    bars = bars.with_columns(*(pl.when(spike).then(1e308).otherwise(c).alias(c) for c in ("high", "close", "volume")))
+    with np.errstate(over="ignore", invalid="ignore"):
+        full = batch_matrix(bars)
+        assert_bits_equal(full, incremental_matrix(bars))
+    z = FEATURE_NAMES.index("zclose_20")
+    assert np.isnan(full[100:120, z]).all() and np.isfinite(full[120:, z]).all()
