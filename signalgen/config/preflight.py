@@ -7,7 +7,7 @@ Where each fault is caught:
   a version folder whose card is missing, is no model at all: "not in the model registry").
 * Refused at run start (`run_refusals`, exit 2; today `run_mode`, `storage.open_store`,
   `outputs.build_output` and `bar_chunks` each refuse one of these): a mode this release cannot run
-  (only `signalgen.modes.BATCH_MODES`), a data source the batch runner cannot read (`stream`), a
+  (only `signalgen.modes.RUN_MODES`), a data source the batch runner cannot read (`stream`), a
   storage type without a backend in `signalgen.storage.STORES`, and a messaging type without one in
   `signalgen.outputs.OUTPUTS` while a strategy routes to the internal stream.
 * Degraded at run (the run completes; only the workers of the faulty model reject every bar as
@@ -40,14 +40,14 @@ def _where(cfg: RunConfig, layer: str, field: str | None, message: str) -> str:
 
 def run_refusals(cfg: RunConfig) -> list[str]:
     """Problems that make `run` refuse the whole config before any work (see the module docstring)."""
-    from signalgen.modes import BATCH_MODES
+    from signalgen.modes import RUN_MODES
     from signalgen.outputs import OUTPUTS
     from signalgen.storage import STORES
 
     env, out = cfg.environment, []
-    if cfg.mode.name not in BATCH_MODES:
+    if cfg.mode.name not in RUN_MODES:
         out.append(_where(cfg, "mode", "name", f"mode {cfg.mode.name.value!r} is not available in this release; "
-                          f"use {' or '.join(m.value for m in BATCH_MODES)}"))
+                          f"use {' or '.join(m.value for m in RUN_MODES)}"))
     if cfg.data_source not in ("synthetic", "files"):
         out.append(_where(cfg, "mode", "data_source", f"data source {cfg.data_source!r} cannot feed mode "
                           f"{cfg.mode.name.value!r} in this release; use synthetic or files"))

@@ -19,7 +19,8 @@ from signalgen.config.workers import worker_specs
 
 log = logging.getLogger(__name__)
 
-BATCH_MODES = (Mode.HISTORICAL, Mode.MOCK)
+# what `run` executes: historical and mock in chunks (vectorized), simulation one bar at a time
+RUN_MODES = (Mode.HISTORICAL, Mode.MOCK, Mode.SIMULATION)
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
@@ -70,6 +71,7 @@ def run_mode(cfg: RunConfig, *, progress: bool = False) -> RunReport:
     """
     from signalgen.config.preflight import run_refusals
     from signalgen.modes.batch import BatchRunner
+    from signalgen.modes.simulation import SimulationRunner
     from signalgen.storage import open_store
     from signalgen.storage.base import RunRecord
     from signalgen.storage.writer import SignalWriter
@@ -98,8 +100,12 @@ def run_mode(cfg: RunConfig, *, progress: bool = False) -> RunReport:
                 try:
                     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                                   TimeElapsedColumn(), TimeRemainingColumn(), disable=not progress) as bar:
-                        report = BatchRunner(cfg, writer, run_id=run_id, started_at=started_at,
-                                             progress=bar if progress else None, stop=stop).run(specs)
+                        if cfg.mode.name is Mode.SIMULATION:
+                            runner = SimulationRunner(cfg, writer, run_id=run_id, started_at=started_at, stop=stop)
+                        else:
+                            runner = BatchRunner(cfg, writer, run_id=run_id, started_at=started_at,
+                                                 progress=bar if progress else None, stop=stop)
+                        report = runner.run(specs)
                     by_strategy = {(s.client.id, s.strategy.id): s for s in specs}
                     for pair in report.finished(specs):  # only finished ranges are owned
                         writer.own(by_strategy[pair], cfg.start, cfg.end)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import datetime, timedelta, timezone
 
 import numpy as np
@@ -78,7 +78,20 @@ class Decisions:
     predictions: np.ndarray
     mode: str
     run_id: str
-    latency_us: int  # compute time per bar of this batch
+    latency_us: int | np.ndarray  # compute time per bar: one value for the batch, or one per bar
+
+    @classmethod
+    def concat(cls, parts: Sequence[Decisions]) -> Decisions:
+        """One batch of consecutive batches of the same worker (each bar keeps its own latency)."""
+        if len(parts) == 1:
+            return parts[0]
+        ev = Evaluation(*(np.concatenate([getattr(p.evaluation, f.name) for p in parts])
+                          for f in fields(Evaluation)))
+        latency = np.concatenate([np.broadcast_to(np.asarray(p.latency_us, dtype=np.int64), p.bars) for p in parts])
+        first = parts[0]
+        return cls(first.params, ev, np.concatenate([p.bar_time_us for p in parts]),
+                   np.concatenate([np.broadcast_to(p.now_us, p.bars) for p in parts]),
+                   np.concatenate([p.predictions for p in parts]), first.mode, first.run_id, latency)
 
     @property
     def bars(self) -> int:

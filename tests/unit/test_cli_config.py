@@ -53,7 +53,6 @@ def test_validate_json(root: Path) -> None:
     # approved before (exit 0), then `run` refused them: exit 2 (environment) or 1 (mode)
     (("--env", "local-integration"), "messaging type 'redis' is not available in this release"),
     (("--mode", "live"), "mode 'live' is not available in this release"),
-    (("--mode", "simulation"), "mode 'simulation' is not available in this release"),
     (("--env", "cloud-dev"), "storage type 'bigquery' is not available in this release"),
 ])
 def test_validate_finds_what_run_refuses(root: Path, args: tuple[str, ...], words: str) -> None:

@@ -121,10 +121,10 @@ def test_data_source_environment_then_mode_then_override(demo_root: Path) -> Non
     for env, source in expected.items():
         assert load_config(env, deferring, root=demo_root).data_source == source
     # The mode's own data_source beats the environment...
-    assert load_config("local-dev", "simulation", root=demo_root).data_source == "files"
+    assert load_config("local-integration", "simulation", root=demo_root).data_source == "synthetic"
     # ...and the command line beats both.
-    cfg = load_config("local-dev", "simulation", root=demo_root, overrides=Overrides(data_source="synthetic"))
-    assert cfg.data_source == "synthetic"
+    cfg = load_config("local-dev", "simulation", root=demo_root, overrides=Overrides(data_source="files"))
+    assert cfg.data_source == "files"
 
 
 def test_range_seed_inference_backend_precedence(demo_root: Path) -> None:
