@@ -28,7 +28,7 @@ from datetime import datetime, timedelta
 import numpy as np
 import polars as pl
 
-from signalgen.config.models import default_max_gap  # also imported from here by older callers
+from signalgen.config.models import default_max_gap
 from signalgen.data.schema import (
     BAR_PROBLEM_SCHEMA, BAR_REJECTION_SCHEMA, BAR_SCHEMA, MAX_BAR_VALUE, BarReason,
 )

@@ -9,7 +9,6 @@ from datetime import datetime, timedelta
 import numpy as np
 
 from signalgen.models.registry import ModelCard
-from signalgen.signals.validate import bad_outputs  # noqa: F401  (re-exported: its old home)
 
 
 def check_card(card: ModelCard, *, now: datetime, max_age_days: int, feature_names: Sequence[str],

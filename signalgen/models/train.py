@@ -18,9 +18,8 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from signalgen.config.models import timeframe_delta
+from signalgen.config.models import default_max_gap, timeframe_delta
 from signalgen.data.synthetic import synthetic_bars
-from signalgen.data.validation import default_max_gap
 from signalgen.features.batch import compute_features, feature_matrix
 from signalgen.features.spec import FEATURE_NAMES
 from signalgen.models.catalog import (

@@ -109,8 +109,7 @@ class BatchRunner:
     def _run_worker(self, spec: WorkerSpec, items: Iterator, report: RunReport, task) -> bool:
         """Run one worker; False if the run was asked to stop before it finished."""
         cfg, stats = self.cfg, report.stat(spec)
-        fields = {"run_id": self.run_id, "worker": spec.id, "client": spec.client.id,
-                  "strategy": spec.strategy.id, "symbol": spec.symbol}
+        fields = worker_fields(self.run_id, spec)
         t0 = time.perf_counter()
         bars = 0
         try:
@@ -138,18 +137,34 @@ class BatchRunner:
                 if self.stop.is_set():
                     return False
         except WorkerFailed as failed:
-            report.failures[spec.id] = str(failed)
-            log.error("worker failed: %s", failed, extra=fields)
+            worker_failed(report, spec, str(failed), fields)
             return True
         finally:
             stats.elapsed_s += time.perf_counter() - t0
-        stats.workers += 1
-        report.completed.add(spec.id)
-        if not bars:
-            problem = f"{spec.id}: no bars in ({cfg.start:%Y-%m-%d %H:%M}, {cfg.end:%Y-%m-%d %H:%M}]"
-            report.problems.append(problem)
-            log.warning("%s", problem, extra=fields)
+        worker_completed(report, spec, bars, cfg, fields)
         return True
+
+
+def worker_fields(run_id: str, spec: WorkerSpec) -> dict[str, str]:
+    """The log fields naming a worker."""
+    return {"run_id": run_id, "worker": spec.id, "client": spec.client.id, "strategy": spec.strategy.id,
+            "symbol": spec.symbol}
+
+
+def worker_failed(report: RunReport, spec: WorkerSpec, reason: str, fields: dict[str, str]) -> None:
+    """Record and log a worker whose data could not be read (the others go on)."""
+    report.failures[spec.id] = reason
+    log.error("worker failed: %s", reason, extra=fields)
+
+
+def worker_completed(report: RunReport, spec: WorkerSpec, bars: int, cfg: RunConfig, fields: dict[str, str]) -> None:
+    """Record a worker that went through its whole range; warn when the range held no bars."""
+    report.stat(spec).workers += 1
+    report.completed.add(spec.id)
+    if not bars:
+        problem = f"{spec.id}: no bars in ({cfg.start:%Y-%m-%d %H:%M}, {cfg.end:%Y-%m-%d %H:%M}]"
+        report.problems.append(problem)
+        log.warning("%s", problem, extra=fields)
 
 
 def _unless_failed(item):

@@ -9,7 +9,6 @@ ones bit for bit (tests/unit/modes/test_worker_equivalence.py, tests/unit/modes/
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
 from datetime import datetime
@@ -20,13 +19,11 @@ from signalgen.config.workers import WorkerSpec
 from signalgen.data.validation import validate_bars
 from signalgen.errors import ConfigError
 from signalgen.modes.base import RunReport, peak_rss_mb
-from signalgen.modes.batch import DATA_FAILURES, one_line
+from signalgen.modes.batch import DATA_FAILURES, one_line, worker_completed, worker_failed, worker_fields
 from signalgen.modes.engine import Decisions, history_bars
 from signalgen.modes.sources import bar_chunks
 from signalgen.modes.worker import ReplayClock, WorkerContext, bar_feed, run_worker
 from signalgen.storage.writer import SignalWriter
-
-log = logging.getLogger(__name__)
 
 
 class BatchingSink:
@@ -93,16 +90,14 @@ class SimulationRunner:
                 report.status = "stopped"
                 break
             stats, started = report.stat(spec), time.perf_counter()
-            fields = {"run_id": self.ctx.run_id, "worker": spec.id, "client": spec.client.id,
-                      "strategy": spec.strategy.id, "symbol": spec.symbol}
+            fields = worker_fields(self.ctx.run_id, spec)
             try:
                 outcome = run_worker(spec, self._feed(spec), self.sink, ReplayClock(cfg.mode.replay_speed or 0),
                                      self.ctx, self.stop)
             except ConfigError:
                 raise
             except DATA_FAILURES as exc:
-                report.failures[spec.id] = one_line(exc)
-                log.error("worker failed: %s", report.failures[spec.id], extra=fields)
+                worker_failed(report, spec, one_line(exc), fields)
                 continue
             finally:
                 self.sink.drain()
@@ -116,12 +111,7 @@ class SimulationRunner:
             if outcome.stopped:
                 report.status = "stopped"
                 break
-            stats.workers += 1
-            report.completed.add(spec.id)
-            if not outcome.bars:
-                problem = f"{spec.id}: no bars in ({cfg.start:%Y-%m-%d %H:%M}, {cfg.end:%Y-%m-%d %H:%M}]"
-                report.problems.append(problem)
-                log.warning("%s", problem, extra=fields)
+            worker_completed(report, spec, outcome.bars, cfg, fields)
         if report.failures and report.status == "ok":
             report.status = "failed"
         report.elapsed_s = time.perf_counter() - t0

@@ -6,8 +6,9 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from signalgen.features.spec import FEATURE_NAMES
-from signalgen.models.health import bad_outputs, check_card
+from signalgen.models.health import check_card
 from signalgen.models.registry import ModelRegistry
+from signalgen.signals.validate import bad_outputs
 
 from .helpers import T0, register_fake
 
