@@ -427,6 +427,10 @@ def runs_show(run_id: Annotated[str, typer.Argument(help="The run id (as `runs l
         console.print(run_detail(row))
 
 
+# process commands register themselves on `app` (imported here, after `app` exists)
+from signalgen.process import cli as _process_cli, worker_cli as _worker_cli  # noqa: E402,F401
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; the one place errors become exit codes.
 

@@ -1,0 +1,1 @@
+"""Manager commands (start, stop, status, ...): registered on signalgen.cli.app."""

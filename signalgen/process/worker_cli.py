@@ -1,0 +1,1 @@
+"""Worker-process commands (worker, writer): registered on signalgen.cli.app."""
