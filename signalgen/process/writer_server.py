@@ -136,6 +136,7 @@ class WriterServer:
         self._checkpoints: dict[str, datetime] = {}
         self._workers: dict[str, _Worker] = {}
         self._lock = threading.Lock()
+        self._outputs_lock = threading.Lock()  # opening outputs: hello threads and the commit thread
         self._inbox: queue.Queue = queue.Queue()
         self._listener: socket.socket | None = None
         self._threads: list[threading.Thread] = []
@@ -283,7 +284,9 @@ class WriterServer:
             conn.send(("refused", f"worker {spec.id} runs mode {mode!r}; this writer serves {self.mode!r}"))
             return None
         try:
-            self._writer.open_outputs(self.cfg, spec)  # a client added since the writer started (reload)
+            with self._outputs_lock:  # a client added since the writer started (reload): refuse early if unservable
+                if self._writer is not None:
+                    self._writer.open_outputs(self.cfg, spec)
         except SignalgenError as exc:
             conn.send(("refused", f"outputs of {spec.id}: {exc}"))
             return None
@@ -359,6 +362,9 @@ class WriterServer:
                 rejected = [b.bar_rejections for b in batches if b.bar_rejections is not None]
                 if rejected:
                     writer.record_bar_rejections(pl.concat(rejected), self.run_id)
+            with self._outputs_lock:
+                for spec, _ in items:
+                    writer.open_outputs(self.cfg, spec)
             writer.record_group(items)
             writer.flush()
             self.store.write_checkpoints(self.mode, moved)
@@ -389,11 +395,8 @@ class WriterServer:
         """The signal writer; after a failed write a fresh one (a SignalWriter stops writing after
         its first failure, and the outputs drop what they had pending)."""
         if self._writer is None:
-            self._writer = SignalWriter.from_config(self.cfg, self.store)
-            with self._lock:
-                specs = [w.spec for w in self._workers.values()]
-            for spec in specs:
-                self._writer.open_outputs(self.cfg, spec)
+            with self._outputs_lock:
+                self._writer = SignalWriter.from_config(self.cfg, self.store)
         return self._writer
 
     def _drop_writer(self) -> None:
