@@ -143,6 +143,9 @@ class StrategyConfig(Frozen):
     routing: Routing | None = None  # overrides the client's routing for this strategy
     max_staleness_bars: float = Field(2.0, gt=0)
     enabled: bool = True
+    # What the manager does when one of this strategy's workers fails (crash, stale heartbeat, over
+    # memory): restart with backoff (FATAL after process.max_recovery_attempts), pause, or stop.
+    recovery: Literal["restart", "pause", "stop"] = "restart"
 
     @model_validator(mode="after")
     def _unique(self) -> StrategyConfig:
@@ -230,8 +233,40 @@ class DependenciesConfig(Frozen):
 
 
 class ProcessLimitsConfig(Frozen):
-    memory_mb: int = Field(1024, ge=64)
+    """Limits and supervision settings for worker processes (see signalgen.process.states)."""
+
+    memory_mb: int = Field(1024, ge=64)  # max USS (RSS where USS is unavailable) per worker before a restart
     cpu: float = Field(1.0, gt=0)
+    heartbeat_interval_s: float = Field(2.0, gt=0)  # a worker writes a heartbeat this often
+    heartbeat_threshold_s: float = Field(30.0, gt=0)  # an older heartbeat: the worker is killed and recovered
+    max_errors_per_minute: int = Field(10, ge=0)  # more marks a worker unhealthy
+    max_recovery_attempts: int = Field(5, ge=0)  # consecutive failed restarts before FATAL
+    backoff_initial_s: float = Field(1.0, gt=0)  # first restart delay; doubles per consecutive failure
+    backoff_max_s: float = Field(60.0, gt=0)  # cap on the restart delay
+    stop_timeout_s: float = Field(10.0, gt=0)  # SIGTERM -> SIGKILL after this long
+    resource_sample_s: float = Field(5.0, gt=0)  # CPU%/memory sampling period
+    mock_bar_interval_s: float = Field(1.0, ge=0)  # streaming mock: wall seconds between bars per worker
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ProcessLimitsConfig:
+        if self.backoff_max_s < self.backoff_initial_s:
+            raise ValueError(f"backoff_max_s ({self.backoff_max_s}) must be at least backoff_initial_s "
+                             f"({self.backoff_initial_s})")
+        if self.heartbeat_threshold_s <= self.heartbeat_interval_s:
+            raise ValueError(f"heartbeat_threshold_s ({self.heartbeat_threshold_s}) must be above "
+                             f"heartbeat_interval_s ({self.heartbeat_interval_s})")
+        return self
+
+
+class ControlStoreConfig(Frozen):
+    """The control store: worker instances, commands, heartbeats, resources, events (signalgen.storage.control).
+
+    Separate from the signal store; SQLite in WAL mode so the manager, workers and any other program
+    can write it at once.
+    """
+
+    type: Literal["sqlite"] = "sqlite"
+    path: str = "var/control.sqlite"  # relative to the run's root
 
 
 class PathsConfig(Frozen):
@@ -246,6 +281,7 @@ class EnvironmentConfig(Frozen):
     messaging: MessagingConfig
     dependencies: DependenciesConfig = DependenciesConfig()
     process: ProcessLimitsConfig = ProcessLimitsConfig()
+    control: ControlStoreConfig = ControlStoreConfig()
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     paths: PathsConfig = PathsConfig()
 
