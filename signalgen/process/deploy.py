@@ -46,7 +46,7 @@ def supervisor_config(cfg: RunConfig, specs: list[WorkerSpec], conf_dir: Path, *
     logs = conf_dir / "logs"
 
     def command(*args: str) -> str:
-        head = [python, str(runner)] if runner else [python, "-m", "signalgen.cli"]
+        head = [python, str(runner)] if runner else [python, "-m", "signalgen"]
         return shlex.join([*head, *args, "--env", env, "--mode", mode, "--root", str(root)])
 
     lines = [

@@ -16,7 +16,6 @@ import duckdb
 import pytest
 import yaml
 
-from signalgen.cli import main
 from signalgen.process.deploy import program_name
 
 REPO = Path(__file__).resolve().parents[3]
@@ -39,6 +38,11 @@ def make_root(path: Path) -> Path:
     mock |= {"start": "2025-01-01T00:00:00Z", "end": "2025-01-01T12:00:00Z"}
     (path / "modes/mock.yaml").write_text(yaml.safe_dump(mock))
     return path
+
+
+def cli(*args: str) -> None:
+    done = subprocess.run([sys.executable, "-m", "signalgen", *args], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
 
 
 def ctl(conf: Path, *args: str) -> str:
@@ -68,7 +72,7 @@ def decisions(db: Path, mode: str) -> list[tuple]:
 def test_supervisord_restarts_a_killed_worker_which_resumes_from_its_checkpoint(tmp_path):
     root = make_root(tmp_path / "sv")
     conf_dir = tmp_path / "sv/var/supervisor"
-    assert main(["deploy", "supervisor", "--root", str(root), "--mode", "mock", "--out", str(conf_dir)]) == 0
+    cli("deploy", "supervisor", "--root", str(root), "--mode", "mock", "--out", str(conf_dir))
     conf = conf_dir / "supervisord.conf"
     text = conf.read_text()
     assert all(f"[program:{program_name(w)}]" in text and f"--id {w}" in text for w in WORKERS)
@@ -97,7 +101,7 @@ def test_supervisord_restarts_a_killed_worker_which_resumes_from_its_checkpoint(
 
     # the same bars in one uninterrupted batch run
     batch_root = make_root(tmp_path / "batch")
-    assert main(["run", "--root", str(batch_root), "--mode", "mock", "--no-progress"]) == 0
+    cli("run", "--root", str(batch_root), "--mode", "mock", "--no-progress")
     expected = decisions(batch_root / "var/local-dev/signalgen.duckdb", "mock")
     assert len(expected) == BARS * len(WORKERS)
     assert streamed == expected  # none lost, none duplicated, bit-identical confidences and weights
