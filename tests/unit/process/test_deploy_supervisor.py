@@ -79,7 +79,7 @@ def test_supervisord_restarts_a_killed_worker_which_resumes_from_its_checkpoint(
 
     daemon = subprocess.Popen([BIN / "supervisord", "-n", "-c", conf], stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL, start_new_session=True)
-    victim = program_name(WORKERS[0])
+    victim = f"signalgen:{program_name(WORKERS[0])}"  # programs are in the signalgen group
     log = root / "var/local-dev/logs" / f"{WORKERS[0]}.log"
     try:
         wait_for(lambda: ctl(conf, "status").count("RUNNING") == 3, 60, "writer and both workers RUNNING")
