@@ -64,8 +64,8 @@ def decisions(db: Path, mode: str) -> list[tuple]:
     with duckdb.connect(str(db), read_only=True) as con:
         return con.execute(
             "SELECT 'signal', signal_id, symbol, bar_time, direction, confidence, weight FROM signals WHERE mode = ? "
-            "UNION ALL SELECT 'rejection', signal_id, symbol, bar_time, NULL, NULL, NULL FROM rejections "
-            "WHERE mode = ? ORDER BY 4, 3", [mode, mode]).fetchall()
+            "UNION ALL SELECT 'rejection', rejection_id, symbol, bar_time, NULL, NULL, NULL FROM rejections "
+            "WHERE mode = ? ORDER BY 4, 3, 1", [mode, mode]).fetchall()
 
 
 @pytest.mark.skipif(not (BIN / "supervisord").exists(), reason="supervisord is installed with the dev extra")
