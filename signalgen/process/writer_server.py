@@ -124,7 +124,8 @@ class WriterServer:
     """
 
     def __init__(self, cfg: RunConfig, store: SignalStore, *, run_id: str, address: str, authkey: bytes,
-                 commit_interval_s: float = 0.05, max_group_bars: int = 100_000) -> None:
+                 commit_interval_s: float = 0.05, max_group_bars: int = 100_000,
+                 writer: SignalWriter | None = None) -> None:
         if len(os.fsencode(address)) > MAX_SOCKET_PATH:
             raise ConfigError(f"writer socket path is {len(os.fsencode(address))} bytes, over the "
                               f"{MAX_SOCKET_PATH} a Unix socket allows: {address}; pass a shorter --writer/--address")
@@ -132,7 +133,9 @@ class WriterServer:
         self.address, self._authkey = address, authkey
         self.commit_interval_s, self.max_group_bars = commit_interval_s, max_group_bars
         self.mode = cfg.mode.name.value
-        self._writer: SignalWriter | None = None
+        # a run's own writer (`run --workers`: it owns the run's range at the end): flushed, not closed
+        self._writer: SignalWriter | None = writer
+        self._own_writer = writer is None
         self._checkpoints: dict[str, datetime] = {}
         self._workers: dict[str, _Worker] = {}
         self._lock = threading.Lock()
@@ -148,7 +151,8 @@ class WriterServer:
     # ----------------------------------------------------------------------------- lifecycle
 
     def start(self) -> WriterServer:
-        self._writer = SignalWriter.from_config(self.cfg, self.store)
+        if self._writer is None:
+            self._writer = SignalWriter.from_config(self.cfg, self.store)
         self._checkpoints = self.store.checkpoints(self.mode)
         _claim_socket_path(self.address)
         # authkey=None here: the challenge runs on each connection's own thread (with a timeout),
@@ -191,7 +195,10 @@ class WriterServer:
         for w in workers:
             _close_conn(w)
         if self._writer is not None:
-            self._writer.close()
+            if self._own_writer:
+                self._writer.close()
+            else:
+                self._writer.flush()
             self._writer = None
 
     @property
