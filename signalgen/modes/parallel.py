@@ -124,6 +124,9 @@ class ParallelRunner:
                     p.join(5)
             server.close()
             shutil.rmtree(folder, ignore_errors=True)
+        self.writer_stats = dict(server.stats)
+        log.info("writer: %d group commits of %d bars took %.1f s (%d processes)", server.stats["groups"],
+                 server.stats["bars"], server.stats["commit_s"], n, extra={"run_id": ctx.run_id})
         if self.stop.is_set() and report.status == "ok":
             report.status = "stopped"
         if report.failures and report.status == "ok":

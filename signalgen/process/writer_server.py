@@ -144,7 +144,7 @@ class WriterServer:
         self._listener: socket.socket | None = None
         self._threads: list[threading.Thread] = []
         self._closing = False
-        self.stats = {"groups": 0, "batches": 0, "bars": 0, "failed_groups": 0}
+        self.stats = {"groups": 0, "batches": 0, "bars": 0, "failed_groups": 0, "commit_s": 0.0}
         # called with (group size in batches, bars, seconds the commit took); for benchmarks
         self.on_commit: Callable[[int, int, float], None] | None = None
 
@@ -395,6 +395,7 @@ class WriterServer:
         self.stats["groups"] += 1
         self.stats["batches"] += len(group)
         self.stats["bars"] += bars
+        self.stats["commit_s"] += spent
         if self.on_commit is not None:
             self.on_commit(len(group), bars, spent)
 
