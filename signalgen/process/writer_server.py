@@ -405,11 +405,12 @@ class WriterServer:
         if self._writer is None:
             with self._outputs_lock:
                 self._writer = SignalWriter.from_config(self.cfg, self.store)
+            self._own_writer = True  # a run's writer that failed is not handed back to the run
         return self._writer
 
     def _drop_writer(self) -> None:
         writer, self._writer = self._writer, None
-        if writer is not None:
+        if writer is not None and self._own_writer:
             try:
                 writer.close()
             except Exception as exc:  # noqa: BLE001 - it already failed; its error was reported
