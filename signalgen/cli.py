@@ -216,6 +216,9 @@ def run(env: EnvOpt = Environment.LOCAL_DEV, mode: ModeOpt = Mode.HISTORICAL, ro
         seed: SeedOpt = None, backend: BackendOpt = None, inference: InferenceOpt = None,
         data_source: SourceOpt = None,
         progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+        workers: Annotated[int, typer.Option(
+            "--workers", "-w", min=0, help="Worker processes for historical and mock runs (0: one per core; "
+                                           "1: in this process).")] = 1,
         output: OutputOpt = Output.TABLE) -> None:
     """Run the strategy channels: bars -> features -> models -> signals -> store and outputs.
 
@@ -225,7 +228,10 @@ def run(env: EnvOpt = Environment.LOCAL_DEV, mode: ModeOpt = Mode.HISTORICAL, ro
     from signalgen.report import report_dict, summary_table
 
     cfg = _load(env, mode, root, client, strategy, start, end, seed, backend, inference, data_source)
-    report = run_mode(cfg, progress=progress and console.is_terminal and output is Output.TABLE)
+    from signalgen.modes.parallel import default_processes
+
+    report = run_mode(cfg, progress=progress and console.is_terminal and output is Output.TABLE,
+                      processes=workers or default_processes())
     if output is Output.JSON:
         _print_json(report_dict(report))
     else:
