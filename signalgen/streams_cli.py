@@ -23,13 +23,13 @@ import typer
 
 from signalgen.cli import EnvOpt, ModeOpt, RootOpt, _load, app, console, err_console
 from signalgen.config.models import Environment, Mode, RunConfig
-from signalgen.errors import ConfigError
+from signalgen.errors import ConfigError, SignalgenError
 
 clients_app = typer.Typer(help="Per-client access to the environment's streams.", no_args_is_help=True)
 app.add_typer(clients_app, name="clients")
 
 # what a client's Redis user may run: reads and consumer-group bookkeeping on its own keys, nothing else
-CLIENT_COMMANDS = ("ping", "select", "client|setinfo", "client|setname", "xread", "xrange", "xrevrange", "xlen",
+CLIENT_COMMANDS = ("ping", "select", "client|setname", "xread", "xrange", "xrevrange", "xlen",
                    "xinfo", "xreadgroup", "xack", "xgroup|create", "xgroup|createconsumer", "xgroup|setid",
                    "xautoclaim", "xclaim", "xpending")
 
@@ -282,11 +282,15 @@ def grant_client(cfg: RunConfig, client_id: str) -> str:
     m = cfg.environment.messaging
     keys = StreamKeys(m.stream_prefix)
     user = keys.acl_user(client_id)
+    import redis
+
     admin = connect(cfg)
     try:
         admin.execute_command("ACL", "SETUSER", user, "reset", "on", f">{password}", "resetchannels",
                               *(f"~{p}" for p in keys.client_patterns(client_id)), "-@all",
                               *(f"+{c}" for c in CLIENT_COMMANDS))
+    except redis.RedisError as exc:
+        raise SignalgenError(f"Redis refused to create user {user}: {exc}") from None
     finally:
         admin.close()
     return masked_url(m.url, username=user, password=True)
