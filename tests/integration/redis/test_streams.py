@@ -217,3 +217,30 @@ def test_redis_output_writes_a_clients_signals_of_its_mode(root):
     got = decode_rows([f[b"data"] for _, f in r.xrange(KEYS.signals("historical", "odum"))], SIGNAL_SCHEMA)
     assert_frame_equal(got, hist)
     assert r.exists(KEYS.signals("live", "odum")) == 0
+
+
+def test_small_batches_are_encoded_without_polars_into_the_same_records(root):
+    from signalgen.modes.engine import Decisions
+    from signalgen.outputs.redis import SMALL_BATCH, decision_entries
+    from signalgen.signals.types import REJECTION_SCHEMA
+
+    ds = batches(load_config("local-integration", "live", root=root), 400)
+    groups = [[d] for d in ds] + [ds[i:i + 7] for i in range(0, len(ds), 7)]  # single bars and small batches
+    for group in groups:
+        d = Decisions.concat(group)
+        assert d.bars <= SMALL_BATCH
+        signals, rejections = decision_entries(d)
+        want = d.frames()
+        for entries, schema, frame in ((signals, SIGNAL_SCHEMA, want[0]), (rejections, REJECTION_SCHEMA, want[1])):
+            got = decode_rows([e["data"].encode() for e in entries], schema)
+            assert_same_bits(got, frame)
+            assert [e["id"] for e in entries] == frame[schema.names()[0]].to_list()
+
+
+def assert_same_bits(got: pl.DataFrame, want: pl.DataFrame) -> None:
+    import numpy as np
+
+    assert_frame_equal(got, want, check_exact=True)
+    for column, dtype in want.schema.items():
+        if dtype == pl.Float64:
+            assert np.array_equal(got[column].to_numpy().view(np.int64), want[column].to_numpy().view(np.int64))
