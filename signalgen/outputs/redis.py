@@ -290,7 +290,7 @@ class RedisSink:
         self._checkpoints: dict[str, datetime] = {}
         self._error: BaseException | None = None
         self._down_since: float | None = None   # monotonic time of the first failure of this outage
-        self._full_logged = False
+        self._full_logged_at: float | None = None  # when "buffer full" was last logged
         self._closing = False
         self._sender = threading.Thread(target=self._send_loop, name="redis-sink", daemon=True)
         self._sender.start()
@@ -384,8 +384,8 @@ class RedisSink:
                     self._error = exc
                     self._raise_error()
             while self._pending and self._buffered + n > self.max_buffered and self._error is None:
-                if not self._full_logged:
-                    self._full_logged = True
+                if self._full_logged_at is None or time.monotonic() - self._full_logged_at > 60:
+                    self._full_logged_at = time.monotonic()  # once per outage, at most once a minute otherwise
                     self.stats.backpressure_events += 1
                     log.warning("redis sink buffer full (%d entries waiting): the worker stops consuming until "
                                 "Redis takes them", self._buffered)
@@ -398,7 +398,7 @@ class RedisSink:
 
     def _went_down(self, exc: BaseException) -> None:
         if self._down_since is None:
-            self._down_since = time.monotonic()
+            self._down_since, self._full_logged_at = time.monotonic(), None
             self.stats.outages += 1
             log.warning("redis unreachable (%s): buffering up to %d entries, retrying", exc, self.max_buffered)
 
@@ -429,7 +429,7 @@ class RedisSink:
             self.stats.recovered_at = time.time()
             log.warning("redis sink recovered after %.1f s; %d entries still buffered", self.stats.last_outage_s,
                         self._buffered)
-            self._down_since, self._full_logged = None, False
+            self._down_since = None
         self._cond.notify_all()
 
     def _drop_applied(self) -> None:
