@@ -141,9 +141,28 @@ def feed(env: EnvOpt = Environment.LOCAL_INTEGRATION, root: RootOpt = None,
     stop = _stop_on_signals()
     err_console.print(f"feeding {len(series)} series ({', '.join(f'{s}:{t}' for s, t in series)}) at speed {speed:g}",
                       highlight=False)
-    stats = publish_bars(client, feed_frames(cfg, series, source, start=start, bars=bars, backfill=backfill),
-                         keys=StreamKeys(m.stream_prefix), maxlen=m.maxlen, speed=speed, stop=stop)
-    console.print(f"published {stats.published:,} bars ({stats.already_there:,} already there)", highlight=False)
+    keys = StreamKeys(m.stream_prefix)
+    frames = feed_frames(cfg, series, source, start=start, bars=bars, backfill=backfill)
+    past, rest = split_at(frames, datetime.now(timezone.utc))
+    # bars that already ended go out at once (history for the workers), the rest at --speed
+    first = publish_bars(client, past, keys=keys, maxlen=m.maxlen, speed=0, stop=stop)
+    stats = publish_bars(client, rest, keys=keys, maxlen=m.maxlen, speed=speed, stop=stop)
+    console.print(f"published {first.published + stats.published:,} bars "
+                  f"({first.already_there + stats.already_there:,} already there)", highlight=False)
+
+
+def split_at(frames: Iterator, cut: datetime) -> tuple[list, Iterator]:
+    """(the frames' rows ending at or before `cut`, as a list; an iterator over the rest)."""
+    import itertools
+
+    past = []
+    for frame in frames:
+        head = frame.filter(frame["bar_time"] <= cut)
+        if head.height:
+            past.append(head)
+        if head.height < frame.height:
+            return past, itertools.chain([frame.slice(head.height)], frames)
+    return past, iter(())
 
 
 # ---------------------------------------------------------------- consume
