@@ -433,8 +433,12 @@ class RedisSink:
         self._cond.notify_all()
 
     def _drop_applied(self) -> None:
-        """After a failed EXEC: drop the leading batches whose checkpoint Redis already holds (their
-        transaction was applied; only the reply was lost)."""
+        """After a failed EXEC: drop the batches Redis already applied (only the reply was lost).
+
+        Transactions apply whole and in order, so the pending batches up to the last one whose
+        checkpoint Redis holds were applied; batches without a checkpoint (bar rejections) in that
+        prefix go with it, and any after it are sent again (the store's upsert keeps one of each).
+        """
         with self._cond:
             workers = sorted({b.checkpoint[0] for b in self._pending if b.checkpoint is not None})
         if not workers:
@@ -442,14 +446,14 @@ class RedisSink:
         held = self.client.hmget(self.keys.checkpoints(self.mode), workers)
         stored = {w: datetime.fromisoformat(v.decode()) for w, v in zip(workers, held) if v}
         with self._cond:
-            done = []
-            for b in self._pending:
-                if b.checkpoint is None or stored.get(b.checkpoint[0]) is None or stored[b.checkpoint[0]] < b.checkpoint[1]:
-                    break
-                done.append(b)
-            if done and all(b.checkpoint is not None for b in done):
-                for _ in done:
-                    self._buffered -= len(self._pending.popleft().entries)
+            applied = 0
+            for i, b in enumerate(self._pending):
+                if b.checkpoint is not None and b.checkpoint[0] in stored and stored[b.checkpoint[0]] >= b.checkpoint[1]:
+                    applied = i + 1
+            done = [self._pending.popleft() for _ in range(applied)]
+            for b in done:
+                self._buffered -= len(b.entries)
+            if done:
                 self._acked(done)
 
     def _send_loop(self) -> None:

@@ -19,6 +19,7 @@ from signalgen.config.workers import worker_specs
 from signalgen.data.redis_bars import live_feed, publish_bars
 from signalgen.modes.worker import MemorySink, ReplayClock, WorkerContext, bar_feed, run_worker
 from signalgen.outputs.redis import RECORDER_GROUP, RedisOutput, RedisSink, connect, decode_rows, read_checkpoints
+from signalgen.data.schema import BAR_REJECTION_SCHEMA
 from signalgen.signals.types import SIGNAL_SCHEMA
 from signalgen.storage import open_store
 from signalgen.storage.reads import ReadQuery
@@ -63,34 +64,38 @@ def test_sink_checkpoint_advances_only_when_redis_has_the_entries(tmp_path, regi
         assert read_checkpoints(sink.client, KEYS, "live") == {WORKER: bar_end(ds[99])}
 
         server.stop(signal.SIGKILL)
+        rejected = pl.DataFrame({"symbol": ["SOLUSD"], "timeframe": ["5m"], "bar_time": [bar_end(ds[100])],
+                                 "reason": ["gap"], "detail": ["test"]}, schema=BAR_REJECTION_SCHEMA)
+        sink.record_bar_rejections(rejected, "run-live")
         for d in ds[100:150]:
             sink.record(spec, d)  # buffered, not blocking: the buffer holds 10,000 entries
-        assert sink.checkpoints == {WORKER: bar_end(ds[99])} and sink.buffered == 50
-        server.start()
-        wait_for(lambda: sink.checkpoints[WORKER] == bar_end(ds[149]), 5, "delivery after Redis' return")
+        assert sink.checkpoints == {WORKER: bar_end(ds[99])} and sink.buffered == 51
 
-        # A reply lost after EXEC applied the batch: the sender reads the checkpoint back and does not
-        # send it again.
-        real = sink._send
-        lost = []
+        # When Redis is back, the first EXEC applies everything buffered but its reply is lost: the
+        # sender reads the checkpoint back and sends none of it again.
+        real, lost = sink._send, []
 
         def exec_then_lose_reply(batch):
             real(batch)
             if not lost:
-                lost.append(batch)
+                lost.append(len(batch))
                 raise redis.ConnectionError("reply lost")
 
         sink._send = exec_then_lose_reply
+        server.start()
+        wait_for(lambda: sink.checkpoints[WORKER] == bar_end(ds[149]), 5, "delivery after Redis' return")
+        assert lost == [51]
         for d in ds[150:]:
             sink.record(spec, d)
         sink.flush(timeout=10)
-        assert lost and sink.checkpoints[WORKER] == bar_end(ds[-1])
+        assert sink.checkpoints[WORKER] == bar_end(ds[-1])
         sink.close()
         r = connect(cfg)
         assert read_checkpoints(r, KEYS, "live") == {WORKER: bar_end(ds[-1])}
         sig = pl.concat([d.frames()[0] for d in ds])
         rej = pl.concat([d.frames()[1] for d in ds])
         assert_same(streamed(r, "live", "odum"), (sig, rej))  # every entry once
+        assert r.xlen(KEYS.bar_rejections("live")) == 1
     finally:
         server.stop()
 
