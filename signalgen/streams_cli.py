@@ -7,7 +7,6 @@ function, print.
 from __future__ import annotations
 
 import heapq
-import json
 import os
 import signal
 import socket

@@ -15,6 +15,7 @@ import polars as pl
 from polars.testing import assert_frame_equal
 
 from signalgen.config.loader import LIVE_START
+from signalgen.config.workers import worker_specs
 from signalgen.data.synthetic import iter_synthetic_chunks
 from signalgen.modes.worker import MemorySink, ReplayClock, WorkerContext, bar_feed, run_worker
 from signalgen.outputs.redis import StreamKeys, decode_rows
@@ -25,6 +26,7 @@ from tests.integration.redis.workers import STARTED
 REPO = Path(__file__).resolve().parents[3]
 BARS_START = datetime(2030, 1, 1, tzinfo=timezone.utc)
 KEYS = StreamKeys("signalgen")
+WORKER = "odum.momentum_v1.SOLUSD.5m"  # odum routes internal; SOLUSD momentum signals often
 # measurements, not decisions
 VOLATILE = ["latency_us", "run_id"]
 
@@ -92,3 +94,24 @@ def rss_mb(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return 0.0
+
+
+def spec_of(cfg):
+    """The worker these tests run."""
+    return next(s for s in worker_specs(cfg) if s.id == WORKER)
+
+
+def context(cfg) -> WorkerContext:
+    return WorkerContext(str(Path(cfg.root) / cfg.environment.paths.registry_dir), "mock", STARTED, "live",
+                         "run-live", LIVE_START, seed=cfg.seed)
+
+
+def with_password_envs(root) -> None:
+    for client, var in (("odum", "ODUM_REDIS_PASSWORD"), ("christian", "CHRISTIAN_REDIS_PASSWORD")):
+        path = root / "clients" / f"{client}.yaml"
+        path.write_text(path.read_text().replace("\nstrategies:", f"\nredis_password_env: {var}\nstrategies:", 1))
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "strategy_runner.py", *args], cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})}, timeout=timeout)

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import time
 
 import pytest
@@ -15,21 +13,12 @@ from signalgen.errors import ConfigError
 from signalgen.outputs.redis import RedisSink, connect
 from signalgen.streams_cli import client_connection, grant_client
 from tests.integration.redis.conftest import make_root
-from tests.integration.redis.helpers import KEYS, REPO
+from tests.integration.redis.helpers import KEYS, run_cli, with_password_envs
 from tests.integration.redis.servers import RedisServer
 
+pytestmark = pytest.mark.integration  # real redis-servers these tests start
+
 PASSWORDS = {"ODUM_REDIS_PASSWORD": "odum-secret-1", "CHRISTIAN_REDIS_PASSWORD": "christian-secret-2"}
-
-
-def with_password_envs(root) -> None:
-    for client, var in (("odum", "ODUM_REDIS_PASSWORD"), ("christian", "CHRISTIAN_REDIS_PASSWORD")):
-        path = root / "clients" / f"{client}.yaml"
-        path.write_text(path.read_text().replace("\nstrategies:", f"\nredis_password_env: {var}\nstrategies:", 1))
-
-
-def run_cli(*args: str, env: dict | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "strategy_runner.py", *args], cwd=REPO, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})}, timeout=timeout)
 
 
 def test_a_client_reads_only_its_own_streams(root, monkeypatch):

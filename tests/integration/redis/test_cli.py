@@ -8,15 +8,18 @@ import os
 import signal
 import subprocess
 import sys
+from datetime import datetime
+
+import pytest
 
 from signalgen.config.loader import load_config
 from signalgen.data.redis_bars import live_feed
 from signalgen.modes.worker import ReplayClock, run_worker
 from signalgen.outputs.redis import RedisSink, connect
-from tests.integration.redis.helpers import KEYS, REPO, wait_for
-from tests.integration.redis.test_access import run_cli, with_password_envs
-from tests.integration.redis.test_streams import context, spec_of
+from tests.integration.redis.helpers import KEYS, REPO, context, run_cli, spec_of, wait_for, with_password_envs
 from tests.integration.redis.workers import until
+
+pytestmark = pytest.mark.integration  # real redis-servers these tests start
 
 
 def test_feed_worker_consume_recorder(root):
@@ -34,8 +37,6 @@ def test_feed_worker_consume_recorder(root):
     spec = spec_of(cfg)
     sink = RedisSink.from_config(cfg)
     last = r.xrevrange(KEYS.bars("SOLUSD", "5m"), count=1)[0][1][b"bar_time"].decode()
-    from datetime import datetime
-
     outcome = run_worker(spec, until(live_feed(cfg, spec, after=None), datetime.fromisoformat(last)), sink,
                          ReplayClock(), context(cfg))
     sink.close()

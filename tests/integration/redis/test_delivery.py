@@ -9,6 +9,8 @@ import signal
 import time
 from datetime import datetime, timedelta
 
+import pytest
+
 from signalgen.config.loader import load_config
 from signalgen.config.workers import worker_specs
 from signalgen.data.redis_bars import publish_bars
@@ -20,6 +22,8 @@ from tests.integration.redis.helpers import (
     BARS_START, KEYS, assert_same, bars, reference, rss_mb, start_worker, streamed, stored, wait_for,
 )
 from tests.integration.redis.servers import RedisServer
+
+pytestmark = pytest.mark.integration  # real redis-servers these tests start
 
 WORKER = "odum.momentum_v1.SOLUSD.5m"
 BAR_S = 300

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import signal
 import threading
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from pathlib import Path
 
 import duckdb
@@ -14,32 +14,23 @@ import pytest
 import redis
 from polars.testing import assert_frame_equal
 
-from signalgen.config.loader import LIVE_START, load_config
-from signalgen.config.workers import worker_specs
+from signalgen.config.loader import load_config
 from signalgen.data.redis_bars import live_feed, publish_bars
-from signalgen.modes.worker import MemorySink, ReplayClock, WorkerContext, bar_feed, run_worker
-from signalgen.outputs.redis import RECORDER_GROUP, RedisOutput, RedisSink, connect, decode_rows, read_checkpoints
+from signalgen.modes.worker import MemorySink, ReplayClock, bar_feed, run_worker
 from signalgen.data.schema import BAR_REJECTION_SCHEMA
+from signalgen.outputs.redis import RECORDER_GROUP, RedisOutput, RedisSink, connect, decode_rows, read_checkpoints
 from signalgen.signals.types import SIGNAL_SCHEMA
 from signalgen.storage import open_store
 from signalgen.storage.reads import ReadQuery
 from signalgen.storage.recorder import BAR_REJECTION_WIRE, Recorder
 from tests.integration.redis.conftest import make_root
-from tests.integration.redis.helpers import KEYS, assert_same, bars, reference, stored, streamed, wait_for
+from tests.integration.redis.helpers import (
+    KEYS, WORKER, assert_same, bars, context, reference, spec_of, stored, streamed, wait_for,
+)
 from tests.integration.redis.servers import RedisServer
-from tests.integration.redis.workers import STARTED, until
+from tests.integration.redis.workers import until
 
-WORKER = "odum.momentum_v1.SOLUSD.5m"
-
-
-def spec_of(cfg):
-    return next(s for s in worker_specs(cfg) if s.id == WORKER)
-
-
-def context(cfg) -> WorkerContext:
-    return WorkerContext(str(Path(cfg.root) / cfg.environment.paths.registry_dir), "mock", STARTED, "live",
-                         "run-live", LIVE_START, seed=cfg.seed)
-
+pytestmark = pytest.mark.integration  # real redis-servers these tests start
 
 def batches(cfg, n: int) -> list:
     """The worker's decisions over n bars, one Decisions per bar."""
