@@ -69,3 +69,19 @@ def test_feed_worker_consume_recorder(root):
         out, err = recorder.communicate(timeout=30)
     assert recorder.returncode == 0, err
     assert f"{outcome.signals:,} signals" in out
+
+
+def test_feed_from_files_is_idempotent(root):
+    import polars as pl
+
+    from tests.integration.redis.helpers import bars
+
+    folder = root / "var" / "data" / "5m"
+    folder.mkdir(parents=True)
+    pl.concat(bars("SOLUSD", 120)).write_parquet(folder / "SOLUSD.parquet")
+    common = ("feed", "--env", "local-integration", "--root", str(root), "--source", "files", "--speed", "0",
+              "--symbols", "SOLUSD")
+    first, again = run_cli(*common), run_cli(*common)
+    assert first.returncode == 0 and "published 120 bars (0 already there)" in first.stdout, first.stderr
+    assert again.returncode == 0 and "published 0 bars (120 already there)" in again.stdout, again.stderr
+    assert connect(load_config("local-integration", "live", root=root)).xlen(KEYS.bars("SOLUSD", "5m")) == 120

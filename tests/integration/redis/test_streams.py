@@ -240,3 +240,18 @@ def assert_same_bits(got: pl.DataFrame, want: pl.DataFrame) -> None:
     for column, dtype in want.schema.items():
         if dtype == pl.Float64:
             assert np.array_equal(got[column].to_numpy().view(np.int64), want[column].to_numpy().view(np.int64))
+
+
+def test_live_bars_that_arrive_late_are_stale_on_the_wall_clock(root):
+    from signalgen.modes.worker import WallClock
+
+    cfg = load_config("local-integration", "live", root=root)
+    r = connect(cfg)
+    old = pl.concat(bars("SOLUSD", 200)).with_columns(pl.col("bar_time") - pl.duration(days=365 * 8))  # 2022
+    publish_bars(r, [old], keys=KEYS)
+    sink = MemorySink()
+    feed = until(live_feed(cfg, spec_of(cfg), after=None, block_ms=100), old["bar_time"][-1])
+    run_worker(spec_of(cfg), feed, sink, WallClock(), context(cfg))
+    signals, rejections = sink.frames()
+    assert signals.height == 0 and rejections.height == 200
+    assert all("stale_data" in reasons for reasons in rejections["reasons"])
