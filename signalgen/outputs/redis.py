@@ -275,7 +275,10 @@ class RedisSink:
     (`backoff_s` doubling to `backoff_max_s`). A full buffer blocks `record()` — the worker stops
     consuming (backpressure), logged once per outage. After a failed EXEC the sender reads the
     checkpoint back: a batch whose checkpoint Redis already holds landed, and is not sent again.
-    An error other than a lost connection (a NOPERM, a wrong key type) is raised by the next call.
+    An error other than a lost connection (a NOPERM, a wrong key type) is raised by the next call as
+    StorageError. (Redis does not roll back a transaction in which one command failed at run time,
+    e.g. a stream key someone made a string: that batch's checkpoint may then be in Redis without all
+    of its entries. Such a key is an operator's mistake; the error names it.)
     """
 
     def __init__(self, client: redis_lib.Redis, keys: StreamKeys, mode: str, *, maxlen: int = 100_000,
