@@ -1,1 +1,351 @@
-"""Stream commands (feed, consume, clients grant, recorder): registered on signalgen.cli.app."""
+"""Stream commands (feed, consume, clients grant, recorder): registered on signalgen.cli.app.
+
+Redis Streams layout and contract: docs/streams.md. Commands stay thin: load config, call one
+function, print.
+"""
+
+from __future__ import annotations
+
+import heapq
+import os
+import signal
+import socket
+import sys
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from enum import StrEnum
+from typing import Annotated, Optional
+
+import typer
+
+from signalgen.cli import EnvOpt, ModeOpt, RootOpt, _load, app, console, err_console
+from signalgen.config.models import Environment, Mode, RunConfig
+from signalgen.errors import ConfigError, SignalgenError
+
+clients_app = typer.Typer(help="Per-client access to the environment's streams.", no_args_is_help=True)
+app.add_typer(clients_app, name="clients")
+
+# what a client's Redis user may run: reads and consumer-group bookkeeping on its own keys, nothing else
+CLIENT_COMMANDS = ("ping", "select", "client|setname", "xread", "xrange", "xrevrange", "xlen",
+                   "xinfo", "xreadgroup", "xack", "xgroup|create", "xgroup|createconsumer", "xgroup|setid",
+                   "xautoclaim", "xclaim", "xpending")
+
+
+class FeedSource(StrEnum):
+    SYNTHETIC = "synthetic"
+    FILES = "files"
+
+
+class ConsumeFormat(StrEnum):
+    TABLE = "table"
+    JSON = "json"
+
+
+def _stop_on_signals() -> threading.Event:
+    """An event set by SIGINT / SIGTERM (handlers only set the flag)."""
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    return stop
+
+
+# ---------------------------------------------------------------- feed
+
+
+def _series(cfg: RunConfig, symbols: list[str] | None) -> list[tuple[str, str]]:
+    """(symbol, timeframe) of every enabled strategy, optionally only `symbols`."""
+    found = sorted({(sym, tf) for c in cfg.clients for s in c.strategies if s.enabled
+                    for sym in s.symbols for tf in s.timeframes})
+    if symbols:
+        unknown = sorted(set(symbols) - {sym for sym, _ in found})
+        if unknown:
+            raise ConfigError(f"no enabled strategy trades {', '.join(unknown)}; known: "
+                              f"{', '.join(sorted({sym for sym, _ in found}))}", field="--symbols")
+        found = [(sym, tf) for sym, tf in found if sym in symbols]
+    return found
+
+
+def merged_frames(frames_per_series: list[Iterator], rows_per_frame: int = 1000):
+    """Frames of several series merged into one bar-time order (each series already in order)."""
+    import polars as pl
+
+    from signalgen.data.schema import BAR_SCHEMA
+
+    def rows(frames):
+        for frame in frames:
+            yield from frame.select(BAR_SCHEMA.names()).iter_rows(named=True)
+
+    batch = []
+    for row in heapq.merge(*(rows(f) for f in frames_per_series), key=lambda r: r["bar_time"]):
+        batch.append(row)
+        if len(batch) >= rows_per_frame:
+            yield pl.DataFrame(batch, schema=BAR_SCHEMA)
+            batch = []
+    if batch:
+        yield pl.DataFrame(batch, schema=BAR_SCHEMA)
+
+
+def feed_frames(cfg: RunConfig, series: list[tuple[str, str]], source: FeedSource, *, start: datetime | None,
+                bars: int, backfill: int) -> Iterator:
+    """The bars `feed` publishes, merged by time: synthetic from `start` (default: `backfill` bars before
+    now), `bars` per series; files: each series' whole file (rows the reader flagged are skipped)."""
+    from pathlib import Path
+
+    from signalgen.config.models import timeframe_delta
+
+    parts = []
+    for symbol, tf in series:
+        step = timeframe_delta(tf)
+        if source is FeedSource.SYNTHETIC:
+            from signalgen.data.synthetic import iter_synthetic_chunks
+
+            origin = start
+            if origin is None:
+                now = datetime.now(timezone.utc)
+                epoch = datetime(1970, 1, 1, tzinfo=timezone.utc)
+                origin = epoch + ((now - epoch) // step) * step - backfill * step
+            parts.append(iter_synthetic_chunks(symbol, tf, origin, origin + bars * step, cfg.seed, 1000))
+        else:
+            import polars as pl
+
+            from signalgen.data.files import FilesSource
+
+            frame = FilesSource(Path(cfg.root) / cfg.environment.paths.data_dir).load(symbol, tf)
+            parts.append(iter([frame.filter(pl.col("problem").is_null() & pl.col("bar_time").is_not_null())]))
+    return merged_frames(parts)
+
+
+@app.command("feed")
+def feed(env: EnvOpt = Environment.LOCAL_INTEGRATION, root: RootOpt = None,
+         source: Annotated[FeedSource, typer.Option(help="synthetic (seeded) or files (<data_dir>).")] = FeedSource.SYNTHETIC,
+         speed: Annotated[float, typer.Option(min=0, help="Bar time per real time (1: real time, 0: as fast "
+                                                          "as possible).")] = 1.0,
+         symbols: Annotated[Optional[list[str]], typer.Option("--symbols", help="Only these symbols (repeatable).")] = None,
+         bars: Annotated[int, typer.Option(min=1, help="Synthetic: bars per symbol.")] = 100_000,
+         backfill: Annotated[int, typer.Option(min=0, help="Synthetic: start this many bars before now.")] = 500,
+         start: Annotated[Optional[datetime], typer.Option(help="Synthetic: first bar's start (UTC).")] = None,
+         seed: Annotated[Optional[int], typer.Option(help="Seed of synthetic bars.")] = None) -> None:
+    """Publish bars to the environment's market-data streams (docs/streams.md), paced at --speed."""
+    from signalgen.data.redis_bars import publish_bars
+    from signalgen.outputs.redis import StreamKeys, connect
+
+    cfg = _load(env, Mode.LIVE, root, seed=seed)
+    if start is not None and start.tzinfo is None:
+        start = start.replace(tzinfo=timezone.utc)
+    series = _series(cfg, symbols)
+    m = cfg.environment.messaging
+    client = connect(cfg)
+    stop = _stop_on_signals()
+    err_console.print(f"feeding {len(series)} series ({', '.join(f'{s}:{t}' for s, t in series)}) at speed {speed:g}",
+                      highlight=False)
+    keys = StreamKeys(m.stream_prefix)
+    frames = feed_frames(cfg, series, source, start=start, bars=bars, backfill=backfill)
+    past, rest = split_at(frames, datetime.now(timezone.utc))
+    # bars that already ended go out at once (history for the workers), the rest at --speed
+    first = publish_bars(client, past, keys=keys, maxlen=m.maxlen, speed=0, stop=stop)
+    stats = publish_bars(client, rest, keys=keys, maxlen=m.maxlen, speed=speed, stop=stop)
+    console.print(f"published {first.published + stats.published:,} bars "
+                  f"({first.already_there + stats.already_there:,} already there)", highlight=False)
+
+
+def split_at(frames: Iterator, cut: datetime) -> tuple[list, Iterator]:
+    """(the frames' rows ending at or before `cut`, as a list; an iterator over the rest)."""
+    import itertools
+
+    past = []
+    for frame in frames:
+        head = frame.filter(frame["bar_time"] <= cut)
+        if head.height:
+            past.append(head)
+        if head.height < frame.height:
+            return past, itertools.chain([frame.slice(head.height)], frames)
+    return past, iter(())
+
+
+# ---------------------------------------------------------------- consume
+
+
+def client_connection(cfg: RunConfig, client_id: str):
+    """A Redis client logged in as `client_id`'s ACL user (password from its `redis_password_env`)."""
+    from signalgen.outputs.redis import StreamKeys, connect
+
+    try:
+        client = cfg.client(client_id)
+    except KeyError:
+        raise ConfigError(f"no client {client_id!r}; known: {', '.join(c.id for c in cfg.clients)}",
+                          field="--client") from None
+    file = cfg.files.get(f"client:{client_id}")
+    if not client.redis_password_env:
+        raise ConfigError("needs redis_password_env (the variable holding this client's Redis password)",
+                          file=file, field="redis_password_env")
+    password = os.environ.get(client.redis_password_env)
+    if password is None:
+        raise ConfigError(f"environment variable {client.redis_password_env} is not set", file=file,
+                          field="redis_password_env")
+    user = StreamKeys(cfg.environment.messaging.stream_prefix).acl_user(client_id)
+    return connect(cfg, username=user, password=password, password_field=f"{client_id}: redis_password_env",
+                   socket_timeout=10)
+
+
+def consume_signals(client, key: str, group: str, consumer: str, *, from_start: bool, stop: threading.Event,
+                    on_batch, limit: int | None = None, idle_exit_s: float | None = None,
+                    claim_idle_ms: int = 60_000) -> int:
+    """Read `key` with consumer group `group` until `stop` (or `limit` signals, or `idle_exit_s` without
+    any): own pending entries first, then other consumers' idle ones (XAUTOCLAIM), then new ones.
+    `on_batch(lines)` gets each batch's new signals (JSON lines), deduped by signal id; entries are acked
+    after it returns. Returns the signals handled."""
+    import time
+
+    import redis
+
+    try:
+        client.xgroup_create(key, group, id="0" if from_start else "$", mkstream=True)
+    except redis.ResponseError as exc:
+        if "BUSYGROUP" not in str(exc):
+            raise
+        if from_start:
+            client.xgroup_setid(key, group, "0")
+    seen: OrderedDict[str, None] = OrderedDict()
+    done, last_entry = 0, time.monotonic()
+
+    def handle(entries) -> int:
+        lines = []
+        for _, fields in entries:
+            sid = (fields.get(b"id") or b"").decode()
+            if fields and sid not in seen:
+                seen[sid] = None
+                lines.append(fields[b"data"])
+                if len(seen) > 100_000:  # bounded: ids older than that are not re-delivered in practice
+                    seen.popitem(last=False)
+        if lines:
+            on_batch(lines)
+        if entries:
+            client.xack(key, group, *[eid for eid, _ in entries])
+        return len(lines)
+
+    own = client.xreadgroup(group, consumer, {key: "0"}, count=1000)
+    for _, entries in own or ():
+        done += handle(entries)
+    _, claimed, *_ = client.xautoclaim(key, group, consumer, claim_idle_ms, start_id="0-0", count=1000)
+    done += handle(claimed)
+    while not stop.is_set() and (limit is None or done < limit):
+        reply = client.xreadgroup(group, consumer, {key: ">"}, count=100, block=500)
+        for _, entries in reply or ():
+            done += handle(entries)
+            last_entry = time.monotonic()
+        if idle_exit_s is not None and time.monotonic() - last_entry > idle_exit_s:
+            break
+    return done
+
+
+@app.command("consume")
+def consume(client: Annotated[str, typer.Option("--client", "-c", help="Whose signals (with that client's "
+                                                                     "Redis credentials).")],
+            env: EnvOpt = Environment.LOCAL_INTEGRATION, root: RootOpt = None, mode: ModeOpt = Mode.LIVE,
+            from_start: Annotated[bool, typer.Option("--from-start", help="Start at the stream's first entry "
+                                                     "(default: only new signals).")] = False,
+            fmt: Annotated[ConsumeFormat, typer.Option("--format", "-f", help="table or json (one object per "
+                                                       "line).")] = ConsumeFormat.TABLE,
+            group: Annotated[Optional[str], typer.Option(help="Consumer group (default: the client id).")] = None,
+            consumer: Annotated[Optional[str], typer.Option(help="Consumer name (default: the host name).")] = None,
+            limit: Annotated[Optional[int], typer.Option("--max", min=1, help="Exit after this many signals.")] = None,
+            idle_exit: Annotated[Optional[float], typer.Option(help="Exit after this many seconds without a "
+                                                               "signal.")] = None) -> None:
+    """Print a client's signals as they arrive, read with that client's credentials and consumer group."""
+    from signalgen.outputs.redis import StreamKeys, decode_rows
+    from signalgen.report import records_table
+    from signalgen.signals.types import SIGNAL_SCHEMA
+
+    cfg = _load(env, mode, root)
+    r = client_connection(cfg, client)
+    key = StreamKeys(cfg.environment.messaging.stream_prefix).signals(mode.value, client)
+    first = [True]
+
+    def show(lines: list[bytes]) -> None:
+        if fmt is ConsumeFormat.JSON:
+            sys.stdout.write(b"\n".join(lines).decode() + "\n")
+            sys.stdout.flush()
+        else:
+            console.print(records_table(decode_rows(lines, SIGNAL_SCHEMA), "signals", show_header=first[0]))
+            first[0] = False
+
+    consume_signals(r, key, group or client, consumer or socket.gethostname(), from_start=from_start,
+                    stop=_stop_on_signals(), on_batch=show, limit=limit, idle_exit_s=idle_exit)
+
+
+# ---------------------------------------------------------------- clients grant
+
+
+def grant_client(cfg: RunConfig, client_id: str) -> str:
+    """Create or reset `client_id`'s Redis ACL user: its password (from the client's
+    `redis_password_env`), its own keys only, read and consumer-group commands only. Returns its URL,
+    password masked."""
+    from signalgen.outputs.redis import StreamKeys, connect, masked_url
+
+    try:
+        client = cfg.client(client_id)
+    except KeyError:
+        raise ConfigError(f"no client {client_id!r}; known: {', '.join(c.id for c in cfg.clients)}",
+                          field="--client") from None
+    file = cfg.files.get(f"client:{client_id}")
+    if not client.redis_password_env:
+        raise ConfigError("needs redis_password_env (the environment variable holding this client's Redis "
+                          "password)", file=file, field="redis_password_env")
+    password = os.environ.get(client.redis_password_env)
+    if not password:
+        raise ConfigError(f"environment variable {client.redis_password_env} is not set", file=file,
+                          field="redis_password_env")
+    m = cfg.environment.messaging
+    keys = StreamKeys(m.stream_prefix)
+    user = keys.acl_user(client_id)
+    import redis
+
+    admin = connect(cfg)
+    try:
+        admin.execute_command("ACL", "SETUSER", user, "reset", "on", f">{password}", "resetchannels",
+                              *(f"~{p}" for p in keys.client_patterns(client_id)), "-@all",
+                              *(f"+{c}" for c in CLIENT_COMMANDS))
+    except redis.RedisError as exc:
+        raise SignalgenError(f"Redis refused to create user {user}: {exc}") from None
+    finally:
+        admin.close()
+    return masked_url(m.url, username=user, password=True)
+
+
+@clients_app.command("grant")
+def clients_grant(client: Annotated[str, typer.Option("--client", "-c", help="The client to grant.")],
+                  env: EnvOpt = Environment.LOCAL_INTEGRATION, root: RootOpt = None) -> None:
+    """Create the client's Redis user, allowed to read only its own signal and rejection streams;
+    print its connection URL (password masked)."""
+    cfg = _load(env, Mode.LIVE, root)
+    console.print(grant_client(cfg, client), highlight=False, markup=False)
+
+
+# ---------------------------------------------------------------- recorder
+
+
+@app.command("recorder")
+def recorder(env: EnvOpt = Environment.LOCAL_INTEGRATION, root: RootOpt = None, mode: ModeOpt = Mode.LIVE,
+             consumer: Annotated[Optional[str], typer.Option(help="Consumer name (default: the host name).")] = None
+             ) -> None:
+    """Persist a mode's signals and rejections from the streams into the store, until Ctrl-C.
+
+    The recorder is the store's only writer; `signals list` reads through it meanwhile."""
+    from signalgen.storage import open_store
+    from signalgen.storage.recorder import Recorder
+
+    cfg = _load(env, mode, root)
+    stop = _stop_on_signals()
+    store = open_store(cfg)
+    try:
+        with store.serve_reads():
+            rec = Recorder.from_config(cfg, store, consumer=consumer)
+            err_console.print(f"recording {len(rec.streams)} streams of mode {mode.value} into {store}",
+                              highlight=False)
+            stats = rec.run(stop)
+    finally:
+        store.close()
+    console.print(f"recorded {stats.entries:,} entries: {stats.signals:,} signals, {stats.rejections:,} "
+                  f"rejections, {stats.bar_rejections:,} bar rejections ({stats.bad} skipped)", highlight=False)

@@ -173,6 +173,7 @@ class ClientConfig(Frozen):
     routing: Routing
     max_gross_exposure: float = Field(1.0, gt=0, le=10)
     quantconnect: QuantConnectConfig = QuantConnectConfig()
+    redis_password_env: EnvVarName | None = None  # password of this client's Redis ACL user (`clients grant`)
     strategies: list[StrategyConfig] = Field(min_length=1)
 
     @model_validator(mode="after")

@@ -1,0 +1,233 @@
+"""Market data on Redis Streams: `publish_bars` (the `feed` command, or any publisher) and
+`live_feed` (a live worker's bars). Key names and the entry schema: docs/streams.md.
+
+A bar's entry ID is its end time in milliseconds (`<ms>-0`): Redis refuses an ID not above the
+stream's last, so re-publishing is a no-op and a worker resumes exactly after its checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import TYPE_CHECKING
+
+import polars as pl
+
+from signalgen.data.schema import BAR_SCHEMA
+from signalgen.outputs.redis import SCHEMA_VERSION, StreamKeys, connect, iso, redis_module
+
+if TYPE_CHECKING:
+    import redis as redis_lib
+
+    from signalgen.config.models import RunConfig
+    from signalgen.config.workers import WorkerSpec
+
+log = logging.getLogger(__name__)
+
+_VALUES = ("open", "high", "low", "close", "volume")
+_FIELDS = ("v", "symbol", "timeframe", "bar_time", *_VALUES)
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_MS = timedelta(milliseconds=1)
+
+
+def entry_id(bar_time: datetime) -> str:
+    """The stream ID of a bar: its end time in epoch milliseconds, sequence 0."""
+    return f"{(bar_time - _EPOCH) // _MS}-0"
+
+
+def encode_bar(bar: dict) -> dict[str, str]:
+    """A BAR_SCHEMA row as entry fields: strings, floats by `repr` (exact round trip)."""
+    return {"v": SCHEMA_VERSION, "symbol": bar["symbol"], "timeframe": bar["timeframe"],
+            "bar_time": iso(bar["bar_time"]), **{c: repr(float(bar[c])) for c in _VALUES}}
+
+
+class PoisonBar(ValueError):
+    """An entry that is not a bar of its stream; `reason` is a short code (docs/streams.md)."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        self.reason, self.detail = reason, detail[:200]
+        super().__init__(f"{reason}: {self.detail}")
+
+
+def decode_bar(eid: bytes | str, fields: dict, symbol: str, timeframe: str) -> dict:
+    """Entry fields -> a BAR_SCHEMA row (dict). Raises PoisonBar for anything that is not one."""
+    try:
+        f = {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
+             for k, v in fields.items()}
+        eid = eid.decode() if isinstance(eid, bytes) else eid
+    except UnicodeDecodeError as exc:
+        raise PoisonBar("undecodable", f"not UTF-8: {exc}") from None
+    if f.get("v") != SCHEMA_VERSION:
+        raise PoisonBar("wrong_schema", f"schema version {f.get('v')!r}, expected {SCHEMA_VERSION!r}")
+    missing = [k for k in _FIELDS if k not in f]
+    if missing:
+        raise PoisonBar("wrong_schema", f"missing fields {missing}")
+    if f["symbol"] != symbol:
+        raise PoisonBar("unknown_symbol", f"symbol {f['symbol']!r} on the stream of {symbol}")
+    if f["timeframe"] != timeframe:
+        raise PoisonBar("wrong_timeframe", f"timeframe {f['timeframe']!r} on the stream of {timeframe}")
+    try:
+        t = datetime.fromisoformat(f["bar_time"])
+        t = t.replace(tzinfo=timezone.utc) if t.tzinfo is None else t.astimezone(timezone.utc)
+        values = {c: float(f[c]) for c in _VALUES}
+    except ValueError as exc:
+        raise PoisonBar("undecodable", str(exc)) from None
+    if entry_id(t) != eid:
+        raise PoisonBar("id_mismatch", f"entry {eid} holds bar_time {f['bar_time']}")
+    return {"symbol": symbol, "timeframe": timeframe, "bar_time": t, **values}
+
+
+# ---------------------------------------------------------------- publishing
+
+
+@dataclass
+class PublishStats:
+    published: int = 0
+    already_there: int = 0  # IDs Redis refused as not above the stream's last: published before
+
+
+def _is_duplicate(exc: BaseException) -> bool:
+    return "equal or smaller" in str(exc)
+
+
+def publish_bars(client: redis_lib.Redis, frames: Iterable[pl.DataFrame], *, keys: StreamKeys,
+                 maxlen: int = 100_000, speed: float = 0.0, stop: threading.Event | None = None,
+                 on_publish=None) -> PublishStats:
+    """Publish bars (BAR_SCHEMA frames, any symbols) to their streams, in bar-time order per frame.
+
+    `speed` 0 publishes as fast as possible; s > 0 paces bar times at s x real time (one pipeline per
+    bar time). A bar already in its stream is counted, not an error. While Redis is unreachable the
+    same bars are retried with backoff (up to 0.5 s), logged once per outage. `on_publish(bar_time)`
+    is called after each bar time is in Redis.
+    """
+    redis = redis_module()
+    stats = PublishStats()
+    origin: tuple[datetime, float] | None = None
+    for frame in frames:
+        if not frame.height:
+            continue
+        frame = frame.select(BAR_SCHEMA.names()).sort("bar_time", maintain_order=True)
+        for (bar_time,), group in frame.group_by("bar_time", maintain_order=True):
+            if stop is not None and stop.is_set():
+                return stats
+            if speed > 0:
+                if origin is None:
+                    origin = (bar_time, time.monotonic())
+                wait = origin[1] + (bar_time - origin[0]).total_seconds() / speed - time.monotonic()
+                if wait > 0 and (stop.wait(wait) if stop is not None else time.sleep(wait)):
+                    return stats
+            rows = list(group.iter_rows(named=True))
+            delay, down = 0.05, False
+            while True:
+                pipe = client.pipeline(transaction=False)
+                for bar in rows:
+                    pipe.xadd(keys.bars(bar["symbol"], bar["timeframe"]), encode_bar(bar), id=entry_id(bar["bar_time"]),
+                              maxlen=maxlen, approximate=True)
+                try:
+                    results = pipe.execute(raise_on_error=False)
+                    break
+                except (redis.ConnectionError, redis.TimeoutError) as exc:
+                    if not down:
+                        down = True
+                        log.warning("feed: Redis unreachable (%s); retrying", exc)
+                    if stop is not None and stop.wait(delay):
+                        return stats
+                    if stop is None:
+                        time.sleep(delay)
+                    delay = min(delay * 2, 0.5)
+            for r in results:
+                if isinstance(r, Exception):
+                    if not _is_duplicate(r):
+                        raise r
+                    stats.already_there += 1
+                else:
+                    stats.published += 1
+            if down:
+                log.warning("feed: Redis is back")
+            if on_publish is not None:
+                on_publish(bar_time)
+    return stats
+
+
+# ---------------------------------------------------------------- the live feed
+
+
+def dead_letter(client: redis_lib.Redis, keys: StreamKeys, stream: str, eid: bytes | str, fields: dict,
+                poison: PoisonBar, worker: str, maxlen: int = 100_000) -> None:
+    """Copy a poison entry to `<p>:deadletter:bars` with its reason."""
+    original = {(k.decode(errors="backslashreplace") if isinstance(k, bytes) else str(k)):
+                (v.decode(errors="backslashreplace") if isinstance(v, bytes) else str(v)) for k, v in fields.items()}
+    client.xadd(keys.deadletter, {"v": SCHEMA_VERSION, "stream": stream,
+                                  "id": eid.decode() if isinstance(eid, bytes) else eid,
+                                  "reason": poison.reason, "detail": poison.detail, "worker": worker,
+                                  "fields": json.dumps(original)}, maxlen=maxlen, approximate=True)
+
+
+def live_feed(cfg: RunConfig, spec: WorkerSpec, *, after: datetime | None, stop: threading.Event | None = None,
+              client: redis_lib.Redis | None = None, count: int = 256, block_ms: int = 1000) -> Iterator[dict]:
+    """A live worker's bars (BAR_SCHEMA dicts, one at a time) from `<p>:bars:<symbol>:<timeframe>`.
+
+    First the warm-up: the last `history_bars(spec)` bars at or before `after` (the checkpoint; the
+    worker's `emit_from`), then every bar after it, waiting for new ones with XREAD BLOCK until
+    `stop` is set. `after` None starts at the stream's first entry. Reads up to `count` entries at a
+    time. A poison entry goes to the dead-letter stream and is skipped. While Redis is unreachable
+    the read is retried with backoff (up to 0.5 s), logged once per outage.
+    """
+    from signalgen.modes.engine import history_bars
+
+    redis = redis_module()
+    m = cfg.environment.messaging
+    keys = StreamKeys(m.stream_prefix)
+    r = client if client is not None else connect(cfg, socket_timeout=block_ms / 1000 + 5)
+    key = keys.bars(spec.symbol, spec.timeframe)
+
+    def decoded(entries) -> Iterator[dict]:
+        for eid, fields in entries:
+            try:
+                yield decode_bar(eid, fields, spec.symbol, spec.timeframe)
+            except PoisonBar as poison:
+                log.warning("poison bar %s %s: %s", key, eid, poison)
+                try:
+                    dead_letter(r, keys, key, eid, fields, poison, spec.id, m.maxlen)
+                except redis.RedisError as exc:  # the bar is skipped either way
+                    log.warning("could not dead-letter %s %s: %s", key, eid, exc)
+
+    last = "0-0"
+    if after is not None:
+        last = entry_id(after)
+        need = history_bars(spec)
+        history: list[dict] = []
+        for eid, fields in r.xrevrange(key, max=last, count=2 * need + 8):
+            try:
+                history.append(decode_bar(eid, fields, spec.symbol, spec.timeframe))
+            except PoisonBar:  # reported when it was first read
+                continue
+            if len(history) == need:
+                break
+        yield from reversed(history)
+    delay, down_since = 0.05, None
+    while stop is None or not stop.is_set():
+        try:
+            reply = r.xread({key: last}, count=count, block=block_ms)
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            if down_since is None:
+                down_since = time.monotonic()
+                log.warning("live feed %s: Redis unreachable (%s); retrying", key, exc)
+            if stop is not None:
+                stop.wait(delay)
+            else:
+                time.sleep(delay)
+            delay = min(delay * 2, 0.5)
+            continue
+        if down_since is not None:
+            log.warning("live feed %s: Redis back after %.1f s", key, time.monotonic() - down_since)
+            delay, down_since = 0.05, None
+        for _, entries in reply or ():
+            if entries:
+                last = entries[-1][0].decode()
+                yield from decoded(entries)

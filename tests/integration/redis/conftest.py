@@ -1,0 +1,54 @@
+"""Fixtures: a private redis-server per test, a demo root pointing local-integration at it, the
+demo models (mock inference only needs their cards)."""
+
+from __future__ import annotations
+
+import shutil
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+
+from tests.integration.redis.servers import REDIS_SERVER, RedisServer
+
+pytest.importorskip("redis", reason="the redis extra is not installed")
+REPO = Path(__file__).resolve().parents[3]
+
+if REDIS_SERVER is None:  # pragma: no cover
+    pytest.skip("redis-server is not on PATH", allow_module_level=True)
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path):
+    server = RedisServer(tmp_path / "redis").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def registry_dir(tmp_path_factory) -> Path:
+    from signalgen.models.train import train_demo_models
+
+    path = tmp_path_factory.mktemp("registry")
+    train_demo_models(path, seed=7, days=20, now=datetime.now(timezone.utc))
+    return path
+
+
+def make_root(tmp_path: Path, registry_dir: Path, url: str, password_env: str | None = None) -> Path:
+    """A private copy of the demo configs (without ada) with local-integration's Redis at `url`."""
+    root = tmp_path / "root"
+    for folder in ("clients", "environments", "modes"):
+        shutil.copytree(REPO / folder, root / folder)
+    (root / "registry").symlink_to(registry_dir)
+    (root / "clients" / "ada.yaml").unlink()  # the daily demo needs the daily models: not trained here
+    env = root / "environments" / "local-integration.yaml"
+    text = env.read_text().replace("url: redis://127.0.0.1:6379/0", f"url: {url}")
+    if password_env:
+        text = text.replace("# password_env: SIGNALGEN_REDIS_PASSWORD", f"password_env: {password_env}")
+    env.write_text(text)
+    return root
+
+
+@pytest.fixture
+def root(tmp_path: Path, registry_dir: Path, redis_server: RedisServer) -> Path:
+    return make_root(tmp_path, registry_dir, redis_server.url)
