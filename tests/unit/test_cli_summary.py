@@ -98,7 +98,7 @@ def test_run_exits_1_after_the_summary_when_a_worker_failed(monkeypatch, logger_
     from signalgen import cli
 
     # run_mode is ours (not a library); the CLI's job is to print the report and map its status
-    monkeypatch.setattr(signalgen.modes, "run_mode", lambda cfg, progress=False: big_report(status))
+    monkeypatch.setattr(signalgen.modes, "run_mode", lambda cfg, **_options: big_report(status))
     result = CliRunner().invoke(cli.app, ["run", "--output", "json"])
     assert result.exit_code == code, result.output
     assert json.loads(result.stdout)["status"] == status
