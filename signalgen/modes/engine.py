@@ -181,7 +181,12 @@ class WorkerEngine:
         t, x = prepared.bar_time_us, prepared.features
         preds = np.full((t.size, len(self.predictors)), np.nan)
         finite = np.isfinite(x).all(axis=1)
-        if finite.any():
+        if t.size == 1:  # the per-bar path: single-row calls on bound buffers (the same outputs)
+            if finite[0]:
+                for j, predictor in enumerate(self.predictors):
+                    if predictor is not None:
+                        preds[0, j] = predictor.predict_one(x[0])
+        elif finite.any():
             xf = np.ascontiguousarray(x[finite])
             for j, predictor in enumerate(self.predictors):
                 if predictor is not None:
