@@ -165,12 +165,13 @@ class WorkerEngine:
         """
         started = time.perf_counter_ns()
         times = bars["bar_time"].dt.epoch("us").to_numpy()
-        new = times > emit_from_us
-        if not new.any():
-            return Prepared(times[new], np.empty((0, len(FEATURE_NAMES)), np.float32), np.empty(0, bool), 0)
-        x = feature_array(bars)[new]
-        window_ok = window_complete(times, self.params.lookback, self.params.max_gap_us)[new]
-        return Prepared(times[new], x, window_ok, time.perf_counter_ns() - started)
+        # validated bars ascend, so the new ones are a suffix: row slices are views, not copies
+        first = int(np.searchsorted(times, emit_from_us, side="right"))
+        if first == times.size:
+            return Prepared(times[first:], np.empty((0, len(FEATURE_NAMES)), np.float32), np.empty(0, bool), 0)
+        x = feature_array(bars)[first:]
+        window_ok = window_complete(times, self.params.lookback, self.params.max_gap_us)[first:]
+        return Prepared(times[first:], x, window_ok, time.perf_counter_ns() - started)
 
     def decide(self, prepared: Prepared, now_us: np.ndarray | None = None) -> Decisions:
         """Run the models and the signal pipeline on prepared bars.
@@ -186,6 +187,10 @@ class WorkerEngine:
                 for j, predictor in enumerate(self.predictors):
                     if predictor is not None:
                         preds[0, j] = predictor.predict_one(x[0])
+        elif finite.all():  # the usual chunk: no copy of the rows
+            for j, predictor in enumerate(self.predictors):
+                if predictor is not None:
+                    preds[:, j] = predictor.predict(x)
         elif finite.any():
             xf = np.ascontiguousarray(x[finite])
             for j, predictor in enumerate(self.predictors):
