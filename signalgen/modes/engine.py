@@ -8,6 +8,7 @@ Every stage is row-independent, so a bar decided alone gets exactly the decision
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
@@ -99,6 +100,9 @@ class Decisions:
 
     @property
     def signals(self) -> int:
+        reasons = self.evaluation.reasons
+        if reasons.size == 1:  # the per-bar path, without numpy's reduction machinery
+            return 0 if reasons[0] else 1
         return int(np.count_nonzero(self.evaluation.accepted))
 
     @property
@@ -180,14 +184,15 @@ class WorkerEngine:
         """
         started = time.perf_counter_ns()
         t, x = prepared.bar_time_us, prepared.features
+        if t.size == 1:  # the per-bar path: single-row calls on bound buffers (the same outputs)
+            row = x[0]
+            finite = all(map(math.isfinite, row.tolist()))
+            preds = np.array([[p.predict_one(row) if finite and p is not None else math.nan
+                               for p in self.predictors]])
+            return self._decided(prepared, preds, now_us, started)
         preds = np.full((t.size, len(self.predictors)), np.nan)
         finite = np.isfinite(x).all(axis=1)
-        if t.size == 1:  # the per-bar path: single-row calls on bound buffers (the same outputs)
-            if finite[0]:
-                for j, predictor in enumerate(self.predictors):
-                    if predictor is not None:
-                        preds[0, j] = predictor.predict_one(x[0])
-        elif finite.all():  # the usual chunk: no copy of the rows
+        if finite.all():  # the usual chunk: no copy of the rows
             for j, predictor in enumerate(self.predictors):
                 if predictor is not None:
                     preds[:, j] = predictor.predict(x)
@@ -196,7 +201,12 @@ class WorkerEngine:
             for j, predictor in enumerate(self.predictors):
                 if predictor is not None:
                     preds[finite, j] = predictor.predict(xf)
+        return self._decided(prepared, preds, now_us, started)
+
+    def _decided(self, prepared: Prepared, preds: np.ndarray, now_us: np.ndarray | None,
+                 started: int) -> Decisions:
+        t = prepared.bar_time_us
         now = t if now_us is None else now_us
-        ev = evaluate(self.params, t, now, x, preds, self.model_ok, prepared.window_ok)
+        ev = evaluate(self.params, t, now, prepared.features, preds, self.model_ok, prepared.window_ok)
         spent_ns = prepared.compute_ns + time.perf_counter_ns() - started
         return Decisions(self.params, ev, t, now, preds, self.mode, self.run_id, spent_ns // 1000 // max(t.size, 1))
