@@ -104,6 +104,14 @@ class Evaluation:
 
 
 _BIT = {reason: int(b) for reason, b in REASON_BIT.items()}
+_BELOW_CONFIDENCE = _BIT[Reason.BELOW_CONFIDENCE]
+_INCOMPLETE_WINDOW = _BIT[Reason.INCOMPLETE_WINDOW]
+_MODEL_UNHEALTHY = _BIT[Reason.MODEL_UNHEALTHY]
+_NO_CONSENSUS = _BIT[Reason.NO_CONSENSUS]
+_STALE_DATA = _BIT[Reason.STALE_DATA]
+_TREND_UNCONFIRMED = _BIT[Reason.TREND_UNCONFIRMED]
+_VOLATILITY_FILTER = _BIT[Reason.VOLATILITY_FILTER]
+_ZERO_SIZE = _BIT[Reason.ZERO_SIZE]
 
 
 def _f32(x: float) -> float:
@@ -136,6 +144,8 @@ class _Scalars:
     horizons: tuple[int, ...]
     max_staleness_us: int
     vol_band: dict[np.dtype, tuple[float, float]] | None  # feature dtype -> the band as compared
+    vol_column: int
+    trend_column: int | None         # None: trend confirmation off
     cap: float                       # min(max_position, exposure budget)
 
     @classmethod
@@ -153,6 +163,9 @@ class _Scalars:
             int(params.max_staleness_bars * params.timeframe_us),
             {np.dtype(np.float32): (_f32(vol.min), _f32(vol.max)), np.dtype(np.float64): (vol.min, vol.max)}
             if vol.enabled else None,
+            FEATURE_NAMES.index(vol.feature),
+            FEATURE_NAMES.index(params.filters.trend_confirmation.feature)
+            if params.filters.trend_confirmation.enabled else None,
             min(params.sizing.max_position, params.exposure_budget))
 
 
@@ -170,16 +183,15 @@ def _evaluate_one(params: StrategyParams, bar_time_us: np.ndarray, now_us: np.nd
     xs, ps = features[0].tolist(), predictions[0].tolist()
     if not all(map(math.isfinite, xs)) or not all(0.0 <= p <= 1.0 for p in ps):
         return None
-    bit = _BIT
     reasons = 0
     t = int(bar_time_us[0])
     now = int(now_us[0]) if getattr(now_us, "ndim", 0) else int(now_us)
     if now - t > c.max_staleness_us:
-        reasons |= bit[Reason.STALE_DATA]
+        reasons |= _STALE_DATA
     if not window_ok[0]:
-        reasons |= bit[Reason.INCOMPLETE_WINDOW]
+        reasons |= _INCOMPLETE_WINDOW
     if not all(model_ok.tolist()):
-        reasons |= bit[Reason.MODEL_UNHEALTHY]
+        reasons |= _MODEL_UNHEALTHY
 
     # aggregate(): every sum starts at 0.0 and adds coef * value model by model, as _weighted_sum
     active = [p >= th for p, th in zip(ps, c.thresholds)]
@@ -210,19 +222,19 @@ def _evaluate_one(params: StrategyParams, bar_time_us: np.ndarray, now_us: np.nd
     strength = _clip(agree_wp if score is None else abs(score), 0.0, 1.0)
     below = not all(active) if rule is Aggregation.UNANIMOUS else not any(active)
     if below:
-        reasons |= bit[Reason.BELOW_CONFIDENCE]
+        reasons |= _BELOW_CONFIDENCE
     elif direction == 0:
-        reasons |= bit[Reason.NO_CONSENSUS]
+        reasons |= _NO_CONSENSUS
 
     if c.vol_band is not None and direction != 0:
         low, high = c.vol_band[features.dtype]
-        vol = xs[FEATURE_NAMES.index(params.filters.volatility.feature)]
+        vol = xs[c.vol_column]
         if not (vol >= low and vol <= high):
-            reasons |= bit[Reason.VOLATILITY_FILTER]
-    if params.filters.trend_confirmation.enabled and direction != 0:
-        trend = xs[FEATURE_NAMES.index(params.filters.trend_confirmation.feature)]
+            reasons |= _VOLATILITY_FILTER
+    if c.trend_column is not None and direction != 0:
+        trend = xs[c.trend_column]
         if (1 if trend > 0.0 else -1 if trend < 0.0 else 0) != direction:
-            reasons |= bit[Reason.TREND_UNCONFIRMED]
+            reasons |= _TREND_UNCONFIRMED
 
     sizing = params.sizing
     if sizing.method == "fixed_fraction":
@@ -232,7 +244,7 @@ def _evaluate_one(params: StrategyParams, bar_time_us: np.ndarray, now_us: np.nd
         raw = strength * sizing.target_volatility / vol if vol > 0 else 0.0
     weight = _clip(raw, 0.0, c.cap)
     if direction != 0 and weight <= 0:
-        reasons |= bit[Reason.ZERO_SIZE]
+        reasons |= _ZERO_SIZE
 
     num = den = 0.0
     for wt, wi, a, p in zip(c.w_target, c.weights, agree, ps):
