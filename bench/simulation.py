@@ -76,6 +76,56 @@ def floor(rows: np.ndarray) -> dict[str, float]:
     return out
 
 
+def call_variants(rows: np.ndarray) -> dict[str, float]:
+    """Median seconds per bar (both models, one row each) of the ways to make a single-row ONNX
+    Runtime call, each on sessions with the pipeline's options (1 intra-op thread, 1 inter-op
+    thread, sequential); all give the same outputs."""
+    import onnxruntime as ort
+
+    from signalgen.models.backends import load_predictor
+    from signalgen.models.registry import ModelRegistry
+
+    reg = ModelRegistry(ROOT / "registry")
+    paths = [reg.path(m, reg.card(m).version) / "model.onnx" for m in MODELS]
+
+    def sessions(**entries: str) -> list:
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads, opts.inter_op_num_threads = 1, 1
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        for key, value in entries.items():
+            opts.add_session_config_entry(key, value)
+        return [ort.InferenceSession(str(p), sess_options=opts, providers=["CPUExecutionProvider"]) for p in paths]
+
+    plain, no_spin = sessions(), sessions(**{"session.intra_op.allow_spinning": "0"})
+    names = [(s.get_inputs()[0].name, next(o.name for o in s.get_outputs() if o.shape[1:] == [2]))
+             for s in plain]  # (input, the (n, 2) probabilities)
+    buffer = np.empty((1, rows.shape[1]), dtype=np.float32)
+    value = ort.OrtValue.ortvalue_from_numpy(buffer)  # shares `buffer`'s memory
+    bound = [load_predictor(reg, m, "onnx", threads=1) for m in MODELS]
+
+    def run(group):
+        return lambda i: [s.run([o], {n: rows[i:i + 1]}) for s, (n, o) in zip(group, names)]
+
+    def with_ort_values(i):
+        buffer[0] = rows[i]
+        return [s.run_with_ort_values([o], {n: value}) for s, (n, o) in zip(plain, names)]
+
+    variants = {"`run`, input dict, new output": run(plain),
+                "`run`, `session.intra_op.allow_spinning` = 0": run(no_spin),
+                "`run_with_ort_values`, input OrtValue reused": with_ort_values,
+                "IOBinding, input and output bound once (`predict_one`)": lambda i: [p.predict_one(rows[i]) for p in bound]}
+    out = {}
+    for name, call in variants.items():
+        call(0)  # warm-up
+        times = []
+        for i in range(len(rows)):
+            t0 = time.perf_counter()
+            call(i)
+            times.append(time.perf_counter() - t0)
+        out[name] = float(np.median(times))
+    return out
+
+
 def stages(root: Path) -> dict[str, float]:
     """Median microseconds per bar of each step of the per-bar path, timed one by one over the same
     replay (validation and the sink are outside the worker's compute figure)."""
@@ -151,6 +201,7 @@ def main() -> None:
             loads.append(os.getloadavg()[0])
             print(f"replay {i + 1}: {runs[-1]}, floor {floors[-1]}, load {loads[-1]:.1f}", flush=True)
         step = stages(Path(tmp))
+        variants = call_variants(x)
     # like the replays, the floor is taken as the fastest of its measurements around them
     run_floor = min(f["run"] for f in floors)
     bound = min(f["bound"] for f in floors)
@@ -192,6 +243,12 @@ def main() -> None:
         f"| per bar, p50 of each step (one more pass): bar validation / incremental features + window / "
         f"decide (both models + signal pipeline) | {step['validate']:.1f} / {step['features']:.1f} / "
         f"{step['decide']:.1f} µs |",
+        "",
+        "Single-row ONNX Runtime calls, both models, median per bar (same outputs every way):",
+        "",
+        "| call | µs per bar |",
+        "| --- | --- |",
+        *(f"| {name} | {v * 1e6:.1f} |" for name, v in variants.items()),
         "",
         f"Targets (issue 7): p50 <= 100 µs: {met(p50s[mid] <= 100)}; >= 20,000 bars/s per worker: "
         f"{met(rate >= 20_000)} (per CPU-second: {met(cpu_rates[mid] >= 20_000)}).",
