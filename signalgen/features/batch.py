@@ -44,14 +44,19 @@ def _windows(x: np.ndarray, windows: tuple[int, ...], paired: bool) -> list:
     """The window nodes of each w in `windows` at every position of x (NaN where a window reaches
     before x), computed tile by tile."""
     xp = np.concatenate([np.full(_PAD, np.nan), x])
-    tiles = []
-    for a in range(0, len(x), _TILE):
-        node = _nodes(xp[a: a + min(_TILE, len(x) - a) + _PAD], windows, paired)
-        tiles.append([kernel.window(node, w, paired) for w in windows])
-    if len(tiles) == 1:
-        return tiles[0]
-    join = (lambda ps: tuple(np.concatenate(c) for c in zip(*ps))) if paired else np.concatenate
-    return [join([t[i] for t in tiles]) for i in range(len(windows))]
+    n = len(x)
+    if n <= _TILE:
+        return [kernel.window(_nodes(xp, windows, paired), w, paired) for w in windows]
+    # each tile's windows are copied into whole-series arrays (one copy, no list of tiles to join)
+    out = [tuple(np.empty(n) for _ in range(3)) if paired else np.empty(n) for _ in windows]
+    for a in range(0, n, _TILE):
+        b = min(a + _TILE, n)
+        node = _nodes(xp[a: b + _PAD], windows, paired)
+        for dest, w in zip(out, windows):
+            got = kernel.window(node, w, paired)
+            for d, g in zip(dest, got) if paired else ((dest, got),):
+                d[a:b] = g
+    return out
 
 
 def _series_features(h: np.ndarray, lo: np.ndarray, c: np.ndarray, v: np.ndarray) -> list[np.ndarray]:

@@ -33,6 +33,11 @@ class Predictor(Protocol):
         """float32 (n, 15) rows -> float64 (n,) probabilities of the event."""
         ...
 
+    def predict_one(self, row: np.ndarray) -> float:
+        """One float32 (15,) row -> its probability: `predict(row[None])[0]`, bit for bit, at the
+        per-bar path's cost."""
+        ...
+
 
 def _rows(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x)
@@ -66,6 +71,13 @@ class OnnxPredictor:
             raise ConfigError(f"ONNX Runtime cannot load the model: {str(exc)[:200]}", file=str(path)) from None
         self._input = _feature_input(self._session, path)
         self._output = _probability_output(self._session, path)
+        # predict_one: a row buffer and an output buffer bound once, so a single-row call skips the
+        # input dict, name lookups and output allocation of `run` (~6 of ~10 us per call).
+        self._row = np.empty((1, N_FEATURES), dtype=np.float32)
+        self._probs = np.empty((1, 2), dtype=np.float32)
+        self._binding = self._session.io_binding()
+        self._binding.bind_input(self._input, "cpu", 0, np.float32, [1, N_FEATURES], self._row.ctypes.data)
+        self._binding.bind_output(self._output, "cpu", 0, np.float32, [1, 2], self._probs.ctypes.data)
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         x = _rows(x)
@@ -76,6 +88,12 @@ class OnnxPredictor:
             probs = self._session.run([self._output], {self._input: x[i:i + self.CHUNK_ROWS]})[0]
             out[i:i + self.CHUNK_ROWS] = probs[:, 1]  # column 1: P(class 1), the event
         return out
+
+    def predict_one(self, row: np.ndarray) -> float:
+        """Not reentrant: the bound buffers are the predictor's own (one worker, one thread)."""
+        self._row[0] = row
+        self._session.run_with_iobinding(self._binding)
+        return float(self._probs[0, 1])
 
 
 def _feature_input(session, path: str | Path) -> str:
@@ -121,6 +139,9 @@ class LightGBMPredictor:
             return np.empty(0, dtype=np.float64)
         return np.asarray(self._booster.predict(x, num_threads=1), dtype=np.float64)
 
+    def predict_one(self, row: np.ndarray) -> float:
+        return float(self.predict(row[None, :])[0])
+
 
 _MOMENTUM = FEATURE_NAMES.index("ret_15")
 _VOLATILITY = FEATURE_NAMES.index("vol_20")
@@ -160,6 +181,9 @@ class MockPredictor:
             momentum = x[:, _MOMENTUM].astype(np.float64) / (x[:, _VOLATILITY] * np.sqrt(15.0))
         lean = np.where(np.isfinite(momentum), np.tanh(momentum), 0.0) * self.card.direction * self.tilt
         return 1.0 / (1.0 + np.exp(-(np.log(u / (1.0 - u)) + lean)))
+
+    def predict_one(self, row: np.ndarray) -> float:
+        return float(self.predict(row[None, :])[0])
 
 
 def load_predictor(registry: ModelRegistry, model_id: str, backend: Backend, seed: int = 0,

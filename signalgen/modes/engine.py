@@ -8,6 +8,7 @@ Every stage is row-independent, so a bar decided alone gets exactly the decision
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
@@ -99,6 +100,9 @@ class Decisions:
 
     @property
     def signals(self) -> int:
+        reasons = self.evaluation.reasons
+        if reasons.size == 1:  # the per-bar path, without numpy's reduction machinery
+            return 0 if reasons[0] else 1
         return int(np.count_nonzero(self.evaluation.accepted))
 
     @property
@@ -165,12 +169,13 @@ class WorkerEngine:
         """
         started = time.perf_counter_ns()
         times = bars["bar_time"].dt.epoch("us").to_numpy()
-        new = times > emit_from_us
-        if not new.any():
-            return Prepared(times[new], np.empty((0, len(FEATURE_NAMES)), np.float32), np.empty(0, bool), 0)
-        x = feature_array(bars)[new]
-        window_ok = window_complete(times, self.params.lookback, self.params.max_gap_us)[new]
-        return Prepared(times[new], x, window_ok, time.perf_counter_ns() - started)
+        # validated bars ascend, so the new ones are a suffix: row slices are views, not copies
+        first = int(np.searchsorted(times, emit_from_us, side="right"))
+        if first == times.size:
+            return Prepared(times[first:], np.empty((0, len(FEATURE_NAMES)), np.float32), np.empty(0, bool), 0)
+        x = feature_array(bars)[first:]
+        window_ok = window_complete(times, self.params.lookback, self.params.max_gap_us)[first:]
+        return Prepared(times[first:], x, window_ok, time.perf_counter_ns() - started)
 
     def decide(self, prepared: Prepared, now_us: np.ndarray | None = None) -> Decisions:
         """Run the models and the signal pipeline on prepared bars.
@@ -179,14 +184,29 @@ class WorkerEngine:
         """
         started = time.perf_counter_ns()
         t, x = prepared.bar_time_us, prepared.features
+        if t.size == 1:  # the per-bar path: single-row calls on bound buffers (the same outputs)
+            row = x[0]
+            finite = all(map(math.isfinite, row.tolist()))
+            preds = np.array([[p.predict_one(row) if finite and p is not None else math.nan
+                               for p in self.predictors]])
+            return self._decided(prepared, preds, now_us, started)
         preds = np.full((t.size, len(self.predictors)), np.nan)
         finite = np.isfinite(x).all(axis=1)
-        if finite.any():
+        if finite.all():  # the usual chunk: no copy of the rows
+            for j, predictor in enumerate(self.predictors):
+                if predictor is not None:
+                    preds[:, j] = predictor.predict(x)
+        elif finite.any():
             xf = np.ascontiguousarray(x[finite])
             for j, predictor in enumerate(self.predictors):
                 if predictor is not None:
                     preds[finite, j] = predictor.predict(xf)
+        return self._decided(prepared, preds, now_us, started)
+
+    def _decided(self, prepared: Prepared, preds: np.ndarray, now_us: np.ndarray | None,
+                 started: int) -> Decisions:
+        t = prepared.bar_time_us
         now = t if now_us is None else now_us
-        ev = evaluate(self.params, t, now, x, preds, self.model_ok, prepared.window_ok)
+        ev = evaluate(self.params, t, now, prepared.features, preds, self.model_ok, prepared.window_ok)
         spent_ns = prepared.compute_ns + time.perf_counter_ns() - started
         return Decisions(self.params, ev, t, now, preds, self.mode, self.run_id, spent_ns // 1000 // max(t.size, 1))
