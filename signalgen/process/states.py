@@ -1,0 +1,129 @@
+"""Worker states and every legal move between them, in one place (after Supervisor's states.py/process.py).
+
+The manager keeps one `WorkerProcess` per worker and changes its state only through
+`WorkerProcess.change`, which refuses any move not in `TRANSITIONS`. What happens when a worker's
+process ends is decided by `after_exit` alone, so the supervision rules can be read and tested here:
+
+    STOPPED --start--> STARTING --ready--> RUNNING --exit 0--> EXITED
+                          |                   |
+                          +----- failure -----+--> BACKOFF --delay over--> STARTING
+                          |   (policy)        +--> PAUSED  --resume-----> STARTING
+                          |                   +--> STOPPED
+                          |                   +--> FATAL   (exit 2, or restarts exhausted)
+                          +--stop/pause--> STOPPING --exit--> STOPPED | PAUSED (stop_target)
+
+A process exists only in STARTING, RUNNING and STOPPING (`PROCESS_STATES`). PAUSED, BACKOFF, STOPPED,
+EXITED and FATAL have none: a pause stops the process (its checkpoint makes `resume` lossless), so a
+paused worker holds no memory and no connections. A worker killed for a failure (stale heartbeat,
+over memory) is killed without entering STOPPING, so `after_exit` applies its recovery policy.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from signalgen.errors import SignalgenError
+
+
+class State(StrEnum):
+    STARTING = "STARTING"  # process started, not yet reported ready
+    RUNNING = "RUNNING"  # ready (feed and models loaded): taking bars
+    PAUSED = "PAUSED"  # no process; waits for `resume`
+    BACKOFF = "BACKOFF"  # no process; restarts when backoff_until has passed
+    STOPPING = "STOPPING"  # asked to stop (SIGTERM); SIGKILL after stop_timeout_s
+    STOPPED = "STOPPED"  # no process; stopped on purpose (or never started)
+    EXITED = "EXITED"  # no process; ended by itself with exit 0 (its range is done)
+    FATAL = "FATAL"  # no process; will not be restarted (config error, or restarts exhausted)
+
+
+_FAILED = (State.BACKOFF, State.PAUSED, State.STOPPED, State.FATAL)  # where a failure can lead (policy)
+
+TRANSITIONS: dict[State, frozenset[State]] = {
+    State.STOPPED: frozenset({State.STARTING}),
+    State.STARTING: frozenset({State.RUNNING, State.STOPPING, State.EXITED, *_FAILED}),
+    State.RUNNING: frozenset({State.STOPPING, State.EXITED, *_FAILED}),
+    # no process in BACKOFF: stop and pause take effect at once
+    State.BACKOFF: frozenset({State.STARTING, State.STOPPED, State.PAUSED}),
+    State.STOPPING: frozenset({State.STOPPED, State.PAUSED}),
+    State.PAUSED: frozenset({State.STARTING, State.STOPPED}),
+    State.EXITED: frozenset({State.STARTING}),
+    State.FATAL: frozenset({State.STARTING}),  # only a manual start (which resets failures)
+}
+
+PROCESS_STATES = frozenset({State.STARTING, State.RUNNING, State.STOPPING})  # a live process exists
+POLICIES = ("restart", "pause", "stop")
+CONFIG_ERROR_EXIT = 2  # ConfigError.exit_code: restarting cannot help
+
+
+class InvalidTransition(SignalgenError):
+    """A state change not in TRANSITIONS: a bug in the manager, never an operator error."""
+
+
+@dataclass
+class WorkerProcess:
+    """The manager's record of one worker (one OS process at a time).
+
+    `failures` counts consecutive failures (reset by the manager when RUNNING lasted longer than
+    backoff_max_s, or on a manual start); `restarts` counts every restart. `stop_target` is where
+    STOPPING ends: STOPPED for a stop, PAUSED for a pause (set it before changing to STOPPING).
+    """
+
+    worker_id: str
+    state: State = State.STOPPED
+    pid: int | None = None
+    started_at: float | None = None  # time.time() of the current process's start
+    state_since: float = field(default_factory=time.time)
+    restarts: int = 0
+    failures: int = 0
+    backoff_until: float | None = None
+    exit_code: int | None = None
+    reason: str = ""
+    stop_target: State = State.STOPPED
+
+    def change(self, new: State, now: float, reason: str = "") -> tuple[State, State]:
+        """Move to `new` if TRANSITIONS allows it; returns (old, new). Raises InvalidTransition."""
+        old = self.state
+        if new not in TRANSITIONS[old]:
+            raise InvalidTransition(f"worker {self.worker_id}: {old} -> {new} is not a legal transition "
+                                    f"(from {old}: {', '.join(sorted(TRANSITIONS[old])) or 'nothing'})")
+        if old is State.STOPPING:
+            self.stop_target = State.STOPPED  # one stop_target per stop
+        self.state, self.state_since, self.reason = new, now, reason
+        return old, new
+
+
+def backoff_delay(failures: int, initial: float, maximum: float) -> float:
+    """Seconds to wait before restart number `failures` (1, 2, ...): initial, 2x, 4x ... capped at maximum.
+
+    `failures` below 1 counts as 1. The exponent is bounded so huge counts cannot overflow a float.
+    """
+    exponent = min(max(failures, 1) - 1, 64)
+    return min(initial * 2.0 ** exponent, maximum)
+
+
+def after_exit(proc: WorkerProcess, exit_code: int, *, policy: str, max_attempts: int) -> State:
+    """The state a worker goes to when its process ended with `exit_code` (negative: killed by a signal).
+
+    STOPPING -> its stop_target (STOPPED, or PAUSED for a pause); exit 2 (ConfigError) -> FATAL under
+    every policy; exit 0 -> EXITED; anything else is a failure, handled by the strategy's recovery
+    policy: "pause" -> PAUSED, "stop" -> STOPPED, "restart" -> BACKOFF, or FATAL when this failure
+    (failures + 1) is more than `max_attempts`. Pure: the manager applies the result with `change`
+    and increments `failures` itself.
+    """
+    if policy not in POLICIES:
+        raise ValueError(f"recovery policy {policy!r} is not one of {', '.join(POLICIES)}")
+    if proc.state not in PROCESS_STATES:
+        raise InvalidTransition(f"worker {proc.worker_id}: no process can exit in state {proc.state}")
+    if proc.state is State.STOPPING:
+        return proc.stop_target
+    if exit_code == CONFIG_ERROR_EXIT:
+        return State.FATAL
+    if exit_code == 0:
+        return State.EXITED
+    if policy == "pause":
+        return State.PAUSED
+    if policy == "stop":
+        return State.STOPPED
+    return State.FATAL if proc.failures + 1 > max_attempts else State.BACKOFF
