@@ -41,7 +41,7 @@ import yaml
 from signalgen.config.models import RunConfig
 from signalgen.config.workers import WorkerSpec, worker_specs
 from signalgen.errors import ConfigError, SignalgenError
-from signalgen.process.states import InvalidTransition, State, WorkerProcess, after_exit, backoff_delay
+from signalgen.process.states import TRANSITIONS, InvalidTransition, State, WorkerProcess, after_exit, backoff_delay
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,6 @@ PRELOAD = "signalgen.process.preload"
 ERROR_WINDOW_S = 60.0
 COMMANDS = ("start", "stop-strategy", "pause", "resume", "restart", "stop", "reload", "add-strategy")
 TARGETED = frozenset({"start", "stop-strategy", "pause", "resume", "restart"})  # need a strategy id/glob
-ALIVE = frozenset({State.STARTING, State.RUNNING, State.PAUSED, State.STOPPING})  # may have a process
 
 SpecLoader = Callable[[], tuple[RunConfig, list[WorkerSpec]]]
 
@@ -161,7 +160,6 @@ class StrategyProcessManager:
         self._stop_deadline: dict[str, float] = {}  # STOPPING: SIGKILL after this time
         self._then: dict[str, str] = {}  # after the process stops: "start" (restart) or "remove" (reload)
         self._alive_at: dict[str, float] = {}  # last proof of life: start, resume, or a fresh heartbeat
-        self._ready: set[str] = set()
         self._errors: dict[str, deque[tuple[float, int]]] = {}
         self._unhealthy: set[str] = set()
         self._ps: dict[int, Any] = {}  # pid -> psutil.Process (cpu_percent needs the same object)
@@ -276,7 +274,6 @@ class StrategyProcessManager:
         self._handles[wid] = handle
         proc.pid, proc.started_at, proc.exit_code = handle.pid, now, None
         self._alive_at[wid] = now
-        self._ready.discard(wid)
         self._errors.pop(wid, None)
         self._dirty.add(wid)
 
@@ -297,6 +294,11 @@ class StrategyProcessManager:
         stopping = proc.state is State.STOPPING
         self._stop_deadline.pop(wid, None)
         killed = self._kill_reason.pop(wid, None)
+        if proc.state is State.PAUSED:  # a SIGSTOPped worker was killed: it stays paused, without a process
+            proc.exit_code, proc.pid = code, None
+            self.control.event(wid, "exit", f"paused process ended ({killed or code}); `resume` starts a new one")
+            self._dirty.add(wid)
+            return
         new = after_exit(proc, code, policy=spec.strategy.recovery, max_attempts=self.limits.max_recovery_attempts)
         failure = not stopping and code != 0
         why = killed or (f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}")
@@ -342,12 +344,14 @@ class StrategyProcessManager:
             if proc.state is State.STOPPING:
                 return
             paused = proc.state is State.PAUSED
+            if paused:  # SIGSTOPped: it must run again to handle SIGTERM (PAUSED -> STARTING -> STOPPING)
+                self._change(wid, State.STARTING, now, "continued to stop")
             self._change(wid, State.STOPPING, now, reason)
             self._signal(wid, signal.SIGTERM)
             if paused:
                 self._signal(wid, signal.SIGCONT)
             self._stop_deadline[wid] = now + self.limits.stop_timeout_s
-        elif proc.state is not State.STOPPED:  # no process (BACKOFF, PAUSED after a failure, EXITED, FATAL)
+        elif State.STOPPED in TRANSITIONS[proc.state]:  # no process: BACKOFF, or PAUSED after a failure
             proc.backoff_until = None
             self._change(wid, State.STOPPED, now, reason)
 
@@ -395,8 +399,8 @@ class StrategyProcessManager:
                 ts = _epoch(beat.get("ts")) or 0.0
                 self._alive_at[wid] = max(self._alive_at.get(wid, 0.0), ts)
                 self._count_errors(wid, ts, int(beat.get("errors") or 0), now)
-                if beat.get("ready") and proc.state is State.STARTING:
-                    self._ready.add(wid)
+                # ready, said after this STARTING began (a resumed worker's last beat predates its pause)
+                if beat.get("ready") and proc.state is State.STARTING and ts >= proc.state_since - 1.0:
                     self._change(wid, State.RUNNING, now, "ready")
             age = now - self._alive_at.get(wid, now)
             if age > threshold:
@@ -554,22 +558,21 @@ class StrategyProcessManager:
                 if proc.state is not State.PAUSED:
                     skipped.append(wid)
                     continue
-                if running:
+                if running:  # PAUSED -> STARTING; RUNNING again with its next ready heartbeat
                     self._signal(wid, signal.SIGCONT)
                     self._alive_at[wid] = now  # its heartbeat is as old as the pause
-                    self._change(wid, State.RUNNING if wid in self._ready else State.STARTING, now,
-                                 "resumed (SIGCONT)")
+                    self._change(wid, State.STARTING, now, "resumed (SIGCONT)")
                 else:
                     proc.failures = 0
                     self._spawn(wid, now, "resumed")
             elif command == "start":
-                if proc.state in ALIVE:
+                if running:
                     skipped.append(wid)
                     continue
                 proc.failures, proc.backoff_until = 0, None
                 self._spawn(wid, now, "start command")
             elif command == "stop-strategy":
-                if proc.state is State.STOPPED:
+                if not running and State.STOPPED not in TRANSITIONS[proc.state]:
                     skipped.append(wid)
                     continue
                 self._then.pop(wid, None)
@@ -605,9 +608,10 @@ class StrategyProcessManager:
             if wid in self._handles:
                 self._then[wid] = "start"
                 self._stop(wid, now, "config changed (reload)")
-            elif self.procs[wid].state not in (State.STOPPED, State.FATAL, State.EXITED):
-                self._stop(wid, now, "config changed (reload)")
+            elif self.procs[wid].state in (State.BACKOFF, State.FATAL, State.EXITED):
+                self.procs[wid].failures = 0
                 self._spawn(wid, now, "config changed (reload)")
+            # STOPPED and PAUSED without a process keep their state; the new config applies at their start
             self._dirty.add(wid)
         for wid in added:
             self.specs[wid] = new[wid]
