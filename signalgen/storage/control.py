@@ -1,0 +1,419 @@
+"""The control store: worker instances, commands, heartbeats, resource samples and events, in SQLite.
+
+Separate from the signal store, and written by many processes at once: the manager (instances,
+events, resources, command results), every worker (its heartbeat), the CLI and any other program
+(command rows, e.g. `sqlite3 var/local-dev/control.sqlite "INSERT INTO strategy_commands ..."`).
+
+Why this is safe with many writers: WAL mode (readers never block the writer, the writer never
+blocks readers), `busy_timeout` 5 s (a writer waits for the write lock instead of failing), and no
+transaction ever reads before it writes without holding the lock: single statements run in
+autocommit, multi-statement writes start with `BEGIN IMMEDIATE`. (A deferred transaction that reads
+first and then writes after another process committed gets SQLITE_BUSY at once, which no timeout
+retries: the usual source of "database is locked".) `synchronous=NORMAL`: a commit survives the
+process being killed; only a power loss can drop the last commits, and this is control state.
+
+One connection per process and thread, opened on first use; a connection inherited across a fork is
+abandoned, never used or closed, as SQLite requires.
+
+Timestamps are ISO 8601 UTC text with milliseconds, `2026-11-26T15:20:11.123Z` — readable in the
+`sqlite3` shell, sortable as text, and what `strftime('%Y-%m-%dT%H:%M:%fZ', 'now')` writes, so rows
+inserted by other programs get the same format by default. `iso()` / `epoch()` convert.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from signalgen.errors import StorageError
+
+if TYPE_CHECKING:
+    from signalgen.config.models import RunConfig
+
+BUSY_TIMEOUT_MS = 5000
+SCHEMA_VERSION = 1
+COMMAND_STATUSES = ("pending", "completed", "failed")
+_NOW_SQL = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')"
+
+INSTANCE_COLUMNS = ("id", "client", "strategy", "symbol", "timeframe", "mode", "config_hash", "state", "pid",
+                    "started_at", "state_since", "restarts", "failures", "exit_code", "reason", "updated_at")
+HEARTBEAT_COLUMNS = ("worker_id", "pid", "state", "last_bar_time", "checkpoint", "signals", "rejections",
+                     "errors", "ready", "ts")
+_TIME_FIELDS = {"started_at", "state_since", "updated_at", "last_bar_time", "checkpoint", "ts",
+                "created_at", "processed_at"}
+
+SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS strategy_instances (
+    id          TEXT PRIMARY KEY,           -- worker id client.strategy.symbol.timeframe
+    client      TEXT, strategy TEXT, symbol TEXT, timeframe TEXT, mode TEXT, config_hash TEXT,
+    state       TEXT,                       -- signalgen.process.states.State
+    pid         INTEGER,
+    started_at  TEXT, state_since TEXT,
+    restarts    INTEGER NOT NULL DEFAULT 0, -- every restart
+    failures    INTEGER NOT NULL DEFAULT 0, -- consecutive failures
+    exit_code   INTEGER, reason TEXT,
+    updated_at  TEXT NOT NULL DEFAULT ({_NOW_SQL})
+);
+CREATE TABLE IF NOT EXISTS strategy_commands (
+    id              INTEGER PRIMARY KEY AUTOINCREMENT,
+    strategy_id     TEXT,                   -- worker id, glob or client/strategy name; NULL = the manager
+    command         TEXT NOT NULL,
+    parameters_json TEXT NOT NULL DEFAULT '{{}}',
+    status          TEXT NOT NULL DEFAULT 'pending' CHECK (status IN ('pending', 'completed', 'failed')),
+    created_at      TEXT NOT NULL DEFAULT ({_NOW_SQL}),
+    processed_at    TEXT,
+    result_json     TEXT
+);
+CREATE INDEX IF NOT EXISTS strategy_commands_pending ON strategy_commands (id) WHERE status = 'pending';
+CREATE TABLE IF NOT EXISTS heartbeats (
+    worker_id     TEXT PRIMARY KEY,
+    pid           INTEGER, state TEXT, last_bar_time TEXT, checkpoint TEXT,
+    signals       INTEGER NOT NULL DEFAULT 0, rejections INTEGER NOT NULL DEFAULT 0,
+    errors        INTEGER NOT NULL DEFAULT 0, ready INTEGER NOT NULL DEFAULT 0,
+    ts            TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS resources (
+    worker_id TEXT NOT NULL, ts TEXT NOT NULL, cpu_percent REAL, rss_mb REAL, uss_mb REAL
+);
+CREATE INDEX IF NOT EXISTS resources_worker_ts ON resources (worker_id, ts);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, ts TEXT NOT NULL, worker_id TEXT, kind TEXT NOT NULL, detail TEXT
+);
+PRAGMA user_version = {SCHEMA_VERSION};
+"""
+
+
+def iso(value: float | datetime) -> str:
+    """Epoch seconds or a datetime -> the store's text form, `2026-11-26T15:20:11.123Z` (naive = UTC)."""
+    if isinstance(value, datetime):
+        dt = value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+    else:
+        dt = datetime.fromtimestamp(value, timezone.utc)
+    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
+
+
+def epoch(text: str) -> float:
+    """The store's text form (or any ISO 8601 time; no zone = UTC) -> epoch seconds."""
+    dt = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    return (dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)).timestamp()
+
+
+def now_iso() -> str:
+    return iso(time.time())
+
+
+def _time_value(value: Any) -> Any:
+    """A time field as stored: numbers and datetimes become ISO text; text and None stay."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return iso(float(value))
+    if isinstance(value, datetime):
+        return iso(value)
+    return value
+
+
+@dataclass(frozen=True)
+class Command:
+    """One `strategy_commands` row. `parameters` and `result` are the decoded JSON columns."""
+
+    id: int
+    strategy_id: str | None
+    command: str
+    parameters: dict
+    status: str
+    created_at: str
+    processed_at: str | None
+    result: dict | None
+
+
+class ControlStore:
+    """The control store at `path` (created with its folder on first use). See the module docstring.
+
+    Args:
+        path: the SQLite file.
+        resources_keep_s: resource samples older than this are pruned when new ones are recorded.
+        events_keep: only the newest this many events are kept.
+    """
+
+    def __init__(self, path: Path | str, *, resources_keep_s: float = 600.0, events_keep: int = 10_000) -> None:
+        self.path = Path(path)
+        self.resources_keep_s = resources_keep_s
+        self.events_keep = events_keep
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._pid = os.getpid()
+        self._connections: list[sqlite3.Connection] = []
+        self._schema_ready = False
+
+    @classmethod
+    def from_config(cls, cfg: RunConfig) -> ControlStore:
+        """The environment's control store: `control.path` resolved against the run's root."""
+        return cls(Path(cfg.root) / cfg.environment.control.path)
+
+    def __repr__(self) -> str:
+        return f"ControlStore({str(self.path)!r})"
+
+    def __getstate__(self) -> dict:
+        # picklable (e.g. in a worker's args): the child opens its own connection
+        return {"path": self.path, "resources_keep_s": self.resources_keep_s, "events_keep": self.events_keep}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["path"], resources_keep_s=state["resources_keep_s"],  # type: ignore[misc]
+                      events_keep=state["events_keep"])
+
+    # ---------------------------------------------------------------- connections
+
+    @property
+    def con(self) -> sqlite3.Connection:
+        """This thread's connection (opened on first use; a fork gets fresh ones)."""
+        if self._pid != os.getpid():  # inherited across a fork: abandon, never close (SQLite's rule)
+            self._local, self._connections, self._pid = threading.local(), [], os.getpid()
+            self._lock, self._schema_ready = threading.Lock(), False
+        con = getattr(self._local, "con", None)
+        if con is None:
+            con = self._connect()
+            self._local.con = con
+        return con
+
+    def _connect(self) -> sqlite3.Connection:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # isolation_level=None: autocommit; transactions are explicit BEGIN IMMEDIATE (see docstring).
+            # check_same_thread=False only so close() can close every thread's connection.
+            con = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
+                                  check_same_thread=False)
+            con.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            if con.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                con.execute("PRAGMA journal_mode = WAL")  # persistent: once per file
+            con.execute("PRAGMA synchronous = NORMAL")
+            con.row_factory = sqlite3.Row
+            with self._lock:
+                if not self._schema_ready:
+                    try:  # executescript() would commit an open transaction first: the script holds its own
+                        con.executescript(f"BEGIN IMMEDIATE;\n{SCHEMA}\nCOMMIT;")
+                    except BaseException:
+                        if con.in_transaction:
+                            con.execute("ROLLBACK")
+                        raise
+                    self._schema_ready = True
+                self._connections.append(con)
+            return con
+        except OSError as exc:
+            raise StorageError(f"cannot open control store {self.path}: {exc.strerror or exc}") from exc
+        except sqlite3.Error as exc:
+            raise StorageError(f"cannot open control store {self.path}: {exc}") from exc
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction holding the write lock from its first statement."""
+        con = self.con
+        with _immediate(con):
+            yield con
+
+    def close(self) -> None:
+        """Close every connection this process opened (any thread's). The store reopens on next use."""
+        with self._lock:
+            if self._pid == os.getpid():
+                for con in self._connections:
+                    con.close()
+            self._connections, self._local, self._schema_ready = [], threading.local(), False
+
+    def __enter__(self) -> ControlStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---------------------------------------------------------------- instances
+
+    def upsert_instances(self, rows: list[dict]) -> None:
+        """Insert or update `strategy_instances` rows by `id`, in one transaction. A row sets only the
+        columns it names (times may be epoch floats or datetimes); `updated_at` is set to now."""
+        now = now_iso()
+        with self._write() as con:
+            for row in rows:
+                fields = {k: _time_value(v) if k in _TIME_FIELDS else v for k, v in row.items()}
+                fields["updated_at"] = now
+                unknown = set(fields) - set(INSTANCE_COLUMNS)
+                if unknown or "id" not in fields:
+                    raise ValueError(f"strategy_instances has no column {', '.join(sorted(unknown))}"
+                                     if unknown else "an instance row needs its 'id' (the worker id)")
+                cols = list(fields)
+                updates = ", ".join(f"{c} = excluded.{c}" for c in cols if c != "id")
+                con.execute(f"INSERT INTO strategy_instances ({', '.join(cols)}) VALUES "
+                            f"({', '.join('?' * len(cols))}) ON CONFLICT (id) DO UPDATE SET {updates}",
+                            [fields[c] for c in cols])
+
+    def set_instance(self, worker_id: str, **fields: Any) -> None:
+        """Set some columns of one instance (inserting the row if it is new)."""
+        self.upsert_instances([{"id": worker_id, **fields}])
+
+    def instances(self) -> list[dict]:
+        """Every instance row, by id."""
+        return [dict(r) for r in self.con.execute("SELECT * FROM strategy_instances ORDER BY id")]
+
+    def remove_instance(self, worker_id: str) -> None:
+        """Forget a worker (removed by a reload): its instance, heartbeat and resource rows; events stay."""
+        with self._write() as con:
+            con.execute("DELETE FROM strategy_instances WHERE id = ?", (worker_id,))
+            con.execute("DELETE FROM heartbeats WHERE worker_id = ?", (worker_id,))
+            con.execute("DELETE FROM resources WHERE worker_id = ?", (worker_id,))
+
+    # ---------------------------------------------------------------- commands
+
+    def submit(self, command: str, strategy_id: str | None = None, parameters: dict | None = None) -> int:
+        """Insert a pending command row; returns its id."""
+        cur = self.con.execute(
+            f"INSERT INTO strategy_commands (strategy_id, command, parameters_json, status, created_at) "
+            f"VALUES (?, ?, ?, 'pending', {_NOW_SQL})", (strategy_id, command, json.dumps(parameters or {})))
+        return int(cur.lastrowid or 0)
+
+    def pending(self) -> list[Command]:
+        """Pending commands, oldest first. A row another program wrote with parameters_json that is not a
+        JSON object is marked failed here (with the reason) instead of being returned."""
+        rows = self.con.execute("SELECT * FROM strategy_commands WHERE status = 'pending' ORDER BY id").fetchall()
+        commands = []
+        for row in rows:
+            try:
+                commands.append(_command(row))
+            except ValueError as exc:
+                self.fail(row["id"], str(exc))
+        return commands
+
+    def complete(self, id: int, result: dict) -> bool:
+        """Mark a pending command completed with `result`. False when it was no longer pending."""
+        return self._finish(id, "completed", result)
+
+    def fail(self, id: int, error: str) -> bool:
+        """Mark a pending command failed; result_json is {"error": error}. False when no longer pending."""
+        return self._finish(id, "failed", {"error": error})
+
+    def _finish(self, id: int, status: str, result: dict) -> bool:
+        cur = self.con.execute(
+            f"UPDATE strategy_commands SET status = ?, processed_at = {_NOW_SQL}, result_json = ? "
+            "WHERE id = ? AND status = 'pending'", (status, json.dumps(result, default=str), id))
+        if cur.rowcount == 0:
+            self.command(id)  # KeyError when there is no such command
+        return cur.rowcount == 1
+
+    def command(self, id: int) -> Command:
+        """One command by id; KeyError when there is none."""
+        row = self.con.execute("SELECT * FROM strategy_commands WHERE id = ?", (id,)).fetchone()
+        if row is None:
+            raise KeyError(f"no command with id {id}")
+        try:
+            return _command(row)
+        except ValueError:
+            return _command(row, lenient=True)
+
+    def wait(self, id: int, timeout: float, poll_s: float = 0.05) -> Command:
+        """The command once it is no longer pending, or as it is after `timeout` seconds (still pending)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            cmd = self.command(id)
+            if cmd.status != "pending" or time.monotonic() >= deadline:
+                return cmd
+            time.sleep(min(poll_s, max(deadline - time.monotonic(), 0)))
+
+    # ---------------------------------------------------------------- heartbeats
+
+    def heartbeat(self, worker_id: str, *, pid: int, state: str, last_bar_time: datetime | str | None,
+                  checkpoint: datetime | str | None, signals: int, rejections: int, errors: int,
+                  ready: bool) -> None:
+        """Upsert this worker's heartbeat with ts = now (one autocommit statement: cheap, lock-safe)."""
+        self.con.execute(
+            "INSERT INTO heartbeats (worker_id, pid, state, last_bar_time, checkpoint, signals, rejections, "
+            "errors, ready, ts) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (worker_id) DO UPDATE SET "
+            "pid = excluded.pid, state = excluded.state, last_bar_time = excluded.last_bar_time, "
+            "checkpoint = excluded.checkpoint, signals = excluded.signals, rejections = excluded.rejections, "
+            "errors = excluded.errors, ready = excluded.ready, ts = excluded.ts",
+            (worker_id, pid, str(state), _time_value(last_bar_time), _time_value(checkpoint), signals,
+             rejections, errors, int(bool(ready)), now_iso()))
+
+    def heartbeats(self) -> dict[str, dict]:
+        """worker id -> its last heartbeat (`ready` as bool, times as ISO text)."""
+        out = {}
+        for row in self.con.execute("SELECT * FROM heartbeats ORDER BY worker_id"):
+            beat = dict(row)
+            beat["ready"] = bool(beat["ready"])
+            out[beat["worker_id"]] = beat
+        return out
+
+    # ---------------------------------------------------------------- resources and events
+
+    def record_resources(self, rows: list[tuple[str, float, float, float]]) -> None:
+        """Insert one sample per (worker_id, cpu_percent, rss_mb, uss_mb), ts = now; samples older than
+        resources_keep_s are pruned in the same transaction."""
+        now = time.time()
+        ts, cutoff = iso(now), iso(now - self.resources_keep_s)
+        with self._write() as con:
+            con.executemany("INSERT INTO resources (worker_id, ts, cpu_percent, rss_mb, uss_mb) VALUES (?, ?, ?, ?, ?)",
+                            [(w, ts, cpu, rss, uss) for w, cpu, rss, uss in rows])
+            con.execute("DELETE FROM resources WHERE ts < ?", (cutoff,))
+
+    def resources(self, latest_only: bool = True) -> dict[str, dict]:
+        """worker id -> its newest sample {ts, cpu_percent, rss_mb, uss_mb}; with latest_only=False, its
+        kept history as columns {ts: [...], cpu_percent: [...], rss_mb: [...], uss_mb: [...]}, oldest first."""
+        cols = ("ts", "cpu_percent", "rss_mb", "uss_mb")
+        if latest_only:
+            # newest by rowid, not ts: two samples can share a millisecond
+            rows = self.con.execute("SELECT r.* FROM resources r JOIN (SELECT max(rowid) AS rid FROM resources "
+                                    "GROUP BY worker_id) m ON r.rowid = m.rid ORDER BY r.worker_id")
+            return {r["worker_id"]: {c: r[c] for c in cols} for r in rows}
+        out: dict[str, dict] = {}
+        for r in self.con.execute("SELECT * FROM resources ORDER BY worker_id, ts, rowid"):
+            history = out.setdefault(r["worker_id"], {c: [] for c in cols})
+            for c in cols:
+                history[c].append(r[c])
+        return out
+
+    def event(self, worker_id: str | None, kind: str, detail: str | dict = "") -> None:
+        """Append an event (detail: text, or a dict stored as JSON); only the newest events_keep are kept."""
+        text = detail if isinstance(detail, str) else json.dumps(detail, default=str, sort_keys=True)
+        with self._write() as con:
+            cur = con.execute("INSERT INTO events (ts, worker_id, kind, detail) VALUES (?, ?, ?, ?)",
+                              (now_iso(), worker_id, kind, text))
+            con.execute("DELETE FROM events WHERE id <= ?", ((cur.lastrowid or 0) - self.events_keep,))
+
+    def events(self, worker_id: str | None = None, limit: int = 100) -> list[dict]:
+        """The newest `limit` events (of one worker, or all), oldest first."""
+        where, args = ("WHERE worker_id = ?", [worker_id]) if worker_id is not None else ("", [])
+        rows = self.con.execute(f"SELECT * FROM events {where} ORDER BY id DESC LIMIT ?", [*args, limit])
+        return [dict(r) for r in reversed(rows.fetchall())]
+
+
+@contextmanager
+def _immediate(con: sqlite3.Connection) -> Iterator[None]:
+    con.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+    con.execute("COMMIT")
+
+
+def _command(row: sqlite3.Row, lenient: bool = False) -> Command:
+    """A Command from a row; ValueError when parameters_json (written by any program) is not a JSON object."""
+    params: Any = {}
+    if row["parameters_json"] not in (None, ""):
+        try:
+            params = json.loads(row["parameters_json"])
+        except ValueError:
+            params = None
+        if not isinstance(params, dict):
+            if not lenient:
+                raise ValueError(f"parameters_json is not a JSON object: {str(row['parameters_json'])[:60]!r}")
+            params = {}
+    result = json.loads(row["result_json"]) if row["result_json"] else None
+    return Command(id=row["id"], strategy_id=row["strategy_id"], command=row["command"], parameters=params,
+                   status=row["status"], created_at=row["created_at"], processed_at=row["processed_at"],
+                   result=result)
