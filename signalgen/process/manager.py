@@ -145,14 +145,17 @@ class StrategyProcessManager:
         log_dir: one log file per worker, `<log_dir>/<worker id>.log`.
         run_id: the id every worker's records carry.
         loader: re-reads the config for `reload` / `add-strategy` (default: every client of cfg.root).
+        worker_target: the module-level function a worker process runs with its `WorkerArgs`
+            (default `process.worker.worker_process`; tests pass their own).
     """
 
     def __init__(self, cfg: RunConfig, specs: list[WorkerSpec], *, control, log_dir: Path, run_id: str,
-                 loader: SpecLoader | None = None) -> None:
+                 loader: SpecLoader | None = None, worker_target: Callable | None = None) -> None:
         self.cfg, self.control, self.run_id = cfg, control, run_id
         self.log_dir = Path(log_dir)
         self.limits = cfg.environment.process
         self.loader = loader or default_loader(cfg)
+        self.worker_target = worker_target
         self.specs: dict[str, WorkerSpec] = {s.id: s for s in specs}
         self.procs: dict[str, WorkerProcess] = {s.id: WorkerProcess(worker_id=s.id) for s in specs}
         self._handles: dict[str, multiprocessing.process.BaseProcess] = {}
@@ -258,12 +261,14 @@ class StrategyProcessManager:
     def _spawn(self, wid: str, now: float, reason: str) -> None:
         from signalgen.process.worker import WorkerArgs, worker_process
 
+        target = self.worker_target or worker_process
+
         proc, spec = self.procs[wid], self.specs[wid]
         args = WorkerArgs(spec=spec, cfg=self.cfg, writer_address=self._address, authkey=self._authkey,
                           control_path=self._control_path, log_path=str(self.log_dir / f"{wid}.log"),
                           heartbeat_interval_s=self.limits.heartbeat_interval_s)
         self._change(wid, State.STARTING, now, reason)
-        handle = self._ctx.Process(target=worker_process, args=(args,), name=wid)
+        handle = self._ctx.Process(target=target, args=(args,), name=wid)
         try:
             handle.start()
         except OSError as exc:  # fork failed (no memory, too many processes): a failure like a crash
@@ -400,7 +405,7 @@ class StrategyProcessManager:
                 self._alive_at[wid] = max(self._alive_at.get(wid, 0.0), ts)
                 self._count_errors(wid, ts, int(beat.get("errors") or 0), now)
                 # ready, said after this STARTING began (a resumed worker's last beat predates its pause)
-                if beat.get("ready") and proc.state is State.STARTING and ts >= proc.state_since - 1.0:
+                if beat.get("ready") and proc.state is State.STARTING and ts >= proc.state_since - 0.01:
                     self._change(wid, State.RUNNING, now, "ready")
             age = now - self._alive_at.get(wid, now)
             if age > threshold:
@@ -483,7 +488,8 @@ class StrategyProcessManager:
         return {"id": wid, "client": spec.client.id, "strategy": spec.strategy.id, "symbol": spec.symbol,
                 "timeframe": spec.timeframe, "mode": self.cfg.mode.name.value, "config_hash": spec.config_hash,
                 "state": proc.state.value, "pid": proc.pid, "started_at": proc.started_at,
-                "state_since": proc.state_since, "restarts": proc.restarts, "exit_code": proc.exit_code,
+                "state_since": proc.state_since, "restarts": proc.restarts, "failures": proc.failures,
+                "exit_code": proc.exit_code,
                 "reason": reason}
 
     def _flush(self) -> None:
