@@ -54,6 +54,42 @@ TARGETED = frozenset({"start", "stop-strategy", "pause", "resume", "restart"})  
 SpecLoader = Callable[[], tuple[RunConfig, list[WorkerSpec]]]
 
 
+def worker_entry(target: Callable, args: Any) -> None:
+    """What a worker process runs first, then `target(args)`: it ties the worker's life to the manager's.
+
+    A forkserver child holds a copy of the forkserver's "alive" pipe, which keeps the forkserver up
+    while any child lives; the worker closes its copy, so the forkserver exits as soon as the manager
+    dies, and PR_SET_PDEATHSIG (the forkserver is the parent) then kills the worker: a manager killed
+    with SIGKILL leaves no orphan. Without this, forkserver and workers would wait on each other forever.
+    """
+    from multiprocessing import forkserver
+
+    fd = getattr(forkserver._forkserver, "_forkserver_alive_fd", None)
+    if fd is not None:
+        forkserver._forkserver._forkserver_alive_fd = None
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    parent = os.getppid()
+    _die_with_parent()
+    if os.getppid() != parent:  # the parent died before the death signal was armed
+        os._exit(1)
+    target(args)
+
+
+def _die_with_parent() -> None:
+    """PR_SET_PDEATHSIG(SIGKILL) on Linux (the worker sets it too; arming it twice is harmless)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the worker's own parent watch remains
+        pass
+
+
 class CommandError(SignalgenError):
     """A command that cannot be applied: the row is marked failed with this message."""
 
@@ -268,7 +304,7 @@ class StrategyProcessManager:
                           control_path=self._control_path, log_path=str(self.log_dir / f"{wid}.log"),
                           heartbeat_interval_s=self.limits.heartbeat_interval_s)
         self._change(wid, State.STARTING, now, reason)
-        handle = self._ctx.Process(target=target, args=(args,), name=wid)
+        handle = self._ctx.Process(target=worker_entry, args=(target, args), name=wid)
         try:
             handle.start()
         except OSError as exc:  # fork failed (no memory, too many processes): a failure like a crash
@@ -507,6 +543,9 @@ class StrategyProcessManager:
 
     def _commands(self, now: float) -> None:
         for command in self.control.pending():
+            if self._shutdown:  # a stop came first in this batch
+                self.control.fail(command.id, "the manager is stopping")
+                continue
             try:
                 result = self.execute(command.command, command.strategy_id, command.parameters or {}, now,
                                       command_id=command.id)

@@ -226,6 +226,17 @@ def _beat(args, *, ready: bool = True, errors: int = 0) -> None:
                                               checkpoint=None, signals=0, rejections=0, errors=errors, ready=ready)
 
 
+def idle_worker(args) -> None:
+    """Ready heartbeats until SIGTERM; no death signal of its own (the manager's worker_entry arms one)."""
+    import threading
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    while not stop.wait(0.2):
+        _beat(args)
+    sys.exit(0)
+
+
 def exit_two(args) -> None:
     """A worker whose config is wrong: exit 2 (ConfigError)."""
     sys.exit(2)
@@ -257,6 +268,19 @@ def beat_with_errors(args) -> None:
 
 
 # ---------------------------------------------------------------- tests: stand-in workers
+
+
+def test_forkserver_and_workers_die_with_a_manager_killed_by_sigkill(tmp_path: Path, managers) -> None:
+    # the forkserver stays up while any child holds its "alive" pipe: worker_entry closes the
+    # worker's copy, so the forkserver exits with the manager and the death signal kills the workers
+    root = make_root(tmp_path, {"odum": client_yaml("odum", ["BTCUSD", "SOLUSD", "ETHUSD"])})
+    m = start(managers, root, target="idle_worker")
+    m.wait_states("RUNNING", count=3)
+    tree = psutil.Process(m.pid).children(recursive=True)
+    assert set(pids(m).values()) <= {p.pid for p in tree}
+    m.kill()
+    until(lambda: all(gone(p.pid) for p in tree), 10,
+          lambda: [(p.pid, p.cmdline()[-1][:80]) for p in tree if not gone(p.pid)])
 
 
 def test_exit_two_goes_fatal_without_restart(tmp_path: Path, managers) -> None:
@@ -307,3 +331,188 @@ def test_errors_above_the_rate_mark_a_worker_unhealthy(tmp_path: Path, managers)
     until(lambda: "unhealthy" in (m.instances()[wid]["reason"] or ""), 10, lambda: m.instances())
     assert m.instances()[wid]["state"] == "RUNNING"  # unhealthy is reported, not acted on
     assert m.stop() == 0
+
+
+# ---------------------------------------------------------------- tests: real workers (`start`)
+
+ODUM_BTC, ODUM_SOL = "odum.momentum_v1.BTCUSD.5m", "odum.momentum_v1.SOLUSD.5m"
+BEA_BTC, BEA_ETH = "bea.momentum_v1.BTCUSD.5m", "bea.momentum_v1.ETHUSD.5m"
+
+
+@pytest.fixture
+def two_clients(tmp_path: Path) -> Path:
+    """odum and bea, two workers each."""
+    return make_root(tmp_path, {"odum": client_yaml("odum", ["BTCUSD", "SOLUSD"]),
+                                "bea": client_yaml("bea", ["BTCUSD", "ETHUSD"])})
+
+
+def pids(m: Manager) -> dict[str, int]:
+    return {w: r["pid"] for w, r in m.instances().items()}
+
+
+def test_start_runs_one_process_per_worker_and_sigterm_stops_them_all(two_clients: Path, managers) -> None:
+    m = start(managers, two_clients)
+    rows = m.wait_states("RUNNING", count=4)
+    assert sorted(rows) == sorted([ODUM_BTC, ODUM_SOL, BEA_BTC, BEA_ETH])
+    tree = {p.pid for p in psutil.Process(m.pid).children(recursive=True)}
+    workers = pids(m)
+    assert len(set(workers.values())) == 4 and set(workers.values()) <= tree
+    assert all(psutil.pid_exists(p) for p in workers.values())
+    until(lambda: all(m.heartbeat(w).get("ready") for w in workers), 30, "ready heartbeats")
+    assert m.stop() == 0
+    assert all(gone(p) for p in workers.values())
+    assert set(m.states().values()) == {"STOPPED"}
+
+
+def test_pause_and_resume_through_inserted_rows(two_clients: Path, managers) -> None:
+    # a paused worker's heartbeat goes stale (threshold 1 s): that must not get it killed
+    root = two_clients
+    env_file = root / "environments" / "local-dev.yaml"
+    env = yaml.safe_load(env_file.read_text())
+    env["process"]["heartbeat_threshold_s"] = 1.0
+    env_file.write_text(yaml.safe_dump(env))
+    m = start(managers, root)
+    m.wait_states("RUNNING", count=4)
+    before = pids(m)
+    row = m.command(m.submit("pause", "odum.*"))
+    assert row["status"] == "completed", row
+    assert sorted(yaml.safe_load(row["result_json"])["workers"]) == [ODUM_BTC, ODUM_SOL]
+    assert m.states()[ODUM_BTC] == "PAUSED" and m.states()[BEA_BTC] == "RUNNING"
+    assert psutil.Process(before[ODUM_BTC]).status() == psutil.STATUS_STOPPED
+    time.sleep(2.5)  # more than the heartbeat threshold
+    assert m.states()[ODUM_BTC] == "PAUSED" and pids(m) == before
+    assert m.command(m.submit("resume", ODUM_BTC))["status"] == "completed"
+    m.wait_states({ODUM_BTC: "RUNNING", ODUM_SOL: "PAUSED"}, timeout=20)
+    assert pids(m) == before  # the same processes, continued
+    assert psutil.Process(before[ODUM_BTC]).status() != psutil.STATUS_STOPPED
+    assert m.stop() == 0  # a paused worker is continued to stop: nothing left behind
+    assert all(gone(p) for p in before.values())
+
+
+def test_unknown_worker_or_command_fails_its_row_and_the_manager_lives_on(two_clients: Path, managers) -> None:
+    m = start(managers, two_clients)
+    m.wait_states("RUNNING", count=4)
+    row = m.command(m.submit("pause", "nobody.*"))
+    assert row["status"] == "failed" and "no worker matches 'nobody.*'" in row["result_json"], row
+    row = m.command(m.submit("explode", ODUM_BTC))
+    assert row["status"] == "failed" and "unknown command 'explode'" in row["result_json"], row
+    row = m.command(m.submit("restart", None))
+    assert row["status"] == "failed" and "needs a worker id" in row["result_json"], row
+    assert m.proc.poll() is None and set(m.states().values()) == {"RUNNING"}
+    assert m.stop() == 0
+
+
+def test_reload_starts_stops_and_restarts_exactly_the_changed_workers(two_clients: Path, managers) -> None:
+    root = two_clients
+    m = start(managers, root)
+    m.wait_states("RUNNING", count=4)
+    before, hashes = pids(m), {w: r["config_hash"] for w, r in m.instances().items()}
+    # odum: SOLUSD removed, ETHUSD added, BTCUSD untouched; bea: a threshold changed (both workers)
+    (root / "clients" / "odum.yaml").write_text(client_yaml("odum", ["BTCUSD", "ETHUSD"]))
+    (root / "clients" / "bea.yaml").write_text(client_yaml("bea", ["BTCUSD", "ETHUSD"], threshold=0.65))
+    row = m.command(m.submit("reload"))
+    assert row["status"] == "completed", row
+    result = yaml.safe_load(row["result_json"])
+    assert result == {"started": ["odum.momentum_v1.ETHUSD.5m"], "stopped": [ODUM_SOL],
+                      "restarted": [BEA_BTC, BEA_ETH], "unchanged": 1}
+    until(lambda: ODUM_SOL not in m.instances(), 30, lambda: m.instances())
+    rows = m.wait_states("RUNNING", count=4)
+    after = pids(m)
+    assert after[ODUM_BTC] == before[ODUM_BTC]  # untouched: same process
+    assert after[BEA_BTC] != before[BEA_BTC] and after[BEA_ETH] != before[BEA_ETH]
+    assert gone(before[ODUM_SOL]) and gone(before[BEA_BTC])
+    assert rows[BEA_BTC]["config_hash"] != hashes[BEA_BTC] and rows[ODUM_BTC]["config_hash"] == hashes[ODUM_BTC]
+    assert m.stop() == 0
+
+
+def test_reload_with_invalid_yaml_fails_and_changes_nothing(two_clients: Path, managers) -> None:
+    root = two_clients
+    m = start(managers, root)
+    m.wait_states("RUNNING", count=4)
+    before = pids(m)
+    (root / "clients" / "bea.yaml").write_text(client_yaml("bea", ["BTCUSD"]).replace("threshold", "treshold"))
+    row = m.command(m.submit("reload"))
+    assert row["status"] == "failed", row
+    assert "bea.yaml" in row["result_json"] and "treshold" in row["result_json"]
+    time.sleep(1.0)
+    assert pids(m) == before and set(m.states().values()) == {"RUNNING"}
+    assert m.stop() == 0
+
+
+def test_recovery_policy_pause_parks_a_crashed_worker_until_resume(tmp_path: Path, managers) -> None:
+    root = make_root(tmp_path, {"odum": client_yaml("odum", ["BTCUSD"], recovery="pause")})
+    m = start(managers, root)
+    m.wait_states("RUNNING", count=1)
+    first = pids(m)[ODUM_BTC]
+    os.kill(first, signal.SIGKILL)
+    rows = m.wait_states({ODUM_BTC: "PAUSED"}, timeout=20)
+    assert rows[ODUM_BTC]["pid"] is None and "SIGKILL" in rows[ODUM_BTC]["reason"]
+    assert m.command(m.submit("resume", ODUM_BTC))["status"] == "completed"
+    rows = m.wait_states({ODUM_BTC: "RUNNING"}, timeout=30)
+    assert rows[ODUM_BTC]["pid"] not in (None, first)
+    assert m.stop() == 0
+
+
+def test_manager_killed_with_sigkill_leaves_no_orphans(two_clients: Path, managers) -> None:
+    m = start(managers, two_clients)
+    m.wait_states("RUNNING", count=4)
+    tree = psutil.Process(m.pid).children(recursive=True)  # the forkserver and the workers
+    assert len(tree) >= 5
+    m.kill()
+    until(lambda: all(gone(p.pid) for p in tree), 10,
+          lambda: [(p.pid, p.cmdline()) for p in tree if not gone(p.pid)])
+
+
+def decisions(root: Path, client: str) -> tuple[dict, dict]:
+    """bar_time -> what the client's worker decided (signals; rejections by reason), from the store."""
+    from signalgen.config.loader import load_environment
+    from signalgen.storage import store_for
+    from signalgen.storage.reads import ReadQuery
+
+    store = store_for(load_environment("local-dev", root=root), root)
+    sig = store.read(ReadQuery(kind="signals", clients=(client,), modes=("mock",)))
+    rej = store.read(ReadQuery(kind="rejections", clients=(client,), modes=("mock",)))
+    assert sig["signal_id"].n_unique() == sig.height  # one row per signal id
+    signals = {r["bar_time"]: (r["direction"], r["confidence"], r["strength"], r["weight"])
+               for r in sig.iter_rows(named=True)}
+    assert len(signals) == sig.height  # one signal per bar
+    rejections: dict = {}
+    for r in rej.iter_rows(named=True):
+        rejections.setdefault(r["bar_time"], []).append(r["reason"])
+    return signals, {t: sorted(v) for t, v in rejections.items()}
+
+
+def test_worker_killed_with_sigkill_restarts_and_loses_or_duplicates_no_signal(tmp_path: Path, managers) -> None:
+    # odum and bea run the same strategy on the same symbol: bea's uninterrupted worker is the
+    # reference for the bars odum's worker decides around three kill -9s
+    root = make_root(tmp_path, {"odum": client_yaml("odum", ["BTCUSD"]), "bea": client_yaml("bea", ["BTCUSD"])},
+                     mock_bar_interval_s=0.02, backoff_initial_s=0.3)
+    m = start(managers, root)
+    m.wait_states("RUNNING", count=2)
+    pid = pids(m)[ODUM_BTC]
+    for _ in range(3):
+        until(lambda: (m.heartbeat(ODUM_BTC).get("signals") or 0) > 0, 30, "signals before the kill")
+        os.kill(pid, signal.SIGKILL)
+        m.wait_states({ODUM_BTC: "BACKOFF"}, timeout=10)
+        m.wait_states({ODUM_BTC: "RUNNING"}, timeout=30)
+        assert pids(m)[ODUM_BTC] != pid
+        pid = pids(m)[ODUM_BTC]
+    checkpoint = m.heartbeat(ODUM_BTC)["checkpoint"]
+    until(lambda: (m.heartbeat(ODUM_BTC).get("checkpoint") or "") > checkpoint, 30, "progress after restarts")
+    assert m.instances()[ODUM_BTC]["restarts"] == 3 and m.instances()[BEA_BTC]["restarts"] == 0
+    assert m.stop() == 0
+    killed, reference = decisions(root, "odum"), decisions(root, "bea")
+    times = set(killed[0]) | set(killed[1])
+    ref_times = set(reference[0]) | set(reference[1])
+    common = (max(min(times), min(ref_times)), min(max(times), max(ref_times)))
+    assert common[1] > common[0]
+    for got, want in zip(killed, reference):
+        got = {t: v for t, v in got.items() if common[0] <= t <= common[1]}
+        want = {t: v for t, v in want.items() if common[0] <= t <= common[1]}
+        assert got == want
+    assert sum(1 for t in reference[0] if common[0] <= t <= common[1]) > 0  # signals were compared
+    # the internal stream got each of odum's signals once
+    from signalgen.outputs.local import read_stream
+
+    stream = read_stream(root / "var" / "local-dev" / "stream" / "mock" / "odum.jsonl", dedupe=False)
+    assert stream["signal_id"].n_unique() == stream.height and stream.height == len(killed[0])
