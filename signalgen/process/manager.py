@@ -46,6 +46,7 @@ from signalgen.process.states import TRANSITIONS, InvalidTransition, State, Work
 log = logging.getLogger(__name__)
 
 TICK_S = 0.5  # the loop's longest sleep: commands are picked up within it
+START_SLICE_S = 0.5  # at start-up, workers are started for this long per tick, then the loop does its rounds
 PRELOAD = "signalgen.process.preload"
 ERROR_WINDOW_S = 60.0
 COMMANDS = ("start", "stop-strategy", "pause", "resume", "restart", "stop", "reload", "add-strategy")
@@ -201,11 +202,11 @@ class StrategyProcessManager:
         self._alive_at: dict[str, float] = {}  # last proof of life: start, resume, or a fresh heartbeat
         self._errors: dict[str, deque[tuple[float, int]]] = {}
         self._unhealthy: set[str] = set()
-        self._ps: dict[int, Any] = {}  # pid -> psutil.Process (cpu_percent needs the same object)
+        self._over_memory: deque[tuple[str, int, float]] = deque()  # from the sampler thread
         self._dirty: set[str] = set(self.specs)
-        self._next_sample = 0.0
         self._shutdown = False
         self._stop_command: int | None = None
+        self._to_start: deque[str] = deque()  # initial start-up, in slices of START_SLICE_S
         self._ctx = None
         self._address = ""
         self._authkey = b""
@@ -227,7 +228,9 @@ class StrategyProcessManager:
             sock_dir = tempfile.mkdtemp(prefix="signalgen-")  # short: AF_UNIX paths are at most 107 bytes
             held.callback(shutil.rmtree, sock_dir, ignore_errors=True)
             self._ctx = multiprocessing.get_context("forkserver")
-            self._ctx.set_forkserver_preload([PRELOAD])
+            # "__main__" too: otherwise every worker re-imports the manager's main script (for
+            # strategy_runner.py: the whole CLI) when it starts; imported once here, it is inherited
+            self._ctx.set_forkserver_preload(["__main__", PRELOAD])
             store = held.enter_context(closing(open_store(self.cfg)))
             self._authkey = os.urandom(32)
             server = WriterServer(self.cfg, store, run_id=self.run_id, address=os.path.join(sock_dir, "writer.sock"),
@@ -237,13 +240,15 @@ class StrategyProcessManager:
             self._address = server.address
             held.callback(self._kill_all)  # on an unexpected error: never leave workers behind
             signals = held.enter_context(stop_on_signals(stop))
+            sampling = threading.Event()
+            sampler = threading.Thread(target=self._sampler, args=(sampling,), name="sampler", daemon=True)
+            sampler.start()
+            held.callback(sampler.join)
+            held.callback(sampling.set)
             self._reset_instances()
             log.info("manager started: %d workers, %s mode", len(self.specs), self.cfg.mode.name.value,
                      extra={"run_id": self.run_id, "pid": os.getpid()})
-            now = time.time()
-            for wid in self.specs:
-                self._spawn(wid, now, "start")
-            self._flush()
+            self._to_start.extend(self.specs)  # started a slice per tick: the loop stays responsive
             while self._handles or not self._shutdown:
                 if stop.is_set() and not self._shutdown:
                     why = f"signal {signal.Signals(signals[0]).name}" if signals else "stop requested"
@@ -256,14 +261,13 @@ class StrategyProcessManager:
 
     def tick(self) -> None:
         """One round of supervision; sleeps at most TICK_S, less when a worker exits."""
-        wait([p.sentinel for p in self._handles.values()], timeout=TICK_S)
+        wait([p.sentinel for p in self._handles.values()], timeout=0 if self._to_start else TICK_S)
         now = time.time()
+        self._start_slice(now)
         self._reap(now)
         self._check_heartbeats(now)
         self._expire(now)
-        if now >= self._next_sample:
-            self._next_sample = now + self.limits.resource_sample_s
-            self._sample(now)
+        self._memory_kills()
         if not self._shutdown:
             self._commands(now)
         self._flush()
@@ -295,6 +299,7 @@ class StrategyProcessManager:
     # ------------------------------------------------------------ processes
 
     def _spawn(self, wid: str, now: float, reason: str) -> None:
+        now = max(now, time.time())  # a long start-up loop: each worker's clock starts at its own start
         from signalgen.process.worker import WorkerArgs, worker_process
 
         target = self.worker_target or worker_process
@@ -318,6 +323,16 @@ class StrategyProcessManager:
         self._errors.pop(wid, None)
         self._dirty.add(wid)
 
+    def _start_slice(self, now: float) -> None:
+        """Start waiting workers for up to START_SLICE_S (a fork from the forkserver takes 10-100 ms)."""
+        deadline = time.monotonic() + START_SLICE_S
+        while self._to_start and time.monotonic() < deadline and not self._shutdown:
+            wid = self._to_start.popleft()
+            if wid in self.procs and self.procs[wid].state is State.STOPPED and wid not in self._handles:
+                self._spawn(wid, now, "start")
+        if self._shutdown:
+            self._to_start.clear()
+
     def _reap(self, now: float) -> None:
         for wid, handle in list(self._handles.items()):
             if handle.exitcode is None:
@@ -331,7 +346,6 @@ class StrategyProcessManager:
     def _exited(self, wid: str, code: int, now: float) -> None:
         """The worker's process ended with `code` (negative: killed by that signal)."""
         proc, spec = self.procs[wid], self.specs[wid]
-        self._ps.pop(proc.pid or -1, None)
         stopping = proc.state is State.STOPPING
         self._stop_deadline.pop(wid, None)
         killed = self._kill_reason.pop(wid, None)
@@ -467,30 +481,48 @@ class StrategyProcessManager:
             self._unhealthy.discard(wid)
             self.control.event(wid, "healthy", f"{recent} errors in the last minute")
 
-    def _sample(self, now: float) -> None:
-        """CPU% and memory per worker into the control store; a worker over memory_mb is restarted."""
+    def _sampler(self, stop: threading.Event) -> None:
+        """Thread: CPU% and memory of every worker into the control store every resource_sample_s.
+
+        Off the supervision loop, which would otherwise stall ~1 ms per worker per sample (psutil
+        reads /proc/<pid>/smaps_rollup). Workers above memory_mb go to `_over_memory` for the loop.
+        """
         import psutil
 
-        rows = []
         limit = self.limits.memory_mb
-        for wid, handle in list(self._handles.items()):
-            pid = handle.pid
-            try:
-                ps = self._ps.get(pid)
-                if ps is None:
-                    ps = self._ps[pid] = psutil.Process(pid)
-                cpu = ps.cpu_percent(None)
-                mem = ps.memory_full_info()
-            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        procs: dict[int, psutil.Process] = {}  # cpu_percent needs the same object between samples
+        while not stop.wait(self.limits.resource_sample_s):
+            rows = []
+            live = {wid: h.pid for wid, h in list(self._handles.items()) if h.pid is not None}
+            for wid, pid in live.items():
+                try:
+                    ps = procs.get(pid)
+                    if ps is None:
+                        ps = procs[pid] = psutil.Process(pid)
+                    cpu, mem = ps.cpu_percent(None), ps.memory_full_info()
+                except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess, ValueError):
+                    continue
+                rss, uss = mem.rss / 2**20, getattr(mem, "uss", mem.rss) / 2**20
+                rows.append((wid, cpu, rss, uss))
+                if uss > limit:
+                    self._over_memory.append((wid, pid, uss))
+            for pid in set(procs) - set(live.values()):
+                del procs[pid]
+            if rows:
+                try:
+                    self.control.record_resources(rows)
+                except Exception as exc:  # noqa: BLE001 - sampling must not die with one failed write
+                    log.warning("cannot record resource samples: %s", exc)
+
+    def _memory_kills(self) -> None:
+        while self._over_memory:
+            wid, pid, uss = self._over_memory.popleft()
+            proc = self.procs.get(wid)
+            if proc is None or proc.pid != pid or proc.state is State.STOPPING or wid in self._kill_reason:
                 continue
-            rss, uss = mem.rss / 2**20, getattr(mem, "uss", mem.rss) / 2**20
-            rows.append((wid, cpu, rss, uss))
-            if uss > limit and self.procs[wid].state is not State.STOPPING:
-                reason = f"memory {uss:.0f} MB over the limit {limit} MB"
-                self.control.event(wid, "memory", reason)
-                self._kill(wid, reason)
-        if rows:
-            self.control.record_resources(rows)
+            reason = f"memory {uss:.0f} MB over the limit {self.limits.memory_mb} MB"
+            self.control.event(wid, "memory", reason)
+            self._kill(wid, reason)
 
     # ------------------------------------------------------------ control store
 
@@ -617,6 +649,8 @@ class StrategyProcessManager:
                 proc.failures, proc.backoff_until = 0, None
                 self._spawn(wid, now, "start command")
             elif command == "stop-strategy":
+                if wid in self._to_start:
+                    self._to_start.remove(wid)
                 if not running and State.STOPPED not in TRANSITIONS[proc.state]:
                     skipped.append(wid)
                     continue
