@@ -97,6 +97,14 @@ class SignalStore(Protocol):
     def write_bar_rejections(self, df: pl.DataFrame, run_id: str | None = None, mode: str | None = None) -> int:
         """Upsert rejected bars (BAR_REJECTION_SCHEMA; `run_id`/`mode` fill missing columns)."""
 
+    def write_checkpoints(self, mode: str, checkpoints: dict[str, datetime]) -> None:
+        """Record each worker's checkpoint in `mode` (worker id -> last bar time whose decisions the
+        store and every output hold), replacing the one it had. Callers write it only after the
+        decisions it covers are durable, so a restarted worker resuming after it loses nothing."""
+
+    def checkpoints(self, mode: str) -> dict[str, datetime]:
+        """Worker id -> checkpoint of every worker that has one in `mode` (modes are namespaces)."""
+
     def start_run(self, run: RunRecord) -> None: ...
 
     def finish_run(self, run_id: str, **values: Any) -> None:

@@ -29,7 +29,7 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, closing, contextmanager, suppress
 from dataclasses import fields
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -168,6 +168,8 @@ class DuckDBStore:
                 con.execute(f"CREATE TABLE IF NOT EXISTS superseded_{table} ({cols}, {audit})")
         cols = ", ".join(f"{_q(c)} {t}" for c, t in _run_columns().items())
         con.execute(f"CREATE TABLE IF NOT EXISTS runs ({cols})")
+        con.execute("CREATE TABLE IF NOT EXISTS worker_checkpoints (worker_id VARCHAR NOT NULL, mode VARCHAR NOT NULL, "
+                    "checkpoint TIMESTAMPTZ NOT NULL, updated_at TIMESTAMPTZ NOT NULL, PRIMARY KEY (worker_id, mode))")
         if had_bar_rejections and "mode" not in had_bar_rejections:
             # a store from before modes were kept apart: each bar rejection takes its run's mode
             con.execute("ALTER TABLE bar_rejections ADD COLUMN mode VARCHAR")
@@ -357,6 +359,25 @@ class DuckDBStore:
             rows = self.con.execute("UPDATE runs SET status = 'abandoned', finished_at = ? "
                                     "WHERE status IS NULL RETURNING run_id", [now]).fetchall()
         return sorted(r[0] for r in rows)
+
+    # ------------------------------------------------------------ checkpoints
+
+    def write_checkpoints(self, mode: str, checkpoints: Mapping[str, datetime]) -> None:
+        """Record each worker's checkpoint in `mode` (worker id -> last bar time durable everywhere),
+        replacing the one it had. Written after the decisions it covers, never before."""
+        if not checkpoints:
+            return
+        batch = pl.DataFrame({"worker_id": list(checkpoints), "checkpoint": list(checkpoints.values())},
+                             schema={"worker_id": pl.String, "checkpoint": pl.Datetime("us", "UTC")})
+        # one statement over a registered frame: executemany costs a statement per row
+        with self._registered(_checkpoints=batch), self._transaction():
+            self.con.execute("INSERT OR REPLACE INTO worker_checkpoints "
+                             "SELECT worker_id, ?, checkpoint, now() FROM _checkpoints", [mode])
+
+    def checkpoints(self, mode: str) -> dict[str, datetime]:
+        """Worker id -> checkpoint of every worker that has one in `mode`."""
+        rows = self.con.execute("SELECT worker_id, checkpoint FROM worker_checkpoints WHERE mode = ?", [mode])
+        return {w: t.astimezone(timezone.utc) for w, t in rows.fetchall()}
 
     # ------------------------------------------------------------ reads
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING
 
@@ -74,6 +74,18 @@ class SignalWriter:
             raise
         return cls(store, outputs, mode=cfg.mode.name.value, queue_batches=queue_batches)
 
+    def open_outputs(self, cfg: RunConfig, spec: WorkerSpec) -> None:
+        """Open the outputs `spec` routes to that this writer does not have yet (a client added
+        while a long-lived writer runs). ConfigError when this environment cannot serve one."""
+        if spec.run.get("mode", self.mode) != self.mode:
+            raise ValueError(f"worker {spec.id} is not of mode {self.mode!r}")
+        for destination in DESTINATIONS[spec.routing]:
+            key = (spec.client.id, destination)
+            if key not in self._outputs:
+                out = build_output(cfg, spec.client.id, destination)
+                out.open()
+                self._outputs[key] = out
+
     def _write_loop(self) -> None:
         from signalgen.modes.sources import background_priority  # the helper lives with the other threads
 
@@ -104,6 +116,23 @@ class SignalWriter:
     def _write(self, spec: WorkerSpec, decisions: Decisions) -> None:
         signals, rejections = decisions.frames()
         self.store.write_decisions(signals, rejections)
+        self._route(spec, signals, rejections)
+
+    def record_group(self, items: Sequence[tuple[WorkerSpec, Decisions]]) -> None:
+        """Queue batches of several workers to be stored in ONE store transaction (a group commit:
+        a transaction costs milliseconds however few rows it holds), then routed per worker."""
+        if items:
+            self._raise_failed_write()
+            self._queue.put((self._write_group, (list(items),)))
+
+    def _write_group(self, items: list[tuple[WorkerSpec, Decisions]]) -> None:
+        built = [(spec, *decisions.frames()) for spec, decisions in items]
+        self.store.write_decisions(pl.concat([b[1] for b in built]), pl.concat([b[2] for b in built]))
+        for spec, signals, rejections in built:
+            self._route(spec, signals, rejections)
+
+    def _route(self, spec: WorkerSpec, signals: pl.DataFrame, rejections: pl.DataFrame) -> None:
+        """Hand stored signals to the worker's outputs and note its last stored bar."""
         if signals.height:
             for destination in DESTINATIONS[spec.routing]:
                 self._outputs[(spec.client.id, destination)].write(signals)

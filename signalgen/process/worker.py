@@ -1,0 +1,369 @@
+"""The worker process: one client x strategy x symbol x timeframe, streaming in mock or simulation mode.
+
+`worker_process(args)` is the multiprocessing target the manager starts (in a forkserver child
+that already imported `signalgen.process.preload`); `signalgen.process.worker_cli` runs the same
+`worker_main` in the foreground for supervisord. A worker:
+
+1. dies with its parent: PR_SET_PDEATHSIG(SIGKILL), and a thread that watches the parent's pid;
+2. logs to its own rotated file (`args.log_path`);
+3. says hello to the writer (`RemoteSink`), which returns the run id and its checkpoint;
+4. feeds its bars after the checkpoint, with the history bars before it for warm-up
+   (`resume_feed`): mock paced at one bar per `mock_bar_interval_s` wall seconds, simulation
+   at the preset's `replay_speed` (0: as fast as possible);
+5. runs the one worker loop (`modes.worker.run_worker`) into the sink, writing heartbeats to the
+   control store every `heartbeat_interval_s` (ready=1 once its models and first bar are loaded);
+6. on SIGTERM / SIGINT stops taking bars, waits until the writer acked everything, exits 0.
+
+Exit codes: 0 range done or stopped after flushing; 1 failure (restart it); 2 config error (never).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import logging.handlers
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import polars as pl
+
+from signalgen.config.models import Mode, RunConfig, timeframe_delta
+from signalgen.config.workers import WorkerSpec
+from signalgen.data.validation import validate_bars
+from signalgen.errors import ConfigError
+from signalgen.modes.engine import epoch_us, history_bars
+from signalgen.modes.sources import bar_chunks
+from signalgen.modes.worker import ReplayClock, WorkerContext, bar_feed, run_worker
+
+log = logging.getLogger(__name__)
+
+PR_SET_PDEATHSIG = 1
+STREAMING_MODES = (Mode.MOCK, Mode.SIMULATION)
+LOG_MAX_BYTES = 10 * 1024 * 1024
+LOG_BACKUPS = 3
+PARENT_CHECK_S = 0.5
+
+
+@dataclass(frozen=True)
+class WorkerArgs:
+    """Everything a worker process needs, picklable: config only, no connection (each worker opens
+    its own). `authkey` is the writer's shared key: kept out of repr, so it is never logged."""
+
+    spec: WorkerSpec
+    cfg: RunConfig
+    writer_address: str
+    authkey: bytes = field(repr=False)
+    control_path: str
+    log_path: str
+    heartbeat_interval_s: float
+
+
+# --------------------------------------------------------------------------------------------- feeds
+
+
+def resume_from(cfg: RunConfig, checkpoint: datetime | None) -> datetime:
+    """Where a worker's decisions start: after its checkpoint, or after the range's start."""
+    return cfg.start if checkpoint is None or checkpoint < cfg.start else checkpoint
+
+
+def resume_feed(cfg: RunConfig, spec: WorkerSpec, emit_from: datetime) -> Iterator[dict]:
+    """The worker's raw bars after `emit_from`, one at a time, preceded by the last
+    `history_bars(spec)` valid bars at or before it (features' warm-up and the lookback window).
+
+    The bars are the run's own series (`modes.sources.bar_chunks` from `cfg.start`), so a worker
+    resumed after a checkpoint sees exactly the bars, and makes exactly the decisions, of a worker
+    that never stopped (features depend only on the last WARMUP_BARS bars).
+    """
+    need = history_bars(spec)
+    frames = bar_chunks(cfg, spec.symbol, spec.timeframe, cfg.mode.chunk_bars, history=need)
+    first = validate_bars(next(frames), spec.timeframe)
+    history, last_time = first.bars.tail(need), first.last_time
+    if emit_from <= cfg.start:
+        yield from bar_feed([history])
+        yield from bar_feed(frames)
+        return
+    for frame in frames:
+        # rows without a time go with the rest: validation rejects them again (an idempotent upsert)
+        after = pl.col("bar_time").is_null() | (pl.col("bar_time") > emit_from)
+        before, rest = frame.filter(~after), frame.filter(after)
+        if before.height:
+            checked = validate_bars(before, spec.timeframe, last_time=last_time)
+            last_time = checked.last_time or last_time
+            history = pl.concat([history, checked.bars]).tail(need) if history.height else checked.bars.tail(need)
+        if rest.height:
+            yield from bar_feed([history, rest])
+            yield from bar_feed(frames)
+            return
+    yield from bar_feed([history])  # nothing after the checkpoint: the range is done
+
+
+class PacedClock:
+    """A `ReplayClock` that paces only the bars after `emit_from_us`: history bars warm up at once,
+    then each new bar is due `bar length / speed` wall seconds after the previous one."""
+
+    def __init__(self, speed: float, emit_from_us: int, sleep=time.sleep) -> None:
+        self.replay = ReplayClock(speed, sleep=sleep)
+        self.emit_from_us = emit_from_us
+        self._now: int | None = None
+
+    def advance(self, bar_time_us: int) -> None:
+        if bar_time_us > self.emit_from_us:
+            self.replay.advance(bar_time_us)  # sleeps until the bar is due
+        self._now = bar_time_us if self._now is None else max(self._now, bar_time_us)
+
+    def now_us(self) -> int:
+        if self._now is None:
+            raise RuntimeError("PacedClock.now_us before any bar")
+        return self._now
+
+
+def replay_speed(cfg: RunConfig, spec: WorkerSpec) -> float:
+    """Bar-time seconds per wall second: mock one bar per `mock_bar_interval_s`, simulation the
+    preset's `replay_speed` (0 = as fast as possible)."""
+    if cfg.mode.name is Mode.MOCK:
+        interval = cfg.environment.process.mock_bar_interval_s
+        return 0.0 if interval <= 0 else timeframe_delta(spec.timeframe).total_seconds() / interval
+    return cfg.mode.replay_speed or 0.0
+
+
+# --------------------------------------------------------------------------------------------- process
+
+
+class _Counts:
+    """What the heartbeat reports, updated by the sink wrapper as the worker goes."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.state = "STARTING"
+        self.ready = False
+        self.bars = self.signals = self.rejections = self.errors = 0
+        self.last_bar_time: datetime | None = None
+        self.checkpoint: datetime | None = None
+
+
+class _CountingSink:
+    """Passes everything to the real sink and counts it for the heartbeat."""
+
+    def __init__(self, inner, counts: _Counts) -> None:
+        self.inner, self.counts = inner, counts
+
+    def record(self, spec: WorkerSpec, decisions) -> None:
+        self.inner.record(spec, decisions)
+        with self.counts.lock:
+            c = self.counts
+            c.bars += decisions.bars
+            c.signals += decisions.signals
+            c.rejections += decisions.bars - decisions.signals
+            if decisions.bars:
+                c.last_bar_time = datetime.fromtimestamp(int(decisions.bar_time_us[-1]) / 1e6, timezone.utc)
+            c.checkpoint = self.inner.checkpoints.get(spec.id, c.checkpoint)
+
+    def record_bar_rejections(self, rejections: pl.DataFrame, run_id: str) -> None:
+        self.inner.record_bar_rejections(rejections, run_id)
+        with self.counts.lock:
+            self.counts.errors += rejections.height  # bad bars: rejected and counted
+
+    @property
+    def checkpoints(self) -> dict[str, datetime]:
+        return self.inner.checkpoints
+
+
+class Heartbeat:
+    """Writes the worker's heartbeat row every `interval` seconds on its own thread (and once more
+    at the end). A control store that cannot be written is logged, never fatal."""
+
+    def __init__(self, args: WorkerArgs, counts: _Counts, sink_ref: list) -> None:
+        self.args, self.counts, self.sink_ref = args, counts, sink_ref
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="heartbeat", daemon=True)
+        self._store = None
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def beat(self) -> None:
+        from signalgen.storage.control import ControlStore
+
+        if self._store is None:
+            self._store = ControlStore(self.args.control_path)
+        sink = self.sink_ref[0] if self.sink_ref else None
+        with self.counts.lock:
+            c = self.counts
+            if sink is not None:
+                c.checkpoint = sink.checkpoints.get(self.args.spec.id, c.checkpoint)
+            fields = dict(pid=os.getpid(), state=c.state, last_bar_time=_iso(c.last_bar_time),
+                          checkpoint=_iso(c.checkpoint), signals=c.signals, rejections=c.rejections,
+                          errors=c.errors, ready=c.ready)
+        self._store.heartbeat(self.args.spec.id, **fields)
+
+    def _loop(self) -> None:
+        while True:
+            try:
+                self.beat()
+            except Exception as exc:  # noqa: BLE001 - a missed heartbeat is the manager's to notice
+                log.warning("heartbeat failed: %r", exc, extra={"worker": self.args.spec.id})
+            if self._stop.wait(self.args.heartbeat_interval_s):
+                return
+
+    def stop(self) -> None:
+        """Stop the thread and write the final heartbeat (its state as the worker leaves)."""
+        self._stop.set()
+        self._thread.join(timeout=5)
+        try:
+            self.beat()
+        except Exception as exc:  # noqa: BLE001
+            log.warning("final heartbeat failed: %r", exc, extra={"worker": self.args.spec.id})
+        if self._store is not None:
+            self._store.close()
+
+
+def _iso(t: datetime | None) -> str | None:
+    return None if t is None else t.astimezone(timezone.utc).isoformat()
+
+
+def set_parent_death_signal(sig: int = signal.SIGKILL) -> bool:
+    """Ask Linux to send `sig` to this process when its parent dies (PR_SET_PDEATHSIG); False where
+    unsupported (the parent watch still works)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def watch_parent(ppid: int, interval: float = PARENT_CHECK_S) -> threading.Thread:
+    """A thread that kills this process (SIGKILL, as PDEATHSIG would) once its parent is gone:
+    re-parented, or — for a forkserver child, whose OS parent is the fork server — the process that
+    started it (`multiprocessing.parent_process()`) no longer exists."""
+    import multiprocessing
+
+    starter = multiprocessing.parent_process()
+    starter_pid = starter.pid if starter is not None else None
+
+    def orphaned() -> bool:
+        return os.getppid() != ppid or (starter_pid is not None and not _pid_alive(starter_pid))
+
+    def loop() -> None:
+        while not orphaned():
+            time.sleep(interval)
+        log.error("parent process is gone; exiting", extra={"ppid": ppid})
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    if orphaned():  # died before we could ask for PDEATHSIG
+        os.kill(os.getpid(), signal.SIGKILL)
+    thread = threading.Thread(target=loop, name="parent-watch", daemon=True)
+    thread.start()
+    return thread
+
+
+def configure_worker_logging(log_path: str, level: str) -> None:
+    """`signalgen.*` records to the worker's own rotated file, in the project's key=value format."""
+    from signalgen.logs import KeyValueFormatter
+
+    Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.handlers.RotatingFileHandler(log_path, maxBytes=LOG_MAX_BYTES, backupCount=LOG_BACKUPS)
+    handler.setFormatter(KeyValueFormatter())
+    logger = logging.getLogger("signalgen")
+    for old in list(logger.handlers):
+        logger.removeHandler(old)
+        old.close()
+    logger.addHandler(handler)
+    logger.setLevel(level)
+    logger.propagate = False
+
+
+def worker_main(args: WorkerArgs) -> int:
+    """Run one worker until its range ends or SIGTERM / SIGINT; the exit code (0, 1 or 2)."""
+    ppid = os.getppid()
+    set_parent_death_signal()
+    watch_parent(ppid)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, _frame: stop.set())  # a flag only; the loop acts on it
+    spec, cfg = args.spec, args.cfg
+    fields = {"worker": spec.id, "client": spec.client.id, "strategy": spec.strategy.id, "symbol": spec.symbol}
+    try:
+        configure_worker_logging(args.log_path, cfg.environment.log_level)
+    except OSError as exc:
+        print(f"worker {spec.id}: cannot write log {args.log_path}: {exc}", file=sys.stderr)
+        return 1
+    counts, sink_ref = _Counts(), []
+    heartbeat = Heartbeat(args, counts, sink_ref)
+    heartbeat.start()
+    sink = None
+    code = 1
+    try:
+        if cfg.mode.name not in STREAMING_MODES:
+            raise ConfigError(f"a worker process streams mock or simulation, not {cfg.mode.name.value}",
+                              file=cfg.files.get("mode"), field="name")
+        from signalgen.process.writer_server import RemoteSink
+
+        sink = RemoteSink(args.writer_address, args.authkey, spec)
+        sink_ref.append(sink)
+        emit_from = resume_from(cfg, sink.resume_point)
+        log.info("worker started (pid %d), resuming after %s", os.getpid(), emit_from,
+                 extra={**fields, "run_id": sink.run_id})
+        ctx = WorkerContext(registry_dir=str(Path(cfg.root) / cfg.environment.paths.registry_dir),
+                            backend="mock" if cfg.inference == "mock" else cfg.backend,
+                            started_at=datetime.now(timezone.utc), mode=cfg.mode.name.value,
+                            run_id=sink.run_id, emit_from=emit_from, seed=cfg.seed)
+        clock = PacedClock(replay_speed(cfg, spec), epoch_us(emit_from), sleep=stop.wait)
+
+        def ready_feed() -> Iterator[dict]:
+            # run_worker loads the models before it asks for the first bar: ready once that bar exists
+            for i, bar in enumerate(resume_feed(cfg, spec, emit_from)):
+                if i == 0:
+                    with counts.lock:
+                        counts.ready, counts.state = True, "RUNNING"
+                    log.info("worker ready", extra=fields)
+                yield bar
+
+        outcome = run_worker(spec, ready_feed(), _CountingSink(sink, counts), clock, ctx, stop)
+        for problem in outcome.problems:
+            log.warning("%s", problem, extra=fields)
+        with counts.lock:
+            counts.state = "STOPPING"
+        sink.close(timeout=cfg.environment.process.stop_timeout_s if stop.is_set() else None)
+        with counts.lock:
+            counts.checkpoint = sink.checkpoints.get(spec.id, counts.checkpoint)
+            counts.state = "STOPPED" if outcome.stopped else "EXITED"
+        log.info("worker %s: %d bars, %d signals, checkpoint %s", "stopped" if outcome.stopped else "finished",
+                 outcome.bars, outcome.signals, counts.checkpoint, extra=fields)
+        code = 0
+    except ConfigError as exc:
+        log.error("config error: %s", exc, extra=fields)
+        code = 2
+    except Exception as exc:  # noqa: BLE001 - the manager restarts a failed worker
+        log.exception("worker failed: %s", exc, extra=fields)
+        code = 1
+    finally:
+        if sink is not None:
+            sink.abort()
+        if code != 0:
+            with counts.lock:
+                counts.state = "FAILED" if code == 1 else "FATAL"
+        heartbeat.stop()
+        logging.shutdown()
+    return code
+
+
+def worker_process(args: WorkerArgs) -> None:
+    """multiprocessing target: `worker_main` as the process's exit code."""
+    sys.exit(worker_main(args))

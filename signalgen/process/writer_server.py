@@ -1,0 +1,629 @@
+"""The writer of a fleet of worker processes: the one process that holds the signal store and the
+CSV / stream outputs, serving workers over local IPC (docs/writer.md).
+
+DuckDB allows one writing process per file, so worker processes never open it: each hands its
+decisions to the `WriterServer` through a `RemoteSink` (a `modes.worker.Sink`), over an AF_UNIX
+socket of `multiprocessing.connection` authenticated with a shared key (HMAC challenge both ways).
+
+Protocol (pickled tuples, one connection per worker; see docs/writer.md):
+
+    worker -> writer   ("hello", {"worker_id", "pid", "spec"})
+    writer -> worker   ("welcome", {"run_id", "checkpoint"})  |  ("refused", reason)
+    worker -> writer   ("batch", seq, Frames, bar_rejections | None)      (seq = 1, 2, ...)
+    writer -> worker   ("ack", seq, checkpoint)  |  ("failed", seq, reason)
+    worker -> writer   ("bye",)
+
+Group commit: the writer gathers the batches of every connected worker for `commit_interval_s`
+after the first arrives (or until `max_group_bars`), stores them in one transaction
+(`SignalWriter.record_group`), flushes the outputs (`SignalWriter.flush`), records the workers'
+checkpoints in the store (`SignalStore.write_checkpoints`), and only then acks each batch with its
+worker's checkpoint. A failed write acks nothing of the group: its workers get "failed", keep their
+old checkpoint and restart from it (every write is an upsert, so the replay is harmless).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import socket
+import stat
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from multiprocessing.connection import Client, Connection, answer_challenge, deliver_challenge
+from pathlib import Path
+
+import polars as pl
+
+from signalgen.config.models import RunConfig
+from signalgen.config.workers import WorkerSpec
+from signalgen.errors import ConfigError, SignalgenError, TransientError
+from signalgen.storage.base import SignalStore
+from signalgen.storage.writer import SignalWriter
+
+log = logging.getLogger(__name__)
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_US = timedelta(microseconds=1)
+MAX_SOCKET_PATH = 107  # sun_path holds 108 bytes with the terminating NUL
+HANDSHAKE_TIMEOUT_S = 10.0
+
+
+@dataclass(frozen=True)
+class Frames:
+    """One batch of a worker's decision records, built in the worker (so record building runs on
+    every worker's core, not the writer's): what `SignalWriter.record_group` takes."""
+
+    signals: pl.DataFrame
+    rejections: pl.DataFrame
+
+    def frames(self) -> tuple[pl.DataFrame, pl.DataFrame]:
+        return self.signals, self.rejections
+
+    @property
+    def bars(self) -> int:
+        return self.signals.height + self.rejections.height
+
+    @property
+    def last_bar_time(self) -> datetime | None:
+        times = [t for t in (self.signals["bar_time"].max(), self.rejections["bar_time"].max()) if t is not None]
+        return max(times).astimezone(timezone.utc) if times else None
+
+
+# --------------------------------------------------------------------------------------------- server
+
+
+@dataclass(eq=False)
+class _Worker:
+    """One connected worker, as the writer sees it."""
+
+    spec: WorkerSpec
+    conn: Connection
+    pid: int
+    send_lock: threading.Lock = field(default_factory=threading.Lock)
+    failed: bool = False  # a write of its batches failed: drop its later batches, ack nothing more
+    closed: bool = False
+
+    def send(self, message: tuple) -> None:
+        """Send if still connected; a worker gone meanwhile is not the writer's problem."""
+        with self.send_lock:
+            if self.closed:
+                return
+            try:
+                self.conn.send(message)
+            except (OSError, ValueError):
+                self.closed = True
+
+
+@dataclass(eq=False)
+class _Batch:
+    worker: _Worker
+    seq: int
+    frames: Frames
+    bar_rejections: pl.DataFrame | None
+
+    @property
+    def bars(self) -> int:
+        return self.frames.bars + (self.bar_rejections.height if self.bar_rejections is not None else 0)
+
+
+class WriterServer:
+    """Serves worker processes: stores their decisions, routes their signals, acks their checkpoints.
+
+    `start()` opens the outputs, loads the checkpoints of `cfg`'s mode and listens on `address`
+    (an AF_UNIX socket path, created 0600; a stale one is replaced, a live one is refused);
+    `close()` commits and acks what arrived, closes the outputs and removes the socket. The store
+    is the caller's: opened before, closed after.
+
+    One worker disconnecting or crashing affects no other: its committed batches stay committed,
+    its unacked ones are simply re-sent by its next incarnation after the checkpoint the hello
+    returns.
+    """
+
+    def __init__(self, cfg: RunConfig, store: SignalStore, *, run_id: str, address: str, authkey: bytes,
+                 commit_interval_s: float = 0.05, max_group_bars: int = 100_000) -> None:
+        if len(os.fsencode(address)) > MAX_SOCKET_PATH:
+            raise ConfigError(f"writer socket path is {len(os.fsencode(address))} bytes, over the "
+                              f"{MAX_SOCKET_PATH} a Unix socket allows: {address}; pass a shorter --writer/--address")
+        self.cfg, self.store, self.run_id = cfg, store, run_id
+        self.address, self._authkey = address, authkey
+        self.commit_interval_s, self.max_group_bars = commit_interval_s, max_group_bars
+        self.mode = cfg.mode.name.value
+        self._writer: SignalWriter | None = None
+        self._checkpoints: dict[str, datetime] = {}
+        self._workers: dict[str, _Worker] = {}
+        self._lock = threading.Lock()
+        self._outputs_lock = threading.Lock()  # opening outputs: hello threads and the commit thread
+        self._inbox: queue.Queue = queue.Queue()
+        self._listener: socket.socket | None = None
+        self._threads: list[threading.Thread] = []
+        self._closing = False
+        self.stats = {"groups": 0, "batches": 0, "bars": 0, "failed_groups": 0}
+        # called with (group size in batches, bars, seconds the commit took); for benchmarks
+        self.on_commit: Callable[[int, int, float], None] | None = None
+
+    # ----------------------------------------------------------------------------- lifecycle
+
+    def start(self) -> WriterServer:
+        self._writer = SignalWriter.from_config(self.cfg, self.store)
+        self._checkpoints = self.store.checkpoints(self.mode)
+        _claim_socket_path(self.address)
+        # authkey=None here: the challenge runs on each connection's own thread (with a timeout),
+        # so a client that connects and says nothing cannot block accepting the others
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)  # the socket file is created 0600
+        try:
+            self._listener.bind(self.address)
+        finally:
+            os.umask(old)
+        self._listener.listen(512)
+        self._listener.settimeout(0.2)  # accept() wakes up to see close(): closing a socket does not
+        for name, target in (("writer-accept", self._accept_loop), ("writer-commit", self._commit_loop)):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        log.info("writer serving %d checkpoints on %s", len(self._checkpoints), self.address,
+                 extra={"run_id": self.run_id, "path": self.address})
+        return self
+
+    def __enter__(self) -> WriterServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop accepting, commit and ack every batch received, close the outputs, remove the socket."""
+        if self._closing:
+            return
+        self._closing = True
+        self._inbox.put(None)
+        for thread in self._threads:
+            thread.join()
+        if self._listener is not None:
+            self._listener.close()
+            Path(self.address).unlink(missing_ok=True)
+        with self._lock:
+            workers, self._workers = list(self._workers.values()), {}
+        for w in workers:
+            _close_conn(w)
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    @property
+    def checkpoints(self) -> dict[str, datetime]:
+        """Worker id -> checkpoint (committed and recorded in the store)."""
+        with self._lock:
+            return dict(self._checkpoints)
+
+    def connected(self) -> list[str]:
+        """Ids of the workers connected now."""
+        with self._lock:
+            return sorted(self._workers)
+
+    # ----------------------------------------------------------------------------- connections
+
+    def _accept_loop(self) -> None:
+        while not self._closing:
+            try:
+                sock, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError as exc:
+                log.error("writer stopped accepting: %r", exc, extra={"path": self.address})
+                return
+            sock.setblocking(True)
+            conn = Connection(sock.detach())
+            threading.Thread(target=self._serve, args=(conn,), name="writer-conn", daemon=True).start()
+
+    def _serve(self, conn: Connection) -> None:
+        """One worker's connection: handshake, hello, then its batches into the inbox until it leaves."""
+        worker: _Worker | None = None
+        try:
+            if not self._authenticate(conn):
+                return
+            if not conn.poll(HANDSHAKE_TIMEOUT_S):
+                return
+            message = conn.recv()
+            worker = self._hello(conn, message)
+            if worker is None:
+                return
+            while True:
+                message = conn.recv()
+                if message[0] == "batch":
+                    _, seq, frames, bar_rejections = message
+                    self._inbox.put(_Batch(worker, seq, frames, bar_rejections))
+                elif message[0] == "bye":
+                    return
+                else:
+                    log.warning("unknown message %r from worker; closing", message[0],
+                                extra={"worker": worker.spec.id})
+                    return
+        except (EOFError, OSError):
+            pass  # the worker went away (crash, kill -9, exit): its unacked batches are re-sent later
+        except Exception as exc:  # noqa: BLE001 - a malformed peer must not take the writer down
+            log.warning("worker connection failed: %r", exc, extra={"worker": worker.spec.id if worker else None})
+        finally:
+            if worker is not None:
+                with self._lock:
+                    if self._workers.get(worker.spec.id) is worker:
+                        del self._workers[worker.spec.id]
+                _close_conn(worker)
+                log.info("worker disconnected", extra={"worker": worker.spec.id, "pid": worker.pid})
+            else:
+                conn.close()
+
+    def _authenticate(self, conn: Connection) -> bool:
+        """The HMAC challenge both ways (what Listener(authkey=...) does), bounded by a timeout."""
+        import multiprocessing
+
+        # deliver_challenge sends first; answer_challenge waits for the client's challenge
+        try:
+            deliver_challenge(conn, self._authkey)
+            if not conn.poll(HANDSHAKE_TIMEOUT_S):
+                raise multiprocessing.AuthenticationError("no challenge from the client")
+            answer_challenge(conn, self._authkey)
+            return True
+        except (multiprocessing.AuthenticationError, EOFError, OSError) as exc:
+            log.warning("writer refused a connection: authentication failed (%s)", type(exc).__name__,
+                        extra={"path": self.address})
+            return False
+
+    def _hello(self, conn: Connection, message) -> _Worker | None:
+        if not (isinstance(message, tuple) and message and message[0] == "hello"):
+            conn.send(("refused", "expected hello"))
+            return None
+        info = message[1]
+        spec: WorkerSpec = info["spec"]
+        mode = spec.run.get("mode")
+        if mode != self.mode:
+            conn.send(("refused", f"worker {spec.id} runs mode {mode!r}; this writer serves {self.mode!r}"))
+            return None
+        try:
+            with self._outputs_lock:  # a client added since the writer started (reload): refuse early if unservable
+                if self._writer is not None:
+                    self._writer.open_outputs(self.cfg, spec)
+        except SignalgenError as exc:
+            conn.send(("refused", f"outputs of {spec.id}: {exc}"))
+            return None
+        worker = _Worker(spec, conn, int(info.get("pid", 0)))
+        with self._lock:
+            old = self._workers.get(spec.id)
+            self._workers[spec.id] = worker
+            checkpoint = self._checkpoints.get(spec.id)
+        if old is not None:
+            # a restarted worker whose old connection is not closed yet: the newest one is the worker
+            log.warning("worker connected again; dropping its previous connection", extra={"worker": spec.id})
+            _close_conn(old)
+        worker.send(("welcome", {"run_id": self.run_id, "checkpoint": checkpoint}))
+        log.info("worker connected, resuming after %s", checkpoint, extra={"worker": spec.id, "pid": worker.pid})
+        return worker
+
+    # ----------------------------------------------------------------------------- group commit
+
+    def _commit_loop(self) -> None:
+        stopping = False
+        while not stopping:
+            first = self._inbox.get()
+            if first is None:
+                break
+            group, bars = [first], first.bars
+            deadline = time.monotonic() + self.commit_interval_s
+            while bars < self.max_group_bars:
+                try:
+                    item = self._inbox.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    break
+                if item is None:
+                    stopping = True
+                    break
+                group.append(item)
+                bars += item.bars
+            self._commit(group)
+        # closing: whatever is still queued is committed too
+        rest = []
+        while True:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None:
+                rest.append(item)
+        if rest:
+            self._commit(rest)
+
+    def _commit(self, group: list[_Batch]) -> None:
+        """Write one group, flush, record checkpoints, then ack; on failure ack nothing."""
+        started = time.perf_counter()
+        group = [b for b in group if not b.worker.failed]
+        if not group:
+            return
+        by_worker: dict[str, list[_Batch]] = {}
+        for b in group:
+            by_worker.setdefault(b.worker.spec.id, []).append(b)
+        moved: dict[str, datetime] = {}
+        try:
+            writer = self._writer_or_rebuild()
+            items = []
+            for wid, batches in by_worker.items():
+                frames = [b.frames for b in batches if b.frames.bars]
+                if frames:
+                    items.append((batches[-1].worker.spec,
+                                  Frames(pl.concat([f.signals for f in frames]),
+                                         pl.concat([f.rejections for f in frames]))))
+                    last = max(f.last_bar_time for f in frames)
+                    old = self._checkpoints.get(wid)
+                    if old is None or last > old:
+                        moved[wid] = last
+                rejected = [b.bar_rejections for b in batches if b.bar_rejections is not None]
+                if rejected:
+                    writer.record_bar_rejections(pl.concat(rejected), self.run_id)
+            with self._outputs_lock:
+                for spec, _ in items:
+                    writer.open_outputs(self.cfg, spec)
+            writer.record_group(items)
+            writer.flush()
+            self.store.write_checkpoints(self.mode, moved)
+        except Exception as exc:  # noqa: BLE001 - reported to the workers, who restart from their checkpoints
+            self.stats["failed_groups"] += 1
+            reason = " ".join(str(exc).split())[:300] or type(exc).__name__
+            log.error("group commit failed, %d batches not acknowledged: %s", len(group), reason,
+                      extra={"run_id": self.run_id})
+            self._drop_writer()
+            for b in group:
+                b.worker.failed = True
+                b.worker.send(("failed", b.seq, reason))
+            return
+        with self._lock:
+            self._checkpoints.update(moved)
+            acked = dict(self._checkpoints)
+        for b in group:
+            b.worker.send(("ack", b.seq, acked.get(b.worker.spec.id)))
+        spent = time.perf_counter() - started
+        bars = sum(b.bars for b in group)
+        self.stats["groups"] += 1
+        self.stats["batches"] += len(group)
+        self.stats["bars"] += bars
+        if self.on_commit is not None:
+            self.on_commit(len(group), bars, spent)
+
+    def _writer_or_rebuild(self) -> SignalWriter:
+        """The signal writer; after a failed write a fresh one (a SignalWriter stops writing after
+        its first failure, and the outputs drop what they had pending)."""
+        if self._writer is None:
+            with self._outputs_lock:
+                self._writer = SignalWriter.from_config(self.cfg, self.store)
+        return self._writer
+
+    def _drop_writer(self) -> None:
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            try:
+                writer.close()
+            except Exception as exc:  # noqa: BLE001 - it already failed; its error was reported
+                log.debug("closing the failed signal writer: %r", exc)
+
+
+def _close_conn(worker: _Worker) -> None:
+    with worker.send_lock:
+        worker.closed = True
+        try:
+            worker.conn.close()
+        except OSError:
+            pass
+
+
+def _claim_socket_path(address: str) -> None:
+    """Make `address` free to bind: create its folder; remove a socket no process listens on; refuse
+    one that a live writer serves (TransientError) or a path that is not a socket (ConfigError)."""
+    path = Path(address)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise ConfigError(f"writer socket path {address} exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(address)
+    except (ConnectionRefusedError, FileNotFoundError):
+        path.unlink(missing_ok=True)  # left by a killed writer
+        return
+    finally:
+        probe.close()
+    raise TransientError(f"another writer is serving {address}")
+
+
+# --------------------------------------------------------------------------------------------- client
+
+
+class RemoteSink:
+    """A worker's sink in another process than the writer (`modes.worker.Sink`).
+
+    `record()` queues decisions and sends them as one batch while fewer than `max_in_flight`
+    batches await their ack: a worker producing faster than the writer commits sends bigger
+    batches, not more of them (a worker at one bar per second sends each bar at once). When
+    `max_pending_bars` wait unsent and the in-flight window is full, `record()` blocks until an
+    ack frees it: backpressure, never an unbounded buffer. `checkpoints` advances only on an ack.
+
+    A failed commit ("failed") or a lost writer makes the next `record()` / `flush()` raise
+    TransientError: the worker exits and its next incarnation resumes after the checkpoint.
+    """
+
+    def __init__(self, address: str, authkey: bytes, spec: WorkerSpec, *, max_in_flight: int = 4,
+                 max_pending_bars: int = 8192, connect_timeout_s: float = 30.0) -> None:
+        self.spec, self.address = spec, address
+        self.max_in_flight, self.max_pending_bars = max_in_flight, max_pending_bars
+        self._conn = _connect(address, authkey, connect_timeout_s)
+        try:
+            self._conn.send(("hello", {"worker_id": spec.id, "pid": os.getpid(), "spec": spec}))
+            if not self._conn.poll(connect_timeout_s):
+                raise TransientError(f"writer at {address} did not answer the hello of {spec.id}")
+            reply = self._conn.recv()
+        except (EOFError, OSError) as exc:
+            self._conn.close()
+            raise TransientError(f"writer at {address} closed the connection of {spec.id}: {exc!r}") from exc
+        if reply[0] != "welcome":
+            self._conn.close()
+            raise ConfigError(f"writer at {address} refused worker {spec.id}: {reply[1]}")
+        self.run_id: str = reply[1]["run_id"]
+        self.resume_point: datetime | None = reply[1]["checkpoint"]
+        self._checkpoint = self.resume_point
+        self._cond = threading.Condition()
+        self._pending: list = []          # Decisions not yet sent
+        self._pending_bars = 0
+        self._bar_rejections: list[pl.DataFrame] = []
+        self._in_flight: dict[int, float] = {}  # seq -> monotonic time sent
+        self._seq = 0
+        self._error: SignalgenError | None = None
+        self._closing = False
+        self.ack_latencies: list[float] = []  # seconds from send to ack, per batch (benchmarks)
+        self._receiver = threading.Thread(target=self._receive_loop, name="sink-acks", daemon=True)
+        self._receiver.start()
+
+    # ----------------------------------------------------------------------------- Sink
+
+    def record(self, spec: WorkerSpec, decisions) -> None:
+        """Queue one batch of this worker's decisions; blocks while the writer is too far behind."""
+        with self._cond:
+            self._raise_error()
+            self._pending.append(decisions)
+            self._pending_bars += decisions.bars
+            self._pump()
+            while self._pending_bars >= self.max_pending_bars:
+                self._cond.wait()
+                self._raise_error()
+                self._pump()
+
+    def record_bar_rejections(self, rejections: pl.DataFrame, run_id: str) -> None:
+        """Queue rejected bars; they travel with the next batch (or the final flush)."""
+        if rejections.height:
+            with self._cond:
+                self._raise_error()
+                self._bar_rejections.append(rejections)
+
+    @property
+    def checkpoints(self) -> dict[str, datetime]:
+        with self._cond:
+            return {self.spec.id: self._checkpoint} if self._checkpoint is not None else {}
+
+    # ----------------------------------------------------------------------------- flush / close
+
+    def flush(self, timeout: float | None = None) -> dict[str, datetime]:
+        """Send everything queued and wait until the writer acked it all; the checkpoints then.
+        TransientError when the writer failed or did not ack within `timeout`."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while True:
+                self._raise_error()
+                self._pump(final=True)
+                if not self._pending and not self._bar_rejections and not self._in_flight:
+                    return self.checkpoints
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise TransientError(f"writer did not acknowledge {len(self._in_flight)} batches of "
+                                         f"{self.spec.id} in {timeout:.0f} s")
+                self._cond.wait(left)
+
+    def close(self, timeout: float | None = None) -> None:
+        """Flush (wait for every ack), say bye, close the connection. Raises what flush raises
+        (after closing)."""
+        try:
+            self.flush(timeout)
+        finally:
+            self.abort(bye=True)
+
+    def abort(self, bye: bool = False) -> None:
+        """Close without waiting: unacked batches are the next incarnation's to re-send."""
+        with self._cond:
+            if self._closing:
+                return
+            self._closing = True
+        if bye:
+            try:
+                self._conn.send(("bye",))
+            except OSError:
+                pass
+        self._conn.close()
+        self._receiver.join(timeout=5)
+
+    # ----------------------------------------------------------------------------- internals
+
+    def _raise_error(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def _pump(self, final: bool = False) -> None:
+        """Send the queued decisions as one batch if the in-flight window has room (lock held)."""
+        if len(self._in_flight) >= self.max_in_flight:
+            return
+        if not self._pending and not (final and self._bar_rejections):
+            return
+        from signalgen.modes.engine import Decisions  # the worker has it loaded; keeps this module light
+
+        if self._pending:
+            signals, rejections = Decisions.concat(self._pending).frames()
+        else:
+            from signalgen.signals.types import REJECTION_SCHEMA, SIGNAL_SCHEMA
+
+            signals, rejections = SIGNAL_SCHEMA.to_frame(), REJECTION_SCHEMA.to_frame()
+        bar_rejections = pl.concat(self._bar_rejections) if self._bar_rejections else None
+        self._seq += 1
+        try:
+            self._conn.send(("batch", self._seq, Frames(signals, rejections), bar_rejections))
+        except (OSError, ValueError) as exc:
+            self._error = TransientError(f"lost the writer at {self.address}: {exc!r}")
+            raise self._error from exc
+        self._in_flight[self._seq] = time.monotonic()
+        self._pending, self._pending_bars, self._bar_rejections = [], 0, []
+
+    def _receive_loop(self) -> None:
+        while True:
+            try:
+                message = self._conn.recv()
+            except (EOFError, OSError) as exc:
+                with self._cond:
+                    if not self._closing and self._error is None:
+                        self._error = TransientError(f"lost the writer at {self.address}: {exc!r}")
+                    self._cond.notify_all()
+                return
+            with self._cond:
+                kind, seq = message[0], message[1]
+                sent = self._in_flight.pop(seq, None)
+                if kind == "ack":
+                    if sent is not None:
+                        self.ack_latencies.append(time.monotonic() - sent)
+                    if self._error is None and message[2] is not None:
+                        self._checkpoint = message[2]
+                    if self._error is None and not self._closing:
+                        try:
+                            self._pump()
+                        except TransientError:
+                            pass  # kept in self._error
+                elif kind == "failed":
+                    self._error = TransientError(f"writer could not store a batch of {self.spec.id}: {message[2]}")
+                self._cond.notify_all()
+
+
+def _connect(address: str, authkey: bytes, timeout: float) -> Connection:
+    """Connect to the writer, waiting up to `timeout` for it to come up (under supervisord the
+    writer and the workers start together)."""
+    import multiprocessing
+
+    deadline = time.monotonic() + timeout
+    delay = 0.05
+    while True:
+        try:
+            return Client(address, family="AF_UNIX", authkey=authkey)
+        except (FileNotFoundError, ConnectionRefusedError) as exc:
+            if time.monotonic() >= deadline:
+                raise TransientError(f"no writer at {address} after {timeout:.0f} s") from exc
+        except multiprocessing.AuthenticationError as exc:
+            raise ConfigError(f"writer at {address} rejected this worker's key (wrong key file?)") from exc
+        time.sleep(delay)
+        delay = min(delay * 2, 1.0)

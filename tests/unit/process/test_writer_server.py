@@ -1,0 +1,143 @@
+"""WriterServer + RemoteSink: worker processes hand their decisions to the one writer of the store.
+
+Several forkserver worker processes -> one WriterServer -> DuckDB hold exactly what one in-process
+historical run computes over the same bars; a failed commit acks nothing; the key is checked; the
+in-flight window bounds what a worker has outstanding.
+"""
+
+from __future__ import annotations
+
+import threading
+from datetime import datetime, timezone
+from itertools import chain
+
+import pytest
+
+from signalgen.data.validation import validate_bars
+from signalgen.errors import ConfigError, TransientError
+from signalgen.modes import run_mode
+from signalgen.modes.engine import history_bars
+from signalgen.modes.sources import bar_chunks
+from signalgen.modes.worker import ReplayClock, WorkerContext, bar_feed, run_worker
+from signalgen.process.writer_server import RemoteSink
+
+from .conftest import Fleet, config, make_root, stored
+
+END = datetime(2025, 1, 2, tzinfo=timezone.utc)  # 288 five-minute bars per worker
+
+
+def test_worker_processes_store_the_decisions_of_one_historical_run(tmp_path, short_dir):
+    """3 simulation workers in processes -> writer == `run --mode historical` in this process, bit for bit."""
+    root = make_root(tmp_path / "fleet")
+    fleet = Fleet(config(root, "simulation", END), short_dir / "w.sock")
+    try:
+        fleet.start_all()
+        codes = fleet.join_all()
+        checkpoints = fleet.server.checkpoints
+    finally:
+        fleet.close()
+    assert codes == {wid: 0 for wid in fleet.specs} and len(codes) == 3
+    assert checkpoints == {wid: END for wid in fleet.specs}
+
+    twin = make_root(tmp_path / "twin")
+    report = run_mode(config(twin, "historical", END))
+    assert report.status == "ok" and report.totals["signals"] > 0
+    for table in ("signals", "rejections"):
+        mine, theirs = stored(root, table), stored(twin, table)
+        assert mine.height > 0 and mine.equals(theirs), table
+    assert stored(root, "signals").height + stored(root, "rejections").height == 3 * 288
+
+
+def _replay(fleet: Fleet, spec, sink: RemoteSink, stop_after: int | None = None):
+    """Run one worker in this thread through `sink` (simulation feed), optionally only its first bars."""
+    cfg, need = fleet.cfg, history_bars(spec)
+    frames = bar_chunks(cfg, spec.symbol, spec.timeframe, 1000, history=need)
+    history = validate_bars(next(frames), spec.timeframe).bars.tail(need)
+    feed = bar_feed(chain([history], frames))
+    if stop_after is not None:
+        feed = (bar for i, bar in enumerate(feed) if i < need + stop_after)
+    ctx = WorkerContext(str(fleet.root / "registry"), "onnx", datetime.now(timezone.utc), "simulation",
+                        sink.run_id, cfg.start)
+    return run_worker(spec, feed, sink, ReplayClock(), ctx)
+
+
+def test_a_failed_commit_acks_nothing_and_the_worker_resumes_from_its_old_checkpoint(tmp_path, short_dir,
+                                                                                   monkeypatch):
+    root = make_root(tmp_path)
+    fleet = Fleet(config(root, "simulation", END), short_dir / "w.sock")
+    try:
+        spec = next(iter(fleet.specs.values()))
+        first = RemoteSink(fleet.address, fleet.authkey, spec)
+        assert first.resume_point is None and first.run_id == "test-run"
+        _replay(fleet, spec, first, stop_after=50)
+        good = first.flush(timeout=30)[spec.id]
+        first.close()
+
+        # the next commit fails in the store: the worker is told, and its checkpoint stays
+        original = fleet.store.write_decisions
+        monkeypatch.setattr(fleet.store, "write_decisions",
+                            lambda *a: (_ for _ in ()).throw(OSError("disk full (injected)")))
+        second = RemoteSink(fleet.address, fleet.authkey, spec)
+        assert second.resume_point == good
+        with pytest.raises(TransientError, match="disk full"):
+            _replay(fleet, spec, second)
+            second.flush(timeout=30)
+        assert second.checkpoints == {spec.id: good}
+        second.abort()
+        assert fleet.server.checkpoints[spec.id] == good and fleet.store.checkpoints("simulation")[spec.id] == good
+
+        # the store works again: a new incarnation resumes after the old checkpoint and completes
+        monkeypatch.setattr(fleet.store, "write_decisions", original)
+        third = RemoteSink(fleet.address, fleet.authkey, spec)
+        assert third.resume_point == good
+        _replay(fleet, spec, third)
+        assert third.flush(timeout=30) == {spec.id: END}
+        third.close()
+    finally:
+        fleet.close()
+
+
+def test_a_wrong_key_is_refused(tmp_path, short_dir):
+    fleet = Fleet(config(make_root(tmp_path), "simulation", END), short_dir / "w.sock")
+    try:
+        spec = next(iter(fleet.specs.values()))
+        with pytest.raises(ConfigError, match="rejected this worker's key"):
+            RemoteSink(fleet.address, b"x" * 32, spec, connect_timeout_s=5)
+        RemoteSink(fleet.address, fleet.authkey, spec).close()  # the writer still serves the others
+    finally:
+        fleet.close()
+
+
+def test_a_worker_of_another_mode_is_refused(tmp_path, short_dir):
+    root = make_root(tmp_path)
+    fleet = Fleet(config(root, "simulation", END), short_dir / "w.sock")
+    try:
+        from signalgen.config.workers import worker_specs
+
+        mock_spec = worker_specs(config(root, "mock", END))[0]
+        with pytest.raises(ConfigError, match="runs mode 'mock'"):
+            RemoteSink(fleet.address, fleet.authkey, mock_spec)
+    finally:
+        fleet.close()
+
+
+def test_in_flight_batches_are_bounded(tmp_path, short_dir):
+    """A writer slower than the worker: the worker never has more than max_in_flight batches out."""
+    fleet = Fleet(config(make_root(tmp_path), "simulation", END), short_dir / "w.sock", commit_interval_s=0.3)
+    try:
+        spec = next(iter(fleet.specs.values()))
+        sink = RemoteSink(fleet.address, fleet.authkey, spec, max_in_flight=2, max_pending_bars=16)
+        most = [0]
+        original = sink._pump
+
+        def watched(final=False):
+            original(final)
+            most[0] = max(most[0], len(sink._in_flight))
+        sink._pump = watched
+        outcome = _replay(fleet, spec, sink)
+        sink.close(timeout=30)
+        assert outcome.bars == 288 and sink.checkpoints == {spec.id: END}
+        assert most[0] == 2  # the window filled and never overflowed
+        assert len(sink.ack_latencies) < 288  # bars travelled in batches, not one by one
+    finally:
+        fleet.close()
