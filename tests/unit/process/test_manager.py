@@ -476,10 +476,11 @@ def decisions(root: Path, client: str) -> tuple[dict, dict]:
     signals = {r["bar_time"]: (r["direction"], r["confidence"], r["strength"], r["weight"])
                for r in sig.iter_rows(named=True)}
     assert len(signals) == sig.height  # one signal per bar
-    rejections: dict = {}
-    for r in rej.iter_rows(named=True):
-        rejections.setdefault(r["bar_time"], []).append(r["reason"])
-    return signals, {t: sorted(v) for t, v in rejections.items()}
+    assert rej["rejection_id"].n_unique() == rej.height
+    rejections = {r["bar_time"]: (tuple(r["reasons"]), r["direction"], r["confidence"])
+                  for r in rej.iter_rows(named=True)}
+    assert len(rejections) == rej.height  # one rejected candidate per bar
+    return signals, rejections
 
 
 def test_worker_killed_with_sigkill_restarts_and_loses_or_duplicates_no_signal(tmp_path: Path, managers) -> None:
