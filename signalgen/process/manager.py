@@ -208,6 +208,8 @@ class StrategyProcessManager:
         self._stop_command: int | None = None
         self._to_start: deque[str] = deque()  # initial start-up, in slices of START_SLICE_S
         self._ctx = None
+        self._server = None
+        self._run_outcome: dict = {}
         self._address = ""
         self._authkey = b""
         self._control_path = str(getattr(control, "path", "") or Path(cfg.root) / cfg.environment.control.path)
@@ -230,12 +232,16 @@ class StrategyProcessManager:
             self._ctx = multiprocessing.get_context("forkserver")
             # "__main__" too: otherwise every worker re-imports the manager's main script (for
             # strategy_runner.py: the whole CLI) when it starts; imported once here, it is inherited
-            self._ctx.set_forkserver_preload(["__main__", PRELOAD])
+            # (this module too: each worker runs its worker_entry)
+            self._ctx.set_forkserver_preload(["__main__", __name__, PRELOAD])
             store = held.enter_context(closing(open_store(self.cfg)))
+            held.enter_context(store.serve_reads())  # `signals` / `runs` read through the manager meanwhile
+            self._record_run(store, held)
             self._authkey = os.urandom(32)
             server = WriterServer(self.cfg, store, run_id=self.run_id, address=os.path.join(sock_dir, "writer.sock"),
                                   authkey=self._authkey)
             server.start()
+            self._server = server
             held.callback(server.close)  # after the workers stopped (they wait for their last acks)
             self._address = server.address
             held.callback(self._kill_all)  # on an unexpected error: never leave workers behind
@@ -254,10 +260,28 @@ class StrategyProcessManager:
                     why = f"signal {signal.Signals(signals[0]).name}" if signals else "stop requested"
                     self._begin_shutdown(time.time(), why)
                 self.tick()
+            self._run_outcome["status"] = "stopped"
             if self._stop_command is not None:
                 self.control.complete(self._stop_command, {"stopped": sorted(self.specs)})
             log.info("manager stopped", extra={"run_id": self.run_id})
         return 0
+
+    def _record_run(self, store, held: ExitStack) -> None:
+        """The manager's run in the store's `runs` (status `stopped` after a clean stop, else `failed`)."""
+        from signalgen.storage.base import RunRecord
+
+        cfg = self.cfg
+        store.start_run(RunRecord(run_id=self.run_id, config_hash=cfg.config_hash, mode=cfg.mode.name.value,
+                                  environment=cfg.environment.name.value, start=cfg.start, end=cfg.end,
+                                  started_at=datetime.now(timezone.utc), clients=[c.id for c in cfg.clients]))
+        outcome = {"status": "failed"}
+        self._run_outcome = outcome
+
+        def finish() -> None:
+            bars = self._server.stats["bars"] if self._server is not None else 0
+            store.finish_run(self.run_id, finished_at=datetime.now(timezone.utc), status=outcome["status"], bars=bars)
+
+        held.callback(finish)
 
     def tick(self) -> None:
         """One round of supervision; sleeps at most TICK_S, less when a worker exits."""

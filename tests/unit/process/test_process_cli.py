@@ -170,5 +170,5 @@ def test_logs_and_monitor(root: Path, managers) -> None:
     assert proc.returncode == 0, proc.stderr
     assert ODUM_BTC in proc.stdout and "uss MB" in proc.stdout and "cpu %" in proc.stdout
     row = next(line for line in proc.stdout.splitlines() if ODUM_BTC in line)
-    assert "RUNNING" in row and float(row.split("│")[5]) > 0  # uss MB
+    assert "RUNNING" in row and float(row.split("│")[6]) > 0  # uss MB
     assert m.stop() == 0
