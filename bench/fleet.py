@@ -86,6 +86,13 @@ class Control:
     def states(self) -> dict[str, tuple[str, int | None]]:
         return {w: (s, p) for w, s, p in self.rows("SELECT id, state, pid FROM strategy_instances")}
 
+    def bar_times(self) -> dict[str, float]:
+        """worker id -> epoch seconds of the last bar it decided (from its heartbeat)."""
+        out = {}
+        for w, t in self.rows("SELECT worker_id, last_bar_time FROM heartbeats WHERE last_bar_time IS NOT NULL"):
+            out[w] = datetime.fromisoformat(t.replace("Z", "+00:00")).timestamp()
+        return out
+
     def submit(self, command: str, target: str) -> int:
         with sqlite3.connect(self.path, timeout=10) as con:
             return con.execute("INSERT INTO strategy_commands (strategy_id, command) VALUES (?, ?)",
@@ -173,11 +180,15 @@ def bench(workers: int, *, window: float, settle: float, repeats: int, start_tim
                                 "max": round(max(mem), 1)}
             manager_mem = psutil.Process(manager.pid).memory_full_info()
             result["manager_uss_mb"] = round(manager_mem.uss / 2**20, 1)
-            c0, w0 = tree_cpu(manager.pid), time.monotonic()
+            c0, w0, b0 = tree_cpu(manager.pid), time.monotonic(), control.bar_times()
             m0 = psutil.Process(manager.pid).cpu_times()
             time.sleep(window)
-            c1, w1 = tree_cpu(manager.pid), time.monotonic()
+            c1, w1, b1 = tree_cpu(manager.pid), time.monotonic(), control.bar_times()
             m1 = psutil.Process(manager.pid).cpu_times()
+            # bars decided per second by the whole fleet (5m bars: 300 s of bar time each), against
+            # the `workers` bars per second the pace asks for
+            bars = sum((b1[w] - b0[w]) / 300 for w in b1 if w in b0)
+            result["bars_per_s"] = round(bars / (w1 - w0), 1)
             result["idle_cpu_pct_of_one_core"] = round(100 * (c1 - c0) / (w1 - w0), 1)
             result["manager_cpu_pct_of_one_core"] = round(
                 100 * ((m1.user + m1.system) - (m0.user + m0.system)) / (w1 - w0), 1)
@@ -225,12 +236,13 @@ def markdown(results: list[dict], command: str) -> str:
              f"Command: `{command}` — run on {now:%Y-%m-%d}, {machine()}.", "",
              "Streaming mock workers (one bar per second each, mock inference), forked from a preloaded "
              "forkserver, one writer in the manager, heartbeats every 2 s into the SQLite control store.", "",
-             "| workers | all RUNNING after start | USS per worker, median (p90) | manager USS | idle fleet CPU "
-             "(% of one core; manager alone) | kill -9 -> RUNNING | command row -> effect (-> result) |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+             "| workers | all RUNNING after start | USS per worker, median (p90) | manager USS | fleet CPU at "
+             "1 bar/s/worker (% of one core; manager alone) | bars/s decided (asked) | kill -9 -> RUNNING | "
+             "command row -> effect (-> result) | SIGTERM -> exit |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in results:
         if r.get("all_running_s") is None:
-            lines.append(f"| {r['workers']} | not within the timeout: {r.get('running_at_timeout')} RUNNING | | | | | |")
+            lines.append(f"| {r['workers']} | not within the timeout: {r.get('running_at_timeout')} RUNNING | | | | | | | |")
             continue
         k = r["kill9_to_running_s"]
         e = [x for x in r["command_to_effect_s"] if x is not None]
@@ -238,8 +250,9 @@ def markdown(results: list[dict], command: str) -> str:
         lines.append(
             f"| {r['workers']} | {r['all_running_s']:.1f} s | {r['uss_mb']['median']:.1f} MB "
             f"({r['uss_mb']['p90']:.1f}) | {r['manager_uss_mb']:.0f} MB | {r['idle_cpu_pct_of_one_core']:.0f}% "
-            f"({r['manager_cpu_pct_of_one_core']:.0f}%) | {min(k):.1f}-{max(k):.1f} s | "
-            f"{min(e):.2f}-{max(e):.2f} s ({min(d):.2f}-{max(d):.2f} s) |")
+            f"({r['manager_cpu_pct_of_one_core']:.0f}%) | {r.get('bars_per_s', float('nan')):.0f} ({r['workers']}) | "
+            f"{min(k):.1f}-{max(k):.1f} s | {min(e):.2f}-{max(e):.2f} s ({min(d):.2f}-{max(d):.2f} s) | "
+            f"{r['sigterm_to_exit_s']:.0f} s |")
     lines += ["", MARK_END]
     return "\n".join(lines)
 
