@@ -428,7 +428,8 @@ def runs_show(run_id: Annotated[str, typer.Argument(help="The run id (as `runs l
 
 
 # process commands register themselves on `app` (imported here, after `app` exists)
-from signalgen.process import cli as _process_cli, worker_cli as _worker_cli  # noqa: E402,F401
+from signalgen import streams_cli as _streams_cli  # noqa: E402,F401
+from signalgen.process import cli as _process_cli, deploy as _deploy, worker_cli as _worker_cli  # noqa: E402,F401
 
 
 def main(argv: list[str] | None = None) -> int:

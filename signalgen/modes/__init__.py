@@ -62,8 +62,11 @@ def _finish(store, run_id: str, status: str, report: RunReport | None) -> None:
     store.finish_run(run_id, **values)
 
 
-def run_mode(cfg: RunConfig, *, progress: bool = False) -> RunReport:
+def run_mode(cfg: RunConfig, *, progress: bool = False, processes: int = 1) -> RunReport:
     """Run every worker of `cfg` in its mode; store signals and rejections; route signals; record the run.
+
+    `processes` > 1 runs historical and mock workers in that many worker processes
+    (`modes.parallel.ParallelRunner`; this process stays the one writer).
 
     The run's row in the store always ends with a status: "ok"; "failed" when a worker's data could
     not be read (`report.failures`; the other workers complete) or the run itself failed; "stopped"
@@ -102,6 +105,11 @@ def run_mode(cfg: RunConfig, *, progress: bool = False) -> RunReport:
                                   TimeElapsedColumn(), TimeRemainingColumn(), disable=not progress) as bar:
                         if cfg.mode.name is Mode.SIMULATION:
                             runner = SimulationRunner(cfg, writer, run_id=run_id, started_at=started_at, stop=stop)
+                        elif processes > 1:
+                            from signalgen.modes.parallel import ParallelRunner
+
+                            runner = ParallelRunner(cfg, writer, store, run_id=run_id, started_at=started_at,
+                                                    processes=processes, stop=stop)
                         else:
                             runner = BatchRunner(cfg, writer, run_id=run_id, started_at=started_at,
                                                  progress=bar if progress else None, stop=stop)

@@ -10,19 +10,14 @@ ones bit for bit (tests/unit/modes/test_worker_equivalence.py, tests/unit/modes/
 from __future__ import annotations
 
 import threading
-import time
 from datetime import datetime
-from itertools import chain
 
 from signalgen.config.models import RunConfig
 from signalgen.config.workers import WorkerSpec
-from signalgen.data.validation import validate_bars
-from signalgen.errors import ConfigError
-from signalgen.modes.base import RunReport, peak_rss_mb
-from signalgen.modes.batch import DATA_FAILURES, one_line, worker_completed, worker_failed, worker_fields
-from signalgen.modes.engine import Decisions, history_bars
-from signalgen.modes.sources import bar_chunks
-from signalgen.modes.worker import ReplayClock, WorkerContext, bar_feed, run_worker
+from signalgen.modes.batch import BatchRunner
+from signalgen.modes.engine import Decisions
+from signalgen.modes.sources import per_bar_feed
+from signalgen.modes.worker import ReplayClock
 from signalgen.storage.writer import SignalWriter
 
 
@@ -58,62 +53,20 @@ class BatchingSink:
         return self.writer.checkpoints
 
 
-class SimulationRunner:
-    """Replays workers one after another in this process; the signal writer is the only writer.
-
-    A worker whose data cannot be read fails alone (`report.failures`); `stop` (set by a signal
-    handler) ends the run between bars with `report.status = "stopped"`.
-    """
+class SimulationRunner(BatchRunner):
+    """The serial runner with a bar-at-a-time feed (`modes.sources.per_bar_feed`) and a replay clock
+    paced at `replay_speed` (0: as fast as possible); store writes are batched per worker."""
 
     def __init__(self, cfg: RunConfig, writer: SignalWriter, *, run_id: str, started_at: datetime,
                  stop: threading.Event | None = None) -> None:
-        self.cfg, self.stop = cfg, stop or threading.Event()
-        self.sink = BatchingSink(writer)
-        self.ctx = WorkerContext(registry_dir=f"{cfg.root}/{cfg.environment.paths.registry_dir}",
-                                 backend="mock" if cfg.inference == "mock" else cfg.backend,
-                                 started_at=started_at, mode=cfg.mode.name.value, run_id=run_id,
-                                 emit_from=cfg.start, seed=cfg.seed)
+        super().__init__(cfg, writer, run_id=run_id, started_at=started_at, stop=stop)
+        self.sink = self.batching = BatchingSink(writer)
 
-    def _feed(self, spec: WorkerSpec):
-        """The worker's bars one at a time: the last N valid bars before the start, then the range."""
-        need = history_bars(spec)
-        frames = bar_chunks(self.cfg, spec.symbol, spec.timeframe, self.cfg.mode.chunk_bars, history=need)
-        history = validate_bars(next(frames), spec.timeframe).bars.tail(need)
-        return bar_feed(chain([history], frames))
+    def clock(self) -> ReplayClock:
+        return ReplayClock(self.cfg.mode.replay_speed or 0)
 
-    def run(self, specs: list[WorkerSpec]) -> RunReport:
-        cfg = self.cfg
-        report = RunReport(self.ctx.run_id, self.ctx.mode, cfg.environment.name.value, {})
-        t0 = time.perf_counter()
-        for spec in specs:
-            if self.stop.is_set():
-                report.status = "stopped"
-                break
-            stats, started = report.stat(spec), time.perf_counter()
-            fields = worker_fields(self.ctx.run_id, spec)
-            try:
-                outcome = run_worker(spec, self._feed(spec), self.sink, ReplayClock(cfg.mode.replay_speed or 0),
-                                     self.ctx, self.stop)
-            except ConfigError:
-                raise
-            except DATA_FAILURES as exc:
-                worker_failed(report, spec, one_line(exc), fields)
-                continue
-            finally:
-                self.sink.drain()
-                stats.elapsed_s += time.perf_counter() - started
-            report.problems += [p for p in outcome.problems if p not in report.problems]
-            stats.bars += outcome.bars
-            stats.signals += outcome.signals
-            stats.rejected += outcome.bars - outcome.signals
-            stats.rejections.update(outcome.reasons)
-            stats.bar_rejections.update(outcome.bar_rejections)
-            if outcome.stopped:
-                report.status = "stopped"
-                break
-            worker_completed(report, spec, outcome.bars, cfg, fields)
-        if report.failures and report.status == "ok":
-            report.status = "failed"
-        report.elapsed_s = time.perf_counter() - t0
-        report.peak_rss_mb = peak_rss_mb()
-        return report
+    def feeds(self, specs: list[WorkerSpec]):
+        return ((spec, per_bar_feed(self.cfg, spec)) for spec in specs)  # each read lazily, in its worker
+
+    def worker_done(self, spec: WorkerSpec) -> None:
+        self.batching.drain()

@@ -14,6 +14,8 @@ from typing import TypeVar
 import polars as pl
 
 from signalgen.config.models import RunConfig, timeframe_delta
+from signalgen.config.workers import WorkerSpec
+from signalgen.data.validation import ValidatedBars, validate_bars, validate_chunks
 from signalgen.data.schema import BAR_SCHEMA
 from signalgen.errors import ConfigError
 
@@ -46,6 +48,31 @@ def bar_chunks(cfg: RunConfig, symbol: str, timeframe: str, chunk_bars: int, *,
     else:
         raise ConfigError(f"data source {cfg.data_source!r} cannot feed mode {cfg.mode.name!r}; "
                           "use synthetic or files", file=cfg.files.get("mode"), field="data_source")
+
+
+def chunk_feed(cfg: RunConfig, spec: WorkerSpec, chunk_bars: int | None = None) -> Iterator[ValidatedBars]:
+    """A worker's bars for `run_worker` in validated chunks (historical, mock): first the history —
+    the last `history_bars(spec)` valid bars at or before cfg.start, context only — then the range."""
+    from signalgen.modes.engine import history_bars
+
+    need = history_bars(spec)
+    chunks = validate_chunks(bar_chunks(cfg, spec.symbol, spec.timeframe, chunk_bars or cfg.mode.chunk_bars,
+                                        history=need), spec.timeframe)
+    first = next(chunks)
+    yield ValidatedBars(first.bars.tail(need), first.rejections, first.counts)
+    yield from chunks
+
+
+def per_bar_feed(cfg: RunConfig, spec: WorkerSpec) -> Iterator[dict]:
+    """A worker's bars for `run_worker` one at a time (simulation, streaming): the valid history bars,
+    then every raw bar of the range (run_worker validates them bar by bar)."""
+    from signalgen.modes.engine import history_bars
+
+    need = history_bars(spec)
+    frames = bar_chunks(cfg, spec.symbol, spec.timeframe, cfg.mode.chunk_bars, history=need)
+    yield from validate_bars(next(frames), spec.timeframe).bars.tail(need).iter_rows(named=True)
+    for frame in frames:
+        yield from frame.iter_rows(named=True)
 
 
 def _cut_at(chunks: Iterator[pl.DataFrame], start: datetime) -> Iterator[pl.DataFrame]:

@@ -3,8 +3,10 @@
 `run_worker(spec, feed, sink, clock, ctx)` runs one worker (one client x strategy x symbol x
 timeframe) in whatever process calls it. What differs between modes is only what is plugged in:
 
-- a *feed* yields raw bars: BAR_SCHEMA frames (chunks: historical) or BAR_SCHEMA rows as dicts
-  (one bar at a time: simulation, live). A feed yields one kind. The first bars, up to
+- a *feed* yields bars: chunks (historical, mock) as raw BAR_SCHEMA frames or as `ValidatedBars`
+  already validated by the feed (`modes.sources.chunk_feed`, on a prefetch thread), or BAR_SCHEMA
+  rows as dicts, one bar at a time (simulation, live: `modes.sources.per_bar_feed`). A feed yields
+  one kind. The first bars, up to
   `ctx.emit_from`, are history: they warm up features and the window check, and their rejections
   belong to the runs that cover them.
 - a *clock* says "now": the end of the newest bar in replay (`ReplayClock`, optionally paced at
@@ -32,7 +34,7 @@ from typing import Protocol
 import numpy as np
 import polars as pl
 
-from signalgen.data.validation import BarValidator, validate_bars
+from signalgen.data.validation import BarValidator, ValidatedBars, validate_bars
 from signalgen.modes.engine import BarPreparer, Decisions, WorkerEngine, epoch_us
 from signalgen.models.registry import ModelRegistry
 from signalgen.config.workers import WorkerSpec
@@ -156,7 +158,7 @@ def bar_feed(frames: Iterable[pl.DataFrame]) -> Iterator[dict]:
         yield from frame.iter_rows(named=True)
 
 
-def run_worker(spec: WorkerSpec, feed: Iterable[dict | pl.DataFrame], sink: Sink, clock: Clock,
+def run_worker(spec: WorkerSpec, feed: Iterable[dict | pl.DataFrame | ValidatedBars], sink: Sink, clock: Clock,
                ctx: WorkerContext, stop: threading.Event | None = None) -> WorkerOutcome:
     """Run one worker over its feed until the feed ends or `stop` is set.
 
@@ -187,8 +189,10 @@ def run_worker(spec: WorkerSpec, feed: Iterable[dict | pl.DataFrame], sink: Sink
         if stop is not None and stop.is_set():
             outcome.stopped = True
             break
-        if isinstance(item, pl.DataFrame):
-            checked = validate_bars(item, spec.timeframe, last_time=validator.last_time)
+        if isinstance(item, pl.DataFrame):  # a raw chunk
+            item = validate_bars(item, spec.timeframe, last_time=validator.last_time)
+        if isinstance(item, ValidatedBars):  # a chunk (validated above, or by the feed on another thread)
+            checked = item
             if checked.last_time is not None:
                 validator.last_time = checked.last_time
             first = history is None

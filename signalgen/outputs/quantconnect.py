@@ -67,6 +67,9 @@ class QuantConnectCsvOutput(Output):
         self.root = Path(output_dir) / mode / "quantconnect" / client_id
         self._pending: list[pl.DataFrame] = []
         self._owned: dict[str, tuple[str, str]] = {}  # strategy -> (after, up to) CSV `time` text
+        # signal ids this output wrote since it was opened, per strategy: what `own` keeps in its
+        # interval even when they were flushed before (a writer serving workers flushes every commit)
+        self._written: dict[str, set[str]] = {}
 
     @classmethod
     def from_config(cls, cfg: RunConfig, client_id: str) -> Self:
@@ -93,10 +96,11 @@ class QuantConnectCsvOutput(Output):
             self._pending.append(batch)
 
     def own(self, strategy_id: str, start: datetime, end: datetime) -> None:
-        """Declare the buffered rows to be all of `strategy_id`'s signals whose time is in (start, end]
-        (a finished batch run): the next flush replaces that interval of its day files — days left
-        without signals included — instead of merging into it, so a re-run with another config
-        leaves no signal the run no longer produces."""
+        """Declare the rows this output was given since it opened (flushed already or still buffered)
+        to be all of `strategy_id`'s signals whose time is in (start, end] (a finished batch run): the
+        next flush drops every other row of that interval from its day files — days left without
+        signals included — so a re-run with another config leaves no signal the run no longer
+        produces, whether the run flushed once at its end or at every group commit."""
         self._owned[strategy_id] = (_csv_time(start), _csv_time(end))
 
     def flush(self) -> None:
@@ -113,7 +117,10 @@ class QuantConnectCsvOutput(Output):
         owned, self._owned = self._owned, {}
         days: dict[tuple[str, str], pl.DataFrame] = {}
         if pending:
-            rows = csv_rows(pl.concat(pending))
+            batch = pl.concat(pending)
+            for strategy, ids in batch.group_by("strategy_id").agg("signal_id").iter_rows():
+                self._written.setdefault(strategy, set()).update(ids)
+            rows = csv_rows(batch)
             days = {(str(s), str(d)): df.select(CSV_COLUMNS)
                     for (s, d), df in rows.partition_by("strategy_id", "day", as_dict=True).items()}
         for strategy, (after, up_to) in owned.items():
@@ -128,7 +135,8 @@ class QuantConnectCsvOutput(Output):
             folder.mkdir(parents=True, exist_ok=True)
         # each file ends in an fsync, which releases the GIL: a few threads overlap the disk waits
         with ThreadPoolExecutor(max_workers=4) as pool:
-            list(pool.map(lambda item: _merge_into(self.path_for(*item[0]), item[1], owned.get(item[0][0])),
+            list(pool.map(lambda item: _merge_into(self.path_for(*item[0]), item[1], owned.get(item[0][0]),
+                                                   self._written.get(item[0][0], set())),
                           days.items()))
         for folder in folders:  # make the renames themselves durable
             fd = os.open(folder, os.O_RDONLY)
@@ -152,15 +160,18 @@ def _csv_time(t: datetime) -> str:
     return f"{whole + timedelta(seconds=1) if whole < t else whole:%Y-%m-%d %H:%M:%S}"
 
 
-def _merge_into(path: Path, new: pl.DataFrame, replace: tuple[str, str] | None = None) -> None:
+def _merge_into(path: Path, new: pl.DataFrame, replace: tuple[str, str] | None = None,
+                keep: set[str] = frozenset()) -> None:
     """Rewrite `path` with its rows merged with `new` by signal_id; rows whose time falls in
-    `replace` = (after, up to] are dropped first (their interval is owned by `new`)."""
+    `replace` = (after, up to] are dropped first unless their id is in `keep` (their interval is
+    owned by what this output wrote: `new` and `keep`)."""
     if path.exists():
         old = pl.read_csv(path, infer_schema=False)
         if tuple(old.columns) != CSV_COLUMNS:
             raise ValueError(f"{path}: header {old.columns} is not {list(CSV_COLUMNS)}; not merging into it")
         if replace:
-            old = old.filter((pl.col("time") <= replace[0]) | (pl.col("time") > replace[1]))
+            old = old.filter((pl.col("time") <= replace[0]) | (pl.col("time") > replace[1])
+                             | pl.col("signal_id").is_in(list(keep)))
         new = pl.concat([old, new]).unique(subset="signal_id", keep="last", maintain_order=True)
     new = new.sort("time", "symbol", "signal_id")
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")

@@ -39,7 +39,7 @@ from signalgen.config.workers import WorkerSpec
 from signalgen.data.validation import validate_bars
 from signalgen.errors import ConfigError
 from signalgen.modes.engine import epoch_us, history_bars
-from signalgen.modes.sources import bar_chunks
+from signalgen.modes.sources import bar_chunks, per_bar_feed
 from signalgen.modes.worker import ReplayClock, WorkerContext, bar_feed, run_worker
 
 log = logging.getLogger(__name__)
@@ -81,14 +81,13 @@ def resume_feed(cfg: RunConfig, spec: WorkerSpec, emit_from: datetime) -> Iterat
     resumed after a checkpoint sees exactly the bars, and makes exactly the decisions, of a worker
     that never stopped (features depend only on the last WARMUP_BARS bars).
     """
+    if emit_from <= cfg.start:
+        yield from per_bar_feed(cfg, spec)
+        return
     need = history_bars(spec)
     frames = bar_chunks(cfg, spec.symbol, spec.timeframe, cfg.mode.chunk_bars, history=need)
     first = validate_bars(next(frames), spec.timeframe)
     history, last_time = first.bars.tail(need), first.last_time
-    if emit_from <= cfg.start:
-        yield from bar_feed([history])
-        yield from bar_feed(frames)
-        return
     for frame in frames:
         # rows without a time go with the rest: validation rejects them again (an idempotent upsert)
         after = pl.col("bar_time").is_null() | (pl.col("bar_time") > emit_from)

@@ -124,7 +124,8 @@ class WriterServer:
     """
 
     def __init__(self, cfg: RunConfig, store: SignalStore, *, run_id: str, address: str, authkey: bytes,
-                 commit_interval_s: float = 0.05, max_group_bars: int = 100_000) -> None:
+                 commit_interval_s: float = 0.05, max_group_bars: int = 100_000,
+                 writer: SignalWriter | None = None) -> None:
         if len(os.fsencode(address)) > MAX_SOCKET_PATH:
             raise ConfigError(f"writer socket path is {len(os.fsencode(address))} bytes, over the "
                               f"{MAX_SOCKET_PATH} a Unix socket allows: {address}; pass a shorter --writer/--address")
@@ -132,7 +133,9 @@ class WriterServer:
         self.address, self._authkey = address, authkey
         self.commit_interval_s, self.max_group_bars = commit_interval_s, max_group_bars
         self.mode = cfg.mode.name.value
-        self._writer: SignalWriter | None = None
+        # a run's own writer (`run --workers`: it owns the run's range at the end): flushed, not closed
+        self._writer: SignalWriter | None = writer
+        self._own_writer = writer is None
         self._checkpoints: dict[str, datetime] = {}
         self._workers: dict[str, _Worker] = {}
         self._lock = threading.Lock()
@@ -141,14 +144,15 @@ class WriterServer:
         self._listener: socket.socket | None = None
         self._threads: list[threading.Thread] = []
         self._closing = False
-        self.stats = {"groups": 0, "batches": 0, "bars": 0, "failed_groups": 0}
+        self.stats = {"groups": 0, "batches": 0, "bars": 0, "failed_groups": 0, "commit_s": 0.0}
         # called with (group size in batches, bars, seconds the commit took); for benchmarks
         self.on_commit: Callable[[int, int, float], None] | None = None
 
     # ----------------------------------------------------------------------------- lifecycle
 
     def start(self) -> WriterServer:
-        self._writer = SignalWriter.from_config(self.cfg, self.store)
+        if self._writer is None:
+            self._writer = SignalWriter.from_config(self.cfg, self.store)
         self._checkpoints = self.store.checkpoints(self.mode)
         _claim_socket_path(self.address)
         # authkey=None here: the challenge runs on each connection's own thread (with a timeout),
@@ -191,7 +195,10 @@ class WriterServer:
         for w in workers:
             _close_conn(w)
         if self._writer is not None:
-            self._writer.close()
+            if self._own_writer:
+                self._writer.close()
+            else:
+                self._writer.flush()
             self._writer = None
 
     @property
@@ -388,6 +395,7 @@ class WriterServer:
         self.stats["groups"] += 1
         self.stats["batches"] += len(group)
         self.stats["bars"] += bars
+        self.stats["commit_s"] += spent
         if self.on_commit is not None:
             self.on_commit(len(group), bars, spent)
 
@@ -397,11 +405,12 @@ class WriterServer:
         if self._writer is None:
             with self._outputs_lock:
                 self._writer = SignalWriter.from_config(self.cfg, self.store)
+            self._own_writer = True  # a run's writer that failed is not handed back to the run
         return self._writer
 
     def _drop_writer(self) -> None:
         writer, self._writer = self._writer, None
-        if writer is not None:
+        if writer is not None and self._own_writer:
             try:
                 writer.close()
             except Exception as exc:  # noqa: BLE001 - it already failed; its error was reported

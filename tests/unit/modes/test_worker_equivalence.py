@@ -15,12 +15,9 @@ from polars.testing import assert_frame_equal
 from signalgen.config.loader import Overrides, load_config
 from signalgen.data.sample import import_sample
 from signalgen.data.synthetic import synthetic_bars
-from signalgen.data.validation import validate_chunks
-from signalgen.modes.batch import _prepare_chunks
-from signalgen.modes.engine import WorkerEngine, history_bars
-from signalgen.modes.sources import bar_chunks
+from signalgen.modes.engine import history_bars
+from signalgen.modes.sources import bar_chunks, chunk_feed
 from signalgen.modes.worker import MemorySink, ReplayClock, WorkerContext, bar_feed, run_worker
-from signalgen.models.registry import ModelRegistry
 from signalgen.config.workers import worker_specs
 
 STARTED = datetime.now(timezone.utc) + timedelta(days=1)  # after the session's models are trained
@@ -43,17 +40,10 @@ def raw(cfg, spec):
 
 
 def historical(cfg, spec) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
-    """The batch runner's path (BatchRunner._checked_chunks and _run_worker, minus the recorder)."""
-    ctx = context(cfg)
-    engine = WorkerEngine(spec, ModelRegistry(ctx.registry_dir), backend="onnx", now=STARTED,
-                          mode="historical", run_id="run-1")
-    chunks = validate_chunks(raw(cfg, spec), spec.timeframe)
-    history = next(chunks).bars.tail(history_bars(spec))
+    """The batch runner's path: validated chunks (`chunk_feed`) through run_worker, minus the writer."""
     sink = MemorySink()
-    for checked, prepared in _prepare_chunks(engine, chunks, int(cfg.start.timestamp() * 1e6), history):
-        sink.record_bar_rejections(checked.rejections, "run-1")
-        sink.record(spec, engine.decide(prepared))
-    return *sink.frames(), pl.concat(sink.bar_rejections)
+    run_worker(spec, chunk_feed(cfg, spec, CHUNK), sink, ReplayClock(), context(cfg))
+    return *sink.frames(), pl.concat(sink.bar_rejections) if sink.bar_rejections else None
 
 
 def replay(cfg, spec, feed=None) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:

@@ -172,17 +172,39 @@ def test_half_a_million_signals_over_a_year_in_seconds(out, tmp_path):
 
 
 def test_owned_range_replaces_rows_inside_and_keeps_rows_outside(tmp_path):
-    out = QuantConnectCsvOutput(tmp_path, "ikenna", "historical")
-    out.open()
+    earlier = QuantConnectCsvOutput(tmp_path, "ikenna", "historical")  # an earlier run's output
+    earlier.open()
     first = signal_frame(6, step=timedelta(hours=1))  # 2024-01-02 14:30 .. 16:30, two symbols
-    out.write(first)
-    out.flush()
+    earlier.write(first)
+    earlier.close()
     keep = first.filter(pl.col("bar_time") <= START + timedelta(hours=1))
+    out = QuantConnectCsvOutput(tmp_path, "ikenna", "historical")  # this run wrote nothing inside
+    out.open()
     out.own("swing_high_v1", START + timedelta(hours=1), START + timedelta(hours=3))
     out.flush()  # nothing new inside the owned interval: its rows go, the rest stays
     rows = _lines(out.path_for("swing_high_v1", "20240102"))
     assert rows[0] == ",".join(CSV_COLUMNS)
     assert {line.split(",")[-2] for line in rows[1:]} == set(keep["signal_id"]) and keep.height == 4
+
+
+def test_owned_range_keeps_what_this_output_flushed_before(tmp_path):
+    """A writer serving worker processes flushes at every group commit: `own` at the run's end keeps
+    every row the run wrote, and drops only the earlier run's rows it no longer produces."""
+    frame = signal_frame(6, step=timedelta(hours=1))
+    earlier = QuantConnectCsvOutput(tmp_path, "ikenna", "historical")
+    earlier.open()
+    earlier.write(frame)
+    earlier.close()
+    ours = frame.filter(pl.col("bar_time") <= START + timedelta(hours=1))  # the re-run no longer makes the rest
+    out = QuantConnectCsvOutput(tmp_path, "ikenna", "historical")
+    out.open()
+    for part in ours.iter_slices(2):  # written and flushed in steps, as group commits do
+        out.write(part)
+        out.flush()
+    out.own("swing_high_v1", START - timedelta(hours=1), START + timedelta(hours=3))
+    out.flush()
+    rows = _lines(out.path_for("swing_high_v1", "20240102"))
+    assert {line.split(",")[-2] for line in rows[1:]} == set(ours["signal_id"]) and ours.height < frame.height
 
 
 def test_layout_is_per_mode_with_a_mode_column(tmp_path):

@@ -44,7 +44,8 @@ def test_open_creates_parent_folders_and_is_idempotent(tmp_path):
     with DuckDBStore(path) as s:  # schema creation again: no error, data kept
         assert s.count("signals") == 4
         assert set(s.query("SELECT table_name FROM information_schema.tables")["table_name"]) == {
-            "signals", "rejections", "bar_rejections", "runs", "superseded_signals", "superseded_rejections"}
+            "signals", "rejections", "bar_rejections", "runs", "superseded_signals", "superseded_rejections",
+            "worker_checkpoints"}
 
 
 def test_signals_round_trip_keeps_types(store):
@@ -300,3 +301,17 @@ def test_bar_rejections_without_a_time_are_replaced_not_added_on_a_rerun(store):
     for _ in range(3):
         store.write_bar_rejections(rows, run_id="r", mode="historical")
     assert store.count("bar_rejections") == 3
+
+
+def test_checkpoints_are_kept_per_worker_and_mode(tmp_path):
+    from datetime import datetime, timezone
+
+    t1, t2 = datetime(2025, 1, 1, tzinfo=timezone.utc), datetime(2025, 1, 2, tzinfo=timezone.utc)
+    with DuckDBStore(tmp_path / "s.duckdb") as s:
+        s.write_checkpoints("mock", {"a": t1, "b": t1})
+        s.write_checkpoints("mock", {"a": t2})  # replaces a's, keeps b's
+        s.write_checkpoints("simulation", {"a": t1})  # modes are namespaces
+        s.write_checkpoints("mock", {})
+    with DuckDBStore(tmp_path / "s.duckdb") as s:  # durable across a reopen
+        assert s.checkpoints("mock") == {"a": t2, "b": t1}
+        assert s.checkpoints("simulation") == {"a": t1} and s.checkpoints("live") == {}

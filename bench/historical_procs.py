@@ -1,0 +1,99 @@
+"""Benchmark: `run` in worker processes (every core) vs raw model inference on every core, in one run.
+
+(a) all-core raw inference: N processes at once, each timing the strategy's two demo models on
+    feature rows in the pipeline's chunk size (ONNX Runtime, one thread) — `historical.raw_inference`;
+    the figure is the sum of their rows/s (a bar needs both models);
+(b) end to end: the historical run of bench/historical.py's setup (1-minute synthetic bars x
+    `--symbols` symbols, one worker each) with `run_mode(cfg, processes=N)`: N forkserver worker
+    processes, this process the one writer (DuckDB + QuantConnect CSV) — bars/s over the wall time.
+The ratio (b)/(a) is issue 8's historical target (>= 0.7). Repeated `--repeat` times, alternating.
+
+    python bench/historical_procs.py                         # 30 days x 10 symbols, one process per core
+    python bench/historical_procs.py --days 5 --symbols 4 --repeat 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from datetime import timedelta
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from historical import START, SYMBOLS, machine, raw_inference, write_configs  # noqa: E402
+
+
+def _raw(queue, go, rows: int, chunk: int) -> None:
+    go.wait()
+    queue.put(raw_inference(ROOT / "registry", rows, chunk)["both_rows_per_s"])
+
+
+def all_core_raw(processes: int, rows: int, chunk: int) -> float:
+    """Sum of the per-process raw rows/s, all processes timing at once."""
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["signalgen.process.preload"])  # the fork server the run reuses: start it as the run would
+    queue, go = ctx.Queue(), ctx.Event()
+    procs = [ctx.Process(target=_raw, args=(queue, go, rows, chunk)) for _ in range(processes)]
+    for p in procs:
+        p.start()
+    go.set()
+    total = sum(queue.get() for _ in procs)
+    for p in procs:
+        p.join()
+    return total
+
+
+def end_to_end(base: Path, symbols: int, days: int, chunk: int, processes: int) -> dict:
+    from signalgen.config.loader import load_config
+    from signalgen.modes import run_mode
+
+    root = base / f"e2e-{time.monotonic_ns()}"
+    write_configs(root, SYMBOLS[:symbols], days, chunk)
+    (root / "registry").symlink_to(ROOT / "registry")
+    cfg = load_config(f"{root}/environments/bench.yaml", f"{root}/modes/bench.yaml", root=root)
+    t0 = time.perf_counter()
+    report = run_mode(cfg, processes=processes)
+    wall = time.perf_counter() - t0
+    assert report.status == "ok", report.failures
+    shutil.rmtree(root, ignore_errors=True)
+    return {"bars": report.totals["bars"], "wall_s": wall, "bars_per_s": report.totals["bars"] / wall}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--days", type=int, default=30)
+    ap.add_argument("--symbols", type=int, default=10)
+    ap.add_argument("--processes", type=int, default=None, help="default: one per core")
+    ap.add_argument("--chunk", type=int, default=50_000)
+    ap.add_argument("--rows", type=int, default=400_000, help="feature rows per process for the raw figure")
+    ap.add_argument("--repeat", type=int, default=3)
+    a = ap.parse_args()
+    from signalgen.modes.parallel import default_processes
+
+    n = a.processes or default_processes()
+    print(machine(), flush=True)
+    base = Path(tempfile.mkdtemp(prefix="bench-procs-"))
+    ratios = []
+    try:
+        for k in range(a.repeat):
+            raw = all_core_raw(n, a.rows, a.chunk)
+            e2e = end_to_end(base, a.symbols, a.days, a.chunk, n)
+            ratios.append(e2e["bars_per_s"] / raw)
+            print(f"run {k + 1}: {n} processes; raw inference {raw:,.0f} rows/s on all cores; end to end "
+                  f"{e2e['bars']:,} bars in {e2e['wall_s']:.1f} s = {e2e['bars_per_s']:,.0f} bars/s; "
+                  f"ratio {ratios[-1]:.2f}", flush=True)
+        print(f"ratio median {statistics.median(ratios):.2f} (range {min(ratios):.2f}-{max(ratios):.2f})")
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

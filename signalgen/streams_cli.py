@@ -1,0 +1,1 @@
+"""Stream commands (feed, consume, clients grant, recorder): registered on signalgen.cli.app."""
