@@ -10,12 +10,14 @@ process ends is decided by `after_exit` alone, so the supervision rules can be r
                           |   (policy)        +--> PAUSED  --resume-----> STARTING
                           |                   +--> STOPPED
                           |                   +--> FATAL   (exit 2, or restarts exhausted)
-                          +--stop/pause--> STOPPING --exit--> STOPPED | PAUSED (stop_target)
+                          +--stop--> STOPPING --exit--> STOPPED (or its stop_target)
+                          +--pause (SIGSTOP)--> PAUSED --resume (SIGCONT)--> STARTING
 
-A process exists only in STARTING, RUNNING and STOPPING (`PROCESS_STATES`). PAUSED, BACKOFF, STOPPED,
-EXITED and FATAL have none: a pause stops the process (its checkpoint makes `resume` lossless), so a
-paused worker holds no memory and no connections. A worker killed for a failure (stale heartbeat,
-over memory) is killed without entering STOPPING, so `after_exit` applies its recovery policy.
+A running process exists only in STARTING, RUNNING and STOPPING (`PROCESS_STATES`). BACKOFF,
+STOPPED, EXITED and FATAL have none. PAUSED has a frozen one after a `pause` command (the manager
+SIGSTOPs it; `resume` SIGCONTs it and it goes through STARTING until its next ready heartbeat) and
+none after the `pause` recovery policy (`resume` starts one, which continues after its checkpoint).
+A worker killed for a failure (stale heartbeat, over memory) is killed without entering STOPPING, so `after_exit` applies its recovery policy.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from signalgen.errors import SignalgenError
 class State(StrEnum):
     STARTING = "STARTING"  # process started, not yet reported ready
     RUNNING = "RUNNING"  # ready (feed and models loaded): taking bars
-    PAUSED = "PAUSED"  # no process; waits for `resume`
+    PAUSED = "PAUSED"  # frozen by SIGSTOP (a pause command) or without a process (pause policy); waits for `resume`
     BACKOFF = "BACKOFF"  # no process; restarts when backoff_until has passed
     STOPPING = "STOPPING"  # asked to stop (SIGTERM); SIGKILL after stop_timeout_s
     STOPPED = "STOPPED"  # no process; stopped on purpose (or never started)
