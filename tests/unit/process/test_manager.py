@@ -21,7 +21,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[3]
 CONTROL = Path("var/local-dev/control.sqlite")
-FAST = {"heartbeat_interval_s": 0.2, "heartbeat_threshold_s": 5.0, "backoff_initial_s": 0.2,
+FAST = {"heartbeat_interval_s": 0.2, "heartbeat_threshold_s": 30.0, "backoff_initial_s": 0.2,
         "backoff_max_s": 2.0, "stop_timeout_s": 5.0, "resource_sample_s": 0.5, "mock_bar_interval_s": 0.05,
         "max_recovery_attempts": 3}
 
