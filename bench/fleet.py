@@ -1,0 +1,289 @@
+"""Benchmark: a fleet of streaming mock workers under one StrategyProcessManager.
+
+Starts `python strategy_runner.py start --inference mock` on a private root with N workers (clients
+of 10 symbols each, one strategy of two models, one bar per second per worker) and measures:
+
+- time from `start` until every worker is RUNNING (ready heartbeat), and how that grows;
+- private memory (USS) per worker, median and p90, read with psutil from the processes themselves;
+- the idle fleet's CPU: the CPU time of the manager (with its writer), the forkserver and every
+  worker over a window, as % of one core;
+- time from `kill -9` of a worker to RUNNING again (includes the first backoff, backoff_initial_s);
+- time from an inserted `strategy_commands` row (pause / resume) to its effect (the process is
+  SIGSTOPped / running again) and to the row's result.
+
+Writes the figures and the command to docs/benchmarks.md (section `## Fleet`, between markers).
+
+    python bench/fleet.py                    # 500 workers
+    python bench/fleet.py --workers 50 --no-write
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import psutil
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from historical import machine  # noqa: E402
+
+MARK_BEGIN, MARK_END = "<!-- bench/fleet.py:begin -->", "<!-- bench/fleet.py:end -->"
+SYMBOLS_PER_CLIENT = 10
+
+
+def setup(root: Path, workers: int, process: dict) -> list[str]:
+    """A root with `workers` workers: clients c000, c001, ... of up to 10 symbols each. Returns the ids."""
+    for layer in ("environments", "modes"):
+        subprocess.run(["cp", "-r", str(ROOT / layer), str(root / layer)], check=True)
+    (root / "registry").symlink_to(ROOT / "registry")
+    (root / "clients").mkdir()
+    env_file = root / "environments" / "local-dev.yaml"
+    env = yaml.safe_load(env_file.read_text())
+    env["process"] = {**env.get("process", {}), **process}
+    env["log_level"] = "WARNING"
+    env_file.write_text(yaml.safe_dump(env, sort_keys=False))
+    ids = []
+    for c in range((workers + SYMBOLS_PER_CLIENT - 1) // SYMBOLS_PER_CLIENT):
+        n = min(SYMBOLS_PER_CLIENT, workers - c * SYMBOLS_PER_CLIENT)
+        symbols = [f"S{c:03d}X{i}" for i in range(n)]
+        client = {"id": f"c{c:03d}", "routing": "internal",
+                  "strategies": [{"id": "fleet_v1", "symbols": symbols, "timeframes": ["5m"],
+                                  "models": [{"model_id": "swing_high", "confidence_threshold": 0.6},
+                                             {"model_id": "swing_low", "confidence_threshold": 0.6}]}]}
+        (root / "clients" / f"c{c:03d}.yaml").write_text(yaml.safe_dump(client, sort_keys=False))
+        ids += [f"c{c:03d}.fleet_v1.{s}.5m" for s in symbols]
+    return ids
+
+
+class Control:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def rows(self, sql: str, *args) -> list[tuple]:
+        if not self.path.exists():
+            return []
+        try:
+            with sqlite3.connect(self.path, timeout=10) as con:
+                return con.execute(sql, args).fetchall()
+        except sqlite3.OperationalError:
+            return []
+
+    def states(self) -> dict[str, tuple[str, int | None]]:
+        return {w: (s, p) for w, s, p in self.rows("SELECT id, state, pid FROM strategy_instances")}
+
+    def bar_times(self) -> dict[str, float]:
+        """worker id -> epoch seconds of the last bar it decided (from its heartbeat)."""
+        out = {}
+        for w, t in self.rows("SELECT worker_id, last_bar_time FROM heartbeats WHERE last_bar_time IS NOT NULL"):
+            out[w] = datetime.fromisoformat(t.replace("Z", "+00:00")).timestamp()
+        return out
+
+    def submit(self, command: str, target: str) -> int:
+        with sqlite3.connect(self.path, timeout=10) as con:
+            return con.execute("INSERT INTO strategy_commands (strategy_id, command) VALUES (?, ?)",
+                               (target, command)).lastrowid
+
+    def status(self, cid: int) -> str:
+        return self.rows("SELECT status FROM strategy_commands WHERE id = ?", cid)[0][0]
+
+
+def wait_for(predicate, timeout: float, poll: float = 0.05) -> float | None:
+    """Seconds until `predicate()` is true, or None after `timeout`."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if predicate():
+            return time.monotonic() - t0
+        time.sleep(poll)
+    return None
+
+
+def tree_cpu(pid: int) -> float:
+    """CPU seconds (user + system) of `pid` and its descendants now alive."""
+    total = 0.0
+    try:
+        procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0.0
+    for p in procs:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def uss_mb(pids: list[int]) -> list[float]:
+    out = []
+    for pid in pids:
+        try:
+            out.append(psutil.Process(pid).memory_full_info().uss / 2**20)
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+def bench(workers: int, *, window: float, settle: float, repeats: int, start_timeout: float) -> dict:
+    process = {"mock_bar_interval_s": 1.0, "heartbeat_interval_s": 2.0, "heartbeat_threshold_s": 30.0,
+               "resource_sample_s": 5.0, "backoff_initial_s": 1.0}
+    with tempfile.TemporaryDirectory(prefix="fleet-") as tmp:
+        root = Path(tmp)
+        ids = setup(root, workers, process)
+        control = Control(root / "var" / "local-dev" / "control.sqlite")
+        out = open(root / "manager.out", "wb")
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        t0 = time.monotonic()
+        manager = subprocess.Popen([sys.executable, str(ROOT / "strategy_runner.py"), "start", "--root", str(root),
+                                    "--inference", "mock"], cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT)
+        result: dict = {"workers": workers, "process": process}
+        try:
+            progress: list[tuple[float, int]] = []
+
+            def all_running() -> bool:
+                states = control.states()
+                n = sum(s == "RUNNING" for s, _ in states.values())
+                if not progress or progress[-1][1] != n:
+                    progress.append((round(time.monotonic() - t0, 2), n))
+                return n == workers
+
+            took = wait_for(all_running, start_timeout, poll=0.2)
+            result["all_running_s"] = None if took is None else round(time.monotonic() - t0, 1)
+            result["running_progress"] = progress[:: max(1, len(progress) // 12)] + progress[-1:]
+            if took is None:
+                result["running_at_timeout"] = progress[-1][1] if progress else 0
+                result["manager_tail"] = (root / "manager.out").read_text(errors="replace")[-2000:]
+                return result
+            time.sleep(settle)
+            pids = [p for s, p in control.states().values() if p]
+            mem = uss_mb(pids)
+            result["uss_mb"] = {"median": round(statistics.median(mem), 1), "p90": round(pct(mem, 0.9), 1),
+                                "max": round(max(mem), 1)}
+            manager_mem = psutil.Process(manager.pid).memory_full_info()
+            result["manager_uss_mb"] = round(manager_mem.uss / 2**20, 1)
+            c0, w0, b0 = tree_cpu(manager.pid), time.monotonic(), control.bar_times()
+            m0 = psutil.Process(manager.pid).cpu_times()
+            time.sleep(window)
+            c1, w1, b1 = tree_cpu(manager.pid), time.monotonic(), control.bar_times()
+            m1 = psutil.Process(manager.pid).cpu_times()
+            # bars decided per second by the whole fleet (5m bars: 300 s of bar time each), against
+            # the `workers` bars per second the pace asks for
+            bars = sum((b1[w] - b0[w]) / 300 for w in b1 if w in b0)
+            result["bars_per_s"] = round(bars / (w1 - w0), 1)
+            result["idle_cpu_pct_of_one_core"] = round(100 * (c1 - c0) / (w1 - w0), 1)
+            result["manager_cpu_pct_of_one_core"] = round(
+                100 * ((m1.user + m1.system) - (m0.user + m0.system)) / (w1 - w0), 1)
+            # kill -9 -> RUNNING again
+            recover = []
+            for wid in ids[1:: max(1, workers // repeats)][:repeats]:
+                pid = control.states()[wid][1]
+                os.kill(pid, signal.SIGKILL)
+                back = wait_for(lambda: control.states()[wid][0] == "RUNNING" and control.states()[wid][1] != pid,
+                                60)
+                recover.append(round(back if back is not None else float("nan"), 2))
+            result["kill9_to_running_s"] = recover
+            # command row -> effect
+            effect, done = [], []
+            for wid in ids[2:: max(1, workers // repeats)][:repeats]:
+                pid = control.states()[wid][1]
+                cid = control.submit("pause", wid)
+                t = time.monotonic()
+                e = wait_for(lambda: psutil.Process(pid).status() == psutil.STATUS_STOPPED, 30, poll=0.01)
+                d = wait_for(lambda: control.status(cid) != "pending", 30, poll=0.01)
+                effect.append(round(e, 3) if e is not None else None)
+                done.append(round(time.monotonic() - t, 3) if d is not None else None)
+                cid = control.submit("resume", wid)
+                wait_for(lambda: psutil.Process(pid).status() != psutil.STATUS_STOPPED, 30, poll=0.01)
+            result["command_to_effect_s"] = effect
+            result["command_to_result_s"] = done
+            # graceful stop of the whole fleet
+            t = time.monotonic()
+            manager.send_signal(signal.SIGTERM)
+            manager.wait(300)
+            result["sigterm_to_exit_s"] = round(time.monotonic() - t, 1)
+            result["exit_code"] = manager.returncode
+        finally:
+            if manager.poll() is None:
+                for p in psutil.Process(manager.pid).children(recursive=True):
+                    p.kill()
+                manager.kill()
+            out.close()
+    return result
+
+
+def markdown(results: list[dict], command: str) -> str:
+    now = datetime.now(timezone.utc)
+    lines = [MARK_BEGIN, "## Fleet", "",
+             f"Command: `{command}` — run on {now:%Y-%m-%d}, {machine()}.", "",
+             "Streaming mock workers (one bar per second each, mock inference), forked from a preloaded "
+             "forkserver, one writer in the manager, heartbeats every 2 s into the SQLite control store.", "",
+             "| workers | all RUNNING after start | USS per worker, median (p90) | manager USS | fleet CPU at "
+             "1 bar/s/worker (% of one core; manager alone) | bars/s decided (asked) | kill -9 -> RUNNING | "
+             "command row -> effect (-> result) | SIGTERM -> exit |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in results:
+        if r.get("all_running_s") is None:
+            lines.append(f"| {r['workers']} | not within the timeout: {r.get('running_at_timeout')} RUNNING | | | | | | | |")
+            continue
+        k = r["kill9_to_running_s"]
+        e = [x for x in r["command_to_effect_s"] if x is not None]
+        d = [x for x in r["command_to_result_s"] if x is not None]
+        lines.append(
+            f"| {r['workers']} | {r['all_running_s']:.1f} s | {r['uss_mb']['median']:.1f} MB "
+            f"({r['uss_mb']['p90']:.1f}) | {r['manager_uss_mb']:.0f} MB | {r['idle_cpu_pct_of_one_core']:.0f}% "
+            f"({r['manager_cpu_pct_of_one_core']:.0f}%) | {r.get('bars_per_s', float('nan')):.0f} ({r['workers']}) | "
+            f"{min(k):.1f}-{max(k):.1f} s | {min(e):.2f}-{max(e):.2f} s ({min(d):.2f}-{max(d):.2f} s) | "
+            f"{r['sigterm_to_exit_s']:.0f} s |")
+    lines += ["", MARK_END]
+    return "\n".join(lines)
+
+
+def write_doc(text: str) -> None:
+    doc = ROOT / "docs" / "benchmarks.md"
+    body = doc.read_text()
+    if MARK_BEGIN in body:
+        body = re.sub(re.escape(MARK_BEGIN) + ".*?" + re.escape(MARK_END), lambda _: text, body, flags=re.S)
+    else:
+        body = body.rstrip("\n") + "\n\n" + text + "\n"
+    doc.write_text(body)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workers", type=int, nargs="+", default=[500])
+    parser.add_argument("--window", type=float, default=30.0, help="seconds of idle CPU measurement")
+    parser.add_argument("--settle", type=float, default=10.0, help="seconds after all RUNNING before measuring")
+    parser.add_argument("--repeats", type=int, default=5, help="kill -9 and command samples")
+    parser.add_argument("--start-timeout", type=float, default=300.0)
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args()
+    results = []
+    for n in args.workers:
+        r = bench(n, window=args.window, settle=args.settle, repeats=args.repeats, start_timeout=args.start_timeout)
+        print(json.dumps(r), flush=True)
+        results.append(r)
+    if not args.no_write:
+        write_doc(markdown(results, "python bench/fleet.py " + " ".join(sys.argv[1:])))
+
+
+if __name__ == "__main__":
+    main()

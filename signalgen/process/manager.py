@@ -1,0 +1,742 @@
+"""The StrategyProcessManager: one supervised OS process per worker spec.
+
+The manager forks every worker from a forkserver that has already imported the heavy modules
+(`signalgen.process.preload`), so a worker costs little private memory and starts fast; nothing
+live crosses the fork (a worker gets picklable `WorkerArgs` and opens its own connections). It
+hosts the one writer of the signal store (`WriterServer`), which workers reach over a local socket.
+
+Supervision is one loop (`run`), ticking at most every `TICK_S`: it wakes early when a worker
+exits (process sentinels), reaps exits, promotes STARTING workers whose heartbeat says ready,
+kills workers whose heartbeat is stale or whose memory is over the limit, restarts failed workers
+after their backoff, samples resources and executes the commands found in the control store.
+Every state change goes through `states.WorkerProcess.change` and is written to the control store
+(`strategy_instances`, `events`), which is all `status` and `monitor` read.
+
+Signal handlers only set a flag (`modes.stop_on_signals`); the loop stops the workers gracefully
+(SIGTERM, SIGKILL after `stop_timeout_s`) and `run` returns 0.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import fnmatch
+import logging
+import multiprocessing
+import os
+import shutil
+import signal
+import tempfile
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from contextlib import ExitStack, closing
+from datetime import datetime, timezone
+from multiprocessing.connection import wait
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from signalgen.config.models import RunConfig
+from signalgen.config.workers import WorkerSpec, worker_specs
+from signalgen.errors import ConfigError, SignalgenError
+from signalgen.process.states import TRANSITIONS, InvalidTransition, State, WorkerProcess, after_exit, backoff_delay
+
+log = logging.getLogger(__name__)
+
+TICK_S = 0.5  # the loop's longest sleep: commands are picked up within it
+START_SLICE_S = 0.5  # at start-up, workers are started for this long per tick, then the loop does its rounds
+PRELOAD = "signalgen.process.preload"
+ERROR_WINDOW_S = 60.0
+COMMANDS = ("start", "stop-strategy", "pause", "resume", "restart", "stop", "reload", "add-strategy")
+TARGETED = frozenset({"start", "stop-strategy", "pause", "resume", "restart"})  # need a strategy id/glob
+
+SpecLoader = Callable[[], tuple[RunConfig, list[WorkerSpec]]]
+
+
+def worker_entry(target: Callable, args: Any) -> None:
+    """What a worker process runs first, then `target(args)`: it ties the worker's life to the manager's.
+
+    A forkserver child holds a copy of the forkserver's "alive" pipe, which keeps the forkserver up
+    while any child lives; the worker closes its copy, so the forkserver exits as soon as the manager
+    dies, and PR_SET_PDEATHSIG (the forkserver is the parent) then kills the worker: a manager killed
+    with SIGKILL leaves no orphan. Without this, forkserver and workers would wait on each other forever.
+    """
+    from multiprocessing import forkserver
+
+    fd = getattr(forkserver._forkserver, "_forkserver_alive_fd", None)
+    if fd is not None:
+        forkserver._forkserver._forkserver_alive_fd = None
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    parent = os.getppid()
+    _die_with_parent()
+    if os.getppid() != parent:  # the parent died before the death signal was armed
+        os._exit(1)
+    target(args)
+
+
+def _die_with_parent() -> None:
+    """PR_SET_PDEATHSIG(SIGKILL) on Linux (the worker sets it too; arming it twice is harmless)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the worker's own parent watch remains
+        pass
+
+
+class CommandError(SignalgenError):
+    """A command that cannot be applied: the row is marked failed with this message."""
+
+
+def matches(worker_id: str, pattern: str) -> bool:
+    """A worker id matches its own id, a glob over ids (`odum.*.BTCUSD.*`), or a prefix of whole
+    parts (`odum`, `odum.momentum_v1`)."""
+    return worker_id == pattern or worker_id.startswith(pattern + ".") or fnmatch.fnmatchcase(worker_id, pattern)
+
+
+def select_specs(specs: list[WorkerSpec], names: list[str] | None) -> list[WorkerSpec]:
+    """The specs matching any of `names` (see `matches`); all when none is given.
+
+    Raises ConfigError naming the names that match no worker.
+    """
+    if not names:
+        return list(specs)
+    unknown = [n for n in names if not any(matches(s.id, n) for s in specs)]
+    if unknown:
+        raise ConfigError(f"no worker matches {', '.join(map(repr, unknown))}; names are client ids, "
+                          "client.strategy, worker ids (client.strategy.symbol.timeframe) or globs")
+    return [s for s in specs if any(matches(s.id, n) for n in names)]
+
+
+def default_loader(cfg: RunConfig) -> SpecLoader:
+    """Reload every client of `cfg`'s root with the same environment, mode and run settings."""
+    from signalgen.config.loader import Overrides, load_config
+
+    def load() -> tuple[RunConfig, list[WorkerSpec]]:
+        overrides = Overrides(start=cfg.start, end=cfg.end, seed=cfg.seed, backend=cfg.backend,
+                              inference=cfg.inference, data_source=cfg.data_source)
+        new = load_config(cfg.environment.name.value, cfg.mode.name.value, root=cfg.root, overrides=overrides)
+        return new, worker_specs(new)
+
+    return load
+
+
+def _epoch(value: Any) -> float | None:
+    """A control-store timestamp (epoch float or ISO text) as epoch seconds."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, datetime):
+        return value.timestamp()
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        t = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+        return (t if t.tzinfo else t.replace(tzinfo=timezone.utc)).timestamp()
+
+
+def merge_strategies(client_yaml: str, addition: str, *, file: str) -> str:
+    """`client_yaml` with the strategies of `addition` added or replaced (by id), as YAML text.
+
+    `addition` is a YAML list of strategies, one strategy mapping (with `id`), or a mapping with a
+    `strategies:` list. Comments of the client file are not kept (the file is re-dumped).
+    """
+    client = yaml.safe_load(client_yaml)
+    try:
+        new = yaml.safe_load(addition)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"not YAML: {exc}", file=file) from None
+    if isinstance(new, dict) and "strategies" in new:
+        new = new["strategies"]
+    elif isinstance(new, dict):
+        new = [new]
+    if not isinstance(new, list) or not new or not all(isinstance(s, dict) and s.get("id") for s in new):
+        raise ConfigError("expected a strategy (a mapping with an id), a list of them, or `strategies:`",
+                          file=file)
+    strategies = list(client.get("strategies") or [])
+    index = {s.get("id"): i for i, s in enumerate(strategies) if isinstance(s, dict)}
+    for s in new:
+        if s["id"] in index:
+            strategies[index[s["id"]]] = s
+        else:
+            strategies.append(s)
+    client["strategies"] = strategies
+    return yaml.safe_dump(client, sort_keys=False)
+
+
+class StrategyProcessManager:
+    """Starts, supervises and controls one process per `WorkerSpec`.
+
+    Args:
+        cfg: the run's config (workers get it in their `WorkerArgs`).
+        specs: the workers to run.
+        control: the control store (commands in; instances, events, resources out).
+        log_dir: one log file per worker, `<log_dir>/<worker id>.log`.
+        run_id: the id every worker's records carry.
+        loader: re-reads the config for `reload` / `add-strategy` (default: every client of cfg.root).
+        worker_target: the module-level function a worker process runs with its `WorkerArgs`
+            (default `process.worker.worker_process`; tests pass their own).
+    """
+
+    def __init__(self, cfg: RunConfig, specs: list[WorkerSpec], *, control, log_dir: Path, run_id: str,
+                 loader: SpecLoader | None = None, worker_target: Callable | None = None) -> None:
+        self.cfg, self.control, self.run_id = cfg, control, run_id
+        self.log_dir = Path(log_dir)
+        self.limits = cfg.environment.process
+        self.loader = loader or default_loader(cfg)
+        self.worker_target = worker_target
+        self.specs: dict[str, WorkerSpec] = {s.id: s for s in specs}
+        self.procs: dict[str, WorkerProcess] = {s.id: WorkerProcess(worker_id=s.id) for s in specs}
+        self._handles: dict[str, multiprocessing.process.BaseProcess] = {}
+        self._kill_reason: dict[str, str] = {}  # killed by us: why (the exit is a failure with this reason)
+        self._stop_deadline: dict[str, float] = {}  # STOPPING: SIGKILL after this time
+        self._then: dict[str, str] = {}  # after the process stops: "start" (restart) or "remove" (reload)
+        self._alive_at: dict[str, float] = {}  # last proof of life: start, resume, or a fresh heartbeat
+        self._errors: dict[str, deque[tuple[float, int]]] = {}
+        self._unhealthy: set[str] = set()
+        self._over_memory: deque[tuple[str, int, float]] = deque()  # from the sampler thread
+        self._dirty: set[str] = set(self.specs)
+        self._shutdown = False
+        self._stop_command: int | None = None
+        self._to_start: deque[str] = deque()  # initial start-up, in slices of START_SLICE_S
+        self._ctx = None
+        self._server = None
+        self._run_outcome: dict = {}
+        self._address = ""
+        self._authkey = b""
+        self._control_path = str(getattr(control, "path", "") or Path(cfg.root) / cfg.environment.control.path)
+
+    # ------------------------------------------------------------ run
+
+    def run(self, stop: threading.Event | None = None) -> int:
+        """Run until `stop` is set, SIGINT/SIGTERM arrives or a `stop` command; then stop every
+        worker gracefully. Returns 0."""
+        from signalgen.modes import stop_on_signals
+        from signalgen.process.writer_server import WriterServer
+        from signalgen.storage import open_store
+
+        stop = stop or threading.Event()
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        with ExitStack() as held:
+            held.enter_context(self._lock())
+            sock_dir = tempfile.mkdtemp(prefix="signalgen-")  # short: AF_UNIX paths are at most 107 bytes
+            held.callback(shutil.rmtree, sock_dir, ignore_errors=True)
+            self._ctx = multiprocessing.get_context("forkserver")
+            # "__main__" too: otherwise every worker re-imports the manager's main script (for
+            # strategy_runner.py: the whole CLI) when it starts; imported once here, it is inherited
+            # (this module too: each worker runs its worker_entry)
+            self._ctx.set_forkserver_preload(["__main__", __name__, PRELOAD])
+            store = held.enter_context(closing(open_store(self.cfg)))
+            held.enter_context(store.serve_reads())  # `signals` / `runs` read through the manager meanwhile
+            self._record_run(store, held)
+            self._authkey = os.urandom(32)
+            server = WriterServer(self.cfg, store, run_id=self.run_id, address=os.path.join(sock_dir, "writer.sock"),
+                                  authkey=self._authkey)
+            server.start()
+            self._server = server
+            held.callback(server.close)  # after the workers stopped (they wait for their last acks)
+            self._address = server.address
+            held.callback(self._kill_all)  # on an unexpected error: never leave workers behind
+            signals = held.enter_context(stop_on_signals(stop))
+            sampling = threading.Event()
+            sampler = threading.Thread(target=self._sampler, args=(sampling,), name="sampler", daemon=True)
+            sampler.start()
+            held.callback(sampler.join)
+            held.callback(sampling.set)
+            self._reset_instances()
+            log.info("manager started: %d workers, %s mode", len(self.specs), self.cfg.mode.name.value,
+                     extra={"run_id": self.run_id, "pid": os.getpid()})
+            self._to_start.extend(self.specs)  # started a slice per tick: the loop stays responsive
+            while self._handles or not self._shutdown:
+                if stop.is_set() and not self._shutdown:
+                    why = f"signal {signal.Signals(signals[0]).name}" if signals else "stop requested"
+                    self._begin_shutdown(time.time(), why)
+                self.tick()
+            self._run_outcome["status"] = "stopped"
+            if self._stop_command is not None:
+                self.control.complete(self._stop_command, {"stopped": sorted(self.specs)})
+            log.info("manager stopped", extra={"run_id": self.run_id})
+        return 0
+
+    def _record_run(self, store, held: ExitStack) -> None:
+        """The manager's run in the store's `runs` (status `stopped` after a clean stop, else `failed`)."""
+        from signalgen.storage.base import RunRecord
+
+        cfg = self.cfg
+        store.start_run(RunRecord(run_id=self.run_id, config_hash=cfg.config_hash, mode=cfg.mode.name.value,
+                                  environment=cfg.environment.name.value, start=cfg.start, end=cfg.end,
+                                  started_at=datetime.now(timezone.utc), clients=[c.id for c in cfg.clients]))
+        outcome = {"status": "failed"}
+        self._run_outcome = outcome
+
+        def finish() -> None:
+            bars = self._server.stats["bars"] if self._server is not None else 0
+            store.finish_run(self.run_id, finished_at=datetime.now(timezone.utc), status=outcome["status"], bars=bars)
+
+        held.callback(finish)
+
+    def tick(self) -> None:
+        """One round of supervision; sleeps at most TICK_S, less when a worker exits."""
+        wait([p.sentinel for p in self._handles.values()], timeout=0 if self._to_start else TICK_S)
+        now = time.time()
+        self._start_slice(now)
+        self._reap(now)
+        self._check_heartbeats(now)
+        self._expire(now)
+        self._memory_kills()
+        if not self._shutdown:
+            self._commands(now)
+        self._flush()
+
+    def _lock(self):
+        """One manager per control store: an exclusive lock on `<control path>.lock`."""
+        from contextlib import contextmanager
+
+        @contextmanager
+        def held():
+            path = Path(self._control_path + ".lock")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    other = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+                    raise SignalgenError(f"a manager (pid {other}) already runs on {self._control_path}; "
+                                         "`stop` it first") from None
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, str(os.getpid()).encode(), 0)
+                yield
+            finally:
+                os.close(fd)  # releases the lock
+
+        return held()
+
+    # ------------------------------------------------------------ processes
+
+    def _spawn(self, wid: str, now: float, reason: str) -> None:
+        now = max(now, time.time())  # a long start-up loop: each worker's clock starts at its own start
+        from signalgen.process.worker import WorkerArgs, worker_process
+
+        target = self.worker_target or worker_process
+
+        proc, spec = self.procs[wid], self.specs[wid]
+        args = WorkerArgs(spec=spec, cfg=self.cfg, writer_address=self._address, authkey=self._authkey,
+                          control_path=self._control_path, log_path=str(self.log_dir / f"{wid}.log"),
+                          heartbeat_interval_s=self.limits.heartbeat_interval_s)
+        self._change(wid, State.STARTING, now, reason)
+        handle = self._ctx.Process(target=worker_entry, args=(target, args), name=wid)
+        try:
+            handle.start()
+        except OSError as exc:  # fork failed (no memory, too many processes): a failure like a crash
+            log.error("cannot start worker: %s", exc, extra={"worker": wid})
+            self._kill_reason[wid] = f"cannot start: {exc}"
+            self._exited(wid, 1, now)
+            return
+        self._handles[wid] = handle
+        proc.pid, proc.started_at, proc.exit_code = handle.pid, now, None
+        self._alive_at[wid] = now
+        self._errors.pop(wid, None)
+        self._dirty.add(wid)
+
+    def _start_slice(self, now: float) -> None:
+        """Start waiting workers for up to START_SLICE_S (a fork from the forkserver takes 10-100 ms)."""
+        deadline = time.monotonic() + START_SLICE_S
+        while self._to_start and time.monotonic() < deadline and not self._shutdown:
+            wid = self._to_start.popleft()
+            if wid in self.procs and self.procs[wid].state is State.STOPPED and wid not in self._handles:
+                self._spawn(wid, now, "start")
+        if self._shutdown:
+            self._to_start.clear()
+
+    def _reap(self, now: float) -> None:
+        for wid, handle in list(self._handles.items()):
+            if handle.exitcode is None:
+                continue
+            code = handle.exitcode
+            handle.join(0)
+            handle.close()
+            del self._handles[wid]
+            self._exited(wid, code, now)
+
+    def _exited(self, wid: str, code: int, now: float) -> None:
+        """The worker's process ended with `code` (negative: killed by that signal)."""
+        proc, spec = self.procs[wid], self.specs[wid]
+        stopping = proc.state is State.STOPPING
+        self._stop_deadline.pop(wid, None)
+        killed = self._kill_reason.pop(wid, None)
+        if proc.state is State.PAUSED:  # a SIGSTOPped worker was killed: it stays paused, without a process
+            proc.exit_code, proc.pid = code, None
+            self.control.event(wid, "exit", f"paused process ended ({killed or code}); `resume` starts a new one")
+            self._dirty.add(wid)
+            return
+        new = after_exit(proc, code, policy=spec.strategy.recovery, max_attempts=self.limits.max_recovery_attempts)
+        failure = not stopping and code != 0
+        why = killed or (f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}")
+        if failure:
+            proc.failures += 1
+        proc.exit_code, proc.pid = code, None
+        if self._shutdown and new is State.BACKOFF:
+            new = State.STOPPED
+        self._change(wid, new, now, why)
+        if failure:
+            self.control.event(wid, "failure", f"{why}; {new.value} (failure {proc.failures})")
+            log.warning("worker failed: %s -> %s", why, new.value, extra={"worker": wid})
+        if new is State.BACKOFF:
+            proc.backoff_until = now + backoff_delay(proc.failures, self.limits.backoff_initial_s,
+                                                     self.limits.backoff_max_s)
+        then = self._then.pop(wid, None)
+        if then == "remove":
+            self._remove(wid)
+        elif then == "start" and not self._shutdown:
+            proc.failures = 0
+            self._spawn(wid, now, "restart")
+
+    def _signal(self, wid: str, signum: int) -> None:
+        handle = self._handles.get(wid)
+        if handle is None or handle.pid is None:
+            return
+        try:
+            os.kill(handle.pid, signum)
+        except ProcessLookupError:  # already gone: the reaper sees it next
+            log.info("worker already exited", extra={"worker": wid})
+
+    def _kill(self, wid: str, reason: str) -> None:
+        """SIGKILL, reaped as a failure with `reason` (stale heartbeat, memory)."""
+        if wid in self._kill_reason:
+            return
+        self._kill_reason[wid] = reason
+        self._signal(wid, signal.SIGKILL)
+
+    def _stop(self, wid: str, now: float, reason: str) -> None:
+        """Graceful stop: SIGTERM (SIGCONT too when SIGSTOPped), SIGKILL after stop_timeout_s."""
+        proc = self.procs[wid]
+        if wid in self._handles:
+            if proc.state is State.STOPPING:
+                return
+            paused = proc.state is State.PAUSED
+            if paused:  # SIGSTOPped: it must run again to handle SIGTERM (PAUSED -> STARTING -> STOPPING)
+                self._change(wid, State.STARTING, now, "continued to stop")
+            self._change(wid, State.STOPPING, now, reason)
+            self._signal(wid, signal.SIGTERM)
+            if paused:
+                self._signal(wid, signal.SIGCONT)
+            self._stop_deadline[wid] = now + self.limits.stop_timeout_s
+        elif State.STOPPED in TRANSITIONS[proc.state]:  # no process: BACKOFF, or PAUSED after a failure
+            proc.backoff_until = None
+            self._change(wid, State.STOPPED, now, reason)
+
+    def _expire(self, now: float) -> None:
+        """SIGKILL for workers past their stop timeout; BACKOFF workers whose delay passed start again."""
+        for wid, deadline in list(self._stop_deadline.items()):
+            if now >= deadline and wid not in self._kill_reason:
+                self._kill_reason[wid] = f"no exit {self.limits.stop_timeout_s:g}s after SIGTERM: SIGKILL"
+                self.control.event(wid, "stop-timeout", self._kill_reason[wid])
+                self._signal(wid, signal.SIGKILL)
+        if self._shutdown:
+            return
+        for wid, proc in self.procs.items():
+            if proc.state is State.BACKOFF and proc.backoff_until is not None and now >= proc.backoff_until:
+                proc.backoff_until = None
+                proc.restarts += 1
+                self._spawn(wid, now, f"restart after failure {proc.failures}")
+            elif proc.state is State.RUNNING and proc.failures and now - proc.state_since > self.limits.backoff_max_s:
+                proc.failures = 0  # it has run long enough: the next failure starts the backoff anew
+                self._dirty.add(wid)
+
+    def _kill_all(self) -> None:
+        for wid in list(self._handles):
+            self._signal(wid, signal.SIGKILL)
+        for handle in self._handles.values():
+            handle.join(5)
+
+    def _begin_shutdown(self, now: float, why: str) -> None:
+        log.info("stopping every worker: %s", why, extra={"run_id": self.run_id})
+        self._shutdown = True
+        self._then.clear()
+        for wid in self.procs:
+            self._stop(wid, now, f"manager stopping: {why}")
+
+    # ------------------------------------------------------------ heartbeats and resources
+
+    def _check_heartbeats(self, now: float) -> None:
+        beats = self.control.heartbeats()
+        threshold = self.limits.heartbeat_threshold_s
+        for wid, proc in self.procs.items():
+            if wid not in self._handles or proc.state not in (State.STARTING, State.RUNNING):
+                continue  # PAUSED (SIGSTOPped) and STOPPING workers are not expected to beat
+            beat = beats.get(wid)
+            if beat is not None and beat.get("pid") == proc.pid:
+                ts = _epoch(beat.get("ts")) or 0.0
+                self._alive_at[wid] = max(self._alive_at.get(wid, 0.0), ts)
+                self._count_errors(wid, ts, int(beat.get("errors") or 0), now)
+                # ready, said after this STARTING began (a resumed worker's last beat predates its pause)
+                if beat.get("ready") and proc.state is State.STARTING and ts >= proc.state_since - 0.01:
+                    self._change(wid, State.RUNNING, now, "ready")
+            age = now - self._alive_at.get(wid, now)
+            if age > threshold:
+                self._kill(wid, f"heartbeat {age:.0f}s old (threshold {threshold:g}s)")
+                self.control.event(wid, "heartbeat", self._kill_reason[wid])
+
+    def _count_errors(self, wid: str, ts: float, errors: int, now: float) -> None:
+        """Mark a worker unhealthy while its errors in the last minute exceed max_errors_per_minute."""
+        window = self._errors.setdefault(wid, deque())
+        if not window or window[-1][0] != ts:
+            window.append((ts, errors))
+        while len(window) > 1 and window[1][0] <= now - ERROR_WINDOW_S:
+            window.popleft()
+        recent = window[-1][1] - window[0][1]
+        limit = self.limits.max_errors_per_minute
+        if recent > limit and wid not in self._unhealthy:
+            self._unhealthy.add(wid)
+            detail = f"unhealthy: {recent} errors in the last minute (limit {limit})"
+            self.control.event(wid, "unhealthy", detail)
+            self.control.set_instance(wid, reason=detail)
+            log.warning(detail, extra={"worker": wid})
+        elif recent <= limit and wid in self._unhealthy:
+            self._unhealthy.discard(wid)
+            self.control.event(wid, "healthy", f"{recent} errors in the last minute")
+
+    def _sampler(self, stop: threading.Event) -> None:
+        """Thread: CPU% and memory of every worker into the control store every resource_sample_s.
+
+        Off the supervision loop, which would otherwise stall ~1 ms per worker per sample (psutil
+        reads /proc/<pid>/smaps_rollup). Workers above memory_mb go to `_over_memory` for the loop.
+        """
+        import psutil
+
+        limit = self.limits.memory_mb
+        procs: dict[int, psutil.Process] = {}  # cpu_percent needs the same object between samples
+        while not stop.wait(self.limits.resource_sample_s):
+            rows = []
+            live = {wid: h.pid for wid, h in list(self._handles.items()) if h.pid is not None}
+            for wid, pid in live.items():
+                try:
+                    ps = procs.get(pid)
+                    if ps is None:
+                        ps = procs[pid] = psutil.Process(pid)
+                    cpu, mem = ps.cpu_percent(None), ps.memory_full_info()
+                except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess, ValueError):
+                    continue
+                rss, uss = mem.rss / 2**20, getattr(mem, "uss", mem.rss) / 2**20
+                rows.append((wid, cpu, rss, uss))
+                if uss > limit:
+                    self._over_memory.append((wid, pid, uss))
+            for pid in set(procs) - set(live.values()):
+                del procs[pid]
+            if rows:
+                try:
+                    self.control.record_resources(rows)
+                except Exception as exc:  # noqa: BLE001 - sampling must not die with one failed write
+                    log.warning("cannot record resource samples: %s", exc)
+
+    def _memory_kills(self) -> None:
+        while self._over_memory:
+            wid, pid, uss = self._over_memory.popleft()
+            proc = self.procs.get(wid)
+            if proc is None or proc.pid != pid or proc.state is State.STOPPING or wid in self._kill_reason:
+                continue
+            reason = f"memory {uss:.0f} MB over the limit {self.limits.memory_mb} MB"
+            self.control.event(wid, "memory", reason)
+            self._kill(wid, reason)
+
+    # ------------------------------------------------------------ control store
+
+    def _change(self, wid: str, new: State, now: float, reason: str = "") -> None:
+        proc = self.procs[wid]
+        if proc.state is new:
+            proc.reason = reason
+        else:
+            old, _ = proc.change(new, now, reason)
+            log.info("%s -> %s: %s", old.value, new.value, reason, extra={"worker": wid})
+        self._dirty.add(wid)
+
+    def _reset_instances(self) -> None:
+        """Rows of a previous manager describe processes that are gone: start from the current specs."""
+        for row in self.control.instances():
+            if row["id"] not in self.specs:
+                self.control.remove_instance(row["id"])
+        # rows older than this process were meant for a manager that is gone: never run them late
+        import psutil
+
+        born = psutil.Process().create_time()
+        for command in self.control.pending():
+            if (_epoch(command.created_at) or 0.0) < born:
+                self.control.fail(command.id, "submitted before this manager started; not executed")
+
+    def _row(self, wid: str) -> dict:
+        proc, spec = self.procs[wid], self.specs[wid]
+        reason = proc.reason
+        if wid in self._unhealthy:
+            reason = f"unhealthy; {reason}" if reason else "unhealthy"
+        return {"id": wid, "client": spec.client.id, "strategy": spec.strategy.id, "symbol": spec.symbol,
+                "timeframe": spec.timeframe, "mode": self.cfg.mode.name.value, "config_hash": spec.config_hash,
+                "state": proc.state.value, "pid": proc.pid, "started_at": proc.started_at,
+                "state_since": proc.state_since, "restarts": proc.restarts, "failures": proc.failures,
+                "exit_code": proc.exit_code,
+                "reason": reason}
+
+    def _flush(self) -> None:
+        if self._dirty:
+            rows = [self._row(w) for w in sorted(self._dirty) if w in self.procs]
+            if rows:
+                self.control.upsert_instances(rows)
+            self._dirty.clear()
+
+    def _remove(self, wid: str) -> None:
+        self.procs.pop(wid, None)
+        self.specs.pop(wid, None)
+        self.control.remove_instance(wid)
+        self.control.event(wid, "removed", "no longer in the client config (reload)")
+
+    def _commands(self, now: float) -> None:
+        for command in self.control.pending():
+            if self._shutdown:  # a stop came first in this batch
+                self.control.fail(command.id, "the manager is stopping")
+                continue
+            try:
+                result = self.execute(command.command, command.strategy_id, command.parameters or {}, now,
+                                      command_id=command.id)
+            except (CommandError, ConfigError, InvalidTransition) as exc:
+                log.warning("command %s failed: %s", command.command, exc, extra={"command_id": command.id})
+                self.control.fail(command.id, str(exc))
+                continue
+            except Exception as exc:  # noqa: BLE001 - a bad command must never take the manager down
+                log.exception("command %s failed", command.command, extra={"command_id": command.id})
+                self.control.fail(command.id, f"{type(exc).__name__}: {exc}")
+                continue
+            if result is not None:  # None: completed later (stop: once every worker stopped)
+                self.control.complete(command.id, result)
+
+    def _targets(self, pattern: str | None, command: str) -> list[str]:
+        if not pattern:
+            raise CommandError(f"{command} needs a worker id or glob (client.strategy.symbol.timeframe)")
+        found = [w for w in self.procs if matches(w, pattern)]
+        if not found:
+            known = sorted(self.procs)
+            sample = ", ".join(known[:5]) + (f" and {len(known) - 5} more" if len(known) > 5 else "")
+            raise CommandError(f"no worker matches {pattern!r} (known: {sample or 'none'})")
+        return sorted(found)
+
+    def execute(self, command: str, target: str | None, parameters: dict, now: float,
+                *, command_id: int | None = None) -> dict | None:
+        """Apply one command; returns its result, or None when it completes later (stop).
+
+        Raises CommandError (or ConfigError for reload / add-strategy) when it cannot apply.
+        """
+        if command not in COMMANDS:
+            raise CommandError(f"unknown command {command!r}; known: {', '.join(COMMANDS)}")
+        if command == "stop":
+            self._stop_command = command_id
+            self._begin_shutdown(now, "stop command")
+            return None
+        if command == "reload":
+            return self.reload(now)
+        if command == "add-strategy":
+            return self.add_strategy(parameters.get("client"), parameters.get("config"), now)
+        done, skipped = [], []
+        for wid in self._targets(target, command):
+            proc, running = self.procs[wid], wid in self._handles
+            if command == "pause":
+                if running and proc.state in (State.STARTING, State.RUNNING):
+                    self._signal(wid, signal.SIGSTOP)
+                    self._change(wid, State.PAUSED, now, "paused (SIGSTOP)")
+                elif proc.state is State.BACKOFF:
+                    proc.backoff_until = None
+                    self._change(wid, State.PAUSED, now, "paused while in backoff")
+                else:
+                    skipped.append(wid)
+                    continue
+            elif command == "resume":
+                if proc.state is not State.PAUSED:
+                    skipped.append(wid)
+                    continue
+                if running:  # PAUSED -> STARTING; RUNNING again with its next ready heartbeat
+                    self._signal(wid, signal.SIGCONT)
+                    self._alive_at[wid] = now  # its heartbeat is as old as the pause
+                    self._change(wid, State.STARTING, now, "resumed (SIGCONT)")
+                else:
+                    proc.failures = 0
+                    self._spawn(wid, now, "resumed")
+            elif command == "start":
+                if running:
+                    skipped.append(wid)
+                    continue
+                proc.failures, proc.backoff_until = 0, None
+                self._spawn(wid, now, "start command")
+            elif command == "stop-strategy":
+                if wid in self._to_start:
+                    self._to_start.remove(wid)
+                if not running and State.STOPPED not in TRANSITIONS[proc.state]:
+                    skipped.append(wid)
+                    continue
+                self._then.pop(wid, None)
+                self._stop(wid, now, "stop-strategy command")
+            elif command == "restart":
+                proc.failures, proc.backoff_until = 0, None
+                if running:
+                    self._then[wid] = "start"
+                    self._stop(wid, now, "restart command")
+                else:
+                    self._spawn(wid, now, "restart command")
+            done.append(wid)
+            self.control.event(wid, "command", command)
+        return {"workers": done, "unchanged": skipped}
+
+    def reload(self, now: float) -> dict:
+        """Re-read the client YAMLs: new workers start, removed ones stop, changed ones (config_hash)
+        restart, the others keep their process. An invalid config raises ConfigError, changing nothing."""
+        cfg, specs = self.loader()
+        new = {s.id: s for s in specs}
+        added = sorted(set(new) - set(self.specs))
+        removed = sorted(set(self.specs) - set(new))
+        changed = sorted(w for w in set(new) & set(self.specs) if new[w].config_hash != self.specs[w].config_hash)
+        self.cfg = cfg
+        for wid in removed:
+            if wid in self._handles:
+                self._then[wid] = "remove"
+                self._stop(wid, now, "removed by reload")
+            else:
+                self._remove(wid)
+        for wid in changed:
+            self.specs[wid] = new[wid]
+            if wid in self._handles:
+                self._then[wid] = "start"
+                self._stop(wid, now, "config changed (reload)")
+            elif self.procs[wid].state in (State.BACKOFF, State.FATAL, State.EXITED):
+                self.procs[wid].failures = 0
+                self._spawn(wid, now, "config changed (reload)")
+            # STOPPED and PAUSED without a process keep their state; the new config applies at their start
+            self._dirty.add(wid)
+        for wid in added:
+            self.specs[wid] = new[wid]
+            self.procs[wid] = WorkerProcess(worker_id=wid)
+            self._spawn(wid, now, "added by reload")
+        result = {"started": added, "stopped": removed, "restarted": changed,
+                  "unchanged": len(set(new) - set(added) - set(changed))}
+        log.info("reload: %d started, %d stopped, %d restarted", len(added), len(removed), len(changed))
+        return result
+
+    def add_strategy(self, client: str | None, text: str | None, now: float) -> dict:
+        """Add or replace strategies in `clients/<client>.yaml`, then reload; the file is restored when
+        the new config is invalid."""
+        if not client or text is None:
+            raise CommandError("add-strategy needs parameters {client, config (YAML text)}")
+        path = Path(self.cfg.root) / "clients" / f"{client}.yaml"
+        if not path.is_file():
+            raise CommandError(f"no client {client!r}: {path} does not exist")
+        old = path.read_text()
+        path.write_text(merge_strategies(old, text, file=f"add-strategy --client {client}"))
+        try:
+            return self.reload(now)
+        except BaseException:
+            path.write_text(old)
+            raise
