@@ -189,3 +189,42 @@ def test_start_live_feed_consume_kill_and_stop(live_root: Path, redis_server) ->
         carried[c][0].height + carried[c][1].height for c in carried)
     # the mode is a namespace: nothing was written under another mode's keys
     assert not [k for k in r.keys("signalgen:*") if not k.startswith((b"signalgen:live:", b"signalgen:bars:"))]
+
+
+def test_a_bad_redis_url_or_password_is_exit_2_naming_the_field(live_root: Path, tmp_path: Path) -> None:
+    """`start` (the recorder connects first) and a live worker process alone: exit 2, never a retry loop."""
+    import multiprocessing
+
+    from signalgen.config.workers import worker_specs
+    from signalgen.process.worker import WorkerArgs, worker_process
+    from tests.integration.redis.servers import RedisServer
+
+    env_file = live_root / "environments" / "local-integration.yaml"
+    env = yaml.safe_load(env_file.read_text())
+    locked = RedisServer(tmp_path / "locked", extra=("--requirepass", "right")).start()
+    try:
+        env["messaging"]["url"] = locked.url
+        env["messaging"]["password_env"] = "SIGNALGEN_REDIS_PASSWORD"
+        env_file.write_text(yaml.safe_dump(env, sort_keys=False))
+        proc = subprocess.run([sys.executable, str(REPO / "strategy_runner.py"), "start", "--env", "local-integration",
+                               "--mode", "live", "--inference", "mock", "--root", str(live_root)], cwd=live_root,
+                              capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "PYTHONPATH": str(REPO), "SIGNALGEN_REDIS_PASSWORD": "wrong"})
+        assert proc.returncode == 2, proc.stderr
+        assert "messaging.password_env" in proc.stderr and "Traceback" not in proc.stderr
+    finally:
+        locked.stop()
+
+    env["messaging"]["url"] = f"redis://127.0.0.1:{locked.port}/0"  # nothing listens there now
+    env["messaging"].pop("password_env")
+    env_file.write_text(yaml.safe_dump(env, sort_keys=False))
+    cfg = load_config("local-integration", "live", root=live_root)
+    spec = worker_specs(cfg)[0]
+    log = tmp_path / "worker.log"
+    args = WorkerArgs(spec=spec, cfg=cfg, writer_address="", authkey=b"", control_path=str(tmp_path / "c.sqlite"),
+                      log_path=str(log), heartbeat_interval_s=0.2, run_id="r")
+    worker = multiprocessing.get_context("fork").Process(target=worker_process, args=(args,))
+    worker.start()
+    worker.join(60)
+    assert worker.exitcode == 2
+    assert "messaging.url" in log.read_text() and "cannot reach Redis" in log.read_text()
