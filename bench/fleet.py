@@ -143,7 +143,41 @@ def pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))]
 
 
-def bench(workers: int, *, window: float, settle: float, repeats: int, start_timeout: float) -> dict:
+def heartbeat_worker(args) -> None:
+    """A worker process without the pipeline: ready heartbeats every heartbeat_interval_s until SIGTERM.
+    With `--heartbeats-only` the fleet measures the supervision alone (manager, forkserver, control store)."""
+    import threading
+
+    from signalgen.storage.control import ControlStore
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    store = ControlStore(args.control_path)
+    while True:
+        store.heartbeat(args.spec.id, pid=os.getpid(), state="RUNNING", last_bar_time=None, checkpoint=None,
+                        signals=0, rejections=0, errors=0, ready=True)
+        if stop.wait(args.heartbeat_interval_s):
+            sys.exit(0)
+
+
+def heartbeat_manager(root: str) -> None:
+    """A manager over `root` whose workers run `heartbeat_worker`."""
+    from signalgen.config.loader import Overrides, load_config
+    from signalgen.config.workers import worker_specs
+    from signalgen.logs import configure
+    from signalgen.process.manager import StrategyProcessManager
+    from signalgen.storage.control import ControlStore
+
+    configure("WARNING")
+    cfg = load_config("local-dev", "mock", root=root, overrides=Overrides(inference="mock"))
+    manager = StrategyProcessManager(cfg, worker_specs(cfg), control=ControlStore.from_config(cfg),
+                                     log_dir=Path(root) / "var" / "local-dev" / "logs", run_id="fleet-heartbeats",
+                                     worker_target=heartbeat_worker)
+    sys.exit(manager.run())
+
+
+def bench(workers: int, *, window: float, settle: float, repeats: int, start_timeout: float,
+          heartbeats_only: bool = False) -> dict:
     process = {"mock_bar_interval_s": 1.0, "heartbeat_interval_s": 2.0, "heartbeat_threshold_s": 30.0,
                "resource_sample_s": 5.0, "backoff_initial_s": 1.0}
     with tempfile.TemporaryDirectory(prefix="fleet-") as tmp:
@@ -153,9 +187,13 @@ def bench(workers: int, *, window: float, settle: float, repeats: int, start_tim
         out = open(root / "manager.out", "wb")
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         t0 = time.monotonic()
-        manager = subprocess.Popen([sys.executable, str(ROOT / "strategy_runner.py"), "start", "--root", str(root),
-                                    "--inference", "mock"], cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT)
-        result: dict = {"workers": workers, "process": process}
+        if heartbeats_only:
+            cmd = [sys.executable, "-c", f"import sys; sys.path.insert(0, {str(ROOT / 'bench')!r}); import fleet; "
+                   "fleet.heartbeat_manager(sys.argv[1])", str(root)]
+        else:
+            cmd = [sys.executable, str(ROOT / "strategy_runner.py"), "start", "--root", str(root), "--inference", "mock"]
+        manager = subprocess.Popen(cmd, cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT)
+        result: dict = {"workers": workers, "heartbeats_only": heartbeats_only, "process": process}
         try:
             progress: list[tuple[float, int]] = []
 
@@ -187,7 +225,7 @@ def bench(workers: int, *, window: float, settle: float, repeats: int, start_tim
             m1 = psutil.Process(manager.pid).cpu_times()
             # bars decided per second by the whole fleet (5m bars: 300 s of bar time each), against
             # the `workers` bars per second the pace asks for
-            bars = sum((b1[w] - b0[w]) / 300 for w in b1 if w in b0)
+            bars = sum((b1[w] - b0[w]) / 300 for w in b1 if w in b0)  # none with --heartbeats-only
             result["bars_per_s"] = round(bars / (w1 - w0), 1)
             result["idle_cpu_pct_of_one_core"] = round(100 * (c1 - c0) / (w1 - w0), 1)
             result["manager_cpu_pct_of_one_core"] = round(
@@ -244,13 +282,14 @@ def markdown(results: list[dict], command: str) -> str:
         if r.get("all_running_s") is None:
             lines.append(f"| {r['workers']} | not within the timeout: {r.get('running_at_timeout')} RUNNING | | | | | | | |")
             continue
+        rate = "heartbeats only" if r.get("heartbeats_only") else f"{r['bars_per_s']:.0f} ({r['workers']})"
         k = r["kill9_to_running_s"]
         e = [x for x in r["command_to_effect_s"] if x is not None]
         d = [x for x in r["command_to_result_s"] if x is not None]
         lines.append(
             f"| {r['workers']} | {r['all_running_s']:.1f} s | {r['uss_mb']['median']:.1f} MB "
             f"({r['uss_mb']['p90']:.1f}) | {r['manager_uss_mb']:.0f} MB | {r['idle_cpu_pct_of_one_core']:.0f}% "
-            f"({r['manager_cpu_pct_of_one_core']:.0f}%) | {r.get('bars_per_s', float('nan')):.0f} ({r['workers']}) | "
+            f"({r['manager_cpu_pct_of_one_core']:.0f}%) | {rate} | "
             f"{min(k):.1f}-{max(k):.1f} s | {min(e):.2f}-{max(e):.2f} s ({min(d):.2f}-{max(d):.2f} s) | "
             f"{r['sigterm_to_exit_s']:.0f} s |")
     lines += ["", MARK_END]
@@ -274,11 +313,14 @@ def main() -> None:
     parser.add_argument("--settle", type=float, default=10.0, help="seconds after all RUNNING before measuring")
     parser.add_argument("--repeats", type=int, default=5, help="kill -9 and command samples")
     parser.add_argument("--start-timeout", type=float, default=300.0)
+    parser.add_argument("--heartbeats-only", action="store_true",
+                        help="workers only write heartbeats: the supervision's own cost, without the pipeline")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     results = []
     for n in args.workers:
-        r = bench(n, window=args.window, settle=args.settle, repeats=args.repeats, start_timeout=args.start_timeout)
+        r = bench(n, window=args.window, settle=args.settle, repeats=args.repeats, start_timeout=args.start_timeout,
+                  heartbeats_only=args.heartbeats_only)
         print(json.dumps(r), flush=True)
         results.append(r)
     if not args.no_write:

@@ -10,8 +10,9 @@ Supervision is one loop (`run`), ticking at most every `TICK_S`: it wakes early 
 exits (process sentinels), reaps exits, promotes STARTING workers whose heartbeat says ready,
 kills workers whose heartbeat is stale or whose memory is over the limit, restarts failed workers
 after their backoff, samples resources and executes the commands found in the control store.
-Every state change goes through `states.WorkerProcess.change` and is written to the control store
-(`strategy_instances`, `events`), which is all `status` and `monitor` read.
+Every state change goes through `states.WorkerProcess.change` and is written to the control store's
+`strategy_instances` (failures, kills, commands and health changes also to `events`), which is all
+`status` and `monitor` read. Pause is SIGSTOP (the process stays, frozen), resume SIGCONT.
 
 Signal handlers only set a flag (`modes.stop_on_signals`); the loop stops the workers gracefully
 (SIGTERM, SIGKILL after `stop_timeout_s`) and `run` returns 0.
@@ -51,7 +52,6 @@ START_SLICE_S = 0.5  # at start-up, workers are started for this long per tick, 
 PRELOAD = "signalgen.process.preload"
 ERROR_WINDOW_S = 60.0
 COMMANDS = ("start", "stop-strategy", "pause", "resume", "restart", "stop", "reload", "add-strategy")
-TARGETED = frozenset({"start", "stop-strategy", "pause", "resume", "restart"})  # need a strategy id/glob
 
 SpecLoader = Callable[[], tuple[RunConfig, list[WorkerSpec]]]
 
