@@ -58,7 +58,8 @@ def run_refusals(cfg: RunConfig) -> list[str]:
                 if c.routing_for(s) in (Routing.INTERNAL, Routing.BOTH)]
     if env.messaging.type not in OUTPUTS and internal:
         out.append(_where(cfg, "environment", "messaging.type", f"messaging type {env.messaging.type!r} is not "
-                          f"available in this release; use local (routed to the internal stream: "
+                          f"available in this release; use {' or '.join(sorted(set(OUTPUTS) - {'quantconnect', 'memory'}))} "
+                          f"(routed to the internal stream: "
                           f"{', '.join(internal[:3])}{' ...' if len(internal) > 3 else ''})"))
     return out
 

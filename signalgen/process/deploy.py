@@ -4,7 +4,8 @@ prefer supervisord to `start` (the StrategyProcessManager).
 supervisord then does what the manager does for its own workers: one process per worker
 (`strategy_runner.py worker --id <id>`), restarted when it dies unexpectedly (it resumes after its
 checkpoint), SIGTERM then SIGKILL after the stop timeout. The signal store's one writer runs as its
-own program (`strategy_runner.py writer`), started first; workers wait for its socket.
+own program, started first: `strategy_runner.py writer` (workers wait for its socket), or with Redis
+messaging `strategy_runner.py recorder` (workers write to the streams; it stores what they carry).
 """
 
 from __future__ import annotations
@@ -66,12 +67,15 @@ def supervisor_config(cfg: RunConfig, specs: list[WorkerSpec], conf_dir: Path, *
                 f"stdout_logfile={logs / (name + '.log')}", "stdout_logfile_maxbytes=10MB",
                 "stdout_logfile_backups=3", ""]
 
-    lines += program("writer", command("writer"), 10)
+    # the one writer of the store: the writer server (workers hand it their decisions over local IPC),
+    # or with Redis messaging the recorder (workers write to the streams, it stores what they carry)
+    host = "recorder" if cfg.environment.messaging.type == "redis" else "writer"
+    lines += program(host, command(host), 10)
     names = []
     for spec in specs:
         names.append(program_name(spec.id))
         lines += program(names[-1], command("worker", "--id", spec.id), 20)
-    lines += ["[group:signalgen]", f"programs=writer,{','.join(names)}", ""]
+    lines += ["[group:signalgen]", f"programs={host},{','.join(names)}", ""]
     return "\n".join(lines)
 
 
@@ -80,7 +84,7 @@ def deploy_supervisor(env: EnvOpt = Environment.LOCAL_DEV, mode: ModeOpt = Mode.
                       out: Annotated[Optional[Path], typer.Option(
                           help="Folder for supervisord.conf, its socket, pid and logs "
                                "(default: <root>/var/<env>/supervisor).")] = None) -> None:
-    """Write supervisord.conf: one program per worker plus the store's writer.
+    """Write supervisord.conf: one program per worker plus the store's writer (or recorder, with Redis).
 
     Then: `supervisord -c <out>/supervisord.conf` and `supervisorctl -c <out>/supervisord.conf status`.
     """
@@ -95,5 +99,6 @@ def deploy_supervisor(env: EnvOpt = Environment.LOCAL_DEV, mode: ModeOpt = Mode.
     path = conf_dir / "supervisord.conf"
     specs = worker_specs(cfg)
     path.write_text(supervisor_config(cfg, specs, conf_dir))
-    console.print(f"wrote {path}: writer + {len(specs)} worker programs\n"
+    host = "recorder" if cfg.environment.messaging.type == "redis" else "writer"
+    console.print(f"wrote {path}: {host} + {len(specs)} worker programs\n"
                   f"start: supervisord -c {path}\nstatus: supervisorctl -c {path} status", highlight=False)

@@ -105,3 +105,14 @@ def test_supervisord_restarts_a_killed_worker_which_resumes_from_its_checkpoint(
     expected = decisions(batch_root / "var/local-dev/signalgen.duckdb", "mock")
     assert len(expected) == BARS * len(WORKERS)
     assert streamed == expected  # none lost, none duplicated, bit-identical confidences and weights
+
+
+def test_with_redis_messaging_the_store_is_written_by_the_recorder_program(tmp_path):
+    root = make_root(tmp_path / "redis")
+    conf_dir = tmp_path / "redis/var/supervisor"
+    cli("deploy", "supervisor", "--root", str(root), "--env", "local-integration", "--mode", "live",
+        "--out", str(conf_dir))
+    text = (conf_dir / "supervisord.conf").read_text()
+    assert "[program:recorder]" in text and "[program:writer]" not in text
+    assert " recorder --env local-integration --mode live" in text
+    assert f"programs=recorder,{program_name(WORKERS[0])},{program_name(WORKERS[1])}" in text
