@@ -134,6 +134,21 @@ class Command:
     result: dict | None
 
 
+def _switch_to_wal(con: sqlite3.Connection) -> None:
+    """WAL mode (persistent: once per file). Switching needs the file to itself and SQLite does not
+    call the busy handler for it, so processes opening a new store at once retry here instead."""
+    deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            if con.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                con.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+
+
 class ControlStore:
     """The control store at `path` (created with its folder on first use). See the module docstring.
 
@@ -191,8 +206,7 @@ class ControlStore:
             con = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
                                   check_same_thread=False)
             con.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-            if con.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
-                con.execute("PRAGMA journal_mode = WAL")  # persistent: once per file
+            _switch_to_wal(con)
             con.execute("PRAGMA synchronous = NORMAL")
             con.row_factory = sqlite3.Row
             with self._lock:
