@@ -9,7 +9,7 @@ Protocol (pickled tuples, one connection per worker; see docs/writer.md):
 
     worker -> writer   ("hello", {"worker_id", "pid", "spec"})
     writer -> worker   ("welcome", {"run_id", "checkpoint"})  |  ("refused", reason)
-    worker -> writer   ("batch", seq, Frames, bar_rejections | None)      (seq = 1, 2, ...)
+    worker -> writer   ("batch", seq, Records | Frames, bar_rejections | None)      (seq = 1, 2, ...)
     writer -> worker   ("ack", seq, checkpoint)  |  ("failed", seq, reason)
     worker -> writer   ("bye",)
 
@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from multiprocessing.connection import Client, Connection, answer_challenge, deliver_challenge
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import polars as pl
 
@@ -43,6 +44,9 @@ from signalgen.config.workers import WorkerSpec
 from signalgen.errors import ConfigError, SignalgenError, TransientError
 from signalgen.storage.base import SignalStore
 from signalgen.storage.writer import SignalWriter
+
+if TYPE_CHECKING:
+    from signalgen.modes.engine import Records
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +106,7 @@ class _Worker:
 class _Batch:
     worker: _Worker
     seq: int
-    frames: Frames
+    frames: Frames | Records  # rows for a small batch (up to SMALL_BATCH bars), frames for a bigger one
     bar_rejections: pl.DataFrame | None
 
     @property
@@ -357,12 +361,10 @@ class WriterServer:
             writer = self._writer_or_rebuild()
             items = []
             for wid, batches in by_worker.items():
-                frames = [b.frames for b in batches if b.frames.bars]
-                if frames:
-                    items.append((batches[-1].worker.spec,
-                                  Frames(pl.concat([f.signals for f in frames]),
-                                         pl.concat([f.rejections for f in frames]))))
-                    last = max(f.last_bar_time for f in frames)
+                parts = [b.frames for b in batches if b.frames.bars]
+                if parts:
+                    items.append((batches[-1].worker.spec, _joined(parts)))
+                    last = max(p.last_bar_time for p in parts)
                     old = self._checkpoints.get(wid)
                     if old is None or last > old:
                         moved[wid] = last
@@ -415,6 +417,17 @@ class WriterServer:
                 writer.close()
             except Exception as exc:  # noqa: BLE001 - it already failed; its error was reported
                 log.debug("closing the failed signal writer: %r", exc)
+
+
+def _joined(parts: list) -> Frames | Records:
+    """One worker's batches of a group as one item: rows stay rows (the writer builds one frame for
+    the group's rows), anything else becomes one Frames."""
+    from signalgen.modes.engine import Records  # imported on first use: keeps the manager's start light
+
+    if all(isinstance(p, Records) for p in parts):
+        return Records.join(parts)
+    frames = [p.frames() for p in parts]
+    return Frames(pl.concat([f[0] for f in frames]), pl.concat([f[1] for f in frames]))
 
 
 def _close_conn(worker: _Worker) -> None:
@@ -573,18 +586,16 @@ class RemoteSink:
             return
         if not self._pending and not (final and self._bar_rejections):
             return
-        from signalgen.modes.engine import Decisions  # the worker has it loaded; keeps this module light
+        from signalgen.modes.engine import SMALL_BATCH, Decisions, Records  # the worker has it loaded
 
-        if self._pending:
-            signals, rejections = Decisions.concat(self._pending).frames()
-        else:
-            from signalgen.signals.types import REJECTION_SCHEMA, SIGNAL_SCHEMA
-
-            signals, rejections = SIGNAL_SCHEMA.to_frame(), REJECTION_SCHEMA.to_frame()
+        if self._pending_bars > SMALL_BATCH:
+            records: Frames | Records = Frames(*Decisions.concat(self._pending).frames())
+        else:  # a bar or a few (a paced worker): plain rows, ~30 us instead of ~1.3 ms of polars
+            records = Records.join([d.records() for d in self._pending]) if self._pending else Records([], [])
         bar_rejections = pl.concat(self._bar_rejections) if self._bar_rejections else None
         self._seq += 1
         try:
-            self._conn.send(("batch", self._seq, Frames(signals, rejections), bar_rejections))
+            self._conn.send(("batch", self._seq, records, bar_rejections))
         except (OSError, ValueError) as exc:
             self._error = TransientError(f"lost the writer at {self.address}: {exc!r}")
             raise self._error from exc

@@ -6,10 +6,13 @@ from __future__ import annotations
 import pickle
 
 import numpy as np
+import pytest
 import polars as pl
 from polars.testing import assert_frame_equal
 
 from signalgen.config.workers import worker_specs
+from signalgen.errors import SignalgenError
+from signalgen.outputs import DESTINATIONS
 from signalgen.modes.engine import Decisions, Records
 from signalgen.modes.worker import MemorySink, ReplayClock, bar_feed, run_worker
 from signalgen.signals.types import REJECTION_SCHEMA, SIGNAL_SCHEMA
@@ -62,3 +65,25 @@ def test_empty_records():
     for got, schema in zip(empty.frames(), (SIGNAL_SCHEMA, REJECTION_SCHEMA)):
         assert_frame_equal(got, pl.DataFrame(schema=schema))
     assert empty.bars == 0 and empty.last_bar_time is None
+
+
+def test_the_writer_refuses_rows_of_another_tenant(root, tmp_path):
+    """Row batches are routed by their client column: a worker's rows naming another client are
+    refused before the store, and nothing reaches any output."""
+    from signalgen.outputs.memory import ListOutput
+    from signalgen.storage.writer import SignalWriter
+    from tests.unit.modes.test_recorder import SlowOrFailingStore
+
+    cfg = config(root, "synthetic")
+    specs = worker_specs(cfg)
+    d = next(x for x in per_bar_decisions(root, 1) if x.signals)
+    rec = d.records()
+    other = next(s for s in specs if s.client.id != specs[0].client.id)
+    forged = Records([(r[0], other.client.id, *r[2:]) for r in rec.signals], [])
+    store = SlowOrFailingStore()
+    outputs = {(s.client.id, dest): ListOutput(s.client.id) for s in specs for dest in DESTINATIONS[s.routing]}
+    writer = SignalWriter(store, outputs, mode=d.mode)
+    writer.record_group([(specs[0], forged)])
+    with pytest.raises(SignalgenError, match="another client"):
+        writer.flush()
+    assert store.calls == 0 and all(not o.batches and not o._pending for o in outputs.values())
