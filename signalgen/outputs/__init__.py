@@ -23,6 +23,7 @@ OUTPUTS: dict[str, str] = {
     "quantconnect": "signalgen.outputs.quantconnect:QuantConnectCsvOutput",
     "local": "signalgen.outputs.local:LocalStreamOutput",
     "memory": "signalgen.outputs.memory:ListOutput",
+    "redis": "signalgen.outputs.redis:RedisOutput",
 }
 
 

@@ -27,7 +27,7 @@ from signalgen.cli import (EnvOpt, InferenceOpt, ModeOpt, RootOpt, SeedOpt, _env
 from signalgen.config.models import Environment, Mode
 from signalgen.errors import ConfigError, SignalgenError
 
-STREAMING_MODES = (Mode.MOCK, Mode.SIMULATION)
+STREAMING_MODES = (Mode.MOCK, Mode.SIMULATION, Mode.LIVE)
 
 
 class StatusOutput(StrEnum):
@@ -135,8 +135,8 @@ def start(names: Annotated[Optional[list[str]], typer.Argument(
     from signalgen.storage.control import ControlStore
 
     if mode not in STREAMING_MODES:
-        raise ConfigError(f"start runs streaming workers: --mode mock or simulation, not {mode.value} "
-                          "(use `run` for historical)", field="--mode")
+        raise ConfigError(f"start runs streaming workers: --mode mock or simulation (or live, with Redis), "
+                          f"not {mode.value} (use `run` for historical)", field="--mode")
     shards = parse_shard(shard) if shard else None
     control = control_path(env, root)
     if daemon:

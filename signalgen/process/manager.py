@@ -3,7 +3,8 @@
 The manager forks every worker from a forkserver that has already imported the heavy modules
 (`signalgen.process.preload`), so a worker costs little private memory and starts fast; nothing
 live crosses the fork (a worker gets picklable `WorkerArgs` and opens its own connections). It
-hosts the one writer of the signal store (`WriterServer`), which workers reach over a local socket.
+hosts the one writer of the signal store (`WriterServer`), which workers reach over a local socket;
+with Redis messaging (local-integration) it hosts the recorder instead (`decision_host`).
 
 Supervision is one loop (`run`), ticking at most every `TICK_S`: it wakes early when a worker
 exits (process sentinels), reaps exits, promotes STARTING workers whose heartbeat says ready,
@@ -116,6 +117,21 @@ def select_specs(specs: list[WorkerSpec], names: list[str] | None) -> list[Worke
     return [s for s in specs if any(matches(s.id, n) for n in names)]
 
 
+def decision_host(cfg: RunConfig, store, *, run_id: str, address: str, authkey: bytes):
+    """What takes the workers' decisions to the store, by the environment's messaging: with Redis the
+    workers write the clients' streams and the manager hosts the recorder (the store's one writer, a
+    consumer group over those streams: `process.recorder_host`); otherwise the `WriterServer` that
+    workers reach at `address`. Both: `start()`, `close()` (after the workers stopped), `address`,
+    `stats["bars"]`."""
+    if cfg.environment.messaging.type == "redis":
+        from signalgen.process.recorder_host import RecorderHost
+
+        return RecorderHost(cfg, store, run_id=run_id)
+    from signalgen.process.writer_server import WriterServer
+
+    return WriterServer(cfg, store, run_id=run_id, address=address, authkey=authkey)
+
+
 def default_loader(cfg: RunConfig) -> SpecLoader:
     """Reload every client of `cfg`'s root with the same environment, mode and run settings."""
     from signalgen.config.loader import Overrides, load_config
@@ -221,7 +237,6 @@ class StrategyProcessManager:
         """Run until `stop` is set, SIGINT/SIGTERM arrives or a `stop` command; then stop every
         worker gracefully. Returns 0."""
         from signalgen.modes import stop_on_signals
-        from signalgen.process.writer_server import WriterServer
         from signalgen.storage import open_store
 
         stop = stop or threading.Event()
@@ -239,8 +254,8 @@ class StrategyProcessManager:
             held.enter_context(store.serve_reads())  # `signals` / `runs` read through the manager meanwhile
             self._record_run(store, held)
             self._authkey = os.urandom(32)
-            server = WriterServer(self.cfg, store, run_id=self.run_id, address=os.path.join(sock_dir, "writer.sock"),
-                                  authkey=self._authkey)
+            server = decision_host(self.cfg, store, run_id=self.run_id,
+                                   address=os.path.join(sock_dir, "writer.sock"), authkey=self._authkey)
             server.start()
             self._server = server
             held.callback(server.close)  # after the workers stopped (they wait for their last acks)
@@ -332,7 +347,7 @@ class StrategyProcessManager:
         proc, spec = self.procs[wid], self.specs[wid]
         args = WorkerArgs(spec=spec, cfg=self.cfg, writer_address=self._address, authkey=self._authkey,
                           control_path=self._control_path, log_path=str(self.log_dir / f"{wid}.log"),
-                          heartbeat_interval_s=self.limits.heartbeat_interval_s)
+                          heartbeat_interval_s=self.limits.heartbeat_interval_s, run_id=self.run_id)
         self._change(wid, State.STARTING, now, reason)
         handle = self._ctx.Process(target=worker_entry, args=(target, args), name=wid)
         try:

@@ -1,4 +1,4 @@
-"""The worker process: one client x strategy x symbol x timeframe, streaming in mock or simulation mode.
+"""The worker process: one client x strategy x symbol x timeframe, streaming in mock, simulation or live mode.
 
 `worker_process(args)` is the multiprocessing target the manager starts (in a forkserver child
 that already imported `signalgen.process.preload`); `signalgen.process.worker_cli` runs the same
@@ -6,10 +6,14 @@ that already imported `signalgen.process.preload`); `signalgen.process.worker_cl
 
 1. dies with its parent: PR_SET_PDEATHSIG(SIGKILL), and a thread that watches the parent's pid;
 2. logs to its own rotated file (`args.log_path`);
-3. says hello to the writer (`RemoteSink`), which returns the run id and its checkpoint;
-4. feeds its bars after the checkpoint, with the history bars before it for warm-up
-   (`resume_feed`): mock paced at one bar per `mock_bar_interval_s` wall seconds, simulation
-   at the preset's `replay_speed` (0: as fast as possible);
+3. opens its sink, chosen by the environment's messaging (`open_sink`): with `messaging.type: redis`
+   the client's Redis streams (`RedisSink`: checkpoint in Redis, advanced on EXEC; the manager hosts
+   the recorder), otherwise the manager's writer (`RemoteSink`: hello returns run id and checkpoint);
+4. feeds its bars after the checkpoint, with the history bars before it for warm-up: mock paced at
+   one bar per `mock_bar_interval_s` wall seconds, simulation at the preset's `replay_speed` (0: as
+   fast as possible), both from `resume_feed`; live from the market-data stream (`live_feed`,
+   XREAD BLOCK) on the wall clock (`WallClock`: late bars are `stale_data`). The mode changes
+   only feed, clock and sink: the loop is the same;
 5. runs the one worker loop (`modes.worker.run_worker`) into the sink, writing heartbeats to the
    control store every `heartbeat_interval_s` (ready=1 once its models and first bar are loaded);
 6. on SIGTERM / SIGINT stops taking bars, waits until the writer acked everything, exits 0.
@@ -22,6 +26,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import logging.handlers
+import math
 import os
 import signal
 import sys
@@ -40,12 +45,12 @@ from signalgen.data.validation import validate_bars
 from signalgen.errors import ConfigError
 from signalgen.modes.engine import epoch_us, history_bars
 from signalgen.modes.sources import bar_chunks, per_bar_feed
-from signalgen.modes.worker import ReplayClock, WorkerContext, bar_feed, run_worker
+from signalgen.modes.worker import ReplayClock, WallClock, WorkerContext, bar_feed, run_worker
 
 log = logging.getLogger(__name__)
 
 PR_SET_PDEATHSIG = 1
-STREAMING_MODES = (Mode.MOCK, Mode.SIMULATION)
+STREAMING_MODES = (Mode.MOCK, Mode.SIMULATION, Mode.LIVE)
 LOG_MAX_BYTES = 10 * 1024 * 1024
 LOG_BACKUPS = 3
 PARENT_CHECK_S = 0.5
@@ -63,6 +68,7 @@ class WorkerArgs:
     control_path: str
     log_path: str
     heartbeat_interval_s: float
+    run_id: str = ""  # the manager's run: the id a Redis-backed worker's records carry (a writer's hello gives it otherwise)
 
 
 # --------------------------------------------------------------------------------------------- feeds
@@ -335,6 +341,41 @@ def configure_worker_logging(log_path: str, level: str) -> None:
     logger.propagate = False
 
 
+def open_sink(args: WorkerArgs):
+    """(sink, run id, checkpoint) of this worker. The environment's messaging picks the sink, for
+    every mode: `redis` -> the client's streams (`RedisSink`; checkpoint from the Redis hash, where
+    it advances only when EXEC applied the batch) and the manager runs the recorder; otherwise the
+    manager's writer server (`RemoteSink`; its hello gives run id and checkpoint). Live mode needs
+    Redis: its bars come from the market-data streams. An unusable Redis (URL, password, server) is
+    a ConfigError naming the field: exit 2, never a retry loop."""
+    cfg, spec = args.cfg, args.spec
+    if cfg.environment.messaging.type == "redis":
+        from signalgen.outputs.redis import RedisSink
+
+        from signalgen.modes import new_run_id
+
+        sink = RedisSink.from_config(cfg)
+        return sink, args.run_id or new_run_id(datetime.now(timezone.utc)), sink.resume_point(spec.id)
+    if cfg.mode.name is Mode.LIVE:
+        raise ConfigError(f"live mode reads bars from Redis streams: messaging.type must be redis, not "
+                          f"{cfg.environment.messaging.type}", file=cfg.files.get("environment"),
+                          field="messaging.type")
+    from signalgen.process.writer_server import RemoteSink
+
+    sink = RemoteSink(args.writer_address, args.authkey, spec)
+    return sink, sink.run_id, sink.resume_point
+
+
+def close_sink(sink, timeout: float | None) -> None:
+    """Wait until the sink holds everything (`timeout` None: as long as it takes), then close it."""
+    from signalgen.outputs.redis import RedisSink
+
+    if isinstance(sink, RedisSink):
+        sink.close(timeout=math.inf if timeout is None else timeout)
+    else:
+        sink.close(timeout=timeout)
+
+
 def worker_main(args: WorkerArgs) -> int:
     """Run one worker until its range ends or SIGTERM / SIGINT; the exit code (0, 1 or 2)."""
     ppid = os.getppid()
@@ -357,28 +398,40 @@ def worker_main(args: WorkerArgs) -> int:
     code = 1
     try:
         if cfg.mode.name not in STREAMING_MODES:
-            raise ConfigError(f"a worker process streams mock or simulation, not {cfg.mode.name.value}",
+            raise ConfigError(f"a worker process streams mock, simulation or live, not {cfg.mode.name.value}",
                               file=cfg.files.get("mode"), field="name")
-        from signalgen.process.writer_server import RemoteSink
-
-        sink = RemoteSink(args.writer_address, args.authkey, spec)
+        sink, run_id, checkpoint = open_sink(args)
         sink_ref.append(sink)
-        emit_from = resume_from(cfg, sink.resume_point)
+        emit_from = resume_from(cfg, checkpoint)
         log.info("worker started (pid %d), resuming after %s", os.getpid(), emit_from,
-                 extra={**fields, "run_id": sink.run_id})
+                 extra={**fields, "run_id": run_id})
         ctx = WorkerContext(registry_dir=str(Path(cfg.root) / cfg.environment.paths.registry_dir),
                             backend="mock" if cfg.inference == "mock" else cfg.backend,
                             started_at=datetime.now(timezone.utc), mode=cfg.mode.name.value,
-                            run_id=sink.run_id, emit_from=emit_from, seed=cfg.seed)
-        clock = PacedClock(replay_speed(cfg, spec), epoch_us(emit_from), sleep=stop.wait)
+                            run_id=run_id, emit_from=emit_from, seed=cfg.seed)
+        live = cfg.mode.name is Mode.LIVE
+        if live:
+            from signalgen.data.redis_bars import live_feed
+
+            bars, clock = live_feed(cfg, spec, after=checkpoint, stop=stop), WallClock()
+        else:
+            bars = resume_feed(cfg, spec, emit_from)
+            clock = PacedClock(replay_speed(cfg, spec), epoch_us(emit_from), sleep=stop.wait)
+
+        def ready() -> None:
+            with counts.lock:
+                counts.ready, counts.state = True, "RUNNING"
+            log.info("worker ready", extra=fields)
 
         def ready_feed() -> Iterator[dict]:
-            # run_worker loads the models before it asks for the first bar: ready once that bar exists
-            for i, bar in enumerate(resume_feed(cfg, spec, emit_from)):
-                if i == 0:
-                    with counts.lock:
-                        counts.ready, counts.state = True, "RUNNING"
-                    log.info("worker ready", extra=fields)
+            # run_worker loads the models before it asks for the first bar. Replay: ready once that
+            # bar exists. Live: ready now — the stream may stay quiet for a long time, and the sink
+            # already reached Redis
+            if live:
+                ready()
+            for i, bar in enumerate(bars):
+                if i == 0 and not live:
+                    ready()
                 yield bar
 
         outcome = run_worker(spec, ready_feed(), _CountingSink(sink, counts), clock, ctx, stop)
@@ -386,11 +439,12 @@ def worker_main(args: WorkerArgs) -> int:
             log.warning("%s", problem, extra=fields)
         with counts.lock:
             counts.state = "STOPPING"
-        sink.close(timeout=cfg.environment.process.stop_timeout_s if stop.is_set() else None)
+        close_sink(sink, cfg.environment.process.stop_timeout_s if stop.is_set() else None)
         with counts.lock:
             counts.checkpoint = sink.checkpoints.get(spec.id, counts.checkpoint)
-            counts.state = "STOPPED" if outcome.stopped else "EXITED"
-        log.info("worker %s: %d bars, %d signals, checkpoint %s", "stopped" if outcome.stopped else "finished",
+            counts.state = "STOPPED" if outcome.stopped or stop.is_set() else "EXITED"
+        log.info("worker %s: %d bars, %d signals, checkpoint %s",
+                 "stopped" if outcome.stopped or stop.is_set() else "finished",
                  outcome.bars, outcome.signals, counts.checkpoint, extra=fields)
         code = 0
     except ConfigError as exc:
@@ -400,8 +454,8 @@ def worker_main(args: WorkerArgs) -> int:
         log.exception("worker failed: %s", exc, extra=fields)
         code = 1
     finally:
-        if sink is not None:
-            sink.abort()
+        if sink is not None and hasattr(sink, "abort"):
+            sink.abort()  # the writer's connection; a RedisSink's unsent batches are the next start's
         if code != 0:
             with counts.lock:
                 counts.state = "FAILED" if code == 1 else "FATAL"

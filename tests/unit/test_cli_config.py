@@ -51,7 +51,7 @@ def test_validate_json(root: Path) -> None:
 
 @pytest.mark.parametrize(("args", "words"), [
     # approved before (exit 0), then `run` refused them: exit 2 (environment) or 1 (mode)
-    (("--env", "local-integration"), "messaging type 'redis' is not available in this release"),
+    (("--env", "cloud-dev"), "messaging type 'pubsub' is not available in this release"),
     (("--mode", "live"), "mode 'live' is not available in this release"),
     (("--env", "cloud-dev"), "storage type 'bigquery' is not available in this release"),
 ])
@@ -61,6 +61,12 @@ def test_validate_finds_what_run_refuses(root: Path, args: tuple[str, ...], word
     assert "Traceback" not in proc.stderr and "workers" in proc.stdout  # the table, then the problems
     assert words in " ".join(proc.stdout.split())
     assert "problem(s)" in proc.stderr
+
+
+def test_validate_accepts_redis_messaging_in_local_integration(root: Path) -> None:
+    proc = run_cli("config", "validate", "--root", str(root), "--env", "local-integration")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "ok: 4 clients, 12 workers" in proc.stdout and "problem" not in proc.stdout
 
 
 def test_validate_json_on_a_load_error(root: Path) -> None:

@@ -16,13 +16,20 @@ def test_the_demo_config_has_no_refusals(demo_root: Path) -> None:
     assert option_problems(cfg) == []
 
 
-def test_redis_messaging_is_refused_only_when_a_strategy_routes_internal(demo_root: Path) -> None:
+def test_redis_messaging_is_accepted_in_local_integration(demo_root: Path) -> None:
     cfg = load_config("local-integration", "historical", root=demo_root)
-    [problem] = run_refusals(cfg)
-    assert problem.startswith(f"{demo_root.resolve()}/environments/local-integration.yaml: messaging.type:")
+    assert cfg.environment.messaging.type == "redis"
+    assert run_refusals(cfg) == []
+
+
+def test_messaging_without_a_backend_is_refused_only_when_a_strategy_routes_internal(demo_root: Path) -> None:
+    cfg = load_config("cloud-dev", "historical", root=demo_root)
+    [problem] = [p for p in run_refusals(cfg) if "messaging.type" in p]
+    assert problem.startswith(f"{demo_root.resolve()}/environments/cloud-dev.yaml: messaging.type:")
+    assert "messaging type 'pubsub' is not available in this release" in problem
     assert "christian.consensus_v1, christian.reversal_v1, odum.momentum_v1" in problem
-    only_qc = load_config("local-integration", "historical", root=demo_root, clients=["ikenna"])
-    assert run_refusals(only_qc) == []
+    only_qc = load_config("cloud-dev", "historical", root=demo_root, clients=["ikenna"])
+    assert [p for p in run_refusals(only_qc) if "messaging.type" in p] == []
 
 
 def test_files_source_names_every_worker_without_a_file(demo_root: Path) -> None:

@@ -177,21 +177,86 @@ def test_owning_a_range_reaches_only_the_outputs_the_strategy_routes_to(root):
         writer.close()
 
 
-def test_outputs_are_built_by_the_registry_for_the_run_mode_and_refused_when_unavailable(root):
+@pytest.fixture
+def private_redis(tmp_path):
+    """A redis-server of this test only (own port, stopped by PID), never the shared one."""
+    pytest.importorskip("redis", reason="the redis extra is not installed")
+    from tests.integration.redis.servers import REDIS_SERVER, RedisServer
+
+    if REDIS_SERVER is None:
+        pytest.skip("redis-server is not on PATH")
+    server = RedisServer(tmp_path / "redis").start()
+    yield server
+    server.stop()
+
+
+def _with_messaging(cfg, messaging):
+    return cfg.model_copy(update={"environment": cfg.environment.model_copy(update={"messaging": messaging})})
+
+
+def test_outputs_are_built_by_the_registry_for_the_run_mode_and_refused_when_unavailable(root, private_redis):
+    from signalgen.config.models import PubSubMessagingConfig, RedisMessagingConfig
     from signalgen.errors import ConfigError
-    from signalgen.config.models import RedisMessagingConfig
     from signalgen.outputs import build_output
     from signalgen.outputs.local import LocalStreamOutput
     from signalgen.outputs.quantconnect import QuantConnectCsvOutput
+    from signalgen.outputs.redis import RedisOutput, connect, decode_rows
+    from signalgen.signals.types import SIGNAL_SCHEMA
 
     cfg = load_config("local-dev", "mock", root=root, overrides=Overrides(start=START))
     qc, stream = build_output(cfg, "ikenna", "quantconnect"), build_output(cfg, "ikenna", "internal")
     assert isinstance(qc, QuantConnectCsvOutput) and qc.root == root / "var/local-dev/out/mock/quantconnect/ikenna"
     assert isinstance(stream, LocalStreamOutput) and stream.file == root / "var/local-dev/stream/mock/ikenna.jsonl"
-    redis = cfg.model_copy(update={"environment": cfg.environment.model_copy(
-        update={"messaging": RedisMessagingConfig(type="redis")})})
-    with pytest.raises(ConfigError, match="messaging type 'redis' is not available in this release"):
-        build_output(redis, "ikenna", "internal")
+    # redis (local-integration): the run mode's stream of the client, on a real server
+    redis_cfg = _with_messaging(cfg, RedisMessagingConfig(type="redis", url=private_redis.url))
+    out = build_output(redis_cfg, "ikenna", "internal")
+    assert isinstance(out, RedisOutput) and out.key == "signalgen:mock:signals:ikenna"
+    spec = next(s for s in worker_specs(cfg) if s.client.id == "ikenna")
+    signals, _ = decisions(spec, root / "registry").frames()
+    signals = signals.with_columns(pl.lit("mock").alias("mode"))
+    out.open()
+    out.write(signals)
+    out.close()
+    r = connect(redis_cfg)
+    assert r.keys("signalgen:*") == [b"signalgen:mock:signals:ikenna"]
+    got = decode_rows([f[b"data"] for _, f in r.xrange(out.key)], SIGNAL_SCHEMA)
+    assert got.equals(signals.select(SIGNAL_SCHEMA.names()))
+    # what this release has no backend for is still refused, naming the field
+    pubsub = _with_messaging(cfg, PubSubMessagingConfig(type="pubsub", project="p"))
+    with pytest.raises(ConfigError, match="messaging.type: messaging type 'pubsub' is not available in this release"):
+        build_output(pubsub, "ikenna", "internal")
+    unknown = _with_messaging(cfg, RedisMessagingConfig(type="redis")).environment.messaging.model_copy(
+        update={"type": "kafka"})
+    with pytest.raises(ConfigError, match="messaging type 'kafka' is not available"):
+        build_output(_with_messaging(cfg, unknown), "ikenna", "internal")
+
+
+def test_a_historical_run_in_local_integration_writes_only_its_own_mode_streams(root, private_redis):
+    """Batch modes route internal signals to Redis in local-integration: `<p>:historical:signals:<client>`
+    only (modes are namespaces), carrying exactly the signals the store holds for those clients."""
+    from signalgen.outputs.redis import connect, decode_rows
+    from signalgen.signals.types import SIGNAL_SCHEMA
+
+    env = root / "environments" / "local-integration.yaml"
+    env.write_text(env.read_text().replace("url: redis://127.0.0.1:6379/0", f"url: {private_redis.url}"))
+    cfg = load_config("local-integration", "historical", root=root,
+                      overrides=Overrides(start=START, end=START + timedelta(days=1)))
+    run_mode(cfg)
+    r = connect(cfg)
+    internal = sorted({c.id for c in cfg.clients for s in c.strategies
+                       if "internal" in DESTINATIONS[c.routing_for(s)]})
+    assert internal == ["christian", "odum"]
+    assert sorted(r.keys("signalgen:*")) == [f"signalgen:historical:signals:{c}".encode() for c in internal]
+    with duckdb.connect(str(root / "var/local-integration/signalgen.duckdb"), read_only=True) as con:
+        con.execute("SET TimeZone = 'UTC'")
+        for client in internal:
+            streamed = decode_rows([f[b"data"] for _, f in r.xrange(f"signalgen:historical:signals:{client}")],
+                                   SIGNAL_SCHEMA)
+            stored = con.sql(f"SELECT signal_id::VARCHAR AS signal_id, bar_time, mode FROM signals "
+                             f"WHERE client_id = '{client}' ORDER BY bar_time, signal_id").pl()
+            assert streamed.height == stored.height > 0
+            assert set(streamed["mode"]) == {"historical"}
+            assert sorted(streamed["signal_id"]) == sorted(stored["signal_id"])
 
 
 # ---------------------------------------------------------------- whole runs: modes apart, re-runs, faults

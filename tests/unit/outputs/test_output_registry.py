@@ -11,11 +11,20 @@ from signalgen.outputs.base import Output
 from tests.unit.outputs.factories import signal_frame
 
 
+def _redis_cfg():
+    from pathlib import Path
+
+    from signalgen.config.loader import load_config
+
+    return load_config("local-integration", "historical", root=Path(__file__).resolve().parents[3])
+
+
 def test_every_alias_names_an_output(tmp_path):
     made = {
         "quantconnect": output_class("quantconnect")(tmp_path, "ikenna", "historical"),
         "local": output_class("local")(tmp_path, "ikenna", "historical"),
         "memory": output_class("memory")("ikenna"),
+        "redis": output_class("redis").from_config(_redis_cfg(), "ikenna"),  # connects only on open()
     }
     assert set(made) == set(OUTPUTS)
     assert all(isinstance(o, Output) for o in made.values())

@@ -1,0 +1,85 @@
+"""The manager's decision host when workers write Redis streams (`messaging.type: redis`).
+
+Workers then send their decisions to the clients' streams (`outputs.redis.RedisSink`), and the
+store's one writer is the recorder (`storage.recorder.Recorder`: consumer group `recorder` over every
+configured client's signal and rejection streams of the run's mode, and its bar rejections). The
+manager runs it on a thread beside the store it already holds (and serves reads from), in place of
+the `WriterServer`, with the same small interface: `start()`, `close()`, `address`, `stats["bars"]`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from signalgen.config.models import RunConfig
+    from signalgen.storage.base import SignalStore
+
+log = logging.getLogger(__name__)
+
+RESTART_MAX_S = 30.0
+DRAIN_BLOCK_MS = 1  # at close: read what is left without waiting for more
+
+
+class RecorderHost:
+    """Runs the recorder of `cfg`'s mode on a thread until `close()`, restarting its loop (with
+    backoff) after an unexpected error, so one bad batch never stops recording for the run.
+
+    Built before the workers start and closed after they stopped: `close()` drains the streams
+    (everything the workers flushed before exiting is in the store when it returns). Connecting is
+    checked at construction: an unusable Redis is a ConfigError naming the field (exit 2).
+    """
+
+    address = ""  # workers reach Redis, not the manager
+
+    def __init__(self, cfg: RunConfig, store: SignalStore, *, run_id: str) -> None:
+        from signalgen.storage.recorder import Recorder
+
+        self.run_id = run_id
+        self.recorder = Recorder.from_config(cfg, store)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="recorder", daemon=True)
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """`bars`: decisions (signals + rejections) stored by this run's recorder, as the writer counts them."""
+        s = self.recorder.stats
+        return {"bars": s.signals + s.rejections, "entries": s.entries, "claimed": s.claimed, "bad": s.bad}
+
+    def start(self) -> RecorderHost:
+        self.recorder.ensure_groups()
+        self._thread.start()
+        log.info("recorder started on %d streams", len(self.recorder.streams), extra={"run_id": self.run_id})
+        return self
+
+    def _loop(self) -> None:
+        delay = 0.5
+        while not self._stop.is_set():
+            try:
+                self.recorder.run(self._stop)
+            except Exception as exc:  # noqa: BLE001 - keep recording; the entries stay pending until stored
+                log.exception("recorder failed: %s; restarting in %.1f s", exc, delay)
+                self._stop.wait(delay)
+                delay = min(delay * 2, RESTART_MAX_S)
+
+    def close(self) -> None:
+        """Stop the thread, then store whatever the streams still hold for this recorder."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        rec = self.recorder
+        rec.block_ms = DRAIN_BLOCK_MS
+        try:
+            rec.recover()
+            while rec.step():
+                pass
+        except Exception as exc:  # noqa: BLE001 - what is left stays pending: the next recorder stores it
+            log.error("recorder could not drain the streams at close: %s", exc)
+        finally:
+            rec.client.close()
+        s = rec.stats
+        log.info("recorder stopped: %d entries, %d signals, %d rejections, %d bar rejections", s.entries, s.signals,
+                 s.rejections, s.bar_rejections, extra={"run_id": self.run_id})
+
