@@ -14,7 +14,10 @@ Protocol (pickled tuples, one connection per worker; see docs/writer.md):
     worker -> writer   ("bye",)
 
 Group commit: the writer gathers the batches of every connected worker for `commit_interval_s`
-after the first arrives (or until `max_group_bars`), stores them in one transaction
+after the first arrives (or until `max_group_bars`) — longer when commits are slow: for
+COMMIT_WAIT_FACTOR times the last commit's duration, at most `max_commit_wait_s`, so the fixed cost
+of a group (a DuckDB transaction, the outputs' fsync, the checkpoint write: 10-30 ms) stays about a
+ninth of the writer's time however many small batches a fleet sends. It stores them in one transaction
 (`SignalWriter.record_group`), flushes the outputs (`SignalWriter.flush`), records the workers'
 checkpoints in the store (`SignalStore.write_checkpoints`), and only then acks each batch with its
 worker's checkpoint. A failed write acks nothing of the group: its workers get "failed", keep their
@@ -54,6 +57,7 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _US = timedelta(microseconds=1)
 MAX_SOCKET_PATH = 107  # sun_path holds 108 bytes with the terminating NUL
 HANDSHAKE_TIMEOUT_S = 10.0
+COMMIT_WAIT_FACTOR = 8  # gather batches for 8x the last commit's duration: commits ~1/9 of the time
 
 
 @dataclass(frozen=True)
@@ -128,7 +132,7 @@ class WriterServer:
     """
 
     def __init__(self, cfg: RunConfig, store: SignalStore, *, run_id: str, address: str, authkey: bytes,
-                 commit_interval_s: float = 0.05, max_group_bars: int = 100_000,
+                 commit_interval_s: float = 0.05, max_commit_wait_s: float = 0.25, max_group_bars: int = 100_000,
                  writer: SignalWriter | None = None) -> None:
         if len(os.fsencode(address)) > MAX_SOCKET_PATH:
             raise ConfigError(f"writer socket path is {len(os.fsencode(address))} bytes, over the "
@@ -136,6 +140,8 @@ class WriterServer:
         self.cfg, self.store, self.run_id = cfg, store, run_id
         self.address, self._authkey = address, authkey
         self.commit_interval_s, self.max_group_bars = commit_interval_s, max_group_bars
+        self.max_commit_wait_s = max(max_commit_wait_s, commit_interval_s)
+        self._last_commit_s = 0.0
         self.mode = cfg.mode.name.value
         # a run's own writer (`run --workers`: it owns the run's range at the end): flushed, not closed
         self._writer: SignalWriter | None = writer
@@ -323,7 +329,8 @@ class WriterServer:
             if first is None:
                 break
             group, bars = [first], first.bars
-            deadline = time.monotonic() + self.commit_interval_s
+            wait = min(self.max_commit_wait_s, max(self.commit_interval_s, COMMIT_WAIT_FACTOR * self._last_commit_s))
+            deadline = time.monotonic() + wait
             while bars < self.max_group_bars:
                 try:
                     item = self._inbox.get(timeout=max(0.0, deadline - time.monotonic()))
@@ -393,6 +400,7 @@ class WriterServer:
         for b in group:
             b.worker.send(("ack", b.seq, acked.get(b.worker.spec.id)))
         spent = time.perf_counter() - started
+        self._last_commit_s = spent
         bars = sum(b.bars for b in group)
         self.stats["groups"] += 1
         self.stats["batches"] += len(group)
