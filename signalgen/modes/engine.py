@@ -185,8 +185,8 @@ def _rows_frame(rows: list[tuple], schema: pl.Schema, row_types: dict) -> pl.Dat
     if not rows:
         return pl.DataFrame(schema=schema)
     columns = zip(*rows, strict=True)
-    frame = pl.DataFrame([pl.Series(name, col, dtype=t, strict=True) for (name, t), col in zip(row_types.items(),
-                                                                                                 columns)])
+    frame = pl.DataFrame([pl.Series(name, col, dtype=t, strict=True)
+                          for (name, t), col in zip(row_types.items(), columns, strict=True)])
     return frame.with_columns(pl.col(c).cast(_UTC_US) for c, t in schema.items() if t == _UTC_US)
 
 

@@ -18,9 +18,9 @@ after the first arrives (or until `max_group_bars`) — longer when commits are 
 COMMIT_WAIT_FACTOR times the last commit's duration, at most `max_commit_wait_s`, so the fixed cost
 of a group (a DuckDB transaction, the outputs' fsync, the checkpoint write: milliseconds to tens of
 milliseconds) takes at most about a ninth of the writer's time (up to the cap) however many small
-batches a fleet sends. It stores them in one transaction (`SignalWriter.record_group`), flushes the outputs (`SignalWriter.flush`), records the workers'
-checkpoints in the store (`SignalStore.write_checkpoints`), and only then acks each batch with its
-worker's checkpoint. A failed write acks nothing of the group: its workers get "failed", keep their
+batches a fleet sends. It stores them in one transaction (`SignalWriter.record_group`), flushes
+the outputs (`SignalWriter.flush`), records the workers' checkpoints in the store
+(`SignalStore.write_checkpoints`), and only then acks each batch with its worker's checkpoint. A failed write acks nothing of the group: its workers get "failed", keep their
 old checkpoint and restart from it (every write is an upsert, so the replay is harmless).
 """
 
