@@ -15,8 +15,9 @@ that already imported `signalgen.process.preload`); `signalgen.process.worker_cl
    XREAD BLOCK) on the wall clock (`WallClock`: late bars are `stale_data`). The mode changes
    only feed, clock and sink: the loop is the same;
 5. runs the one worker loop (`modes.worker.run_worker`) into the sink, writing heartbeats to the
-   control store every `heartbeat_interval_s` (ready=1 once its models and first bar are loaded);
-6. on SIGTERM / SIGINT stops taking bars, waits until the writer acked everything, exits 0.
+   control store every `heartbeat_interval_s` (ready=1 once its models and first bar are loaded;
+   live: once its models are loaded, since the stream may be quiet);
+6. on SIGTERM / SIGINT stops taking bars, waits until the sink holds everything, exits 0.
 
 Exit codes: 0 range done or stopped after flushing; 1 failure (restart it); 2 config error (never).
 """
@@ -68,7 +69,7 @@ class WorkerArgs:
     control_path: str
     log_path: str
     heartbeat_interval_s: float
-    run_id: str = ""  # the manager's run: the id a Redis-backed worker's records carry (a writer's hello gives it otherwise)
+    run_id: str = ""  # the manager's run, carried by a Redis-backed worker's records (else the writer's hello)
 
 
 # --------------------------------------------------------------------------------------------- feeds
@@ -350,9 +351,8 @@ def open_sink(args: WorkerArgs):
     a ConfigError naming the field: exit 2, never a retry loop."""
     cfg, spec = args.cfg, args.spec
     if cfg.environment.messaging.type == "redis":
-        from signalgen.outputs.redis import RedisSink
-
         from signalgen.modes import new_run_id
+        from signalgen.outputs.redis import RedisSink
 
         sink = RedisSink.from_config(cfg)
         return sink, args.run_id or new_run_id(datetime.now(timezone.utc)), sink.resume_point(spec.id)
