@@ -196,10 +196,18 @@ def bench(workers: int, *, window: float, settle: float, repeats: int, start_tim
         result: dict = {"workers": workers, "heartbeats_only": heartbeats_only, "process": process}
         try:
             progress: list[tuple[float, int]] = []
+            startup_cpu: dict[int, float] = {}  # pid -> CPU seconds when first seen RUNNING: its start-up
 
             def all_running() -> bool:
                 states = control.states()
                 n = sum(s == "RUNNING" for s, _ in states.values())
+                for s, pid in states.values():
+                    if s == "RUNNING" and pid and pid not in startup_cpu:
+                        try:
+                            t = psutil.Process(pid).cpu_times()
+                            startup_cpu[pid] = t.user + t.system
+                        except psutil.NoSuchProcess:
+                            pass
                 if not progress or progress[-1][1] != n:
                     progress.append((round(time.monotonic() - t0, 2), n))
                 return n == workers
@@ -207,6 +215,10 @@ def bench(workers: int, *, window: float, settle: float, repeats: int, start_tim
             took = wait_for(all_running, start_timeout, poll=0.2)
             result["all_running_s"] = None if took is None else round(time.monotonic() - t0, 1)
             result["running_progress"] = progress[:: max(1, len(progress) // 12)] + progress[-1:]
+            if startup_cpu:  # includes the few bars decided before the poll saw it RUNNING (0.2 s polls)
+                cpu = list(startup_cpu.values())
+                result["startup_cpu_ms"] = {"median": round(1000 * statistics.median(cpu)),
+                                            "p90": round(1000 * pct(cpu, 0.9))}
             if took is None:
                 result["running_at_timeout"] = progress[-1][1] if progress else 0
                 result["manager_tail"] = (root / "manager.out").read_text(errors="replace")[-2000:]
@@ -230,6 +242,10 @@ def bench(workers: int, *, window: float, settle: float, repeats: int, start_tim
             result["idle_cpu_pct_of_one_core"] = round(100 * (c1 - c0) / (w1 - w0), 1)
             result["manager_cpu_pct_of_one_core"] = round(
                 100 * ((m1.user + m1.system) - (m0.user + m0.system)) / (w1 - w0), 1)
+            # the workers' (and forkserver's) share, per worker per second: at one bar per second,
+            # the CPU of one bar plus a second of idle threads (heartbeat, parent watch, sink)
+            result["worker_cpu_ms_per_s"] = round(
+                (result["idle_cpu_pct_of_one_core"] - result["manager_cpu_pct_of_one_core"]) * 10 / workers, 2)
             # kill -9 -> RUNNING again
             recover = []
             for wid in ids[1:: max(1, workers // repeats)][:repeats]:
@@ -274,22 +290,26 @@ def markdown(results: list[dict], command: str) -> str:
              f"Command: `{command}` — run on {now:%Y-%m-%d}, {machine()}.", "",
              "Streaming mock workers (one bar per second each, mock inference), forked from a preloaded "
              "forkserver, one writer in the manager, heartbeats every 2 s into the SQLite control store.", "",
-             "| workers | all RUNNING after start | USS per worker, median (p90) | manager USS | fleet CPU at "
-             "1 bar/s/worker (% of one core; manager alone) | bars/s decided (asked) | kill -9 -> RUNNING | "
-             "command row -> effect (-> result) | SIGTERM -> exit |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| workers | all RUNNING after start | start-up CPU per worker, median (p90) | USS per worker, median "
+             "(p90) | manager USS | fleet CPU at 1 bar/s/worker (% of one core; manager alone) | CPU per worker "
+             "per second | bars/s decided (asked) | kill -9 -> RUNNING | command row -> effect (-> result) | "
+             "SIGTERM -> exit |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in results:
         if r.get("all_running_s") is None:
-            lines.append(f"| {r['workers']} | not within the timeout: {r.get('running_at_timeout')} RUNNING | | | | | | | |")
+            lines.append(f"| {r['workers']} | not within the timeout: {r.get('running_at_timeout')} RUNNING "
+                         "| | | | | | | | | |")
             continue
         rate = "heartbeats only" if r.get("heartbeats_only") else f"{r['bars_per_s']:.0f} ({r['workers']})"
         k = r["kill9_to_running_s"]
         e = [x for x in r["command_to_effect_s"] if x is not None]
         d = [x for x in r["command_to_result_s"] if x is not None]
+        su = r.get("startup_cpu_ms", {})
         lines.append(
-            f"| {r['workers']} | {r['all_running_s']:.1f} s | {r['uss_mb']['median']:.1f} MB "
+            f"| {r['workers']} | {r['all_running_s']:.1f} s | {su.get('median', '-')} ms ({su.get('p90', '-')}) | "
+            f"{r['uss_mb']['median']:.1f} MB "
             f"({r['uss_mb']['p90']:.1f}) | {r['manager_uss_mb']:.0f} MB | {r['idle_cpu_pct_of_one_core']:.0f}% "
-            f"({r['manager_cpu_pct_of_one_core']:.0f}%) | {rate} | "
+            f"({r['manager_cpu_pct_of_one_core']:.0f}%) | {r['worker_cpu_ms_per_s']:.2f} ms | {rate} | "
             f"{min(k):.1f}-{max(k):.1f} s | {min(e):.2f}-{max(e):.2f} s ({min(d):.2f}-{max(d):.2f} s) | "
             f"{r['sigterm_to_exit_s']:.0f} s |")
     lines += ["", MARK_END]

@@ -23,6 +23,7 @@ from __future__ import annotations
 import fcntl
 import fnmatch
 import logging
+import math
 import multiprocessing
 import os
 import shutil
@@ -523,30 +524,36 @@ class StrategyProcessManager:
     def _sampler(self, stop: threading.Event) -> None:
         """Thread: CPU% and memory of every worker into the control store every resource_sample_s.
 
-        Off the supervision loop, which would otherwise stall ~1 ms per worker per sample (psutil
-        reads /proc/<pid>/smaps_rollup). Workers above memory_mb go to `_over_memory` for the loop.
+        Off the supervision loop. USS needs /proc/<pid>/smaps_rollup (~1 ms per process: 500
+        workers every 5 s were a quarter of the manager's CPU), so each round reads only the cheap
+        counters (/proc/<pid>/stat and statm) and refreshes the USS of a few workers
+        (`_UssCache`); a worker whose RSS is over memory_mb has its USS read at once, so the
+        memory limit acts as before. Workers above memory_mb go to `_over_memory` for the loop.
         """
         import psutil
 
         limit = self.limits.memory_mb
         procs: dict[int, psutil.Process] = {}  # cpu_percent needs the same object between samples
+        uss_cache = _UssCache(self.limits.resource_sample_s)
         while not stop.wait(self.limits.resource_sample_s):
             rows = []
             live = {wid: h.pid for wid, h in list(self._handles.items()) if h.pid is not None}
+            refresh = uss_cache.due(list(live.values()))
             for wid, pid in live.items():
                 try:
                     ps = procs.get(pid)
                     if ps is None:
                         ps = procs[pid] = psutil.Process(pid)
-                    cpu, mem = ps.cpu_percent(None), ps.memory_full_info()
+                    cpu, rss = ps.cpu_percent(None), ps.memory_info().rss / 2**20
+                    uss = uss_cache.uss(ps, rss, force=pid in refresh or rss > limit)
                 except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess, ValueError):
                     continue
-                rss, uss = mem.rss / 2**20, getattr(mem, "uss", mem.rss) / 2**20
                 rows.append((wid, cpu, rss, uss))
                 if uss > limit:
                     self._over_memory.append((wid, pid, uss))
             for pid in set(procs) - set(live.values()):
                 del procs[pid]
+            uss_cache.forget(set(live.values()))
             if rows:
                 try:
                     self.control.record_resources(rows)
@@ -755,3 +762,38 @@ class StrategyProcessManager:
         except BaseException:
             path.write_text(old)
             raise
+
+
+class _UssCache:
+    """Each worker's last USS reading (psutil `memory_full_info`, which parses smaps_rollup).
+
+    A worker's USS is read when it is new, when its RSS moved by more than `RSS_SLACK_MB` since
+    the reading, when forced (RSS over the limit), and otherwise in turn: `due` names the workers
+    with the oldest readings, enough that each is read again about every `REFRESH_S`.
+    """
+
+    REFRESH_S = 60.0
+    RSS_SLACK_MB = 8.0
+
+    def __init__(self, period_s: float) -> None:
+        self.period_s = period_s
+        self._read: dict[int, tuple[float, float, float]] = {}  # pid -> (uss MB, rss MB then, monotonic)
+
+    def due(self, pids: list[int]) -> set[int]:
+        """The pids whose turn it is this round."""
+        per_round = max(1, math.ceil(len(pids) * self.period_s / self.REFRESH_S))
+        known = sorted((self._read[p][2], p) for p in pids if p in self._read)
+        return {p for _, p in known[:per_round]}
+
+    def uss(self, ps, rss_mb: float, force: bool = False) -> float:
+        last = self._read.get(ps.pid)
+        if force or last is None or abs(rss_mb - last[1]) > self.RSS_SLACK_MB:
+            mem = ps.memory_full_info()
+            uss = getattr(mem, "uss", mem.rss) / 2**20
+            self._read[ps.pid] = last = (uss, rss_mb, time.monotonic())
+        return last[0]
+
+    def forget(self, live: set[int]) -> None:
+        for pid in set(self._read) - live:
+            del self._read[pid]
+
