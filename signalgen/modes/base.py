@@ -48,6 +48,16 @@ class RunReport:
             self.stats[key] = StrategyStats(*key)
         return self.stats[key]
 
+    def add(self, spec: WorkerSpec, outcome) -> None:
+        """Count one worker's `modes.worker.WorkerOutcome` (problems once each)."""
+        stats = self.stat(spec)
+        self.problems += [p for p in outcome.problems if p not in self.problems]
+        stats.bars += outcome.bars
+        stats.signals += outcome.signals
+        stats.rejected += outcome.bars - outcome.signals
+        stats.rejections.update(outcome.reasons)
+        stats.bar_rejections.update(outcome.bar_rejections)
+
     def finished(self, specs: list[WorkerSpec]) -> list[tuple[str, str]]:
         """(client, strategy) pairs all of whose workers in `specs` finished their range."""
         pairs = {(s.client.id, s.strategy.id): True for s in specs}

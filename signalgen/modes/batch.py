@@ -146,12 +146,7 @@ class BatchRunner:
                 finally:
                     self.worker_done(spec)
                     stats.elapsed_s += time.perf_counter() - started
-                report.problems += [p for p in outcome.problems if p not in report.problems]
-                stats.bars += outcome.bars
-                stats.signals += outcome.signals
-                stats.rejected += outcome.bars - outcome.signals
-                stats.rejections.update(outcome.reasons)
-                stats.bar_rejections.update(outcome.bar_rejections)
+                report.add(spec, outcome)
                 if outcome.stopped:
                     report.status = "stopped"
                     break

@@ -143,13 +143,7 @@ class ParallelRunner:
             worker_failed(report, spec, value, fields)
             return
         outcome = value
-        stats = report.stat(spec)
-        report.problems += [p for p in outcome.problems if p not in report.problems]
-        stats.bars += outcome.bars
-        stats.signals += outcome.signals
-        stats.rejected += outcome.bars - outcome.signals
-        stats.rejections.update(outcome.reasons)
-        stats.bar_rejections.update(outcome.bar_rejections)
+        report.add(spec, outcome)
         if outcome.stopped:
             report.status = "stopped"
             return
