@@ -21,14 +21,13 @@ import statistics
 import sys
 import tempfile
 import time
-from datetime import timedelta
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from historical import START, SYMBOLS, machine, raw_inference, write_configs  # noqa: E402
+from historical import SYMBOLS, machine, raw_inference, write_configs  # noqa: E402
 
 
 def _raw(queue, go, rows: int, chunk: int) -> None:

@@ -13,7 +13,6 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
-import polars as pl
 
 from signalgen.storage.duckdb import DuckDBStore
 from signalgen.signals.types import SIGNAL_SCHEMA

@@ -167,10 +167,9 @@ def split_at(frames: Iterator, cut: datetime) -> tuple[list, Iterator]:
 # ---------------------------------------------------------------- consume
 
 
-def client_connection(cfg: RunConfig, client_id: str):
-    """A Redis client logged in as `client_id`'s ACL user (password from its `redis_password_env`)."""
-    from signalgen.outputs.redis import StreamKeys, connect
-
+def client_password(cfg: RunConfig, client_id: str) -> str:
+    """`client_id`'s Redis password, from the environment variable its YAML names
+    (`redis_password_env`); ConfigError naming the client file and field when there is none."""
     try:
         client = cfg.client(client_id)
     except KeyError:
@@ -178,12 +177,20 @@ def client_connection(cfg: RunConfig, client_id: str):
                           field="--client") from None
     file = cfg.files.get(f"client:{client_id}")
     if not client.redis_password_env:
-        raise ConfigError("needs redis_password_env (the variable holding this client's Redis password)",
-                          file=file, field="redis_password_env")
+        raise ConfigError("needs redis_password_env (the environment variable holding this client's Redis "
+                          "password)", file=file, field="redis_password_env")
     password = os.environ.get(client.redis_password_env)
-    if password is None:
+    if not password:
         raise ConfigError(f"environment variable {client.redis_password_env} is not set", file=file,
                           field="redis_password_env")
+    return password
+
+
+def client_connection(cfg: RunConfig, client_id: str):
+    """A Redis client logged in as `client_id`'s ACL user (password from its `redis_password_env`)."""
+    from signalgen.outputs.redis import StreamKeys, connect
+
+    password = client_password(cfg, client_id)
     user = StreamKeys(cfg.environment.messaging.stream_prefix).acl_user(client_id)
     return connect(cfg, username=user, password=password, password_field=f"{client_id}: redis_password_env",
                    socket_timeout=10)
@@ -284,19 +291,7 @@ def grant_client(cfg: RunConfig, client_id: str) -> str:
     password masked."""
     from signalgen.outputs.redis import StreamKeys, connect, masked_url
 
-    try:
-        client = cfg.client(client_id)
-    except KeyError:
-        raise ConfigError(f"no client {client_id!r}; known: {', '.join(c.id for c in cfg.clients)}",
-                          field="--client") from None
-    file = cfg.files.get(f"client:{client_id}")
-    if not client.redis_password_env:
-        raise ConfigError("needs redis_password_env (the environment variable holding this client's Redis "
-                          "password)", file=file, field="redis_password_env")
-    password = os.environ.get(client.redis_password_env)
-    if not password:
-        raise ConfigError(f"environment variable {client.redis_password_env} is not set", file=file,
-                          field="redis_password_env")
+    password = client_password(cfg, client_id)
     m = cfg.environment.messaging
     keys = StreamKeys(m.stream_prefix)
     user = keys.acl_user(client_id)

@@ -6,7 +6,6 @@ import math
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 
-import numpy as np
 
 from signalgen.models.registry import ModelCard
 

@@ -22,8 +22,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from signalgen.cli import (EnvOpt, InferenceOpt, ModeOpt, RootOpt, SeedOpt, _environment, _load, app, console,
-                           err_console)
+from signalgen.cli import (EnvOpt, InferenceOpt, ModeOpt, RootOpt, SeedOpt, _environment, _load, app, console)
 from signalgen.config.models import Environment, Mode
 from signalgen.errors import ConfigError, SignalgenError
 

@@ -32,7 +32,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 BAR_REJECTION_WIRE = pl.Schema({**BAR_REJECTION_SCHEMA, "run_id": pl.String})
-_ID = {"signals": "signal_id", "rejections": "rejection_id"}
 
 
 @dataclass

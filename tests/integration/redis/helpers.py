@@ -6,8 +6,8 @@ import json
 import os
 import subprocess
 import sys
-import time
 from datetime import datetime, timedelta, timezone
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +22,7 @@ from signalgen.outputs.redis import StreamKeys, decode_rows
 from signalgen.signals.types import REJECTION_SCHEMA, SIGNAL_SCHEMA
 from signalgen.storage.reads import ReadQuery
 from tests.integration.redis.workers import STARTED
+from tests.polling import wait_for as _wait_for
 
 REPO = Path(__file__).resolve().parents[3]
 BARS_START = datetime(2030, 1, 1, tzinfo=timezone.utc)
@@ -78,17 +79,6 @@ def start_worker(root: Path, worker: str, end: datetime, result: Path, log: Path
                                 cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
 
 
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.02):
-    """Poll `predicate` until it returns something truthy; its value. AssertionError after `timeout`."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-
 def rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -115,3 +105,6 @@ def with_password_envs(root) -> None:
 def run_cli(*args: str, env: dict | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "strategy_runner.py", *args], cwd=REPO, capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})}, timeout=timeout)
+
+
+wait_for = partial(_wait_for, interval=0.02)  # Redis tests poll finer

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import duckdb
 import polars as pl
-import pytest
 
 from signalgen.config.loader import Overrides, load_config
 from signalgen.modes import run_mode

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
-import pytest
 from polars.testing import assert_frame_equal
 
 from signalgen.config.loader import Overrides, load_config

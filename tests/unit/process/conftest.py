@@ -11,7 +11,7 @@ import secrets
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -26,6 +26,7 @@ from signalgen.config.workers import WorkerSpec, worker_specs
 from signalgen.process.worker import WorkerArgs, worker_process
 from signalgen.process.writer_server import WriterServer
 from signalgen.storage import open_store
+from tests.polling import wait_for  # noqa: F401 - the process tests import it from here
 
 REPO = Path(__file__).resolve().parents[3]
 START = datetime(2025, 1, 1, tzinfo=timezone.utc)
@@ -55,17 +56,6 @@ def make_root(base: Path, clients: tuple[str, ...] = ("christian",), **process) 
 def config(root: Path, mode: str, end: datetime, start: datetime = START) -> RunConfig:
     return load_config("local-dev", mode, root=root, overrides=Overrides(start=start, end=end,
                                                                          data_source="synthetic"))
-
-
-def wait_for(predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.05):
-    """Poll `predicate` until it returns something truthy (returned) or fail after `timeout`."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 @pytest.fixture

@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from signalgen.process.deploy import program_name
+from tests.polling import wait_for
 
 REPO = Path(__file__).resolve().parents[3]
 BIN = Path(sys.executable).parent
@@ -48,16 +49,6 @@ def cli(*args: str) -> None:
 def ctl(conf: Path, *args: str) -> str:
     return subprocess.run([BIN / "supervisorctl", "-c", conf, *args], capture_output=True, text=True,
                           timeout=30).stdout
-
-
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def decisions(db: Path, mode: str) -> list[tuple]:

@@ -7,7 +7,6 @@ in-flight window bounds what a worker has outstanding.
 
 from __future__ import annotations
 
-import threading
 from datetime import datetime, timezone
 from itertools import chain
 
