@@ -215,9 +215,11 @@ def _float32_at_most(t: float) -> float:
 def to_onnx(booster, name: str) -> bytes:
     """ONNX bytes of a binary LightGBM booster: input `input` float32 (N, 15), output `probabilities` (N, 2).
 
-    The converter names the graph with a random uuid and declares `label` as shape [1];
-    both are fixed so the same booster always gives the same bytes and ORT does not warn.
+    The converter names the graph with a random uuid, declares `label` as shape [1] and lists its
+    opsets in no fixed order; all three are fixed so the same booster always gives the same bytes
+    and ORT does not warn.
     """
+    import onnx
     import onnxmltools
     from onnxmltools.convert.common.data_types import FloatTensorType
 
@@ -228,6 +230,9 @@ def to_onnx(booster, name: str) -> bytes:
         for dim in out.type.tensor_type.shape.dim[:1]:
             dim.Clear()
             dim.dim_param = "N"
+    opsets = sorted((o.domain, o.version) for o in model.opset_import)
+    del model.opset_import[:]
+    model.opset_import.extend(onnx.helper.make_opsetid(d, v) for d, v in opsets)
     return model.SerializeToString()
 
 

@@ -240,3 +240,27 @@ def test_daily_models_reproduce_the_registered_versions(tmp_path):
         max_age = refs[card.model_id].max_age_days
         assert check_card(committed, now=datetime.now(timezone.utc), max_age_days=max_age,
                           feature_names=FEATURE_NAMES, timeframe="1d") == []
+
+
+def test_onnx_bytes_do_not_depend_on_the_converters_opset_order(monkeypatch):
+    """onnxmltools lists the model's opsets in an order that varies from process to process; `to_onnx`
+    sorts them, so the bytes (and the registered file hash) are the same either way."""
+    import lightgbm as lgb
+    import onnxmltools
+
+    root = Path(__file__).resolve().parents[3]
+    booster = lgb.Booster(model_file=str(next((root / "registry" / "daily_high").glob("*/model.txt"))))
+    convert = onnxmltools.convert_lightgbm
+
+    def reversed_opsets(*args, **kwargs):
+        model = convert(*args, **kwargs)
+        opsets = list(model.opset_import)[::-1]
+        kept = [(o.domain, o.version) for o in opsets]
+        del model.opset_import[:]
+        for domain, version in kept:
+            model.opset_import.add(domain=domain, version=version)
+        return model
+
+    as_converted = to_onnx(booster, "daily_high")
+    monkeypatch.setattr(onnxmltools, "convert_lightgbm", reversed_opsets)
+    assert to_onnx(booster, "daily_high") == as_converted
