@@ -20,12 +20,12 @@ from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any, Self
 from urllib.parse import quote, urlsplit, urlunsplit
 
-import numpy as np
 import polars as pl
 
 from signalgen.errors import ConfigError, SignalgenError, StorageError, TransientError
 from signalgen.outputs import client_batch
 from signalgen.outputs.base import Output
+from signalgen.signals.types import REJECTION_SCHEMA, SIGNAL_SCHEMA
 
 if TYPE_CHECKING:
     import redis as redis_lib
@@ -187,52 +187,60 @@ def record_entries(df: pl.DataFrame, id_column: str) -> list[dict[str, bytes | s
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
-SMALL_BATCH = 64  # up to this many bars, records are built without polars (a live bar: ~50 us, not ~1.5 ms)
-
-
-def _num(x: float) -> float | None:
-    x = float(x)
-    return x if math.isfinite(x) else None  # JSON has no NaN: null, as polars writes it
+SMALL_BATCH = 64  # up to this many bars, records are built without polars (a live bar: ~30 us, not ~1.5 ms)
 
 
 def _iso_us(us: int) -> str:
-    return (_EPOCH + timedelta(microseconds=int(us))).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return (_EPOCH + timedelta(microseconds=us)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Where a record schema keeps its times, its floats and its model outputs (by column index)."""
+
+    names: tuple[str, ...]
+    times: tuple[int, ...]
+    floats: tuple[int, ...]
+    models: int
+
+    @classmethod
+    def of(cls, schema: pl.Schema) -> _Layout:
+        types = list(schema.values())
+        return cls(tuple(schema.names()), tuple(i for i, t in enumerate(types) if isinstance(t, pl.Datetime)),
+                   tuple(i for i, t in enumerate(types) if t == pl.Float64), schema.names().index("models"))
+
+
+_SIGNAL_LAYOUT, _REJECTION_LAYOUT = _Layout.of(SIGNAL_SCHEMA), _Layout.of(REJECTION_SCHEMA)
+
+
+def _row_entries(rows: list[tuple], layout: _Layout) -> list[dict]:
+    """Stream entries of `Records` rows (SIGNAL_SCHEMA or REJECTION_SCHEMA columns, times as epoch
+    microseconds): the JSON `json_lines` writes for the same rows — floats by `repr`, NaN as null."""
+    entries = []
+    for row in rows:
+        values = list(row)
+        for i in layout.times:
+            values[i] = _iso_us(values[i])
+        for i in layout.floats:
+            if not math.isfinite(values[i]):
+                values[i] = None
+        for m in values[layout.models]:
+            if m["output"] is not None and not math.isfinite(m["output"]):
+                m["output"] = None
+        record = dict(zip(layout.names, values))
+        entries.append({"v": SCHEMA_VERSION, "id": row[0], "data": json.dumps(record, separators=(",", ":"))})
+    return entries
 
 
 def decision_entries(decisions: Decisions) -> tuple[list[dict], list[dict]]:
-    """(signal entries, rejection entries) of one batch: `record_entries(decisions.frames())`, built in
-    plain Python for a small batch (a live bar) — the same records, decoded bit for bit
-    (tests/integration/redis/test_streams.py) — and through polars for a large one."""
-    n = decisions.bars
-    if n > SMALL_BATCH:
+    """(signal entries, rejection entries) of one batch: `record_entries(decisions.frames())`, built from
+    `Decisions.records()` in plain Python for a small batch (a live bar) — the same records, decoded bit
+    for bit (tests/integration/redis/test_streams.py) — and through polars for a large one."""
+    if decisions.bars > SMALL_BATCH:
         signals, rejections = decisions.frames()
         return record_entries(signals, "signal_id"), record_entries(rejections, "rejection_id")
-    from signalgen.signals.ids import signal_ids
-    from signalgen.signals.pipeline import reason_codes
-
-    p, ev = decisions.params, decisions.evaluation
-    ids = signal_ids(p.key, decisions.bar_time_us).to_list()
-    now = np.broadcast_to(decisions.now_us, n)
-    latency = np.broadcast_to(np.asarray(decisions.latency_us, dtype=np.int64), n)
-    key = {"client_id": p.client_id, "strategy_id": p.strategy_id, "symbol": p.symbol, "timeframe": p.timeframe}
-    signals, rejections = [], []
-    for i in range(n):
-        head = {**key, "bar_time": _iso_us(decisions.bar_time_us[i]), "generated_at": _iso_us(now[i])}
-        models = [{"model_id": m.model_id, "version": m.version, "output": _num(out)}
-                  for m, out in zip(p.models, decisions.predictions[i])]
-        if ev.reasons[i] == 0:
-            record = {"signal_id": ids[i], **head, "direction": int(ev.direction[i]),
-                      "confidence": _num(ev.confidence[i]), "magnitude": _num(ev.magnitude[i]),
-                      "strength": _num(ev.strength[i]), "weight": _num(ev.weight[i]), "period": int(ev.period[i]),
-                      "models": models, "mode": decisions.mode, "run_id": decisions.run_id,
-                      "latency_us": int(latency[i])}
-            signals.append({"v": SCHEMA_VERSION, "id": ids[i], "data": json.dumps(record, separators=(",", ":"))})
-        else:
-            record = {"rejection_id": ids[i], **head, "reasons": reason_codes(ev.reasons[i:i + 1])[0],
-                      "direction": int(ev.direction[i]), "confidence": _num(ev.confidence[i]), "models": models,
-                      "mode": decisions.mode, "run_id": decisions.run_id}
-            rejections.append({"v": SCHEMA_VERSION, "id": ids[i], "data": json.dumps(record, separators=(",", ":"))})
-    return signals, rejections
+    records = decisions.records()
+    return _row_entries(records.signals, _SIGNAL_LAYOUT), _row_entries(records.rejections, _REJECTION_LAYOUT)
 
 
 def iso(t: datetime) -> str:

@@ -233,6 +233,33 @@ def test_small_batches_are_encoded_without_polars_into_the_same_records(root):
             assert [e["id"] for e in entries] == frame[schema.names()[0]].to_list()
 
 
+def test_small_batches_write_non_finite_numbers_as_null_as_polars_does(root):
+    """An unhealthy model's NaN output and a NaN or infinite confidence or strength become JSON null
+    in the plain-Python records, exactly as in `record_entries(frames)`."""
+    from dataclasses import replace
+
+    import numpy as np
+
+    from signalgen.modes.engine import Decisions
+    from signalgen.outputs.redis import decision_entries, record_entries
+
+    ds = Decisions.concat(batches(load_config("local-integration", "live", root=root), 200)[-8:])
+    n = ds.bars
+    ev = replace(ds.evaluation, confidence=np.where(np.arange(n) % 2 == 0, np.nan, ds.evaluation.confidence),
+                 strength=np.where(np.arange(n) % 3 == 0, np.inf, ds.evaluation.strength))
+    preds = ds.predictions.copy()
+    preds[::2, 0] = np.nan
+    preds[1::4, -1] = -np.inf
+    d = replace(ds, evaluation=ev, predictions=preds)
+    signals, rejections = decision_entries(d)
+    want_signals, want_rejections = d.frames()
+    assert [e["data"].encode() for e in signals] == [e["data"] for e in record_entries(want_signals, "signal_id")]
+    assert [e["data"].encode() for e in rejections] == [e["data"] for e in record_entries(want_rejections,
+                                                                                          "rejection_id")]
+    assert any('"confidence":null' in e["data"] for e in signals + rejections)
+    assert any('"output":null' in e["data"] for e in signals + rejections)
+
+
 def assert_same_bits(got: pl.DataFrame, want: pl.DataFrame) -> None:
     import numpy as np
 
