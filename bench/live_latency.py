@@ -8,7 +8,9 @@ two models, 5m bars); the manager hosts the recorder. This process then:
    every worker's checkpoint holds the last one;
 2. measures the floor in the same run: one Redis round trip (PING) + one single-row inference of
    both models (ONNX, one thread), medians, back to back and after 10 ms of idle (the wake-up of a
-   halted virtual core and a cold cache, which every hop of a bar at a low rate pays);
+   halted virtual core and a cold cache, which every hop of a bar at a low rate pays); and the path
+   with no work in it — publisher -> Redis -> one relay process -> Redis -> a consumer process — at
+   each step's fleet rate;
 3. steps the rate: for each per-worker rate r (bars per second per series), publishes r bars per
    second to every series for `--seconds` (spread evenly across each period; the bars due at the
    same moment go in one pipeline, stamped with its wall time just before it is sent), while a consumer *process* XREADs every client's signal
@@ -154,6 +156,66 @@ def floor(url: str) -> dict:
             "rtt_idle_us": float(np.median(rtt_idle)) / 1e3, "inference_idle_us": float(np.median(inf_idle)) / 1e3}
 
 
+def relay(url: str, ready, stop) -> None:
+    """Relay process of `relay_floor`: XREAD each entry of `floor:in`, XADD it to `floor:out` at once."""
+    import redis
+
+    r = redis.Redis.from_url(url)
+    last = "$"
+    ready.set()
+    while not stop.is_set():
+        for _, entries in r.xread({"floor:in": last}, count=100, block=200) or ():
+            for eid, fields in entries:
+                r.xadd("floor:out", fields)
+            last = entries[-1][0]
+
+
+def relay_arrivals(url: str, out_path: str, ready, stop) -> None:
+    """Consumer process of `relay_floor`: (publish stamp, arrival) of each `floor:out` entry."""
+    import redis
+
+    r = redis.Redis.from_url(url)
+    last, got = "$", []
+    ready.set()
+    while not stop.is_set():
+        for _, entries in r.xread({"floor:out": last}, count=1000, block=200) or ():
+            now = time.time()
+            got += [(float(fields[b"t"]), now) for _, fields in entries]
+            last = entries[-1][0]
+    Path(out_path).write_text(json.dumps(got))
+
+
+def relay_floor(url: str, rate: float, seconds: float, tmp: Path) -> dict:
+    """The path's floor with no work in it: publisher -> Redis -> a relay process that XADDs each entry
+    on as it arrives -> Redis -> a consumer process, at `rate` entries per second. It pays the same
+    three wake-ups and three round trips as a bar and its signal, and nothing else."""
+    ctx = mp.get_context("spawn")
+    stop, ready_relay, ready_consumer = ctx.Event(), ctx.Event(), ctx.Event()
+    out_path = str(tmp / "relay.json")
+    procs = [ctx.Process(target=relay, args=(url, ready_relay, stop)),
+             ctx.Process(target=relay_arrivals, args=(url, out_path, ready_consumer, stop))]
+    for p in procs:
+        p.start()
+    ready_relay.wait(60)
+    ready_consumer.wait(60)
+    time.sleep(0.5)
+    import redis
+
+    r = redis.Redis.from_url(url)
+    t0 = time.monotonic()
+    for i in range(int(rate * seconds)):
+        wait = t0 + i / rate - time.monotonic()
+        if wait > 0:
+            time.sleep(wait)
+        r.xadd("floor:in", {"t": repr(time.time())})
+    time.sleep(0.5)
+    stop.set()
+    for p in procs:
+        p.join(30)
+    lat = [(arrived - sent) * 1e3 for sent, arrived in json.loads(Path(out_path).read_text())]
+    return {"rate": rate, "n": len(lat), "p50": pct(lat, 50), "p99": pct(lat, 99)}
+
+
 def consume(url: str, keys: list[str], out_path: str, ready, stop) -> None:
     """Consumer process: XREAD every key from its end, stamping each entry's arrival (wall clock)."""
     import redis
@@ -246,6 +308,8 @@ def run(args) -> dict:
                                       args.start_timeout)
             print(f"warm-up decided in {warm_s:.1f} s", flush=True)
             fl = floor(server.url)
+            fl["relay"] = [relay_floor(server.url, rate * len(ids), 5.0, tmp) for rate in args.rates]
+            print("floor relay:", fl["relay"], flush=True)
             print(f"floor: PING {fl['rtt_us']:.0f} us + inference {fl['inference_us']:.0f} us; after "
                   f"{IDLE_S * 1e3:g} ms idle: {fl['rtt_idle_us']:.0f} + {fl['inference_idle_us']:.0f} us", flush=True)
 
@@ -374,6 +438,10 @@ def report(res: dict, command: str) -> str:
              f"{IDLE_S * 1e3:g} ms of idle (the gap between bars at 100 bars/s): {fl['rtt_idle_us']:.0f} µs + "
              f"{fl['inference_idle_us']:.0f} µs = **{idle_ms:.2f} ms**. A bar's path wakes three idle "
              "processes in turn (Redis and the worker on the publish, Redis and the consumer on the signal).", "",
+             "The path with no work in it (same run): the publisher -> Redis -> one relay process that XADDs "
+             "each entry on as it arrives -> Redis -> a consumer process, at the fleet rate of each step: "
+             + "; ".join(f"{x['rate']:,.0f}/s: p50 {x['p50']:.2f} ms, p99 {x['p99']:.2f} ms" for x in fl["relay"])
+             + ".", "",
              "| bars/s per worker | fleet bars/s offered (achieved) | decisions | p50 | p99 | p99.9 | max "
              "| signals p50 / p99 | publish -> decide p50 | decide -> consumer p50 | worker compute p50 "
              "| publishes > 5 ms late |",

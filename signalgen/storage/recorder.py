@@ -55,8 +55,9 @@ class Recorder:
 
     def __init__(self, client: redis_lib.Redis, store: SignalStore, keys: StreamKeys, mode: str, clients: list[str],
                  *, consumer: str | None = None, group: str = RECORDER_GROUP, count: int = 1000,
-                 block_ms: int = 1000, claim_idle_ms: int = 30_000) -> None:
+                 block_ms: int = 1000, claim_idle_ms: int = 30_000, gather_s: float = 0.25) -> None:
         self.client, self.store, self.keys, self.mode = client, store, keys, mode
+        self.gather_s = gather_s
         self.group, self.consumer = group, consumer or socket.gethostname()
         self.count, self.block_ms, self.claim_idle_ms = count, block_ms, claim_idle_ms
         self.streams = {**{keys.signals(mode, c): "signals" for c in clients},
@@ -120,7 +121,8 @@ class Recorder:
                     self.ensure_groups()
                     self.recover()
                     last_claim = time.monotonic()
-                self.step()
+                if 0 < self.step() < self.count:
+                    stop.wait(self.gather_s)
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 if not down:
                     down = True

@@ -197,6 +197,45 @@ def test_recorder_claims_a_crashed_consumers_entries_and_replays_idempotently(ro
     assert rows == [("gap", "run-live"), ("non_positive_price", "run-live")]
 
 
+def test_the_recorder_gathers_bars_that_arrive_one_by_one_into_few_store_transactions(root):
+    """A live fleet sends one entry per bar; the recorder waits `gather_s` after a read that was not
+    full, so 60 bars arriving 10 ms apart take a handful of store transactions, not 60 — and all are
+    stored."""
+    import time
+
+    cfg = load_config("local-integration", "live", root=root)
+    spec, ds = spec_of(cfg), batches(cfg, 200)[-60:]
+    store = open_store(cfg)
+    writes = []
+    write_decisions = store.write_decisions
+
+    def counting(signals, rejections):
+        writes.append(signals.height + rejections.height)
+        return write_decisions(signals, rejections)
+
+    store.write_decisions = counting
+    stop = threading.Event()
+    rec = Recorder.from_config(cfg, store, consumer="test", block_ms=50, gather_s=0.25)
+    rec.ensure_groups()
+    thread = threading.Thread(target=rec.run, args=(stop,))
+    thread.start()
+    sink = RedisSink.from_config(cfg)
+    try:
+        for d in ds:
+            sink.record(spec, d)
+            time.sleep(0.01)
+        sink.close()
+        deadline = time.monotonic() + 10
+        while sum(writes) < len(ds) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        thread.join()
+        store.close()
+    assert sum(writes) == len(ds)
+    assert len(writes) <= 8, writes  # ~0.7 s of arrivals in 0.25 s gathers (one per bar: 60)
+
+
 def test_redis_output_writes_a_clients_signals_of_its_mode(root):
     cfg = load_config("local-integration", "historical", root=root)
     ds = batches(load_config("local-integration", "live", root=root), 200)
