@@ -232,13 +232,17 @@ def consume_signals(client, key: str, group: str, consumer: str, *, from_start: 
             client.xack(key, group, *[eid for eid, _ in entries])
         return len(lines)
 
-    own = client.xreadgroup(group, consumer, {key: "0"}, count=1000)
+    def count(most: int) -> int:  # never read more than the limit leaves: no signal past it is acked
+        return most if limit is None else max(1, min(most, limit - done))
+
+    own = client.xreadgroup(group, consumer, {key: "0"}, count=count(1000))
     for _, entries in own or ():
         done += handle(entries)
-    _, claimed, *_ = client.xautoclaim(key, group, consumer, claim_idle_ms, start_id="0-0", count=1000)
-    done += handle(claimed)
+    if limit is None or done < limit:
+        _, claimed, *_ = client.xautoclaim(key, group, consumer, claim_idle_ms, start_id="0-0", count=count(1000))
+        done += handle(claimed)
     while not stop.is_set() and (limit is None or done < limit):
-        reply = client.xreadgroup(group, consumer, {key: ">"}, count=100, block=500)
+        reply = client.xreadgroup(group, consumer, {key: ">"}, count=count(100), block=500)
         for _, entries in reply or ():
             done += handle(entries)
             last_entry = time.monotonic()

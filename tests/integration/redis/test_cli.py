@@ -53,6 +53,15 @@ def test_feed_worker_consume_recorder(root):
     assert len({x["signal_id"] for x in lines}) == len(lines)
     proc = run_cli("consume", *common, "--client", "odum", "--from-start", "--max", "3", "--idle-exit", "5", env=env)
     assert proc.returncode == 0 and "odum" in proc.stdout and "momentum_v1" in proc.stdout  # the table
+    # --max reads no further than it prints: the group's next consumer goes on at the 4th signal
+    taken = []
+    for args in (("--from-start", "--max", "3"), ("--max", "2")):
+        proc = run_cli("consume", *common, "--client", "odum", "--group", "paged", *args, "--format", "json",
+                       "--idle-exit", "5", env=env)
+        assert proc.returncode == 0, proc.stderr
+        taken.append([json.loads(line)["signal_id"] for line in proc.stdout.splitlines()])
+    assert [len(t) for t in taken] == [3, 2]
+    assert taken[0] + taken[1] == [x["signal_id"] for x in lines[:5]]
 
     recorder = subprocess.Popen([sys.executable, "strategy_runner.py", "recorder", *common], cwd=REPO,
                                 env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE,
