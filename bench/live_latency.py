@@ -20,7 +20,7 @@ two models, 5m bars); the manager hosts the recorder. This process then:
 
 Where the time goes, per decision: publish -> `generated_at` (the worker's wall clock when it began
 deciding: XREAD wake-up, decode, validation, features) and `generated_at` -> arrival (inference,
-rules, record building, MULTI/EXEC, the consumer's wake-up); `latency_us` is the worker's own
+rules, record building, the send (one script call), the consumer's wake-up); `latency_us` is the worker's own
 compute. Every stamp is the same host's wall clock.
 
     python bench/live_latency.py                         # 100 workers, rates 1,2,5,10 per worker

@@ -255,6 +255,24 @@ def read_checkpoints(client: redis_lib.Redis, keys: StreamKeys, mode: str) -> di
 # ---------------------------------------------------------------- the worker's sink
 
 
+# A batch in one atomic step: ARGV = maxlen, number of entries, then per entry its field count and
+# fields, then (worker, checkpoint) pairs; KEYS = each entry's stream, then the checkpoints hash. One
+# command instead of MULTI + XADD... + HSET + EXEC: a quarter less client CPU per live bar (redis-py packs
+# and parses one command, not four). Like EXEC, a command that fails at run time is not rolled back.
+SEND_SCRIPT = """
+local n, j = tonumber(ARGV[2]), 3
+for i = 1, n do
+  local m = tonumber(ARGV[j])
+  redis.call('XADD', KEYS[i], 'MAXLEN', '~', ARGV[1], '*', unpack(ARGV, j + 1, j + 2 * m))
+  j = j + 1 + 2 * m
+end
+if j <= #ARGV then
+  redis.call('HSET', KEYS[n + 1], unpack(ARGV, j, #ARGV))
+end
+return n
+"""
+
+
 @dataclass
 class _Batch:
     entries: list[tuple[str, dict]]            # (stream key, fields)
@@ -270,18 +288,18 @@ class SinkStats:
     max_buffered: int = 0                     # the most entries ever waiting
     last_outage_s: float | None = None        # first failure -> first success, of the last outage
     recovered_at: float | None = None         # time.time() of the last recovery
-    exec_us: list[int] = field(default_factory=list)  # the last few MULTI/EXEC round trips
+    exec_us: list[int] = field(default_factory=list)  # the last few sends (SEND_SCRIPT round trips)
 
 
 class RedisSink:
     """A live worker's sink (modes.worker.Sink): decisions -> the client's signal and rejection streams.
 
-    Each batch is one MULTI/EXEC: the XADDs of its entries and the HSET of the worker's checkpoint,
-    so the checkpoint (`checkpoints`) advances only when Redis has applied the entries, and both land
+    Each batch is one atomic script call (`SEND_SCRIPT`, as MULTI/EXEC would be): the XADDs of its
+    entries and the HSET of the worker's checkpoint, so the checkpoint (`checkpoints`) advances only when Redis has applied the entries, and both land
     or neither does. `record()` sends at once when nothing waits; when Redis does not answer, batches
     wait in a buffer of at most `max_buffered` entries while a sender thread retries with backoff
     (`backoff_s` doubling to `backoff_max_s`). A full buffer blocks `record()` — the worker stops
-    consuming (backpressure), logged once per outage. After a failed EXEC the sender reads the
+    consuming (backpressure), logged once per outage. After a failed send the sender reads the
     checkpoint back: a batch whose checkpoint Redis already holds landed, and is not sent again.
     An error other than a lost connection (a NOPERM, a wrong key type) is raised by the next call as
     StorageError. (Redis does not roll back a transaction in which one command failed at run time,
@@ -303,6 +321,7 @@ class RedisSink:
         self._down_since: float | None = None   # monotonic time of the first failure of this outage
         self._full_logged_at: float | None = None  # when "buffer full" was last logged
         self._closing = False
+        self._script = client.register_script(SEND_SCRIPT)  # EVALSHA; loaded again after a Redis restart
         self._sender = threading.Thread(target=self._send_loop, name="redis-sink", daemon=True)
         self._sender.start()
 
@@ -414,18 +433,24 @@ class RedisSink:
             log.warning("redis unreachable (%s): buffering up to %d entries, retrying", exc, self.max_buffered)
 
     def _send(self, batches: list[_Batch]) -> None:
-        """One MULTI/EXEC: every entry of `batches`, then each worker's newest checkpoint."""
-        pipe = self.client.pipeline(transaction=True)
+        """One atomic script (`SEND_SCRIPT`): every entry of `batches`, then each worker's newest checkpoint."""
+        keys: list[str] = []
+        args: list = [self.maxlen, 0]
         checkpoints: dict[str, str] = {}
         for b in batches:
             for key, fields in b.entries:
-                pipe.xadd(key, fields, maxlen=self.maxlen, approximate=True)
+                keys.append(key)
+                args.append(len(fields))
+                for item in fields.items():
+                    args += item
             if b.checkpoint is not None:
                 checkpoints[b.checkpoint[0]] = iso(b.checkpoint[1])
-        if checkpoints:
-            pipe.hset(self.keys.checkpoints(self.mode), mapping=checkpoints)
+        args[1] = len(keys)
+        keys.append(self.keys.checkpoints(self.mode))
+        for item in checkpoints.items():
+            args += item
         started = time.perf_counter_ns()
-        pipe.execute()
+        self._script(keys=keys, args=args)
         self.stats.exec_us = [*self.stats.exec_us[-999:], (time.perf_counter_ns() - started) // 1000]
 
     def _acked(self, batches: list[_Batch]) -> None:
@@ -444,7 +469,7 @@ class RedisSink:
         self._cond.notify_all()
 
     def _drop_applied(self) -> None:
-        """After a failed EXEC: drop the batches Redis already applied (only the reply was lost).
+        """After a failed send: drop the batches Redis already applied (only the reply was lost).
 
         Transactions apply whole and in order, so the pending batches up to the last one whose
         checkpoint Redis holds were applied; batches without a checkpoint (bar rejections) in that

@@ -66,6 +66,17 @@ class Recorder:
         self.stats = RecorderStats()
         self._redis = redis_module()
 
+    def add_clients(self, clients: list[str]) -> list[str]:
+        """Also read these clients' streams (a reload added them); their groups are created now. The
+        streams it adds."""
+        new = {**{self.keys.signals(self.mode, c): "signals" for c in clients},
+               **{self.keys.rejections(self.mode, c): "rejections" for c in clients}}
+        new = {k: v for k, v in new.items() if k not in self.streams}
+        for key in new:
+            self._create_group(key)
+        self.streams = {**self.streams, **new}  # one assignment: the reading thread sees the old or the new map
+        return sorted(new)
+
     @classmethod
     def from_config(cls, cfg: RunConfig, store: SignalStore, **kwargs) -> Recorder:
         """The recorder of `cfg`'s mode over every configured client's streams."""
@@ -76,11 +87,14 @@ class Recorder:
     def ensure_groups(self) -> None:
         """Create the group on every stream (and the stream if missing), reading from the start."""
         for key in self.streams:
-            try:
-                self.client.xgroup_create(key, self.group, id="0", mkstream=True)
-            except self._redis.ResponseError as exc:
-                if "BUSYGROUP" not in str(exc):
-                    raise
+            self._create_group(key)
+
+    def _create_group(self, key: str) -> None:
+        try:
+            self.client.xgroup_create(key, self.group, id="0", mkstream=True)
+        except self._redis.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
 
     def recover(self) -> int:
         """Own pending entries (ID 0), then entries of consumers idle >= claim_idle_ms. Entries handled."""
