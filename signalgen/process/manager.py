@@ -121,8 +121,8 @@ def decision_host(cfg: RunConfig, store, *, run_id: str, address: str, authkey: 
     """What takes the workers' decisions to the store, by the environment's messaging: with Redis the
     workers write the clients' streams and the manager hosts the recorder (the store's one writer, a
     consumer group over those streams: `process.recorder_host`); otherwise the `WriterServer` that
-    workers reach at `address`. Both: `start()`, `close()` (after the workers stopped), `address`,
-    `stats["bars"]`."""
+    workers reach at `address`. Both: `start()`, `add_clients()` (a reload added clients), `close()`
+    (after the workers stopped), `address`, `stats["bars"]`."""
     if cfg.environment.messaging.type == "redis":
         from signalgen.process.recorder_host import RecorderHost
 
@@ -721,6 +721,9 @@ class StrategyProcessManager:
         added = sorted(set(new) - set(self.specs))
         removed = sorted(set(self.specs) - set(new))
         changed = sorted(w for w in set(new) & set(self.specs) if new[w].config_hash != self.specs[w].config_hash)
+        clients = sorted({s.client.id for s in specs} - {s.client.id for s in self.specs.values()})
+        if clients and self._server is not None:
+            self._server.add_clients(clients)  # before their workers start: the recorder reads their streams
         self.cfg = cfg
         for wid in removed:
             if wid in self._handles:

@@ -48,6 +48,11 @@ class RecorderHost:
         s = self.recorder.stats
         return {"bars": s.signals + s.rejections, "entries": s.entries, "claimed": s.claimed, "bad": s.bad}
 
+    def add_clients(self, clients: list[str]) -> None:
+        """Record these clients' streams too (a reload added them)."""
+        added = self.recorder.add_clients(clients)
+        log.info("recorder: %d more streams (%s)", len(added), ", ".join(clients), extra={"run_id": self.run_id})
+
     def start(self) -> RecorderHost:
         self.recorder.ensure_groups()
         self._thread.start()

@@ -189,6 +189,9 @@ class WriterServer:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def add_clients(self, clients: list[str]) -> None:
+        """Nothing to do: a worker's outputs open at its hello, whichever client it belongs to."""
+
     def close(self) -> None:
         """Stop accepting, commit and ack every batch received, close the outputs, remove the socket."""
         if self._closing:

@@ -228,3 +228,50 @@ def test_a_bad_redis_url_or_password_is_exit_2_naming_the_field(live_root: Path,
     worker.join(60)
     assert worker.exitcode == 2
     assert "messaging.url" in log.read_text() and "cannot reach Redis" in log.read_text()
+
+
+def test_a_client_added_by_reload_is_recorded(live_root: Path, redis_server) -> None:
+    """`reload` adds bea's workers to a running live manager; the manager's recorder reads bea's
+    streams from then on, so bea's decisions reach the store like everyone else's."""
+    from datetime import datetime, timedelta, timezone
+
+    from signalgen.data.redis_bars import publish_bars
+    from signalgen.data.synthetic import synthetic_bars
+
+    root = live_root
+    bea = (root / "clients" / "bea.yaml").read_text()
+    (root / "clients" / "bea.yaml").unlink()
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    with (root / "manager.out").open("ab") as out:
+        manager = subprocess.Popen([sys.executable, str(REPO / "strategy_runner.py"), "start", "--env",
+                                    "local-integration", "--mode", "live", "--inference", "mock", "--root", str(root)],
+                                   cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: len(w := workers(root)) == 2 and all(x["state"] == "RUNNING" for x in w.values()), 120,
+                 "odum's 2 RUNNING live workers", interval=0.5)
+        (root / "clients" / "bea.yaml").write_text(bea)
+        proc = cli(root, "reload")
+        assert proc.returncode == 0, proc.stderr
+        wait_for(lambda: len(w := workers(root)) == 4 and all(x["state"] == "RUNNING" for x in w.values()), 120,
+                 "bea's workers RUNNING after the reload", interval=0.5)
+        cfg = load_config("local-integration", "live", root=root)
+        r = connect(cfg)
+        end = datetime.now(timezone.utc).replace(second=0, microsecond=0)
+        eth = synthetic_bars(["ETHUSD"], "5m", end - timedelta(minutes=5 * 150), end, 11)
+        publish_bars(r, [eth], keys=KEYS)
+        last = eth["bar_time"][-1].isoformat()[:19]
+        wait_for(lambda: (raw := r.hget(KEYS.checkpoints("live"), "bea.momentum_v1.ETHUSD.5m")) is not None
+                 and raw.decode().startswith(last), 60, "bea's ETHUSD worker at the last bar", interval=0.3)
+        proc = cli(root, "stop")
+        assert proc.returncode == 0, proc.stderr
+        assert manager.wait(timeout=60) == 0
+    finally:
+        if manager.poll() is None:
+            manager.send_signal(signal.SIGTERM)
+            manager.wait(timeout=30)
+    carried = streamed(r, "live", "bea")
+    assert carried[0].height + carried[1].height >= 100
+    with duckdb.connect(str(root / "var/local-integration/signalgen.duckdb"), read_only=True) as con:
+        stored = [con.execute(f"SELECT count(*) FROM {t} WHERE client_id = 'bea' AND mode = 'live'").fetchone()[0]
+                  for t in ("signals", "rejections")]
+    assert stored == [carried[0].height, carried[1].height]
