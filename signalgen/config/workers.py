@@ -45,8 +45,10 @@ class WorkerSpec:
 
     @cached_property
     def config_hash(self) -> str:
-        """sha256 of the canonical JSON of exactly what this worker runs."""
-        body = {"client": self.client.model_dump(mode="json"), "symbol": self.symbol,
+        """sha256 of the canonical JSON of exactly what this worker runs. The strategy's `recovery`
+        policy is the manager's, not the worker's: changing it restarts nothing."""
+        client = self.client.model_dump(mode="json", exclude={"strategies": {"__all__": {"recovery"}}})
+        body = {"client": client, "symbol": self.symbol,
                 "timeframe": self.timeframe, "exposure_budget": self.exposure_budget, "run": self.run}
         return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 

@@ -741,6 +741,8 @@ class StrategyProcessManager:
                 self._spawn(wid, now, "config changed (reload)")
             # STOPPED and PAUSED without a process keep their state; the new config applies at their start
             self._dirty.add(wid)
+        for wid in set(new) - set(added) - set(changed):
+            self.specs[wid] = new[wid]  # the same worker config; what only the manager reads (recovery) may differ
         for wid in added:
             self.specs[wid] = new[wid]
             self.procs[wid] = WorkerProcess(worker_id=wid)

@@ -60,3 +60,10 @@ def test_the_date_range_and_where_signals_go_do_not_change_a_hash(demo_root):
                                        update={"log_level": "DEBUG",
                                                "paths": cfg.environment.paths.model_copy(update={"output_dir": "x"})})})
     assert _hashes(moved) == _hashes(cfg)
+
+
+def test_the_recovery_policy_is_the_managers_and_changes_no_hash(demo_root):
+    cfg = load_config("local-dev", "historical", root=demo_root)
+    strategy = next(s for s in cfg.client("ikenna").strategies if s.id == "swing_high_v1")
+    policy = "pause" if strategy.recovery != "pause" else "stop"
+    assert _hashes(_edit_strategy(cfg, "ikenna", "swing_high_v1", recovery=policy)) == _hashes(cfg)

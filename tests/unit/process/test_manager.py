@@ -439,6 +439,22 @@ def test_reload_with_invalid_yaml_fails_and_changes_nothing(two_clients: Path, m
     assert m.stop() == 0
 
 
+def test_reload_of_a_recovery_policy_keeps_the_process_and_applies_the_policy(tmp_path: Path, managers) -> None:
+    root = make_root(tmp_path, {"odum": client_yaml("odum", ["BTCUSD"])})
+    m = start(managers, root)
+    m.wait_states("RUNNING", count=1)
+    first = pids(m)[ODUM_BTC]
+    (root / "clients" / "odum.yaml").write_text(client_yaml("odum", ["BTCUSD"], recovery="pause"))
+    row = m.command(m.submit("reload"))
+    assert row["status"] == "completed", row
+    assert yaml.safe_load(row["result_json"]) == {"started": [], "stopped": [], "restarted": [], "unchanged": 1}
+    assert pids(m)[ODUM_BTC] == first
+    os.kill(first, signal.SIGKILL)
+    rows = m.wait_states({ODUM_BTC: "PAUSED"}, timeout=20)  # the new policy: parked, not restarted
+    assert rows[ODUM_BTC]["pid"] is None
+    assert m.stop() == 0
+
+
 def test_recovery_policy_pause_parks_a_crashed_worker_until_resume(tmp_path: Path, managers) -> None:
     root = make_root(tmp_path, {"odum": client_yaml("odum", ["BTCUSD"], recovery="pause")})
     m = start(managers, root)
