@@ -454,7 +454,9 @@ class RedisSink:
         self.stats.exec_us = [*self.stats.exec_us[-999:], (time.perf_counter_ns() - started) // 1000]
 
     def _acked(self, batches: list[_Batch]) -> None:
-        """Called with the lock held: `batches` are in Redis."""
+        """Called with the lock held: `batches` are in Redis. (The sender's callers then notify the
+        threads waiting in `flush` or on a full buffer; the fast path has none to wake — nothing was
+        pending — and waking the idle sender thread on every bar cost a thread switch per bar.)"""
         for b in batches:
             self.stats.sent_batches += 1
             self.stats.sent_entries += len(b.entries)
@@ -466,7 +468,6 @@ class RedisSink:
             log.warning("redis sink recovered after %.1f s; %d entries still buffered", self.stats.last_outage_s,
                         self._buffered)
             self._down_since = None
-        self._cond.notify_all()
 
     def _drop_applied(self) -> None:
         """After a failed send: drop the batches Redis already applied (only the reply was lost).
@@ -491,6 +492,7 @@ class RedisSink:
                 self._buffered -= len(b.entries)
             if done:
                 self._acked(done)
+                self._cond.notify_all()
 
     def _send_loop(self) -> None:
         delay = self.backoff_s
@@ -528,6 +530,7 @@ class RedisSink:
                     self._pending.popleft()
                     self._buffered -= len(b.entries)
                 self._acked(batches)
+                self._cond.notify_all()
 
 
 # ---------------------------------------------------------------- the SignalWriter's output
