@@ -246,13 +246,15 @@ class BarPreparer:
         self.features = IncrementalFeatures()
         self.window = WindowCheck(params.lookback, params.max_gap_us)
 
-    def push(self, bar: dict) -> Prepared:
-        """One validated bar (a BAR_SCHEMA row as a dict) -> its Prepared row."""
+    def push(self, bar: dict, bar_time_us: int | None = None) -> Prepared:
+        """One validated bar (a BAR_SCHEMA row as a dict; `bar_time_us` its bar_time in epoch
+        microseconds, if the caller has it) -> its Prepared row."""
         started = time.perf_counter_ns()
-        t = epoch_us(bar["bar_time"])
+        t = epoch_us(bar["bar_time"]) if bar_time_us is None else bar_time_us
         x = self.features.update(bar["open"], bar["high"], bar["low"], bar["close"], bar["volume"])
         ok = self.window.push(t)
-        return Prepared(np.array([t], dtype=np.int64), x.astype(np.float32)[None, :], np.array([ok]),
+        # float64 values straight to a float32 row: the same rounding as batch's float32 cast
+        return Prepared(np.array([t], dtype=np.int64), np.array([x], dtype=np.float32), np.array([ok]),
                         time.perf_counter_ns() - started)
 
 
