@@ -313,9 +313,15 @@ def count_reasons(reasons: np.ndarray) -> dict[str, int]:
     """Candidates per reason code (a candidate with two reasons counts under both)."""
     if reasons.size == 1:  # the per-bar path: ten numpy counts of one element cost ~10 us
         mask = int(reasons[0])
-        return {r.value: 1 for r, b in _BIT.items() if mask & b}
+        counts = _ONE_BAR_COUNTS.get(mask)
+        if counts is None:
+            counts = _ONE_BAR_COUNTS[mask] = {r.value: 1 for r, b in _BIT.items() if mask & b}
+        return dict(counts)
     counts = {r.value: int(np.count_nonzero(reasons & b)) for r, b in REASON_BIT.items()}
     return {k: v for k, v in counts.items() if v}
+
+
+_ONE_BAR_COUNTS: dict[int, dict[str, int]] = {}  # bitmask -> count_reasons of one bar with it
 
 
 def reason_codes(reasons: np.ndarray) -> list[list[str]]:
