@@ -176,9 +176,9 @@ def run_worker(spec: WorkerSpec, feed: Iterable[dict | pl.DataFrame | ValidatedB
     def deliver(decisions: Decisions) -> None:
         outcome.bars += decisions.bars
         outcome.signals += decisions.signals
-        reasons = decisions.reasons
-        if reasons:
-            outcome.reasons.update(reasons)
+        counts = outcome.reasons
+        for reason, n in decisions.reasons.items():  # Counter.update, without its generic checks
+            counts[reason] += n
         sink.record(spec, decisions)
 
     def reject(rejections: pl.DataFrame | None, in_range: bool) -> None:
