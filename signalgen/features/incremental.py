@@ -2,8 +2,9 @@
 
 Bit-identical to `batch.py` (and so to historical mode): each window is the same tree of
 operations (`kernel.py`) over the same bars, kept here as ring buffers of power-of-two nodes. A new
-bar costs O(log w) merges per window, about 40 in all (p50 ~20 us in CPython on this machine; the
-running sums this replaced took ~11 us but rounded differently from batch), whatever came before.
+bar costs O(log w) merges per window, about 40 in all (~7 us per bar in CPython on this machine,
+with the merges inlined; the running sums this replaced took ~11 us but rounded differently from
+batch), whatever came before.
 A running sum would be O(1) but its rounding would depend on where it started (the first bar, or
 the last recompute), so per-bar and batch values could differ in the last bit and flip a filter
 threshold or a float32 cast of a feature.
@@ -29,39 +30,47 @@ _FULL = WARMUP_BARS + 3  # ring length: from this many values on, every node a w
 class _Nodes:
     """Ring buffers of one series' nodes, one per size, for the windows asked for.
 
-    `push` and `window` are `kernel.window` and the level merges of `batch._nodes`, unrolled over
-    precomputed ring positions (the same merges in the same order; tests compare bit for bit).
-    Once the rings are full (`_FULL` values) every node exists, and `kernel.merge_pair` runs inlined
-    (the same expressions, so the same bits): ~40 merges per bar cost ~half as much without a call
-    and a tuple unpack each. The first values go through the general path, which marks nodes that
-    would reach before the first value as empty (NaN).
+    `add` runs `kernel.window` and the level merges of `batch._nodes` unrolled over precomputed ring
+    positions (the same merges in the same order; tests compare bit for bit). Once the rings are
+    full (`_FULL` values) every node exists, and `kernel.merge_pair` runs inlined (the same
+    expressions, so the same bits): ~40 merges per bar cost about half as much without a call and
+    a tuple unpack each. The first values go through the general path, which marks nodes that would
+    reach before the first value as empty (NaN).
     """
 
-    __slots__ = ("rings", "leaf", "ups", "plans", "paired", "empty", "count")
+    __slots__ = ("leaf", "ups", "plans", "paired", "empty", "count")
 
     def __init__(self, windows: tuple[int, ...], paired: bool) -> None:
         sizes = kernel.levels(windows)
-        self.rings = rings = {k: deque(maxlen=_FULL) for k in sizes}
+        rings = {k: deque(maxlen=_FULL) for k in sizes}
         self.leaf = rings[1]
         # per size above 1: its ring, its halves' ring, the older half's index, merge weights
         self.ups = [(rings[k], rings[k >> 1], -1 - (k >> 1), *kernel.level_weights(k)) for k in sizes[1:]]
-        self.plans = {w: (rings[kernel.parts(w)[0]],
-                          [(rings[size], -1 - offset, share, cross) for size, offset, share, cross in kernel.plan(w)])
-                      for w in windows}
+        # per window, in the order asked for: the ring of its newest node, then the older nodes' merges
+        self.plans = [(rings[kernel.parts(w)[0]],
+                       [(rings[size], -1 - offset, share, cross) for size, offset, share, cross in kernel.plan(w)])
+                      for w in windows]
         self.paired = paired
         self.empty = _NAN_PAIR if paired else _NAN
         self.count = 0  # values pushed, up to the ring length: below it, a node may lie before the start
 
-    def push(self, x: float) -> None:
+    def add(self, x: float) -> list:
+        """Push the next value; return the node of each window (in the order asked for) ending at it."""
         if self.count < _FULL:
-            return self._push_filling(x)
+            return self._add_filling(x)
+        out = []
         if not self.paired:
             self.leaf.append(x)
             for ring, half, back, _, _ in self.ups:
                 x = half[back] + x  # x: the newest node of the size below, just appended
                 ring.append(x)
-            return
-        # kernel.merge_pair(half[back], newest, share, cross), inlined; (m_b, low_b, q_b) the newest node
+            for newest, steps in self.plans:
+                acc = newest[-1]
+                for ring, back, _, _ in steps:
+                    acc = ring[back] + acc
+                out.append(acc)
+            return out
+        # kernel.merge_pair(older, newer, share, cross) inlined; (m_b, low_b, q_b) is the newer node
         m_b, low_b, q_b = x, 0.0, 0.0
         self.leaf.append((x, 0.0, 0.0))
         for ring, half, back, share, cross in self.ups:
@@ -72,8 +81,19 @@ class _Nodes:
             t = m - m_a
             m_b, low_b, q_b = m, low_a + ((m_a - (m - t)) + (step - t)), q_a + q_b + d * d * cross
             ring.append((m_b, low_b, q_b))
+        for newest, steps in self.plans:
+            m_b, low_b, q_b = newest[-1]
+            for ring, back, share, cross in steps:
+                m_a, low_a, q_a = ring[back]
+                d = (m_b - m_a) + (low_b - low_a)
+                step = d * share
+                m = m_a + step
+                t = m - m_a
+                m_b, low_b, q_b = m, low_a + ((m_a - (m - t)) + (step - t)), q_a + q_b + d * d * cross
+            out.append((m_b, low_b, q_b))
+        return out
 
-    def _push_filling(self, x: float) -> None:
+    def _add_filling(self, x: float) -> list:
         paired, empty = self.paired, self.empty
         self.leaf.append((x, 0.0, 0.0) if paired else x)
         self.count += 1
@@ -84,32 +104,14 @@ class _Nodes:
                 ring.append(kernel.merge_pair(half[back], half[-1], share, cross))
             else:
                 ring.append(half[back] + half[-1])
-
-    def window(self, w: int):
-        newest, steps = self.plans[w]
-        acc = newest[-1]
-        if self.count < _FULL:
-            return self._window_filling(acc, steps)
-        if not self.paired:
-            for ring, back, _, _ in steps:
-                acc = ring[back] + acc
-            return acc
-        m_b, low_b, q_b = acc  # kernel.merge_pair(ring[back], acc, share, cross), inlined as in push
-        for ring, back, share, cross in steps:
-            m_a, low_a, q_a = ring[back]
-            d = (m_b - m_a) + (low_b - low_a)
-            step = d * share
-            m = m_a + step
-            t = m - m_a
-            m_b, low_b, q_b = m, low_a + ((m_a - (m - t)) + (step - t)), q_a + q_b + d * d * cross
-        return m_b, low_b, q_b
-
-    def _window_filling(self, acc, steps):
-        paired, empty = self.paired, self.empty
-        for ring, back, share, cross in steps:
-            older = ring[back] if len(ring) >= -back else empty
-            acc = kernel.merge_pair(older, acc, share, cross) if paired else older + acc
-        return acc
+        out = []
+        for newest, steps in self.plans:
+            acc = newest[-1]
+            for ring, back, share, cross in steps:
+                older = ring[back] if len(ring) >= -back else empty
+                acc = kernel.merge_pair(older, acc, share, cross) if paired else older + acc
+            out.append(acc)
+        return out
 
 
 class IncrementalFeatures:
@@ -146,41 +148,31 @@ class IncrementalFeatures:
             ret_1, ret_5, ret_15, ret_60 = (log_c - log_closes[-1 - k] if n > k else _NAN for k in (1, 5, 15, 60))
         diff = close - self._prev_close
         self._prev_close = close
-        self._rets.push(ret_1)
-        self._gains.push(diff if diff >= 0.0 or diff != diff else 0.0)  # np.maximum(diff, 0.0)
+        r20, r60 = self._rets.add(ret_1)
+        g14, = self._gains.add(diff if diff >= 0.0 or diff != diff else 0.0)  # np.maximum(diff, 0.0)
         diff = -diff
-        self._losses.push(diff if diff >= 0.0 or diff != diff else 0.0)
-        self._closes.push(close)
-        self._volumes.push(volume)
+        l14, = self._losses.add(diff if diff >= 0.0 or diff != diff else 0.0)
+        c10, c20, c50 = self._closes.add(close)
+        v5, v20 = self._volumes.add(volume)
         hl_range = (high - low) / close
-        self._ranges.push(hl_range)
+        hl20, = self._ranges.add(hl_range)
 
-        vol_20 = math.sqrt(self._rets.window(20)[2] / 19)
-        vol_60 = math.sqrt(self._rets.window(60)[2] / 59)
+        vol_20 = math.sqrt(r20[2] / 19)
+        vol_60 = math.sqrt(r60[2] / 59)
         vol_ratio = _NAN if vol_60 != vol_60 else 0.0 if vol_60 == 0.0 else vol_20 / vol_60
-        gain = self._gains.window(14) / 14
-        loss = self._losses.window(14) / 14
+        gain = g14 / 14
+        loss = l14 / 14
         total = gain + loss  # 0 exactly when all 14 changes are 0 (sums of values >= 0)
         rsi = _NAN if total != total else 0.5 if total == 0.0 else min(max(gain / total, 0.0), 1.0)
-        m, low_m, q = self._closes.window(20)
-        mean, std = m + low_m, math.sqrt(q / 19)
+        mean, std = c20[0] + c20[1], math.sqrt(c20[2] / 19)
         # as in batch: a window whose squares overflow has no defined z-score
         zclose = _NAN if mean != mean or std == math.inf else 0.0 if std == 0.0 else (close - mean) / std
-        m, low_m, q = self._volumes.window(20)
-        mean, std = m + low_m, math.sqrt(q / 19)
+        mean, std = v20[0] + v20[1], math.sqrt(v20[2] / 19)
         zvolume = _NAN if mean != mean or std == math.inf else 0.0 if std == 0.0 else (volume - mean) / std
-        if mean != mean:
-            volume_ratio = _NAN
-        elif mean == 0.0:
-            volume_ratio = 1.0
-        else:
-            m, low_m, _ = self._volumes.window(5)
-            volume_ratio = (m + low_m) / mean
-        hl_range_20 = self._ranges.window(20) / 20
+        volume_ratio = _NAN if mean != mean else 1.0 if mean == 0.0 else (v5[0] + v5[1]) / mean
+        hl_range_20 = hl20 / 20
         close_location = 0.5 if high == low else (close - low) / (high - low)
-        m, low_m, _ = self._closes.window(10)
-        m50, low_m50, _ = self._closes.window(50)
-        sma_ratio = (m + low_m) / (m50 + low_m50) - 1.0
+        sma_ratio = (c10[0] + c10[1]) / (c50[0] + c50[1]) - 1.0
         # In FEATURE_NAMES order.
         return (ret_1, ret_5, ret_15, ret_60, vol_20, vol_60, vol_ratio, rsi, zclose, zvolume,
                 volume_ratio, hl_range, hl_range_20, close_location, sma_ratio)
