@@ -30,26 +30,28 @@ _FULL = WARMUP_BARS + 3  # ring length: from this many values on, every node a w
 class _Nodes:
     """Ring buffers of one series' nodes, one per size, for the windows asked for.
 
-    `add` runs `kernel.window` and the level merges of `batch._nodes` unrolled over precomputed ring
-    positions (the same merges in the same order; tests compare bit for bit). Once the rings are
-    full (`_FULL` values) every node exists, and `kernel.merge_pair` runs inlined (the same
-    expressions, so the same bits): ~40 merges per bar cost about half as much without a call and
-    a tuple unpack each. The first values go through the general path, which marks nodes that would
-    reach before the first value as empty (NaN).
+    `add` runs the level merges of `batch._nodes` and `kernel.window` as chains of merges over
+    precomputed ring positions (the same merges in the same order; tests compare bit for bit): the
+    first chain builds the new node of each size from the one below, each later one folds a
+    window's older nodes into its newest. Once the rings are full (`_FULL` values) every node
+    exists, and `kernel.merge_pair` runs inlined (the same expressions, so the same bits): ~40
+    merges per bar cost about half as much without a call each. The first values go through the
+    general path, which marks nodes that would reach before the first value as empty (NaN).
     """
 
-    __slots__ = ("leaf", "ups", "plans", "paired", "empty", "count")
+    __slots__ = ("leaf", "chains", "paired", "empty", "count")
 
     def __init__(self, windows: tuple[int, ...], paired: bool) -> None:
         sizes = kernel.levels(windows)
         rings = {k: deque(maxlen=_FULL) for k in sizes}
         self.leaf = rings[1]
-        # per size above 1: its ring, its halves' ring, the older half's index, merge weights
-        self.ups = [(rings[k], rings[k >> 1], -1 - (k >> 1), *kernel.level_weights(k)) for k in sizes[1:]]
-        # per window, in the order asked for: the ring of its newest node, then the older nodes' merges
-        self.plans = [(rings[kernel.parts(w)[0]],
-                       [(rings[size], -1 - offset, share, cross) for size, offset, share, cross in kernel.plan(w)])
-                      for w in windows]
+        # a chain: the ring whose newest node it starts from, then per merge (the ring of the older
+        # node, its index, the merge weights, the ring the result goes to or None)
+        levels = (rings[1], [(rings[k >> 1], -1 - (k >> 1), *kernel.level_weights(k), rings[k]) for k in sizes[1:]])
+        self.chains = [levels] + [(rings[kernel.parts(w)[0]],
+                                   [(rings[size], -1 - offset, share, cross, None)
+                                    for size, offset, share, cross in kernel.plan(w)])
+                                  for w in windows]
         self.paired = paired
         self.empty = _NAN_PAIR if paired else _NAN
         self.count = 0  # values pushed, up to the ring length: below it, a node may lie before the start
@@ -61,57 +63,47 @@ class _Nodes:
         out = []
         if not self.paired:
             self.leaf.append(x)
-            for ring, half, back, _, _ in self.ups:
-                x = half[back] + x  # x: the newest node of the size below, just appended
-                ring.append(x)
-            for newest, steps in self.plans:
-                acc = newest[-1]
-                for ring, back, _, _ in steps:
+            for start, steps in self.chains:
+                acc = start[-1]
+                for ring, back, _, _, dest in steps:
                     acc = ring[back] + acc
+                    if dest is not None:
+                        dest.append(acc)
                 out.append(acc)
-            return out
-        # kernel.merge_pair(older, newer, share, cross) inlined; (m_b, low_b, q_b) is the newer node
-        m_b, low_b, q_b = x, 0.0, 0.0
+            return out[1:]
         self.leaf.append((x, 0.0, 0.0))
-        for ring, half, back, share, cross in self.ups:
-            m_a, low_a, q_a = half[back]
-            d = (m_b - m_a) + (low_b - low_a)
-            step = d * share
-            m = m_a + step
-            t = m - m_a
-            m_b, low_b, q_b = m, low_a + ((m_a - (m - t)) + (step - t)), q_a + q_b + d * d * cross
-            ring.append((m_b, low_b, q_b))
-        for newest, steps in self.plans:
-            m_b, low_b, q_b = newest[-1]
-            for ring, back, share, cross in steps:
+        for start, steps in self.chains:
+            m_b, low_b, q_b = start[-1]  # the newer node of kernel.merge_pair, inlined below
+            for ring, back, share, cross, dest in steps:
                 m_a, low_a, q_a = ring[back]
                 d = (m_b - m_a) + (low_b - low_a)
                 step = d * share
                 m = m_a + step
                 t = m - m_a
                 m_b, low_b, q_b = m, low_a + ((m_a - (m - t)) + (step - t)), q_a + q_b + d * d * cross
+                if dest is not None:
+                    dest.append((m_b, low_b, q_b))
             out.append((m_b, low_b, q_b))
-        return out
+        return out[1:]
 
     def _add_filling(self, x: float) -> list:
         paired, empty = self.paired, self.empty
         self.leaf.append((x, 0.0, 0.0) if paired else x)
         self.count += 1
-        for ring, half, back, share, cross in self.ups:
-            if len(half) < -back:
-                ring.append(empty)
-            elif paired:
-                ring.append(kernel.merge_pair(half[back], half[-1], share, cross))
-            else:
-                ring.append(half[back] + half[-1])
         out = []
-        for newest, steps in self.plans:
-            acc = newest[-1]
-            for ring, back, share, cross in steps:
-                older = ring[back] if len(ring) >= -back else empty
-                acc = kernel.merge_pair(older, acc, share, cross) if paired else older + acc
+        for start, steps in self.chains:
+            acc = start[-1]
+            for ring, back, share, cross, dest in steps:
+                exists = len(ring) >= -back
+                if dest is not None and not exists:
+                    acc = empty  # a level node reaching before the first value
+                else:  # a window merges an empty node (NaN) like any other
+                    older = ring[back] if exists else empty
+                    acc = kernel.merge_pair(older, acc, share, cross) if paired else older + acc
+                if dest is not None:
+                    dest.append(acc)
             out.append(acc)
-        return out
+        return out[1:]
 
 
 class IncrementalFeatures:
