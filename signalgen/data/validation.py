@@ -312,13 +312,17 @@ class BarValidator:
         return accepted, rejections if rejections.height else None
 
     def _plainly_good(self, bar: dict) -> bool:
-        if bar.get("problem") is not None or bar.get("bar_time") is None:
+        t = bar.get("bar_time")
+        if t is None or bar.get("problem") is not None:
             return False
-        o, h, lo, c, v = values = [bar.get(k) for k in _VALUES]
-        if any(x is None for x in values):
+        try:
+            lo, h = bar["low"], bar["high"]
+            # every comparison with NaN is False, so a NaN never passes; inf fails the MAX_BAR_VALUE
+            # bound; a missing value (KeyError) or a None (TypeError) is no plain bar either
+            if not (0.0 < lo <= h <= MAX_BAR_VALUE and lo <= bar["close"] <= h and lo <= bar["open"] <= h
+                    and 0.0 <= bar["volume"] <= MAX_BAR_VALUE):
+                return False
+        except (KeyError, TypeError):
             return False
-        # every comparison with NaN is False, so a NaN never passes; inf fails the MAX_BAR_VALUE bound
-        if not (0.0 < lo <= h <= MAX_BAR_VALUE and lo <= c <= h and lo <= o <= h and 0.0 <= v <= MAX_BAR_VALUE):
-            return False
-        last, t = self.last_time, bar["bar_time"]
+        last = self.last_time
         return last is None or (t > last and t - last <= self.max_gap)

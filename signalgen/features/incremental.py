@@ -2,8 +2,9 @@
 
 Bit-identical to `batch.py` (and so to historical mode): each window is the same tree of
 operations (`kernel.py`) over the same bars, kept here as ring buffers of power-of-two nodes. A new
-bar costs O(log w) merges per window, about 40 in all (p50 ~20 us in CPython on this machine; the
-running sums this replaced took ~11 us but rounded differently from batch), whatever came before.
+bar costs O(log w) merges per window, about 40 in all (~7 us per bar in CPython on this machine,
+with the merges inlined; the running sums this replaced took ~11 us but rounded differently from
+batch), whatever came before.
 A running sum would be O(1) but its rounding would depend on where it started (the first bar, or
 the last recompute), so per-bar and batch values could differ in the last bit and flip a filter
 threshold or a float32 cast of a feature.
@@ -23,57 +24,86 @@ _NAN = math.nan
 _NAN_PAIR = (_NAN, _NAN, _NAN)
 
 
-def maximum(a: float, b: float) -> float:
-    """np.maximum for two floats: NaN propagates, and a is kept when a == b (signed zeros)."""
-    return a if a >= b or a != a else b
-
-
-_merge_pair = kernel.merge_pair  # a module global: one lookup less per merge, ~40 merges per bar
+_FULL = WARMUP_BARS + 3  # ring length: from this many values on, every node a window reads exists
 
 
 class _Nodes:
     """Ring buffers of one series' nodes, one per size, for the windows asked for.
 
-    `push` and `window` are `kernel.window` and the level merges of `batch._nodes`, unrolled over
-    precomputed ring positions (the same merges in the same order; tests compare bit for bit).
+    `add` runs the level merges of `batch._nodes` and `kernel.window` as chains of merges over
+    precomputed ring positions (the same merges in the same order; tests compare bit for bit): the
+    first chain builds the new node of each size from the one below, each later one folds a
+    window's older nodes into its newest. Once the rings are full (`_FULL` values) every node
+    exists, and `kernel.merge_pair` runs inlined (the same expressions, so the same bits): ~40
+    merges per bar cost about half as much without a call each. The first values go through the
+    general path, which marks nodes that would reach before the first value as empty (NaN).
     """
 
-    __slots__ = ("rings", "ups", "plans", "paired", "empty", "count")
+    __slots__ = ("leaf", "chains", "paired", "empty", "count")
 
     def __init__(self, windows: tuple[int, ...], paired: bool) -> None:
         sizes = kernel.levels(windows)
-        self.rings = rings = {k: deque(maxlen=WARMUP_BARS + 3) for k in sizes}
-        # per size above 1: its ring, its halves' ring, the older half's index, merge weights
-        self.ups = [(rings[k], rings[k >> 1], -1 - (k >> 1), *kernel.level_weights(k)) for k in sizes[1:]]
-        self.plans = {w: (rings[kernel.parts(w)[0]],
-                          [(rings[size], -1 - offset, share, cross) for size, offset, share, cross in kernel.plan(w)])
-                      for w in windows}
+        rings = {k: deque(maxlen=_FULL) for k in sizes}
+        self.leaf = rings[1]
+        # a chain: the ring whose newest node it starts from, then per merge (the ring of the older
+        # node, its index, the merge weights, the ring the result goes to or None)
+        levels = (rings[1], [(rings[k >> 1], -1 - (k >> 1), *kernel.level_weights(k), rings[k]) for k in sizes[1:]])
+        self.chains = [levels] + [(rings[kernel.parts(w)[0]],
+                                   [(rings[size], -1 - offset, share, cross, None)
+                                    for size, offset, share, cross in kernel.plan(w)])
+                                  for w in windows]
         self.paired = paired
         self.empty = _NAN_PAIR if paired else _NAN
         self.count = 0  # values pushed, up to the ring length: below it, a node may lie before the start
 
-    def push(self, x: float) -> None:
-        paired, empty = self.paired, self.empty
-        self.rings[1].append((x, 0.0, 0.0) if paired else x)
-        warm = self.count >= WARMUP_BARS + 3
-        if not warm:
-            self.count += 1
-        for ring, half, back, share, cross in self.ups:
-            if not warm and len(half) < -back:
-                ring.append(empty)
-            elif paired:
-                ring.append(_merge_pair(half[back], half[-1], share, cross))
-            else:
-                ring.append(half[back] + half[-1])
+    def add(self, x: float) -> list:
+        """Push the next value; return the node of each window (in the order asked for) ending at it."""
+        if self.count < _FULL:
+            return self._add_filling(x)
+        out = []
+        if not self.paired:
+            self.leaf.append(x)
+            for start, steps in self.chains:
+                acc = start[-1]
+                for ring, back, _, _, dest in steps:
+                    acc = ring[back] + acc
+                    if dest is not None:
+                        dest.append(acc)
+                out.append(acc)
+            return out[1:]
+        self.leaf.append((x, 0.0, 0.0))
+        for start, steps in self.chains:
+            m_b, low_b, q_b = start[-1]  # the newer node of kernel.merge_pair, inlined below
+            for ring, back, share, cross, dest in steps:
+                m_a, low_a, q_a = ring[back]
+                d = (m_b - m_a) + (low_b - low_a)
+                step = d * share
+                m = m_a + step
+                t = m - m_a
+                m_b, low_b, q_b = m, low_a + ((m_a - (m - t)) + (step - t)), q_a + q_b + d * d * cross
+                if dest is not None:
+                    dest.append((m_b, low_b, q_b))
+            out.append((m_b, low_b, q_b))
+        return out[1:]
 
-    def window(self, w: int):
-        newest, steps = self.plans[w]
-        acc = newest[-1]
-        warm, paired, empty = self.count >= WARMUP_BARS + 3, self.paired, self.empty
-        for ring, back, share, cross in steps:
-            older = ring[back] if warm or len(ring) >= -back else empty
-            acc = _merge_pair(older, acc, share, cross) if paired else older + acc
-        return acc
+    def _add_filling(self, x: float) -> list:
+        paired, empty = self.paired, self.empty
+        self.leaf.append((x, 0.0, 0.0) if paired else x)
+        self.count += 1
+        out = []
+        for start, steps in self.chains:
+            acc = start[-1]
+            for ring, back, share, cross, dest in steps:
+                exists = len(ring) >= -back
+                if dest is not None and not exists:
+                    acc = empty  # a level node reaching before the first value
+                else:  # a window merges an empty node (NaN) like any other
+                    older = ring[back] if exists else empty
+                    acc = kernel.merge_pair(older, acc, share, cross) if paired else older + acc
+                if dest is not None:
+                    dest.append(acc)
+            out.append(acc)
+        return out[1:]
 
 
 class IncrementalFeatures:
@@ -92,42 +122,49 @@ class IncrementalFeatures:
         self._gains, self._losses = _Nodes((14,), paired=False), _Nodes((14,), paired=False)
         self._ranges = _Nodes((20,), paired=False)
 
-    def update(self, open: float, high: float, low: float, close: float, volume: float) -> np.ndarray:
-        """Add one bar; return the FEATURE_NAMES values at it (float64, NaN while warming up)."""
+    def update(self, open: float, high: float, low: float, close: float, volume: float) -> tuple[float, ...]:
+        """Add one bar; return the FEATURE_NAMES values at it (floats, NaN while warming up).
+
+        `kernel.mean` (mean + mean_low of a pair node, sum / w of a sum node) and `kernel.variance`
+        (M2 / (w - 1)) are written out: the same operations, one call less each.
+        """
         # numpy's log, not math.log: a SIMD log may round differently from libm's, and batch uses numpy.
         log_c = float(np.log(close))
         log_closes = self._log_closes
         log_closes.append(log_c)
-        n = len(log_closes)
-        ret_1, ret_5, ret_15, ret_60 = (log_c - log_closes[-1 - k] if n > k else _NAN for k in (1, 5, 15, 60))
+        if len(log_closes) == WARMUP_BARS:
+            ret_1, ret_5, ret_15, ret_60 = (log_c - log_closes[-2], log_c - log_closes[-6], log_c - log_closes[-16],
+                                            log_c - log_closes[-61])
+        else:
+            n = len(log_closes)
+            ret_1, ret_5, ret_15, ret_60 = (log_c - log_closes[-1 - k] if n > k else _NAN for k in (1, 5, 15, 60))
         diff = close - self._prev_close
         self._prev_close = close
-        self._rets.push(ret_1)
-        self._gains.push(maximum(diff, 0.0))
-        self._losses.push(maximum(-diff, 0.0))
-        self._closes.push(close)
-        self._volumes.push(volume)
+        r20, r60 = self._rets.add(ret_1)
+        g14, = self._gains.add(diff if diff >= 0.0 or diff != diff else 0.0)  # np.maximum(diff, 0.0)
+        diff = -diff
+        l14, = self._losses.add(diff if diff >= 0.0 or diff != diff else 0.0)
+        c10, c20, c50 = self._closes.add(close)
+        v5, v20 = self._volumes.add(volume)
         hl_range = (high - low) / close
-        self._ranges.push(hl_range)
+        hl20, = self._ranges.add(hl_range)
 
-        vol_20 = math.sqrt(kernel.variance(self._rets.window(20), 20))
-        vol_60 = math.sqrt(kernel.variance(self._rets.window(60), 60))
+        vol_20 = math.sqrt(r20[2] / 19)
+        vol_60 = math.sqrt(r60[2] / 59)
         vol_ratio = _NAN if vol_60 != vol_60 else 0.0 if vol_60 == 0.0 else vol_20 / vol_60
-        gain = kernel.mean(self._gains.window(14), 14)
-        loss = kernel.mean(self._losses.window(14), 14)
+        gain = g14 / 14
+        loss = l14 / 14
         total = gain + loss  # 0 exactly when all 14 changes are 0 (sums of values >= 0)
         rsi = _NAN if total != total else 0.5 if total == 0.0 else min(max(gain / total, 0.0), 1.0)
-        c20 = self._closes.window(20)
-        mean, std = kernel.mean(c20, 20), math.sqrt(kernel.variance(c20, 20))
+        mean, std = c20[0] + c20[1], math.sqrt(c20[2] / 19)
         # as in batch: a window whose squares overflow has no defined z-score
         zclose = _NAN if mean != mean or std == math.inf else 0.0 if std == 0.0 else (close - mean) / std
-        v20 = self._volumes.window(20)
-        mean, std = kernel.mean(v20, 20), math.sqrt(kernel.variance(v20, 20))
+        mean, std = v20[0] + v20[1], math.sqrt(v20[2] / 19)
         zvolume = _NAN if mean != mean or std == math.inf else 0.0 if std == 0.0 else (volume - mean) / std
-        volume_ratio = _NAN if mean != mean else 1.0 if mean == 0.0 else kernel.mean(self._volumes.window(5), 5) / mean
-        hl_range_20 = kernel.mean(self._ranges.window(20), 20)
+        volume_ratio = _NAN if mean != mean else 1.0 if mean == 0.0 else (v5[0] + v5[1]) / mean
+        hl_range_20 = hl20 / 20
         close_location = 0.5 if high == low else (close - low) / (high - low)
-        sma_ratio = kernel.mean(self._closes.window(10), 10) / kernel.mean(self._closes.window(50), 50) - 1.0
+        sma_ratio = (c10[0] + c10[1]) / (c50[0] + c50[1]) - 1.0
         # In FEATURE_NAMES order.
-        return np.array((ret_1, ret_5, ret_15, ret_60, vol_20, vol_60, vol_ratio, rsi, zclose, zvolume,
-                         volume_ratio, hl_range, hl_range_20, close_location, sma_ratio))
+        return (ret_1, ret_5, ret_15, ret_60, vol_20, vol_60, vol_ratio, rsi, zclose, zvolume,
+                volume_ratio, hl_range, hl_range_20, close_location, sma_ratio)

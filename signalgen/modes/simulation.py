@@ -29,14 +29,16 @@ class BatchingSink:
     def __init__(self, writer: SignalWriter, size: int = 4096) -> None:
         self.writer, self.size = writer, size
         self._pending: list[Decisions] = []
+        self._bars = 0  # bars in _pending
         self._spec: WorkerSpec | None = None
 
     def record(self, spec: WorkerSpec, decisions: Decisions) -> None:
-        if self._spec is not None and spec.id != self._spec.id:
+        if self._spec is not None and spec is not self._spec and spec.id != self._spec.id:
             self.drain()
         self._spec = spec
         self._pending.append(decisions)
-        if sum(d.bars for d in self._pending) >= self.size:
+        self._bars += decisions.bars
+        if self._bars >= self.size:
             self.drain()
 
     def record_bar_rejections(self, rejections, run_id: str) -> None:
@@ -46,7 +48,7 @@ class BatchingSink:
         """Hand what is pending to the writer."""
         if self._pending:
             self.writer.record(self._spec, Decisions.concat(self._pending))
-            self._pending = []
+            self._pending, self._bars = [], 0
 
     @property
     def checkpoints(self):

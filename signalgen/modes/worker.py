@@ -107,19 +107,19 @@ class MemorySink:
     def __init__(self) -> None:
         self.decisions: list[Decisions] = []
         self.bar_rejections: list[pl.DataFrame] = []
-        self._checkpoints: dict[str, datetime] = {}
+        self._last: dict[str, Decisions] = {}  # worker id -> its last batch with bars
 
     def record(self, spec: WorkerSpec, decisions: Decisions) -> None:
         self.decisions.append(decisions)
         if decisions.bars:
-            self._checkpoints[spec.id] = _EPOCH + int(decisions.bar_time_us[-1]) * _US
+            self._last[spec.id] = decisions
 
     def record_bar_rejections(self, rejections: pl.DataFrame, run_id: str) -> None:
         self.bar_rejections.append(rejections)
 
     @property
     def checkpoints(self) -> dict[str, datetime]:
-        return dict(self._checkpoints)
+        return {wid: _EPOCH + int(d.bar_time_us[-1]) * _US for wid, d in self._last.items()}
 
     def frames(self) -> tuple[pl.DataFrame, pl.DataFrame]:
         """All (signals, rejections) records written so far, in order."""
@@ -176,9 +176,10 @@ def run_worker(spec: WorkerSpec, feed: Iterable[dict | pl.DataFrame | ValidatedB
     def deliver(decisions: Decisions) -> None:
         outcome.bars += decisions.bars
         outcome.signals += decisions.signals
-        outcome.reasons.update(decisions.reasons)
+        counts = outcome.reasons
+        for reason, n in decisions.reasons.items():  # Counter.update, without its generic checks
+            counts[reason] += n
         sink.record(spec, decisions)
-        outcome.checkpoint = sink.checkpoints.get(spec.id, outcome.checkpoint)
 
     def reject(rejections: pl.DataFrame | None, in_range: bool) -> None:
         if rejections is not None and rejections.height and in_range:
@@ -189,34 +190,37 @@ def run_worker(spec: WorkerSpec, feed: Iterable[dict | pl.DataFrame | ValidatedB
         if stop is not None and stop.is_set():
             outcome.stopped = True
             break
-        if isinstance(item, pl.DataFrame):  # a raw chunk
-            item = validate_bars(item, spec.timeframe, last_time=validator.last_time)
-        if isinstance(item, ValidatedBars):  # a chunk (validated above, or by the feed on another thread)
-            checked = item
-            if checked.last_time is not None:
-                validator.last_time = checked.last_time
-            first = history is None
-            # the first chunk is history: its rejections belong to the runs that cover it
-            reject(checked.rejections, not first)
-            bars = checked.bars if first or not history.height else pl.concat([history, checked.bars])
-            history = bars.tail(engine.history)
-            if bars.height:
-                clock.advance(epoch_us(bars["bar_time"][-1]))
-            prepared = engine.prepare(bars, emit_from)
-            if prepared.bar_time_us.size:
-                emit_from = int(prepared.bar_time_us[-1])  # later chunks repeat these rows as history
-                deliver(engine.decide(prepared))
+        if not isinstance(item, (pl.DataFrame, ValidatedBars)):  # one bar (simulation, live): kept lean
+            t = item.get("bar_time")
+            t_us = None if t is None else epoch_us(t)
+            # a bar without a time is in the range once the range has begun
+            in_range = past_history if t_us is None else t_us > emit_from
+            past_history = past_history or in_range
+            accepted, rejections = validator.push(item)
+            if rejections is not None:
+                reject(rejections, in_range)
+            if accepted:
+                prepared = preparer.push(item, t_us)
+                clock.advance(t_us)
+                if in_range:
+                    deliver(engine.decide(prepared, np.array([clock.now_us()], dtype=np.int64)))
             continue
-        t = item.get("bar_time")
-        # a bar without a time is in the range once the range has begun
-        past_history = past_history or (t is not None and epoch_us(t) > emit_from)
-        accepted, rejections = validator.push(item)
-        reject(rejections, past_history if t is None else epoch_us(t) > emit_from)
-        if not accepted:
-            continue
-        prepared = preparer.push(item)
-        t_us = int(prepared.bar_time_us[0])
-        clock.advance(t_us)
-        if t_us > emit_from:
-            deliver(engine.decide(prepared, np.array([clock.now_us()], dtype=np.int64)))
+        # a chunk: raw (validated here) or validated by the feed on another thread
+        checked = validate_bars(item, spec.timeframe, last_time=validator.last_time) \
+            if isinstance(item, pl.DataFrame) else item
+        if checked.last_time is not None:
+            validator.last_time = checked.last_time
+        first = history is None
+        # the first chunk is history: its rejections belong to the runs that cover it
+        reject(checked.rejections, not first)
+        bars = checked.bars if first or not history.height else pl.concat([history, checked.bars])
+        history = bars.tail(engine.history)
+        if bars.height:
+            clock.advance(epoch_us(bars["bar_time"][-1]))
+        prepared = engine.prepare(bars, emit_from)
+        if prepared.bar_time_us.size:
+            emit_from = int(prepared.bar_time_us[-1])  # later chunks repeat these rows as history
+            deliver(engine.decide(prepared))
+    if outcome.bars:  # the sink's acknowledged checkpoint after the last batch (read once, not per bar)
+        outcome.checkpoint = sink.checkpoints.get(spec.id)
     return outcome

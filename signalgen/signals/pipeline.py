@@ -133,39 +133,41 @@ class _Scalars:
     computes them for a batch, then held as Python floats."""
 
     thresholds: tuple[float, ...]
-    directions: tuple[float, ...]
-    w: tuple[float, ...]             # weights / their sum
-    w_dir: tuple[float, ...]         # w * directions (the weighted score)
+    w_dir: tuple[float, ...]         # w * directions (the weighted score), w = weights / their sum
     w_up: tuple[tuple[int, float], ...]    # (model index, w) of the up models, in model order
     w_down: tuple[tuple[int, float], ...]
-    weights: tuple[float, ...]       # raw weights (expected_move)
-    w_target: tuple[float, ...]      # weights * target_returns
-    horizons: tuple[int, ...]
+    # per model: (w, direction, weights * target_returns, raw weight, horizon), for the agreeing
+    # models' sums (confidence, strength, expected_move) and the holding period
+    agreeing: tuple[tuple[float, float, float, float, int], ...]
     max_staleness_us: int
-    vol_band: dict[np.dtype, tuple[float, float]] | None  # feature dtype -> the band as compared
+    vol_band: dict[type, tuple[float, float]] | None  # feature dtype's type -> the band as compared
     vol_column: int
     trend_column: int | None         # None: trend confirmation off
+    fraction: float | None           # fixed_fraction sizing; None: volatility_target
+    target_volatility: float
     cap: float                       # min(max_position, exposure budget)
 
     @classmethod
     def of(cls, params: StrategyParams) -> _Scalars:
         directions, weights = params.column("direction"), params.column("weight")
         w = weights / weights.sum()
-        vol = params.filters.volatility
+        vol, sizing = params.filters.volatility, params.sizing
         return cls(
-            tuple(params.column("threshold").tolist()), tuple(directions.tolist()), tuple(w.tolist()),
-            tuple((w * directions).tolist()),
+            tuple(params.column("threshold").tolist()), tuple((w * directions).tolist()),
             tuple((i, float(w[i])) for i in np.flatnonzero(directions > 0).tolist()),
             tuple((i, float(w[i])) for i in np.flatnonzero(directions < 0).tolist()),
-            tuple(weights.tolist()), tuple((weights * params.column("target_return")).tolist()),
-            tuple(int(h) for h in params.column("horizon_bars").tolist()),
+            tuple(zip(w.tolist(), directions.tolist(), (weights * params.column("target_return")).tolist(),
+                      weights.tolist(), (int(h) for h in params.column("horizon_bars").tolist()))),
             int(params.max_staleness_bars * params.timeframe_us),
-            {np.dtype(np.float32): (_f32(vol.min), _f32(vol.max)), np.dtype(np.float64): (vol.min, vol.max)}
-            if vol.enabled else None,
+            {np.float32: (_f32(vol.min), _f32(vol.max)), np.float64: (vol.min, vol.max)} if vol.enabled else None,
             FEATURE_NAMES.index(vol.feature),
             FEATURE_NAMES.index(params.filters.trend_confirmation.feature)
             if params.filters.trend_confirmation.enabled else None,
-            min(params.sizing.max_position, params.exposure_budget))
+            sizing.fraction if sizing.method == "fixed_fraction" else None, sizing.target_volatility,
+            min(sizing.max_position, params.exposure_budget))
+
+
+_ONE_BAR_TYPES = (np.float32, np.float64)
 
 
 def _evaluate_one(params: StrategyParams, bar_time_us: np.ndarray, now_us: np.ndarray | int, features: np.ndarray,
@@ -177,15 +179,18 @@ def _evaluate_one(params: StrategyParams, bar_time_us: np.ndarray, now_us: np.nd
     an output that is not a finite probability, an unexpected dtype.
     """
     c = params.scalars
-    if features.dtype.type not in (np.float32, np.float64) or predictions.dtype.type is not np.float64:
+    dtype = features.dtype.type
+    if dtype not in _ONE_BAR_TYPES or predictions.dtype.type is not np.float64:
         return None
     xs, ps = features[0].tolist(), predictions[0].tolist()
-    if not all(map(math.isfinite, xs)) or not all(0.0 <= p <= 1.0 for p in ps):
+    if not all(map(math.isfinite, xs)):
         return None
+    for p in ps:
+        if not 0.0 <= p <= 1.0:
+            return None
     reasons = 0
-    t = int(bar_time_us[0])
     now = int(now_us[0]) if getattr(now_us, "ndim", 0) else int(now_us)
-    if now - t > c.max_staleness_us:
+    if now - int(bar_time_us[0]) > c.max_staleness_us:
         reasons |= _STALE_DATA
     if not window_ok[0]:
         reasons |= _INCOMPLETE_WINDOW
@@ -194,13 +199,12 @@ def _evaluate_one(params: StrategyParams, bar_time_us: np.ndarray, now_us: np.nd
 
     # aggregate(): every sum starts at 0.0 and adds coef * value model by model, as _weighted_sum
     active = [p >= th for p, th in zip(ps, c.thresholds)]
-    voted = [p if a else 0.0 for p, a in zip(ps, active)]
     rule = params.aggregation
     score = None
     if rule is Aggregation.WEIGHTED:
         score = 0.0
-        for coef, v in zip(c.w_dir, voted):
-            score += coef * v
+        for coef, p, a in zip(c.w_dir, ps, active):
+            score += coef * (p if a else 0.0)  # the voted output
         direction = 1 if score > 0.0 else -1 if score < 0.0 else 0
     else:
         up_w = down_w = 0.0
@@ -212,45 +216,50 @@ def _evaluate_one(params: StrategyParams, bar_time_us: np.ndarray, now_us: np.nd
             direction = 1 if up_w > down_w + 1e-12 else -1 if down_w > up_w + 1e-12 else 0
         else:
             direction = 1 if up_w >= 1 - 1e-12 else -1 if down_w >= 1 - 1e-12 else 0
-    agree = [a and d == direction for a, d in zip(active, c.directions)]
-    agree_w = agree_wp = 0.0
-    for wi, a, v in zip(c.w, agree, voted):
-        agree_w += wi * (1.0 if a else 0.0)
-        agree_wp += wi * (v if a else 0.0)
+    # over the models that agree with the direction: the confidence and strength sums (aggregate),
+    # expected_move's sums and holding_period's maximum, each in model order
+    agree_w = agree_wp = num = den = 0.0
+    period = 0
+    for (wi, d, wt, wr, h), a, p in zip(c.agreeing, active, ps):
+        if a and d == direction:
+            agree_w += wi * 1.0
+            agree_wp += wi * p
+            num += wt * p
+            den += wr * 1.0
+            if h > period:
+                period = h
+        else:
+            agree_w += wi * 0.0
+            agree_wp += wi * 0.0
+            num += wt * 0.0
+            den += wr * 0.0
     confidence = _clip(agree_wp / agree_w if agree_w > 0 else 0.0, 0.0, 1.0)
     strength = _clip(agree_wp if score is None else abs(score), 0.0, 1.0)
-    below = not all(active) if rule is Aggregation.UNANIMOUS else not any(active)
-    if below:
+    if not (all(active) if rule is Aggregation.UNANIMOUS else any(active)):
         reasons |= _BELOW_CONFIDENCE
     elif direction == 0:
         reasons |= _NO_CONSENSUS
 
-    if c.vol_band is not None and direction != 0:
-        low, high = c.vol_band[features.dtype]
-        vol = xs[c.vol_column]
-        if not (vol >= low and vol <= high):
-            reasons |= _VOLATILITY_FILTER
-    if c.trend_column is not None and direction != 0:
-        trend = xs[c.trend_column]
-        if (1 if trend > 0.0 else -1 if trend < 0.0 else 0) != direction:
-            reasons |= _TREND_UNCONFIRMED
+    if direction != 0:
+        if c.vol_band is not None:
+            low, high = c.vol_band[dtype]
+            vol = xs[c.vol_column]
+            if not (vol >= low and vol <= high):
+                reasons |= _VOLATILITY_FILTER
+        if c.trend_column is not None:
+            trend = xs[c.trend_column]
+            if (1 if trend > 0.0 else -1 if trend < 0.0 else 0) != direction:
+                reasons |= _TREND_UNCONFIRMED
 
-    sizing = params.sizing
-    if sizing.method == "fixed_fraction":
-        raw = sizing.fraction * strength
+    if c.fraction is not None:
+        raw = c.fraction * strength
     else:
         vol = xs[_VOL20]
-        raw = strength * sizing.target_volatility / vol if vol > 0 else 0.0
+        raw = strength * c.target_volatility / vol if vol > 0 else 0.0
     weight = _clip(raw, 0.0, c.cap)
     if direction != 0 and weight <= 0:
         reasons |= _ZERO_SIZE
-
-    num = den = 0.0
-    for wt, wi, a, p in zip(c.w_target, c.weights, agree, ps):
-        num += wt * (p if a else 0.0)
-        den += wi * (1.0 if a else 0.0)
     magnitude = float(direction) * num / den if den > 0 else 0.0
-    period = max((h for h, a in zip(c.horizons, agree) if a), default=0)
     return Evaluation(np.array([direction], np.int8), np.array([confidence]), np.array([strength]),
                       np.array([magnitude]), np.array([weight]), np.array([period], np.int32),
                       np.array([reasons], np.uint16))
@@ -313,9 +322,15 @@ def count_reasons(reasons: np.ndarray) -> dict[str, int]:
     """Candidates per reason code (a candidate with two reasons counts under both)."""
     if reasons.size == 1:  # the per-bar path: ten numpy counts of one element cost ~10 us
         mask = int(reasons[0])
-        return {r.value: 1 for r, b in _BIT.items() if mask & b}
+        counts = _ONE_BAR_COUNTS.get(mask)
+        if counts is None:
+            counts = _ONE_BAR_COUNTS[mask] = {r.value: 1 for r, b in _BIT.items() if mask & b}
+        return dict(counts)
     counts = {r.value: int(np.count_nonzero(reasons & b)) for r, b in REASON_BIT.items()}
     return {k: v for k, v in counts.items() if v}
+
+
+_ONE_BAR_COUNTS: dict[int, dict[str, int]] = {}  # bitmask -> count_reasons of one bar with it
 
 
 def reason_codes(reasons: np.ndarray) -> list[list[str]]:

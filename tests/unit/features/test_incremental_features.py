@@ -15,17 +15,17 @@ class _Window:
     """One (mean, M2) window of `_Nodes`, read the way the features read it."""
 
     def __init__(self, w: int) -> None:
-        self.w, self.nodes, self.values = w, _Nodes((w,), paired=True), []
+        self.w, self.nodes, self.values, self.node = w, _Nodes((w,), paired=True), [], None
 
     def push(self, x: float) -> None:
-        self.nodes.push(x)
+        [self.node] = self.nodes.add(x)
         self.values = (self.values + [x])[-self.w:]
 
     def mean(self) -> float:
-        return kernel.mean(self.nodes.window(self.w), self.w)
+        return kernel.mean(self.node, self.w)
 
     def var(self) -> float:
-        return kernel.variance(self.nodes.window(self.w), self.w)
+        return kernel.variance(self.node, self.w)
 
     @property
     def flat(self) -> bool:

@@ -57,3 +57,47 @@ def test_cli_runs_the_simulation_preset_on_the_demo(root):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert '"mode": "simulation"' in proc.stdout and '"bars": 144' in proc.stdout
+
+
+class _ListWriter:
+    """The writer's record/checkpoints interface, keeping what it is handed."""
+
+    def __init__(self) -> None:
+        self.batches: list = []
+        self.checkpoints: dict = {}
+
+    def record(self, spec, decisions) -> None:
+        self.batches.append((spec.id, decisions))
+
+
+def test_batching_sink_hands_the_writer_one_batch_per_size_bars_of_a_worker(root):
+    """Batches of `size` bars, a partial one when the worker changes and at drain; the joined
+    batches are the worker's per-bar decisions, record for record."""
+    from signalgen.config.workers import worker_specs
+    from signalgen.modes.simulation import BatchingSink
+    from signalgen.modes.worker import MemorySink, ReplayClock, bar_feed, run_worker
+    from tests.unit.modes.test_records import assert_bit_identical
+    from tests.unit.modes.test_worker_equivalence import config, context, raw
+
+    cfg = config(root, "synthetic")
+    writer = _ListWriter()
+    size = 500
+    sink = BatchingSink(writer, size=size)
+    specs, per_bar = [s for s in worker_specs(cfg) if s.timeframe == "5m"][:2], {}
+    for spec in specs:
+        memory = MemorySink()
+        run_worker(spec, bar_feed(raw(cfg, spec)), memory, ReplayClock(), context(cfg))
+        per_bar[spec.id] = memory
+        for decisions in memory.decisions:
+            sink.record(spec, decisions)
+    sink.drain()
+    expected = []
+    for spec in specs:
+        n = len(per_bar[spec.id].decisions)
+        assert n > size and n % size
+        expected += [(spec.id, size)] * (n // size) + [(spec.id, n % size)]
+    assert [(wid, d.bars) for wid, d in writer.batches] == expected
+    for spec in specs:
+        frames = [d.frames() for wid, d in writer.batches if wid == spec.id]
+        for i, want in enumerate(per_bar[spec.id].frames()):
+            assert_bit_identical(pl.concat([f[i] for f in frames]), want)
