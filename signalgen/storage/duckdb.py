@@ -27,7 +27,6 @@ naming the file and the OS reason; the transaction is rolled back, so the file k
 from __future__ import annotations
 
 import json
-import logging
 import re
 import threading
 import time
@@ -52,8 +51,6 @@ from signalgen.storage.base import (DECISION_ID, DECISION_KEY, FINISH_FIELDS, RU
 from signalgen.storage.reads import COLUMNS, ID_COLUMN, ReadQuery
 
 
-log = logging.getLogger(__name__)
-
 # superseded_<table>: the table's columns plus who replaced the row
 AUDIT_COLUMNS = {"superseded_by": "UUID", "superseded_by_run": "VARCHAR"}
 
@@ -66,13 +63,6 @@ _IO_ERRORS = (OSError, duckdb.IOException, duckdb.FatalException, duckdb.Transac
 ID_COLUMNS = frozenset({"signal_id", "rejection_id"})
 
 WORKER_KEY = tuple(k for k in DECISION_KEY if k != "bar_time")  # one worker's decisions in one mode
-
-# Decision rows after which write_decisions checkpoints (moves what the commits wrote into the file's
-# compressed row groups). DuckDB would otherwise leave that to close(), i.e. to the end of a batch run,
-# on the run's main thread: 0.56 s per 1.75M rows, after the models finished. Checkpointed on the
-# writer thread every 750k rows it overlaps the models, and costs less in total (2.53 s for writes
-# and close instead of 2.87 s; every write: 2.96 s).
-CHECKPOINT_ROWS = 750_000
 
 _SCALAR_SQL = {pl.String: "VARCHAR", pl.Int8: "TINYINT", pl.Int32: "INTEGER", pl.Int64: "BIGINT",
                pl.Float64: "DOUBLE", pl.Boolean: "BOOLEAN"}
@@ -122,7 +112,6 @@ class DuckDBStore:
         self._read_lock = threading.Lock()
         # worker key -> newest bar_time of its decisions in the store (None: none), once looked up
         self._newest: dict[tuple, datetime | None] = {}
-        self._unchecked_rows = 0  # decision rows committed since the last checkpoint
 
     def __str__(self) -> str:
         return str(self.path)
@@ -268,21 +257,7 @@ class DuckDBStore:
         for w, last in zip(workers.rows(), spans["last"]):  # committed: the store's newest bars now
             if newest[w] is None or last > newest[w]:
                 newest[w] = last
-        self._unchecked_rows += keys.height
-        if self._unchecked_rows >= CHECKPOINT_ROWS:
-            self._checkpoint()
         return keys.height
-
-    def _checkpoint(self) -> None:
-        """CHECKPOINT now; skipped (left to a later one, or to close) while another transaction
-        runs: the committed rows are durable in the WAL either way."""
-        try:
-            self.con.execute("CHECKPOINT")
-            self._unchecked_rows = 0
-        except duckdb.TransactionException as exc:
-            log.debug("checkpoint deferred: %s", exc)
-        except _IO_ERRORS as exc:
-            raise storage_error(self.path, exc) from exc
 
     def _newest_stored(self, workers: pl.DataFrame) -> dict[tuple, datetime | None]:
         """Worker key (WORKER_KEY) -> the newest bar_time the decision tables hold for it (None:

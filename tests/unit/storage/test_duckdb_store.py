@@ -365,18 +365,3 @@ def test_a_failed_write_does_not_move_the_newest_stored_bar(store):
     store.con.execute("ALTER TABLE signals ALTER COLUMN period DROP NOT NULL")
     store.write_signals(df)  # bars 0-4 stored, 5-9 not: the replay must replace 0-4, not add them again
     assert store.count("signals") == 10
-
-
-def test_the_writer_checkpoints_every_checkpoint_rows_not_only_at_close(tmp_path, monkeypatch):
-    import signalgen.storage.duckdb as duck
-
-    monkeypatch.setattr(duck, "CHECKPOINT_ROWS", 30)
-    path = tmp_path / "s.duckdb"
-    wal = path.with_name(path.name + ".wal")
-    df = signal_frame(40)
-    with DuckDBStore(path) as s:
-        s.write_signals(df.head(20))
-        assert wal.exists() and wal.stat().st_size > 0  # committed, in the WAL: not yet checkpointed
-        s.write_signals(df.tail(20))  # 40 rows since the last checkpoint: one now, on the writing thread
-        assert not wal.exists() or wal.stat().st_size == 0
-        assert s.count("signals") == 40
