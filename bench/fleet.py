@@ -185,7 +185,7 @@ def bench(workers: int, *, window: float, settle: float, repeats: int, start_tim
         ids = setup(root, workers, process)
         control = Control(root / "var" / "local-dev" / "control.sqlite")
         out = open(root / "manager.out", "wb")
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
         t0 = time.monotonic()
         if heartbeats_only:
             cmd = [sys.executable, "-c", f"import sys; sys.path.insert(0, {str(ROOT / 'bench')!r}); import fleet; "

@@ -127,9 +127,9 @@ def decision_host(cfg: RunConfig, store, *, run_id: str, address: str, authkey: 
         from signalgen.process.recorder_host import RecorderHost
 
         return RecorderHost(cfg, store, run_id=run_id)
-    from signalgen.process.writer_server import WriterServer
+    from signalgen.process.writer_server import STREAMING_WINDOW, WriterServer
 
-    return WriterServer(cfg, store, run_id=run_id, address=address, authkey=authkey)
+    return WriterServer(cfg, store, run_id=run_id, address=address, authkey=authkey, **STREAMING_WINDOW)
 
 
 def default_loader(cfg: RunConfig) -> SpecLoader:
@@ -777,7 +777,8 @@ class _UssCache:
     with the oldest readings, enough that each is read again about every `REFRESH_S`.
     """
 
-    REFRESH_S = 60.0
+    REFRESH_S = 300.0  # a read costs ~4 ms of CPU (the kernel walks a 300 MB mapping): 500 workers
+    # every 60 s were ~3% of a core; RSS moves and the limit still trigger a read at once
     RSS_SLACK_MB = 8.0
 
     def __init__(self, period_s: float) -> None:

@@ -115,7 +115,7 @@ def serve_writer(cfg: RunConfig, address: Path, stop: threading.Event | None = N
     from contextlib import closing
 
     from signalgen.modes import new_run_id, stop_on_signals
-    from signalgen.process.writer_server import WriterServer
+    from signalgen.process.writer_server import STREAMING_WINDOW, WriterServer
     from signalgen.storage import open_store
     from signalgen.storage.base import RunRecord
 
@@ -127,7 +127,7 @@ def serve_writer(cfg: RunConfig, address: Path, stop: threading.Event | None = N
         store.start_run(RunRecord(run_id=run_id, config_hash=cfg.config_hash, mode=cfg.mode.name.value,
                                   environment=cfg.environment.name.value, start=cfg.start, end=cfg.end,
                                   started_at=started_at, clients=[c.id for c in cfg.clients]))
-        server = WriterServer(cfg, store, run_id=run_id, address=str(address), authkey=authkey)
+        server = WriterServer(cfg, store, run_id=run_id, address=str(address), authkey=authkey, **STREAMING_WINDOW)
         status = "failed"
         try:
             with server:

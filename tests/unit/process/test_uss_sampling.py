@@ -20,8 +20,13 @@ class FakeProcess:
         return SimpleNamespace(uss=self.uss_mb * 2**20, rss=2 * self.uss_mb * 2**20)
 
 
+def cache_period(rounds: int) -> float:
+    """The sampling period at which each worker's USS is read in turn every `rounds` rounds."""
+    return _UssCache.REFRESH_S / rounds
+
+
 def test_uss_is_read_in_turn_on_rss_moves_and_when_forced():
-    cache = _UssCache(period_s=5.0)  # 60 s / 5 s: each worker in turn every 12 rounds
+    cache = _UssCache(period_s=cache_period(rounds=12))  # each worker in turn every 12 rounds
     procs = [FakeProcess(pid, 20.0) for pid in range(1, 25)]
     for p in procs:  # first sight: read
         assert cache.uss(p, 40.0) == 20.0

@@ -140,3 +140,22 @@ def test_in_flight_batches_are_bounded(tmp_path, short_dir):
         assert len(sink.ack_latencies) < 288  # bars travelled in batches, not one by one
     finally:
         fleet.close()
+
+
+def test_frames_travel_as_arrow_ipc_and_arrive_equal():
+    import pickle
+
+    import polars as pl
+    from polars.testing import assert_frame_equal
+
+    from signalgen.process.writer_server import Frames
+    from tests.unit.outputs.factories import rejection_frame, signal_frame
+
+    for frames in (Frames(signal_frame(70), rejection_frame(90)), Frames(signal_frame(0), rejection_frame(3))):
+        back = pickle.loads(pickle.dumps(frames))
+        for sent, got in zip(frames.frames(), back.frames()):
+            assert got.schema == sent.schema
+            assert_frame_equal(got, sent)
+        assert back.bars == frames.bars and back.last_bar_time == frames.last_bar_time
+    assert b"_frames_from_ipc" in pickle.dumps(frames)  # Arrow IPC, not pickled polars frames
+    assert isinstance(back.signals, pl.DataFrame)

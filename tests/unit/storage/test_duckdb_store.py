@@ -315,3 +315,53 @@ def test_checkpoints_are_kept_per_worker_and_mode(tmp_path):
     with DuckDBStore(tmp_path / "s.duckdb") as s:  # durable across a reopen
         assert s.checkpoints("mock") == {"a": t2, "b": t1}
         assert s.checkpoints("simulation") == {"a": t1} and s.checkpoints("live") == {}
+
+
+def _decision_keys(store) -> pl.DataFrame:
+    return store.query("SELECT client_id, strategy_id, symbol, timeframe, bar_time, mode FROM signals UNION ALL "
+                       "SELECT client_id, strategy_id, symbol, timeframe, bar_time, mode FROM rejections")
+
+
+def test_bars_newer_than_any_stored_skip_the_replace_and_older_ones_still_replace(tmp_path, monkeypatch):
+    path = tmp_path / "s.duckdb"
+    df = rejection_frame(40, symbols=("AAPL", "MSFT"))  # 20 bars of each worker
+    replaced: list[int] = []
+    monkeypatch.setattr(DuckDBStore, "_replace_stored", lambda self, keys, real=DuckDBStore._replace_stored:
+                        (replaced.append(keys.height), real(self, keys)))
+    with DuckDBStore(path) as s:
+        s.write_rejections(df.head(20))
+        s.write_rejections(df.slice(20, 10))  # every bar newer than its worker's newest: no probe, no delete
+        assert replaced == []
+        s.write_rejections(df.slice(16, 10))  # a replay overlapping the newest bars: replaced
+        assert replaced == [10]
+        assert s.count("rejections") == 30
+    with DuckDBStore(path) as s:  # reopened: the newest bars are read from the file, not assumed absent
+        s.write_rejections(df.slice(24, 16).with_columns(run_id=pl.lit("run-2")))
+        assert replaced == [10, 16]
+        assert s.count("rejections") == 40 and s.count("rejections", run_id="run-2") == 16
+        assert not _decision_keys(s).is_duplicated().any()
+
+
+def test_a_group_of_fresh_and_replayed_workers_replaces_only_the_replayed_bars(store, monkeypatch):
+    a = rejection_frame(6, symbols=("AAPL",), client_id="ada")
+    b = signal_frame(6, symbols=("MSFT",), client_id="bea")
+    store.write_decisions(b.head(3), a.head(3))
+    replaced: list[pl.DataFrame] = []
+    monkeypatch.setattr(DuckDBStore, "_replace_stored", lambda self, keys, real=DuckDBStore._replace_stored:
+                        (replaced.append(keys), real(self, keys)))
+    # ada replays its last bar and goes on; bea is a new worker in mock mode: nothing of it stored
+    store.write_decisions(b.with_columns(mode=pl.lit("mock")), a.slice(2, 4))
+    assert [set(k["client_id"]) for k in replaced] == [{"ada"}]
+    assert store.count("rejections") == 6 and store.count("signals") == 9
+    assert not _decision_keys(store).is_duplicated().any()
+
+
+def test_a_failed_write_does_not_move_the_newest_stored_bar(store):
+    df = signal_frame(10, symbols=("AAPL",))
+    store.write_signals(df.head(5))
+    store.con.execute("ALTER TABLE signals ALTER COLUMN period SET NOT NULL")
+    with pytest.raises(duckdb.ConstraintException):
+        store.write_signals(df.with_columns(period=pl.lit(None, pl.Int32)))
+    store.con.execute("ALTER TABLE signals ALTER COLUMN period DROP NOT NULL")
+    store.write_signals(df)  # bars 0-4 stored, 5-9 not: the replay must replace 0-4, not add them again
+    assert store.count("signals") == 10
