@@ -61,6 +61,12 @@ def build_output(cfg: RunConfig, client_id: str, destination: str) -> Output:
     return output_class(output_alias(cfg, destination)).from_config(cfg, client_id)
 
 
+def _others(column: pl.Series, value: str) -> list:
+    """The distinct values of a string column other than `value` (nulls included)."""
+    unique = column.unique()
+    return [v for v in unique.to_list() if v != value]
+
+
 def client_batch(batch: pl.DataFrame, client_id: str, mode: str | None = None) -> pl.DataFrame:
     """Check a batch handed to an output: SIGNAL_SCHEMA columns, only `client_id`'s rows, and (if
     given) only rows of `mode`.
@@ -69,16 +75,17 @@ def client_batch(batch: pl.DataFrame, client_id: str, mode: str | None = None) -
     another client reaching this output is a routing bug, and delivering it would leak signals
     across tenants; a row of another mode would mix, say, mock signals into a live stream.
     """
-    missing = [c for c in SIGNAL_SCHEMA if c not in batch.columns]
-    wrong = [f"{c}: {batch.schema[c]} (want {t})" for c, t in SIGNAL_SCHEMA.items()
-             if c in batch.columns and batch.schema[c] != t]
+    schema = batch.schema  # built on every access: read once
+    missing = [c for c in SIGNAL_SCHEMA if c not in schema]
+    wrong = [f"{c}: {schema[c]} (want {t})" for c, t in SIGNAL_SCHEMA.items() if c in schema and schema[c] != t]
     if missing or wrong:
         raise ValueError(f"not a signal batch: missing {missing}, wrong types {wrong}")
-    others = batch.filter(pl.col("client_id").ne_missing(client_id))["client_id"].unique().to_list()
+    others = _others(batch["client_id"], client_id)
     if others:
         raise ValueError(f"output of client {client_id!r} was given signals of {sorted(others, key=str)}")
     if mode is not None:
-        modes = batch.filter(pl.col("mode").ne_missing(mode))["mode"].unique().to_list()
+        modes = _others(batch["mode"], mode)
         if modes:
             raise ValueError(f"{mode} output of client {client_id!r} was given {sorted(modes, key=str)} signals")
-    return batch.select(SIGNAL_SCHEMA.names())
+    names = SIGNAL_SCHEMA.names()
+    return batch if batch.columns == names else batch.select(names)
