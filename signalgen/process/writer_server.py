@@ -641,7 +641,7 @@ class RemoteSink:
         while True:
             try:
                 message = self._conn.recv()
-            except (EOFError, OSError) as exc:
+            except (EOFError, OSError, TypeError) as exc:  # TypeError: closed by abort() during the read
                 with self._cond:
                     if not self._closing and self._error is None:
                         self._error = TransientError(f"lost the writer at {self.address}: {exc!r}")
