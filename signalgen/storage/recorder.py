@@ -60,22 +60,23 @@ class Recorder:
         self.gather_s = gather_s
         self.group, self.consumer = group, consumer or socket.gethostname()
         self.count, self.block_ms, self.claim_idle_ms = count, block_ms, claim_idle_ms
-        self.streams = {**{keys.signals(mode, c): "signals" for c in clients},
-                        **{keys.rejections(mode, c): "rejections" for c in clients},
-                        keys.bar_rejections(mode): "bar_rejections"}
+        self.streams = {**self._client_streams(clients), keys.bar_rejections(mode): "bar_rejections"}
         self.stats = RecorderStats()
         self._redis = redis_module()
 
     def add_clients(self, clients: list[str]) -> list[str]:
         """Also read these clients' streams (a reload added them); their groups are created now. The
         streams it adds."""
-        new = {**{self.keys.signals(self.mode, c): "signals" for c in clients},
-               **{self.keys.rejections(self.mode, c): "rejections" for c in clients}}
-        new = {k: v for k, v in new.items() if k not in self.streams}
+        new = {k: v for k, v in self._client_streams(clients).items() if k not in self.streams}
         for key in new:
             self._create_group(key)
         self.streams = {**self.streams, **new}  # one assignment: the reading thread sees the old or the new map
         return sorted(new)
+
+    def _client_streams(self, clients: list[str]) -> dict[str, str]:
+        """Stream key -> kind, for these clients' signal and rejection streams of the mode."""
+        return {**{self.keys.signals(self.mode, c): "signals" for c in clients},
+                **{self.keys.rejections(self.mode, c): "rejections" for c in clients}}
 
     @classmethod
     def from_config(cls, cfg: RunConfig, store: SignalStore, **kwargs) -> Recorder:
