@@ -117,11 +117,12 @@ def select_specs(specs: list[WorkerSpec], names: list[str] | None) -> list[Worke
     return [s for s in specs if any(matches(s.id, n) for n in names)]
 
 
-def decision_host(cfg: RunConfig, store, *, run_id: str, address: str, authkey: bytes):
+def decision_host(cfg: RunConfig, store, *, run_id: str, address: str, authkey: bytes, control_path: str):
     """What takes the workers' decisions to the store, by the environment's messaging: with Redis the
     workers write the clients' streams and the manager hosts the recorder (the store's one writer, a
     consumer group over those streams: `process.recorder_host`); otherwise the `WriterServer` that
-    workers reach at `address`. Both: `start()`, `add_clients()` (a reload added clients), `close()`
+    workers reach at `address`, which also relays their heartbeats into the control store at
+    `control_path`. Both: `start()`, `add_clients()` (a reload added clients), `close()`
     (after the workers stopped), `address`, `stats["bars"]`."""
     if cfg.environment.messaging.type == "redis":
         from signalgen.process.recorder_host import RecorderHost
@@ -129,7 +130,8 @@ def decision_host(cfg: RunConfig, store, *, run_id: str, address: str, authkey: 
         return RecorderHost(cfg, store, run_id=run_id)
     from signalgen.process.writer_server import STREAMING_WINDOW, WriterServer
 
-    return WriterServer(cfg, store, run_id=run_id, address=address, authkey=authkey, **STREAMING_WINDOW)
+    return WriterServer(cfg, store, run_id=run_id, address=address, authkey=authkey, control_path=control_path,
+                        **STREAMING_WINDOW)
 
 
 def default_loader(cfg: RunConfig) -> SpecLoader:
@@ -255,7 +257,8 @@ class StrategyProcessManager:
             self._record_run(store, held)
             self._authkey = os.urandom(32)
             server = decision_host(self.cfg, store, run_id=self.run_id,
-                                   address=os.path.join(sock_dir, "writer.sock"), authkey=self._authkey)
+                                   address=os.path.join(sock_dir, "writer.sock"), authkey=self._authkey,
+                                   control_path=self._control_path)
             server.start()
             self._server = server
             held.callback(server.close)  # after the workers stopped (they wait for their last acks)

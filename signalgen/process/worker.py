@@ -15,7 +15,7 @@ that already imported `signalgen.process.preload`); `signalgen.process.worker_cl
    XREAD BLOCK) on the wall clock (`WallClock`: late bars are `stale_data`). The mode changes
    only feed, clock and sink: the loop is the same;
 5. runs the one worker loop (`modes.worker.run_worker`) into the sink, writing heartbeats to the
-   control store every `heartbeat_interval_s` (ready=1 once its models and first bar are loaded;
+   control store every `heartbeat_interval_s` (through the writer's connection when it relays them) (ready=1 once its models and first bar are loaded;
    live: once its models are loaded, since the stream may be quiet);
 6. on SIGTERM / SIGINT stops taking bars, waits until the sink holds everything, exits 0.
 
@@ -206,10 +206,10 @@ class Heartbeat:
         self._thread.start()
 
     def beat(self) -> None:
-        from signalgen.storage.control import ControlStore
+        """One heartbeat: through the writer's connection when the sink relays them (`RemoteSink`:
+        one small message instead of a control-store transaction), else into the control store."""
+        from signalgen.storage.control import ControlStore, now_iso
 
-        if self._store is None:
-            self._store = ControlStore(self.args.control_path)
         sink = self.sink_ref[0] if self.sink_ref else None
         with self.counts.lock:
             c = self.counts
@@ -217,7 +217,11 @@ class Heartbeat:
                 c.checkpoint = sink.checkpoints.get(self.args.spec.id, c.checkpoint)
             fields = dict(pid=os.getpid(), state=c.state, last_bar_time=_iso(c.last_bar_time),
                           checkpoint=_iso(c.checkpoint), signals=c.signals, rejections=c.rejections,
-                          errors=c.errors, ready=c.ready)
+                          errors=c.errors, ready=c.ready, ts=now_iso())
+        if sink is not None and getattr(sink, "send_heartbeat", None) and sink.send_heartbeat(fields):
+            return
+        if self._store is None:
+            self._store = ControlStore(self.args.control_path)
         self._store.heartbeat(self.args.spec.id, **fields)
 
     def _loop(self) -> None:

@@ -127,7 +127,8 @@ def serve_writer(cfg: RunConfig, address: Path, stop: threading.Event | None = N
         store.start_run(RunRecord(run_id=run_id, config_hash=cfg.config_hash, mode=cfg.mode.name.value,
                                   environment=cfg.environment.name.value, start=cfg.start, end=cfg.end,
                                   started_at=started_at, clients=[c.id for c in cfg.clients]))
-        server = WriterServer(cfg, store, run_id=run_id, address=str(address), authkey=authkey, **STREAMING_WINDOW)
+        server = WriterServer(cfg, store, run_id=run_id, address=str(address), authkey=authkey,
+                              control_path=str(Path(cfg.root) / cfg.environment.control.path), **STREAMING_WINDOW)
         status = "failed"
         try:
             with server:

@@ -1,7 +1,7 @@
 """The control store: worker instances, commands, heartbeats, resource samples and events, in SQLite.
 
 Separate from the signal store, and written by many processes at once: the manager (instances,
-events, resources, command results), every worker (its heartbeat), the CLI and any other program
+events, resources, command results), every worker (its heartbeat, or the writer relaying it), the CLI and any other program
 (command rows, e.g. `sqlite3 var/local-dev/control.sqlite "INSERT INTO strategy_commands ..."`).
 
 Why this is safe with many writers: WAL mode (readers never block the writer, the writer never
@@ -109,6 +109,20 @@ def epoch(text: str) -> float:
 
 def now_iso() -> str:
     return iso(time.time())
+
+
+_HEARTBEAT_UPSERT = (
+    "INSERT INTO heartbeats (worker_id, pid, state, last_bar_time, checkpoint, signals, rejections, errors, ready, "
+    "ts) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (worker_id) DO UPDATE SET pid = excluded.pid, "
+    "state = excluded.state, last_bar_time = excluded.last_bar_time, checkpoint = excluded.checkpoint, "
+    "signals = excluded.signals, rejections = excluded.rejections, errors = excluded.errors, "
+    "ready = excluded.ready, ts = excluded.ts")
+
+
+def _heartbeat_row(worker_id: str, pid: int, state: str, last_bar_time: Any, checkpoint: Any, signals: int,
+                   rejections: int, errors: int, ready: bool, ts: str | None = None) -> tuple:
+    return (worker_id, pid, str(state), _time_value(last_bar_time), _time_value(checkpoint), signals, rejections,
+            errors, int(bool(ready)), ts or now_iso())
 
 
 def _time_value(value: Any) -> Any:
@@ -341,16 +355,19 @@ class ControlStore:
 
     def heartbeat(self, worker_id: str, *, pid: int, state: str, last_bar_time: datetime | str | None,
                   checkpoint: datetime | str | None, signals: int, rejections: int, errors: int,
-                  ready: bool) -> None:
-        """Upsert this worker's heartbeat with ts = now (one autocommit statement: cheap, lock-safe)."""
-        self.con.execute(
-            "INSERT INTO heartbeats (worker_id, pid, state, last_bar_time, checkpoint, signals, rejections, "
-            "errors, ready, ts) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (worker_id) DO UPDATE SET "
-            "pid = excluded.pid, state = excluded.state, last_bar_time = excluded.last_bar_time, "
-            "checkpoint = excluded.checkpoint, signals = excluded.signals, rejections = excluded.rejections, "
-            "errors = excluded.errors, ready = excluded.ready, ts = excluded.ts",
-            (worker_id, pid, str(state), _time_value(last_bar_time), _time_value(checkpoint), signals,
-             rejections, errors, int(bool(ready)), now_iso()))
+                  ready: bool, ts: str | None = None) -> None:
+        """Upsert this worker's heartbeat, `ts` now unless given (one autocommit statement: cheap, lock-safe)."""
+        self.con.execute(_HEARTBEAT_UPSERT, _heartbeat_row(worker_id, pid, state, last_bar_time, checkpoint, signals,
+                                                          rejections, errors, ready, ts))
+
+    def relay_heartbeats(self, beats: dict[str, dict]) -> None:
+        """Upsert heartbeats a worker sent over another channel (the writer's connection: `heartbeat`'s
+        fields with their `ts`), all in one transaction. A relayed beat arrives late, so it never replaces
+        the final state (STOPPED, EXITED, FAILED, FATAL) the same process wrote directly as it left."""
+        with self._write() as con:
+            con.executemany(_HEARTBEAT_UPSERT + " WHERE heartbeats.pid IS NOT excluded.pid OR heartbeats.state "
+                            "NOT IN ('STOPPED', 'EXITED', 'FAILED', 'FATAL')",
+                            [_heartbeat_row(wid, **fields) for wid, fields in beats.items()])
 
     def heartbeats(self) -> dict[str, dict]:
         """worker id -> its last heartbeat (`ready` as bool, times as ISO text)."""

@@ -159,3 +159,51 @@ def test_frames_travel_as_arrow_ipc_and_arrive_equal():
         assert back.bars == frames.bars and back.last_bar_time == frames.last_bar_time
     assert b"_frames_from_ipc" in pickle.dumps(frames)  # Arrow IPC, not pickled polars frames
     assert isinstance(back.signals, pl.DataFrame)
+
+
+def test_the_writer_relays_heartbeats_and_a_late_one_never_replaces_a_final_state(tmp_path, short_dir):
+    """A worker's beat travels on its writer connection into the control store; one relayed after the
+    same process wrote its final state directly (it left meanwhile) does not bring RUNNING back."""
+    from signalgen.storage.control import ControlStore
+
+    from tests.polling import wait_for
+
+    root = make_root(tmp_path)
+    control_path = str(tmp_path / "control.sqlite")
+    fleet = Fleet(config(root, "simulation", END), short_dir / "w.sock", control_path=control_path)
+    control = ControlStore(control_path)
+    beat = dict(pid=4242, state="RUNNING", last_bar_time=None, checkpoint=None, signals=3, rejections=1,
+                errors=0, ready=True)
+    try:
+        spec = next(iter(fleet.specs.values()))
+        sink = RemoteSink(fleet.address, fleet.authkey, spec)
+        assert sink.relays_heartbeats
+        assert sink.send_heartbeat({**beat, "ts": "2026-01-01T00:00:01.000Z"})
+        wait_for(lambda: control.heartbeats().get(spec.id), 10, "the relayed heartbeat")
+        got = control.heartbeats()[spec.id]
+        assert (got["pid"], got["state"], got["signals"], got["ready"], got["ts"]) == \
+            (4242, "RUNNING", 3, True, "2026-01-01T00:00:01.000Z")
+
+        # the process left: its final beat is written directly; a beat still in flight arrives after it
+        control.heartbeat(spec.id, **{**beat, "state": "STOPPED", "ts": "2026-01-01T00:00:03.000Z"})
+        control.relay_heartbeats({spec.id: {**beat, "ts": "2026-01-01T00:00:02.000Z"}})
+        assert control.heartbeats()[spec.id]["state"] == "STOPPED"
+        # a new process (another pid) is relayed over the old one's final state
+        control.relay_heartbeats({spec.id: {**beat, "pid": 4243, "ts": "2026-01-01T00:00:04.000Z"}})
+        assert (control.heartbeats()[spec.id]["pid"], control.heartbeats()[spec.id]["state"]) == (4243, "RUNNING")
+        sink.close(timeout=10)
+        assert not sink.send_heartbeat(beat)  # closed: the worker writes the control store itself
+    finally:
+        control.close()
+        fleet.close()
+
+
+def test_a_writer_without_a_control_store_relays_no_heartbeat(tmp_path, short_dir):
+    root = make_root(tmp_path)
+    fleet = Fleet(config(root, "simulation", END), short_dir / "w.sock")
+    try:
+        sink = RemoteSink(fleet.address, fleet.authkey, next(iter(fleet.specs.values())))
+        assert not sink.relays_heartbeats and not sink.send_heartbeat({"state": "RUNNING"})
+        sink.close(timeout=10)
+    finally:
+        fleet.close()
