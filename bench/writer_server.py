@@ -71,10 +71,9 @@ def sender(cfg, spec, address: str, authkey: bytes, rate: float, go, results) ->
     go.wait()
     t0 = time.perf_counter()
     for i, d in enumerate(batches):
-        if rate > 0:
-            wait = t0 + i / rate - time.perf_counter()
-            if wait > 0:
-                time.sleep(wait)
+        if rate > 0:  # wait for the bar's time reading acks as they come (else they wait for the next bar)
+            while (wait := t0 + i / rate - time.perf_counter()) > 0:
+                sink.read_answers(wait)
         sink.record(spec, d)
     sink.flush()
     t1 = time.perf_counter()

@@ -40,6 +40,7 @@ import socket
 import stat
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -73,6 +74,7 @@ COMMIT_WAIT_FACTOR = 8  # gather batches for 8x the last commit's duration: comm
 # defaults: their batches fill a group (`max_group_bars`) at once.
 STREAMING_WINDOW = {"commit_interval_s": 0.5, "max_commit_wait_s": 1.0}
 HEARTBEAT_RELAY_S = 0.5  # relayed heartbeats reach the control store within this long
+ANSWER_WAIT_S = 1.0  # a worker waiting for acks (flush, backpressure) looks again at least this often
 
 
 @dataclass(frozen=True)
@@ -548,6 +550,11 @@ class RemoteSink:
     `max_pending_bars` wait unsent and the in-flight window is full, `record()` blocks until an
     ack frees it: backpressure, never an unbounded buffer. `checkpoints` advances only on an ack.
 
+    The writer's answers are read by whoever calls in — `record()`, `checkpoints`, `flush()` — not
+    by a thread of their own: an ack waits in the socket until the worker next looks (its next bar,
+    or its heartbeat), so a paced worker wakes once per bar, not twice (a 500-worker fleet: 500
+    thread wake-ups a second less).
+
     A failed commit ("failed") or a lost writer makes the next `record()` / `flush()` raise
     TransientError: the worker exits and its next incarnation resumes after the checkpoint.
     """
@@ -572,7 +579,8 @@ class RemoteSink:
         self.resume_point: datetime | None = reply[1]["checkpoint"]
         self.relays_heartbeats: bool = bool(reply[1].get("heartbeats"))
         self._checkpoint = self.resume_point
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()       # state and sending (the worker's loop and its heartbeat thread)
+        self._recv_lock = threading.Lock()  # reading the writer's answers; taken before _lock, never inside it
         self._pending: list = []          # Decisions not yet sent
         self._pending_bars = 0
         self._bar_rejections: list[pl.DataFrame] = []
@@ -580,41 +588,42 @@ class RemoteSink:
         self._seq = 0
         self._error: SignalgenError | None = None
         self._closing = False
-        self.ack_latencies: list[float] = []  # seconds from send to ack, per batch (benchmarks)
-        self._receiver = threading.Thread(target=self._receive_loop, name="sink-acks", daemon=True)
-        self._receiver.start()
+        self.ack_latencies: deque[float] = deque(maxlen=4096)  # seconds from send to ack, newest batches (benchmarks)
 
     # ----------------------------------------------------------------------------- Sink
 
     def record(self, spec: WorkerSpec, decisions) -> None:
         """Queue one batch of this worker's decisions; blocks while the writer is too far behind."""
-        with self._cond:
+        self.read_answers()
+        with self._lock:
             self._raise_error()
             self._pending.append(decisions)
             self._pending_bars += decisions.bars
             self._pump()
-            while self._pending_bars >= self.max_pending_bars:
-                self._cond.wait()
+        while self._pending_bars >= self.max_pending_bars:
+            self.read_answers(wait=ANSWER_WAIT_S)
+            with self._lock:
                 self._raise_error()
                 self._pump()
 
     def record_bar_rejections(self, rejections: pl.DataFrame, run_id: str) -> None:
         """Queue rejected bars; they travel with the next batch (or the final flush)."""
         if rejections.height:
-            with self._cond:
+            with self._lock:
                 self._raise_error()
                 self._bar_rejections.append(rejections)
 
     @property
     def checkpoints(self) -> dict[str, datetime]:
-        with self._cond:
-            return {self.spec.id: self._checkpoint} if self._checkpoint is not None else {}
+        self.read_answers()
+        with self._lock:
+            return self._checkpoints()
 
     def send_heartbeat(self, fields: dict) -> bool:
         """Hand the worker's heartbeat (`ControlStore.heartbeat`'s fields with `ts`) to the writer,
         which relays it into the control store; False if this writer does not, or the connection is
         closed or lost: the caller writes the control store itself."""
-        with self._cond:
+        with self._lock:
             if not self.relays_heartbeats or self._closing or self._error is not None:
                 return False
             try:
@@ -629,17 +638,18 @@ class RemoteSink:
         """Send everything queued and wait until the writer acked it all; the checkpoints then.
         TransientError when the writer failed or did not ack within `timeout`."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        with self._cond:
-            while True:
+        while True:
+            self.read_answers()
+            with self._lock:
                 self._raise_error()
                 self._pump(final=True)
                 if not self._pending and not self._bar_rejections and not self._in_flight:
-                    return self.checkpoints
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    raise TransientError(f"writer did not acknowledge {len(self._in_flight)} batches of "
-                                         f"{self.spec.id} in {timeout:.0f} s")
-                self._cond.wait(left)
+                    return self._checkpoints()
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise TransientError(f"writer did not acknowledge {len(self._in_flight)} batches of "
+                                     f"{self.spec.id} in {timeout:.0f} s")
+            self.read_answers(wait=ANSWER_WAIT_S if left is None else min(left, ANSWER_WAIT_S))
 
     def close(self, timeout: float | None = None) -> None:
         """Flush (wait for every ack), say bye, close the connection. Raises what flush raises
@@ -651,19 +661,22 @@ class RemoteSink:
 
     def abort(self, bye: bool = False) -> None:
         """Close without waiting: unacked batches are the next incarnation's to re-send."""
-        with self._cond:
+        with self._lock:
             if self._closing:
                 return
             self._closing = True
-        if bye:
-            try:
-                self._conn.send(("bye",))
-            except OSError:
-                pass
-        self._conn.close()
-        self._receiver.join(timeout=5)
+            if bye:
+                try:
+                    self._conn.send(("bye",))
+                except OSError:
+                    pass
+        with self._recv_lock:
+            self._conn.close()
 
     # ----------------------------------------------------------------------------- internals
+
+    def _checkpoints(self) -> dict[str, datetime]:
+        return {self.spec.id: self._checkpoint} if self._checkpoint is not None else {}
 
     def _raise_error(self) -> None:
         if self._error is not None:
@@ -691,32 +704,38 @@ class RemoteSink:
         self._in_flight[self._seq] = time.monotonic()
         self._pending, self._pending_bars, self._bar_rejections = [], 0, []
 
-    def _receive_loop(self) -> None:
-        while True:
+    def read_answers(self, wait: float = 0.0) -> None:
+        """Apply the acks (and failures) the writer sent, waiting up to `wait` seconds for the first
+        (a caller that idles can wait here to see acks as they arrive: bench/writer_server.py)."""
+        with self._recv_lock:
+            if self._closing:
+                return
             try:
-                message = self._conn.recv()
-            except (EOFError, OSError, TypeError) as exc:  # TypeError: closed by abort() during the read
-                with self._cond:
+                ready = self._conn.poll(wait)
+                while ready:
+                    self._answer(self._conn.recv())
+                    ready = self._conn.poll(0)
+            except (EOFError, OSError) as exc:
+                with self._lock:
                     if not self._closing and self._error is None:
                         self._error = TransientError(f"lost the writer at {self.address}: {exc!r}")
-                    self._cond.notify_all()
-                return
-            with self._cond:
-                kind, seq = message[0], message[1]
-                sent = self._in_flight.pop(seq, None)
-                if kind == "ack":
-                    if sent is not None:
-                        self.ack_latencies.append(time.monotonic() - sent)
-                    if self._error is None and message[2] is not None:
-                        self._checkpoint = message[2]
-                    if self._error is None and not self._closing:
-                        try:
-                            self._pump()
-                        except TransientError:
-                            pass  # kept in self._error
-                elif kind == "failed":
-                    self._error = TransientError(f"writer could not store a batch of {self.spec.id}: {message[2]}")
-                self._cond.notify_all()
+
+    def _answer(self, message: tuple) -> None:
+        with self._lock:
+            kind, seq = message[0], message[1]
+            sent = self._in_flight.pop(seq, None)
+            if kind == "ack":
+                if sent is not None:
+                    self.ack_latencies.append(time.monotonic() - sent)
+                if self._error is None and message[2] is not None:
+                    self._checkpoint = message[2]
+                if self._error is None and not self._closing:
+                    try:
+                        self._pump()  # the window has room again: what waited goes now
+                    except TransientError:
+                        pass  # kept in self._error
+            elif kind == "failed":
+                self._error = TransientError(f"writer could not store a batch of {self.spec.id}: {message[2]}")
 
 
 def _connect(address: str, authkey: bytes, timeout: float) -> Connection:
