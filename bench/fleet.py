@@ -289,7 +289,7 @@ def markdown(results: list[dict], command: str) -> str:
     lines = [MARK_BEGIN, "## Fleet", "",
              f"Command: `{command}` — run on {now:%Y-%m-%d}, {machine()}.", "",
              "Streaming mock workers (one bar per second each, mock inference), forked from a preloaded "
-             "forkserver, one writer in the manager, heartbeats every 2 s into the SQLite control store.", "",
+             "forkserver, one writer in the manager, heartbeats every 2 s (sent on the writer connection, relayed into the SQLite control store).", "",
              "| workers | all RUNNING after start | start-up CPU per worker, median (p90) | USS per worker, median "
              "(p90) | manager USS | fleet CPU at 1 bar/s/worker (% of one core; manager alone) | CPU per worker "
              "per second | bars/s decided (asked) | kill -9 -> RUNNING | command row -> effect (-> result) | "
