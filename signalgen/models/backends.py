@@ -8,6 +8,7 @@ backend that needs them.
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -148,6 +149,10 @@ _VOLATILITY = FEATURE_NAMES.index("vol_20")
 _M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
 
 
+_SQRT15 = float(np.sqrt(15.0))
+_MASK64 = (1 << 64) - 1
+
+
 def _mix(h: np.ndarray) -> np.ndarray:
     """splitmix64 finalizer: every input bit flips about half the output bits."""
     h = (h ^ (h >> np.uint64(30))) * _M1
@@ -169,6 +174,7 @@ class MockPredictor:
         self.tilt = tilt
         digest = hashlib.sha256(f"{seed}:{card.model_id}".encode()).digest()
         self._key = np.uint64(int.from_bytes(digest[:8], "little"))
+        self._key_int = int(self._key)
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         x = _rows(x)
@@ -183,7 +189,24 @@ class MockPredictor:
         return 1.0 / (1.0 + np.exp(-(np.log(u / (1.0 - u)) + lean)))
 
     def predict_one(self, row: np.ndarray) -> float:
-        return float(self.predict(row[None, :])[0])
+        """`predict` of one row, bit for bit, in Python scalars: the hash in ints and the arithmetic in
+        floats (both exact IEEE / integer operations), only log, exp and tanh through numpy: ~7 µs
+        instead of ~94 µs of ~100 one-element ufunc calls (a mock fleet's workers spent most of
+        their CPU here)."""
+        if row.dtype != np.float32 or row.shape != (N_FEATURES,) or not row.flags.c_contiguous:
+            row = _rows(np.asarray(row)[None, :])[0]
+        h = self._key_int
+        for word in row.view(np.uint32).tolist():  # the row's float32 bit patterns, column by column
+            h ^= word  # then `_mix` in Python ints: the same wrapping arithmetic, masked to 64 bits
+            h = ((h ^ (h >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+            h = ((h ^ (h >> 27)) * 0x94D049BB133111EB) & _MASK64
+            h ^= h >> 31
+        u = (float(h >> 11) + 0.5) / 2.0**53
+        momentum, volatility = row[_MOMENTUM].item(), row[_VOLATILITY].item()
+        spread = volatility * _SQRT15
+        momentum = momentum / spread if spread else math.nan  # x/0 is inf or nan in predict: no lean
+        lean = float(np.tanh(momentum)) * self.card.direction * self.tilt if math.isfinite(momentum) else 0.0
+        return 1.0 / (1.0 + float(np.exp(-(float(np.log(u / (1.0 - u))) + lean))))
 
 
 def load_predictor(registry: ModelRegistry, model_id: str, backend: Backend, seed: int = 0,

@@ -54,6 +54,32 @@ def test_any_values_give_probabilities(cards, x):
     assert ((p > 0) & (p < 1)).all()
 
 
+def test_predict_one_equals_predict_bit_for_bit(cards):
+    """The per-bar path's scalar predict_one gives predict's float64 exactly, bad values included."""
+    x = _rows(5_000, seed=7)
+    x[:40, VOL] = 0.0                 # zero volatility: x/0 -> no lean
+    x[40:80, MOMENTUM] = np.nan
+    x[80:120, VOL] = np.inf
+    x[120:160, 5] = np.nan            # NaN elsewhere only changes the hash
+    x[160:200, MOMENTUM] = -np.inf
+    x[200:240, MOMENTUM], x[200:240, VOL] = 0.0, 0.0   # 0/0
+    for card in cards:
+        for seed in (0, 5):
+            m = MockPredictor(card, seed=seed)
+            whole = m.predict(x)
+            one = np.array([m.predict_one(row) for row in x])
+            assert np.array_equal(whole.view(np.uint64), one.view(np.uint64))
+    m = MockPredictor(cards[0], seed=1)  # a float64 or strided row is converted as predict converts it
+    assert m.predict_one(x[3].astype(np.float64)) == m.predict(x[3:4])[0] == m.predict_one(x[:, :][3])
+    assert m.predict_one(np.asfortranarray(x)[3]) == m.predict(x[3:4])[0]
+
+
+@given(arrays(np.float32, st.just(len(FEATURE_NAMES))))
+def test_predict_one_equals_predict_for_any_row(cards, row):
+    m = MockPredictor(cards[1], seed=2)
+    assert np.float64(m.predict_one(row)).view(np.uint64) == m.predict(row[None, :]).view(np.uint64)[0]
+
+
 def test_output_depends_on_row_content_seed_and_model(cards):
     x = _rows(2_000)
     high, low = cards
