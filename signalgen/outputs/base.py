@@ -41,4 +41,18 @@ class Output(Protocol):
 
     def flush(self) -> None: ...
 
+    @classmethod
+    def flush_all(cls, outputs: list[Self]) -> list[Exception]:
+        """Flush several outputs of this backend (a writer's group commit flushes every client's at
+        once): the exception of each output whose flush failed; the others are flushed all the same.
+        Default: one by one. A backend whose flush has a per-call cost that several outputs can share
+        overrides it (the local stream serialises all its clients' signals in one pass)."""
+        errors: list[Exception] = []
+        for out in outputs:
+            try:
+                out.flush()
+            except Exception as exc:  # noqa: BLE001 - one failing output must not block the others
+                errors.append(exc)
+        return errors
+
     def close(self) -> None: ...

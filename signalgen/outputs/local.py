@@ -63,9 +63,13 @@ def content_digests(signals: pl.DataFrame) -> dict[str, bytes]:
     Hashing the serialized line makes a signal read back from a file and the same signal built in
     memory digest alike (the JSON text round-trips exactly). The last row of an id wins.
     """
+    return dict(zip(signals["signal_id"], _digests(signals), strict=True))
+
+
+def _digests(signals: pl.DataFrame) -> list[bytes]:
+    """Each row's content digest (`content_digests`), in row order."""
     blank = signals.with_columns(pl.lit(None, signals.schema[c]).alias(c) for c in VOLATILE)
-    lines = to_json_lines(blank).splitlines()
-    return {i: hashlib.blake2b(line, digest_size=16).digest() for i, line in zip(signals["signal_id"], lines)}
+    return [hashlib.blake2b(line, digest_size=16).digest() for line in to_json_lines(blank).splitlines()]
 
 
 class LocalStreamOutput(Output):
@@ -115,17 +119,53 @@ class LocalStreamOutput(Output):
 
     def flush(self) -> None:
         """Append the buffered signals that are new or changed; durable (fsynced) when this returns."""
-        if self._fd is None:
-            raise RuntimeError(f"{self.file}: call open() first")
-        pending, self._pending = self._pending, []
-        if not pending:
+        errors = self.flush_all([self])
+        if errors:
+            raise errors[0]
+
+    @classmethod
+    def flush_all(cls, outputs: list[LocalStreamOutput]) -> list[Exception]:
+        """Flush several clients' streams: their buffered signals serialised and digested in one
+        polars pass (a writer serving 50 clients paid ~1.5 ms of polars per client and group), then
+        each file appended and fsynced on its own; a file that fails costs the others nothing."""
+        errors: list[Exception] = []
+        ready: dict[str, LocalStreamOutput] = {}
+        for out in outputs:
+            if out._fd is None:
+                errors.append(RuntimeError(f"{out.file}: call open() first"))
+            elif out._pending:
+                if out.client_id in ready:  # two files of one client (never in one writer): one at a time
+                    errors += cls.flush_all([ready.pop(out.client_id)]) + cls.flush_all([out])
+                else:
+                    ready[out.client_id] = out
+        if not ready:
+            return errors
+        frames = [frame for out in ready.values() for frame in out._pending]
+        for out in ready.values():
+            out._pending = []
+        try:
+            signals = pl.concat(frames).unique(["client_id", "signal_id"], keep="last", maintain_order=True)
+            digests = _digests(signals)
+            lines = to_json_lines(signals).split(b"\n")[:-1]  # one per row, as writing each row alone gives it
+        except Exception as exc:  # noqa: BLE001 - every stream of the group failed alike
+            return errors + [exc] * len(ready)
+        rows: dict[str, list[tuple[str, bytes, bytes]]] = {client: [] for client in ready}
+        for client, signal_id, digest, line in zip(signals["client_id"], signals["signal_id"], digests, lines,
+                                                    strict=True):
+            rows[client].append((signal_id, digest, line + b"\n"))
+        for client, out in ready.items():
+            try:
+                out._append(rows[client])
+            except Exception as exc:  # noqa: BLE001 - one failing file must not block the others
+                errors.append(exc)
+        return errors
+
+    def _append(self, rows: list[tuple[str, bytes, bytes]]) -> None:
+        """Append the lines of the (signal id, digest, line) rows whose content is new, then fsync."""
+        news = [line for signal_id, digest, line in rows if self._sent.get(signal_id) != digest]
+        if not news:
             return
-        signals = pl.concat(pending).unique("signal_id", keep="last", maintain_order=True)
-        digests = content_digests(signals)
-        news = [self._sent.get(i) != d for i, d in digests.items()]
-        if not any(news):
-            return
-        data = memoryview(to_json_lines(signals.filter(pl.Series(news))))
+        data = memoryview(b"".join(news))
         start = os.fstat(self._fd).st_size
         try:
             while data:
@@ -136,7 +176,7 @@ class LocalStreamOutput(Output):
             if isinstance(exc, OSError):
                 raise storage_error(self.file, exc) from exc
             raise
-        self._sent.update(digests)
+        self._sent.update((signal_id, digest) for signal_id, digest, _ in rows)
 
     def close(self) -> None:
         """Flush what is still buffered and close the file."""

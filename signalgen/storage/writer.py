@@ -216,12 +216,12 @@ class SignalWriter:
             return dict(self._checkpoints)
 
     def _flush_outputs(self) -> None:
-        errors: list[Exception] = []
+        by_backend: dict[type, list] = {}
         for out in self._outputs.values():
-            try:
-                out.flush()
-            except Exception as exc:  # noqa: BLE001 - one failing output must not block the others
-                errors.append(exc)
+            by_backend.setdefault(type(out), []).append(out)
+        errors: list[Exception] = []
+        for backend, outputs in by_backend.items():
+            errors += backend.flush_all(outputs) if hasattr(backend, "flush_all") else Output.flush_all(outputs)
         for exc in errors[1:]:
             log.error("output failed to flush: %s", exc)
         if errors and isinstance(errors[0], SignalgenError):

@@ -1,12 +1,14 @@
 from __future__ import annotations
 
 import json
+import os
 from datetime import datetime
 
 import polars as pl
 import pytest
 from polars.testing import assert_frame_equal
 
+from signalgen.errors import StorageError
 from signalgen.outputs.base import Output
 from signalgen.outputs.local import LocalStreamOutput, content_digests, read_stream
 from tests.unit.outputs.factories import signal_frame
@@ -118,3 +120,47 @@ def test_missing_or_empty_stream_reads_as_no_signals(tmp_path):
     assert read_stream(tmp_path / "none.jsonl").is_empty()
     assert read_stream(tmp_path / "none.jsonl").schema == signal_frame(0).schema
     assert pl.concat([read_stream(tmp_path / "none.jsonl"), signal_frame(1)]).height == 1
+
+
+def test_flush_all_writes_what_flushing_each_client_alone_writes(tmp_path, monkeypatch):
+    """One polars pass for several clients' streams: the same bytes per file as one flush per
+    client, replays still appended only when news, and a file that fails costs the others nothing."""
+    clients = ("ada", "bea", "cy")
+    batches = {c: signal_frame(7, client_id=c, seed=i) for i, c in enumerate(clients)}
+    # the same signal ids in two clients' rows stay two clients' signals
+    batches["cy"] = batches["cy"].with_columns(signal_id=batches["bea"]["signal_id"])
+
+    def outputs(folder):
+        outs = [LocalStreamOutput(folder, c, "historical") for c in clients]
+        for o in outs:
+            o.open()
+        return outs
+
+    alone, together = outputs(tmp_path / "alone"), outputs(tmp_path / "together")
+    for o in alone:
+        o.write(batches[o.client_id])
+        o.flush()
+    for o in together:
+        o.write(batches[o.client_id])
+    assert LocalStreamOutput.flush_all(together) == []
+    for a, t in zip(alone, together):
+        assert t.file.read_bytes() == a.file.read_bytes() and read_stream(t.file).height == 7
+
+    # a replay with one changed signal appends one line; bea's fsync fails (cut back), the others land
+    for o in together:
+        o.write(batches[o.client_id].with_columns(confidence=pl.when(pl.int_range(pl.len()) == 0)
+                                                  .then(0.99).otherwise(pl.col("confidence"))))
+    bea, fsync = together[1], os.fsync
+
+    def failing_fsync(fd):
+        if fd == bea._fd:
+            raise OSError(5, "Input/output error (injected)")
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    errors = LocalStreamOutput.flush_all(together)
+    assert len(errors) == 1 and isinstance(errors[0], StorageError) and "bea.jsonl" in str(errors[0])
+    assert [read_stream(o.file, dedupe=False).height for o in together] == [8, 7, 8]
+    monkeypatch.setattr(os, "fsync", fsync)
+    for o in together:
+        o.close()
