@@ -16,6 +16,7 @@ from datetime import datetime, timedelta, timezone
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
 
 from signalgen.features.batch import feature_array
 from signalgen.features.incremental import IncrementalFeatures
@@ -26,7 +27,7 @@ from signalgen.config.workers import WorkerSpec
 from signalgen.signals.pipeline import (
     Evaluation, ModelParams, StrategyParams, count_reasons, evaluate, reason_codes, to_frames,
 )
-from signalgen.signals.types import REJECTION_SCHEMA, SIGNAL_SCHEMA
+from signalgen.signals.types import MODEL_OUTPUT, REJECTION_SCHEMA, SIGNAL_SCHEMA
 from signalgen.signals.validate import WindowCheck, window_complete
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
@@ -182,6 +183,20 @@ def _reason_names(mask: int) -> list[str]:
 
 
 _REASON_NAMES: dict[int, list[str]] = {}
+# list columns of plain rows go through pyarrow's converter: polars builds one Series per row of a
+# list column from Python lists (a group of 600 records: Records.frames ~15 ms, most of it there)
+_ARROW_LISTS = {
+    pl.List(pl.String): pa.list_(pa.string()),  # rejection reasons
+    pl.List(MODEL_OUTPUT): pa.list_(pa.struct([("model_id", pa.string()), ("version", pa.string()),
+                                               ("output", pa.float64())])),
+}
+
+
+def _column(name: str, values, dtype) -> pl.Series:
+    arrow = _ARROW_LISTS.get(dtype)
+    if arrow is not None:
+        return pl.Series(name, pa.array(values, type=arrow)).cast(dtype)
+    return pl.Series(name, values, dtype=dtype, strict=True)
 _UTC_US = pl.Datetime("us", "UTC")
 # Records rows hold times as epoch microseconds: built as Int64, then cast (what `to_frames` does)
 _ROW_TYPES = {name: (pl.Int64 if dtype == _UTC_US else dtype) for name, dtype in SIGNAL_SCHEMA.items()}
@@ -192,8 +207,7 @@ def _rows_frame(rows: list[tuple], schema: pl.Schema, row_types: dict) -> pl.Dat
     if not rows:
         return pl.DataFrame(schema=schema)
     columns = zip(*rows, strict=True)
-    frame = pl.DataFrame([pl.Series(name, col, dtype=t, strict=True)
-                          for (name, t), col in zip(row_types.items(), columns, strict=True)])
+    frame = pl.DataFrame([_column(name, col, t) for (name, t), col in zip(row_types.items(), columns, strict=True)])
     return frame.with_columns(pl.col(c).cast(_UTC_US) for c, t in schema.items() if t == _UTC_US)
 
 
