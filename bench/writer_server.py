@@ -25,11 +25,8 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import fields
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-
-import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -37,37 +34,21 @@ sys.path.insert(0, str(ROOT))
 START = datetime(2025, 1, 1, tzinfo=timezone.utc)
 
 
-def one_bar_batches(decisions):
-    """A worker's decisions over many bars as the one-bar batches a streaming worker records."""
-    from signalgen.modes.engine import Decisions
-    from signalgen.signals.pipeline import Evaluation
-
-    now = np.broadcast_to(decisions.now_us, decisions.bars)
-    latency = np.broadcast_to(np.asarray(decisions.latency_us), decisions.bars)
-    for i in range(decisions.bars):
-        ev = Evaluation(*(getattr(decisions.evaluation, f.name)[i:i + 1] for f in fields(Evaluation)))
-        yield Decisions(decisions.params, ev, decisions.bar_time_us[i:i + 1], now[i:i + 1],
-                        decisions.predictions[i:i + 1], decisions.mode, decisions.run_id, int(latency[i]))
-
-
 def sender(cfg, spec, address: str, authkey: bytes, rate: float, go, results) -> None:
     """One worker process: compute its decisions, wait for `go`, send them (paced if rate > 0)."""
-    from signalgen.data.validation import validate_chunks
-    from signalgen.modes.batch import _prepare_chunks
-    from signalgen.modes.engine import WorkerEngine, epoch_us, history_bars
+    from signalgen.modes.engine import history_bars
     from signalgen.modes.sources import bar_chunks
-    from signalgen.models.registry import ModelRegistry
+    from signalgen.modes.worker import MemorySink, ReplayClock, WorkerContext, bar_feed, run_worker
     from signalgen.process.writer_server import RemoteSink
 
     sink = RemoteSink(address, authkey, spec)
-    engine = WorkerEngine(spec, ModelRegistry(Path(cfg.root) / "registry"), backend="onnx",
-                          now=datetime.now(timezone.utc), mode=cfg.mode.name.value, run_id=sink.run_id)
-    chunks = validate_chunks(bar_chunks(cfg, spec.symbol, spec.timeframe, 1 << 20, history=history_bars(spec)),
-                             spec.timeframe)
-    history = next(chunks).bars.tail(history_bars(spec))
-    batches = []
-    for _, prepared in _prepare_chunks(engine, chunks, epoch_us(cfg.start), history):
-        batches += list(one_bar_batches(engine.decide(prepared)))
+    # the one-bar batches a streaming worker records: the per-bar path into memory, sent later
+    frames = bar_chunks(cfg, spec.symbol, spec.timeframe, 1 << 20, history=history_bars(spec))
+    ctx = WorkerContext(str(Path(cfg.root) / "registry"), "onnx", datetime.now(timezone.utc), cfg.mode.name.value,
+                        sink.run_id, emit_from=cfg.start)
+    memory = MemorySink()
+    run_worker(spec, bar_feed(frames), memory, ReplayClock(0), ctx)
+    batches = [d for d in memory.decisions if d.bars]
     go.wait()
     t0 = time.perf_counter()
     for i, d in enumerate(batches):
