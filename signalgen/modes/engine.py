@@ -197,6 +197,8 @@ def _column(name: str, values, dtype) -> pl.Series:
     if arrow is not None:
         return pl.Series(name, pa.array(values, type=arrow)).cast(dtype)
     return pl.Series(name, values, dtype=dtype, strict=True)
+
+
 _UTC_US = pl.Datetime("us", "UTC")
 # Records rows hold times as epoch microseconds: built as Int64, then cast (what `to_frames` does)
 _ROW_TYPES = {name: (pl.Int64 if dtype == _UTC_US else dtype) for name, dtype in SIGNAL_SCHEMA.items()}

@@ -15,8 +15,9 @@ that already imported `signalgen.process.preload`); `signalgen.process.worker_cl
    XREAD BLOCK) on the wall clock (`WallClock`: late bars are `stale_data`). The mode changes
    only feed, clock and sink: the loop is the same;
 5. runs the one worker loop (`modes.worker.run_worker`) into the sink, writing heartbeats to the
-   control store every `heartbeat_interval_s` (through the writer's connection when it relays them) (ready=1 once its models and first bar are loaded;
-   live: once its models are loaded, since the stream may be quiet);
+   control store every `heartbeat_interval_s`, through the writer's connection when it relays them
+   (ready=1 once its models and first bar are loaded; live: once its models are loaded, since the
+   stream may be quiet);
 6. on SIGTERM / SIGINT stops taking bars, waits until the sink holds everything, exits 0.
 
 Exit codes: 0 range done or stopped after flushing; 1 failure (restart it); 2 config error (never).

@@ -1,8 +1,8 @@
 """The control store: worker instances, commands, heartbeats, resource samples and events, in SQLite.
 
 Separate from the signal store, and written by many processes at once: the manager (instances,
-events, resources, command results), every worker (its heartbeat, or the writer relaying it), the CLI and any other program
-(command rows, e.g. `sqlite3 var/local-dev/control.sqlite "INSERT INTO strategy_commands ..."`).
+events, resources, command results), every worker (its heartbeat, or the writer relaying it), the CLI
+and any other program (command rows, e.g. `sqlite3 var/local-dev/control.sqlite "INSERT INTO strategy_commands ..."`).
 
 Why this is safe with many writers: WAL mode (readers never block the writer, the writer never
 blocks readers), `busy_timeout` 5 s (a writer waits for the write lock instead of failing), and no
