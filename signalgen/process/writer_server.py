@@ -187,10 +187,9 @@ class WriterServer:
         self._inbox: queue.Queue = queue.Queue()
         self.control_path = control_path
         self._beats: dict[str, dict] = {}  # worker id -> its newest heartbeat not yet relayed
-        self._closed = threading.Event()
         self._listener: socket.socket | None = None
         self._threads: list[threading.Thread] = []
-        self._closing = False
+        self._closing = threading.Event()
         self.stats = {"groups": 0, "batches": 0, "bars": 0, "failed_groups": 0, "commit_s": 0.0}
         # called with (group size in batches, bars, seconds the commit took); for benchmarks
         self.on_commit: Callable[[int, int, float], None] | None = None
@@ -234,10 +233,9 @@ class WriterServer:
 
     def close(self) -> None:
         """Stop accepting, commit and ack every batch received, close the outputs, remove the socket."""
-        if self._closing:
+        if self._closing.is_set():
             return
-        self._closing = True
-        self._closed.set()
+        self._closing.set()
         self._inbox.put(None)
         for thread in self._threads:
             thread.join()
@@ -269,7 +267,7 @@ class WriterServer:
     # ----------------------------------------------------------------------------- connections
 
     def _accept_loop(self) -> None:
-        while not self._closing:
+        while not self._closing.is_set():
             try:
                 sock, _ = self._listener.accept()
             except TimeoutError:
@@ -376,7 +374,7 @@ class WriterServer:
         control = ControlStore(self.control_path)
         try:
             while True:
-                closing = self._closed.wait(HEARTBEAT_RELAY_S)
+                closing = self._closing.wait(HEARTBEAT_RELAY_S)
                 with self._lock:
                     beats, self._beats = self._beats, {}
                 if beats:
