@@ -181,7 +181,8 @@ class _CountingSink:
             c.rejections += decisions.bars - decisions.signals
             if decisions.bars:
                 c.last_bar_time = datetime.fromtimestamp(int(decisions.bar_time_us[-1]) / 1e6, timezone.utc)
-            c.checkpoint = self.inner.checkpoints.get(spec.id, c.checkpoint)
+            # the checkpoint is read when a heartbeat is written (Heartbeat.beat), not per bar: for a
+            # RemoteSink that read polls the writer's socket, which record() has just done
 
     def record_bar_rejections(self, rejections: pl.DataFrame, run_id: str) -> None:
         self.inner.record_bar_rejections(rejections, run_id)
