@@ -45,6 +45,7 @@ from signalgen.config.models import RunConfig
 from signalgen.config.workers import WorkerSpec, worker_specs
 from signalgen.errors import ConfigError, SignalgenError
 from signalgen.process.states import TRANSITIONS, InvalidTransition, State, WorkerProcess, after_exit, backoff_delay
+from signalgen.storage.control import control_path_of
 
 log = logging.getLogger(__name__)
 
@@ -231,7 +232,7 @@ class StrategyProcessManager:
         self._run_outcome: dict = {}
         self._address = ""
         self._authkey = b""
-        self._control_path = str(getattr(control, "path", "") or Path(cfg.root) / cfg.environment.control.path)
+        self._control_path = str(getattr(control, "path", "") or control_path_of(cfg))
 
     # ------------------------------------------------------------ run
 

@@ -25,6 +25,7 @@ import typer
 from signalgen.cli import EnvOpt, ModeOpt, RootOpt, _load, app, console
 from signalgen.config.models import Environment, Mode, RunConfig
 from signalgen.errors import ConfigError
+from signalgen.storage.control import control_path_of
 
 KEY_BYTES = 32
 
@@ -37,7 +38,7 @@ SocketOpt = Annotated[Optional[Path], typer.Option(help="The writer's socket (de
 def default_address(cfg: RunConfig) -> Path:
     """The writer's socket: beside the store file it guards (one writer per store and mode)."""
     storage_path = getattr(cfg.environment.storage, "path", None)
-    folder = (Path(cfg.root) / storage_path).parent if storage_path else (Path(cfg.root) / cfg.environment.control.path).parent
+    folder = (Path(cfg.root) / storage_path).parent if storage_path else control_path_of(cfg).parent
     return folder / f"writer-{cfg.mode.name.value}.sock"
 
 
@@ -78,7 +79,7 @@ def load_authkey(path: Path) -> bytes:
 
 def worker_log_path(cfg: RunConfig, worker_id: str) -> Path:
     """`<folder of the control store>/logs/<worker id>.log`, where the manager puts them too."""
-    return (Path(cfg.root) / cfg.environment.control.path).parent / "logs" / f"{worker_id}.log"
+    return control_path_of(cfg).parent / "logs" / f"{worker_id}.log"
 
 
 @app.command("worker")
@@ -95,7 +96,7 @@ def worker(worker_id: WorkerIdOpt, env: EnvOpt = Environment.LOCAL_DEV, mode: Mo
         raise ConfigError(f"no worker {worker_id!r} in this config; workers: {', '.join(sorted(specs)) or 'none'}")
     address = writer or default_address(cfg)
     args = WorkerArgs(spec=specs[worker_id], cfg=cfg, writer_address=str(address), authkey=load_authkey(key_path(address)),
-                      control_path=str(Path(cfg.root) / cfg.environment.control.path),
+                      control_path=str(control_path_of(cfg)),
                       log_path=str(worker_log_path(cfg, worker_id)),
                       heartbeat_interval_s=cfg.environment.process.heartbeat_interval_s)
     raise typer.Exit(worker_main(args))
@@ -128,7 +129,7 @@ def serve_writer(cfg: RunConfig, address: Path, stop: threading.Event | None = N
                                   environment=cfg.environment.name.value, start=cfg.start, end=cfg.end,
                                   started_at=started_at, clients=[c.id for c in cfg.clients]))
         server = WriterServer(cfg, store, run_id=run_id, address=str(address), authkey=authkey,
-                              control_path=str(Path(cfg.root) / cfg.environment.control.path), **STREAMING_WINDOW)
+                              control_path=str(control_path_of(cfg)), **STREAMING_WINDOW)
         status = "failed"
         try:
             with server:

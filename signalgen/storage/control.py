@@ -125,6 +125,11 @@ def _heartbeat_row(worker_id: str, pid: int, state: str, last_bar_time: Any, che
             errors, int(bool(ready)), ts or now_iso())
 
 
+def control_path_of(cfg: RunConfig) -> Path:
+    """The environment's control store file: `control.path` resolved against the run's root."""
+    return Path(cfg.root) / cfg.environment.control.path
+
+
 def _time_value(value: Any) -> Any:
     """A time field as stored: numbers and datetimes become ISO text; text and None stay."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -185,7 +190,7 @@ class ControlStore:
     @classmethod
     def from_config(cls, cfg: RunConfig) -> ControlStore:
         """The environment's control store: `control.path` resolved against the run's root."""
-        return cls(Path(cfg.root) / cfg.environment.control.path)
+        return cls(control_path_of(cfg))
 
     def __repr__(self) -> str:
         return f"ControlStore({str(self.path)!r})"
