@@ -68,6 +68,8 @@ def worker_entry(target: Callable, args: Any) -> None:
     """
     from multiprocessing import forkserver
 
+    from signalgen.process.worker import set_parent_death_signal
+
     fd = getattr(forkserver._forkserver, "_forkserver_alive_fd", None)
     if fd is not None:
         forkserver._forkserver._forkserver_alive_fd = None
@@ -76,22 +78,10 @@ def worker_entry(target: Callable, args: Any) -> None:
         except OSError:
             pass
     parent = os.getppid()
-    _die_with_parent()
+    set_parent_death_signal()
     if os.getppid() != parent:  # the parent died before the death signal was armed
         os._exit(1)
     target(args)
-
-
-def _die_with_parent() -> None:
-    """PR_SET_PDEATHSIG(SIGKILL) on Linux (the worker sets it too; arming it twice is harmless)."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
-    except (OSError, AttributeError):  # not Linux: the worker's own parent watch remains
-        pass
 
 
 class CommandError(SignalgenError):
