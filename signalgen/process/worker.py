@@ -48,6 +48,7 @@ from signalgen.errors import ConfigError
 from signalgen.modes.engine import epoch_us, history_bars
 from signalgen.modes.sources import bar_chunks, per_bar_feed
 from signalgen.modes.worker import ReplayClock, WallClock, WorkerContext, bar_feed, run_worker
+from signalgen.storage.control import ControlStore, now_iso
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +153,7 @@ class _Counts:
         self._ready = False
         self.wake = threading.Event()  # set when the worker becomes ready: the heartbeat says so at once
         self.bars = self.signals = self.rejections = self.errors = 0
-        self.last_bar_time: datetime | None = None
+        self.last_bar_us: int | None = None  # the newest decided bar's time, epoch µs (a datetime when beating)
         self.checkpoint: datetime | None = None
 
     @property
@@ -180,7 +181,7 @@ class _CountingSink:
             c.signals += decisions.signals
             c.rejections += decisions.bars - decisions.signals
             if decisions.bars:
-                c.last_bar_time = datetime.fromtimestamp(int(decisions.bar_time_us[-1]) / 1e6, timezone.utc)
+                c.last_bar_us = int(decisions.bar_time_us[-1])
             # the checkpoint is read when a heartbeat is written (Heartbeat.beat), not per bar: for a
             # RemoteSink that read polls the writer's socket, which record() has just done
 
@@ -210,14 +211,13 @@ class Heartbeat:
     def beat(self) -> None:
         """One heartbeat: through the writer's connection when the sink relays them (`RemoteSink`:
         one small message instead of a control-store transaction), else into the control store."""
-        from signalgen.storage.control import ControlStore, now_iso
-
         sink = self.sink_ref[0] if self.sink_ref else None
         with self.counts.lock:
             c = self.counts
             if sink is not None:
                 c.checkpoint = sink.checkpoints.get(self.args.spec.id, c.checkpoint)
-            fields = dict(pid=os.getpid(), state=c.state, last_bar_time=_iso(c.last_bar_time),
+            last_bar = None if c.last_bar_us is None else datetime.fromtimestamp(c.last_bar_us / 1e6, timezone.utc)
+            fields = dict(pid=os.getpid(), state=c.state, last_bar_time=_iso(last_bar),
                           checkpoint=_iso(c.checkpoint), signals=c.signals, rejections=c.rejections,
                           errors=c.errors, ready=c.ready, ts=now_iso())
         if sink is not None and getattr(sink, "send_heartbeat", None) and sink.send_heartbeat(fields):

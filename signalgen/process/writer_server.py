@@ -35,7 +35,8 @@ from __future__ import annotations
 
 import logging
 import os
-import queue
+import pickle
+import select
 import socket
 import stat
 import threading
@@ -135,7 +136,7 @@ class _Worker:
             if self.closed:
                 return
             try:
-                self.conn.send(message)
+                _send(self.conn, message)
             except (OSError, ValueError):
                 self.closed = True
 
@@ -184,7 +185,16 @@ class WriterServer:
         self._workers: dict[str, _Worker] = {}
         self._lock = threading.Lock()
         self._outputs_lock = threading.Lock()  # opening outputs: hello threads and the commit thread
-        self._inbox: queue.Queue = queue.Queue()
+        # batches for the commit thread: woken when the first of a group arrives, when a group is
+        # full (max_group_bars) and at close; not per batch (a fleet sends hundreds a second)
+        self._inbox: deque[_Batch] = deque()
+        self._inbox_bars = 0
+        self._inbox_ready = threading.Condition(self._lock)
+        self._drained = False  # closing, and the reader has stopped: the commit thread ends when the inbox is empty
+        # one reader thread for every worker's connection (epoll) instead of a thread per connection:
+        # a fleet of 500 workers wakes one thread per message burst, not 500 threads in turn
+        self._epoll = select.epoll()
+        self._readers: dict[int, _Worker] = {}  # fd -> worker; only the reader thread closes these
         self.control_path = control_path
         self._beats: dict[str, dict] = {}  # worker id -> its newest heartbeat not yet relayed
         self._listener: socket.socket | None = None
@@ -211,7 +221,8 @@ class WriterServer:
             os.umask(old)
         self._listener.listen(512)
         self._listener.settimeout(0.2)  # accept() wakes up to see close(): closing a socket does not
-        loops = [("writer-accept", self._accept_loop), ("writer-commit", self._commit_loop)]
+        loops = [("writer-accept", self._accept_loop), ("writer-read", self._read_loop),
+                 ("writer-commit", self._commit_loop)]
         if self.control_path:
             loops.append(("writer-beats", self._relay_loop))
         for name, target in loops:
@@ -236,16 +247,21 @@ class WriterServer:
         if self._closing.is_set():
             return
         self._closing.set()
-        self._inbox.put(None)
         for thread in self._threads:
+            if thread.name == "writer-commit":  # after the reader: nothing arrives any more
+                with self._lock:
+                    self._drained = True
+                    self._inbox_ready.notify()
             thread.join()
         if self._listener is not None:
             self._listener.close()
             Path(self.address).unlink(missing_ok=True)
         with self._lock:
             workers, self._workers = list(self._workers.values()), {}
-        for w in workers:
+        for w in workers + list(self._readers.values()):
             _close_conn(w)
+        self._readers.clear()
+        self._epoll.close()
         if self._writer is not None:
             if self._own_writer:
                 self._writer.close()
@@ -280,44 +296,80 @@ class WriterServer:
             threading.Thread(target=self._serve, args=(conn,), name="writer-conn", daemon=True).start()
 
     def _serve(self, conn: Connection) -> None:
-        """One worker's connection: handshake, hello, then its batches into the inbox until it leaves."""
+        """A new connection's handshake and hello (on a thread of its own: a client that says nothing
+        cannot hold up the others); then the reader thread reads its messages."""
         worker: _Worker | None = None
         try:
-            if not self._authenticate(conn):
-                return
-            if not conn.poll(HANDSHAKE_TIMEOUT_S):
-                return
-            message = conn.recv()
-            worker = self._hello(conn, message)
-            if worker is None:
-                return
-            while True:
-                message = conn.recv()
-                if message[0] == "batch":
-                    _, seq, frames, bar_rejections = message
-                    self._inbox.put(_Batch(worker, seq, frames, bar_rejections))
-                elif message[0] == "beat":
-                    with self._lock:
-                        self._beats[worker.spec.id] = message[1]
-                elif message[0] == "bye":
-                    return
-                else:
-                    log.warning("unknown message %r from worker; closing", message[0],
-                                extra={"worker": worker.spec.id})
-                    return
+            if self._authenticate(conn) and conn.poll(HANDSHAKE_TIMEOUT_S):
+                worker = self._hello(conn, conn.recv())
         except (EOFError, OSError):
-            pass  # the worker went away (crash, kill -9, exit): its unacked batches are re-sent later
+            pass
         except Exception as exc:  # noqa: BLE001 - a malformed peer must not take the writer down
-            log.warning("worker connection failed: %r", exc, extra={"worker": worker.spec.id if worker else None})
-        finally:
-            if worker is not None:
-                with self._lock:
-                    if self._workers.get(worker.spec.id) is worker:
-                        del self._workers[worker.spec.id]
-                _close_conn(worker)
-                log.info("worker disconnected", extra={"worker": worker.spec.id, "pid": worker.pid})
-            else:
-                conn.close()
+            log.warning("worker handshake failed: %r", exc)
+        if worker is None:
+            conn.close()
+            return
+        self._readers[conn.fileno()] = worker  # before register: the reader looks it up on the first event
+        try:
+            self._epoll.register(conn.fileno(), select.EPOLLIN)
+        except (OSError, ValueError):  # closing meanwhile
+            self._leave(worker)
+
+    def _read_loop(self) -> None:
+        """Every connected worker's messages: batches into the inbox, beats for the relay. A worker
+        whose connection ends (bye, exit, crash, kill -9) is dropped; its unacked batches are re-sent
+        by its next incarnation."""
+        while not self._closing.is_set():
+            try:
+                events = self._epoll.poll(HEARTBEAT_RELAY_S)
+            except InterruptedError:
+                continue
+            for fd, _ in events:
+                worker = self._readers.get(fd)
+                if worker is None:
+                    continue
+                try:
+                    keep = not worker.closed and self._handle(worker, worker.conn.recv())
+                except (EOFError, OSError):
+                    keep = False  # the worker went away
+                except Exception as exc:  # noqa: BLE001 - a malformed peer must not take the writer down
+                    log.warning("worker connection failed: %r", exc, extra={"worker": worker.spec.id})
+                    keep = False
+                if not keep:
+                    self._readers.pop(fd, None)
+                    try:
+                        self._epoll.unregister(fd)
+                    except (OSError, ValueError):
+                        pass
+                    self._leave(worker)
+
+    def _handle(self, worker: _Worker, message: tuple) -> bool:
+        """One message of a connected worker; False when its connection is to end."""
+        kind = message[0]
+        if kind == "batch":
+            _, seq, frames, bar_rejections = message
+            batch = _Batch(worker, seq, frames, bar_rejections)
+            with self._lock:
+                first = not self._inbox
+                self._inbox.append(batch)
+                before, self._inbox_bars = self._inbox_bars, self._inbox_bars + batch.bars
+                if first or before < self.max_group_bars <= self._inbox_bars:
+                    self._inbox_ready.notify()
+            return True
+        if kind == "beat":
+            with self._lock:
+                self._beats[worker.spec.id] = message[1]
+            return True
+        if kind != "bye":
+            log.warning("unknown message %r from worker; closing", kind, extra={"worker": worker.spec.id})
+        return False
+
+    def _leave(self, worker: _Worker) -> None:
+        with self._lock:
+            if self._workers.get(worker.spec.id) is worker:
+                del self._workers[worker.spec.id]
+        _close_conn(worker)
+        log.info("worker disconnected", extra={"worker": worker.spec.id, "pid": worker.pid})
 
     def _authenticate(self, conn: Connection) -> bool:
         """The HMAC challenge both ways (what Listener(authkey=...) does), bounded by a timeout."""
@@ -360,7 +412,7 @@ class WriterServer:
         if old is not None:
             # a restarted worker whose old connection is not closed yet: the newest one is the worker
             log.warning("worker connected again; dropping its previous connection", extra={"worker": spec.id})
-            _close_conn(old)
+            _shut_conn(old)  # the reader sees its end and closes it (it owns the fds it polls)
         worker.send(("welcome", {"run_id": self.run_id, "checkpoint": checkpoint,
                                  "heartbeats": bool(self.control_path)}))
         log.info("worker connected, resuming after %s", checkpoint, extra={"worker": spec.id, "pid": worker.pid})
@@ -390,36 +442,18 @@ class WriterServer:
     # ----------------------------------------------------------------------------- group commit
 
     def _commit_loop(self) -> None:
-        stopping = False
-        while not stopping:
-            first = self._inbox.get()
-            if first is None:
-                break
-            group, bars = [first], first.bars
-            wait = min(self.max_commit_wait_s, max(self.commit_interval_s, COMMIT_WAIT_FACTOR * self._last_commit_s))
-            deadline = time.monotonic() + wait
-            while bars < self.max_group_bars:
-                try:
-                    item = self._inbox.get(timeout=max(0.0, deadline - time.monotonic()))
-                except queue.Empty:
-                    break
-                if item is None:
-                    stopping = True
-                    break
-                group.append(item)
-                bars += item.bars
-            self._commit(group)
-        # closing: whatever is still queued is committed too
-        rest = []
         while True:
-            try:
-                item = self._inbox.get_nowait()
-            except queue.Empty:
-                break
-            if item is not None:
-                rest.append(item)
-        if rest:
-            self._commit(rest)
+            with self._lock:
+                self._inbox_ready.wait_for(lambda: self._inbox or self._drained)
+                if not self._inbox:
+                    return  # closed, nothing left
+                if not self._drained:  # gather the group: until its window ends or it is full
+                    wait = min(self.max_commit_wait_s,
+                               max(self.commit_interval_s, COMMIT_WAIT_FACTOR * self._last_commit_s))
+                    self._inbox_ready.wait_for(lambda: self._inbox_bars >= self.max_group_bars or self._drained,
+                                               wait)
+                group, self._inbox, self._inbox_bars = list(self._inbox), deque(), 0
+            self._commit(group)  # at close: whatever was received is committed and acked too
 
     def _commit(self, group: list[_Batch]) -> None:
         """Write one group, flush, record checkpoints, then ack; on failure ack nothing."""
@@ -505,6 +539,12 @@ def _joined(parts: list) -> Frames | Records:
     return Frames(pl.concat([f[0] for f in frames]), pl.concat([f[1] for f in frames]))
 
 
+def _send(conn: Connection, message: tuple) -> None:
+    """`conn.send(message)` without multiprocessing's ForkingPickler (a pickler and a copy of its
+    dispatch table per message); our messages need no fork-aware reducers. `conn.recv` reads it."""
+    conn.send_bytes(pickle.dumps(message, pickle.HIGHEST_PROTOCOL))
+
+
 def _close_conn(worker: _Worker) -> None:
     with worker.send_lock:
         worker.closed = True
@@ -512,6 +552,23 @@ def _close_conn(worker: _Worker) -> None:
             worker.conn.close()
         except OSError:
             pass
+
+
+def _shut_conn(worker: _Worker) -> None:
+    """End a connection without closing its descriptor (the reader thread closes it when it sees
+    the end): a descriptor closed under the reader could be reused by the next connection."""
+    with worker.send_lock:
+        worker.closed = True
+        try:
+            sock = socket.fromfd(worker.conn.fileno(), socket.AF_UNIX, socket.SOCK_STREAM)
+        except OSError:
+            return
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        finally:
+            sock.close()  # the duplicate
 
 
 def _claim_socket_path(address: str) -> None:
@@ -577,6 +634,8 @@ class RemoteSink:
         self.resume_point: datetime | None = reply[1]["checkpoint"]
         self.relays_heartbeats: bool = bool(reply[1].get("heartbeats"))
         self._checkpoint = self.resume_point
+        self._answers = select.poll()  # one poll object for the connection (Connection.poll builds a selector per call)
+        self._answers.register(self._conn.fileno(), select.POLLIN)
         self._lock = threading.Lock()       # state and sending (the worker's loop and its heartbeat thread)
         self._recv_lock = threading.Lock()  # reading the writer's answers; taken before _lock, never inside it
         self._pending: list = []          # Decisions not yet sent
@@ -625,7 +684,7 @@ class RemoteSink:
             if not self.relays_heartbeats or self._closing or self._error is not None:
                 return False
             try:
-                self._conn.send(("beat", fields))
+                _send(self._conn, ("beat", fields))
             except (OSError, ValueError):
                 return False
             return True
@@ -695,7 +754,7 @@ class RemoteSink:
         bar_rejections = pl.concat(self._bar_rejections) if self._bar_rejections else None
         self._seq += 1
         try:
-            self._conn.send(("batch", self._seq, records, bar_rejections))
+            _send(self._conn, ("batch", self._seq, records, bar_rejections))
         except (OSError, ValueError) as exc:
             self._error = TransientError(f"lost the writer at {self.address}: {exc!r}")
             raise self._error from exc
@@ -709,10 +768,10 @@ class RemoteSink:
             if self._closing:
                 return
             try:
-                ready = self._conn.poll(wait)
+                ready = self._answers.poll(int(wait * 1000))
                 while ready:
                     self._answer(self._conn.recv())
-                    ready = self._conn.poll(0)
+                    ready = self._answers.poll(0)
             except (EOFError, OSError) as exc:
                 with self._lock:
                     if not self._closing and self._error is None:
