@@ -7,6 +7,7 @@ in-flight window bounds what a worker has outstanding.
 
 from __future__ import annotations
 
+import time
 from datetime import datetime, timezone
 from itertools import chain
 
@@ -20,7 +21,7 @@ from signalgen.modes.sources import bar_chunks
 from signalgen.modes.worker import ReplayClock, WorkerContext, bar_feed, run_worker
 from signalgen.process.writer_server import RemoteSink
 
-from .conftest import Fleet, config, make_root, stored
+from .conftest import Fleet, config, make_root, stored, wait_for
 
 END = datetime(2025, 1, 2, tzinfo=timezone.utc)  # 288 five-minute bars per worker
 
@@ -139,6 +140,43 @@ def test_in_flight_batches_are_bounded(tmp_path, short_dir):
         assert most[0] == 2  # the window filled and never overflowed
         assert len(sink.ack_latencies) < 288  # bars travelled in batches, not one by one
     finally:
+        fleet.close()
+
+
+def test_one_reader_serves_every_connection_a_silent_or_replaced_one_holds_up_no_other(tmp_path, short_dir):
+    """The writer reads every worker's connection on one thread: a client that connects and says
+    nothing does not hold up the others; a worker that connects again replaces its old connection
+    (whose next send fails), and the workers' batches of one window are committed as one group."""
+    import socket
+
+    fleet = Fleet(config(make_root(tmp_path), "simulation", END), short_dir / "w.sock", commit_interval_s=2.0)
+    silent = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        silent.connect(fleet.address)  # never answers the challenge
+        specs = list(fleet.specs.values())
+        sinks = [RemoteSink(fleet.address, fleet.authkey, spec, connect_timeout_s=5) for spec in specs]
+        for spec, sink in zip(specs, sinks):
+            _replay(fleet, spec, sink, stop_after=1)  # one bar each, within one commit window
+        assert [s.flush(timeout=30) for s in sinks] == [{spec.id: sink.checkpoints[spec.id]} for spec, sink in
+                                                        zip(specs, sinks)]
+        assert fleet.server.stats["batches"] == len(specs) == 3
+        assert fleet.server.stats["groups"] == 1  # the reader woke the commit thread once for the group
+
+        again = RemoteSink(fleet.address, fleet.authkey, specs[0], connect_timeout_s=5)
+        assert again.resume_point == sinks[0].checkpoints[specs[0].id]
+        with pytest.raises(TransientError):  # the old connection was ended by the writer
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                _replay(fleet, specs[0], sinks[0], stop_after=1)
+                sinks[0].flush(timeout=5)
+        _replay(fleet, specs[0], again, stop_after=2)
+        again.close(timeout=30)
+        wait_for(lambda: fleet.server.connected() == sorted(s.id for s in specs[1:]), 5, "the bye of one worker")
+        for sink in sinks[1:]:
+            sink.close(timeout=30)
+        wait_for(lambda: fleet.server.connected() == [], 5, "every worker gone")
+    finally:
+        silent.close()
         fleet.close()
 
 
