@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import signal
 import sqlite3
 import statistics
@@ -40,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from historical import machine  # noqa: E402
+from historical import machine, write_section  # noqa: E402
 
 MARK_BEGIN, MARK_END = "<!-- bench/fleet.py:begin -->", "<!-- bench/fleet.py:end -->"
 SYMBOLS_PER_CLIENT = 10
@@ -316,16 +315,6 @@ def markdown(results: list[dict], command: str) -> str:
     return "\n".join(lines)
 
 
-def write_doc(text: str) -> None:
-    doc = ROOT / "docs" / "benchmarks.md"
-    body = doc.read_text()
-    if MARK_BEGIN in body:
-        body = re.sub(re.escape(MARK_BEGIN) + ".*?" + re.escape(MARK_END), lambda _: text, body, flags=re.S)
-    else:
-        body = body.rstrip("\n") + "\n\n" + text + "\n"
-    doc.write_text(body)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workers", type=int, nargs="+", default=[500])
@@ -344,7 +333,7 @@ def main() -> None:
         print(json.dumps(r), flush=True)
         results.append(r)
     if not args.no_write:
-        write_doc(markdown(results, "python bench/fleet.py " + " ".join(sys.argv[1:])))
+        write_section(markdown(results, "python bench/fleet.py " + " ".join(sys.argv[1:])))
 
 
 if __name__ == "__main__":

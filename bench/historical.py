@@ -121,6 +121,21 @@ def end_to_end(root: Path, days: int | None = None) -> dict:
     return result
 
 
+def write_section(section: str) -> Path:
+    """Put `section` (a benchmark's markdown between its `<!-- bench/NAME.py:begin/end -->` markers)
+    into docs/benchmarks.md: in place of the same markers' old text, else at the end."""
+    begin, end = section.split("\n", 1)[0], section.rstrip().rsplit("\n", 1)[-1]
+    assert begin.startswith("<!-- bench/") and end.startswith("<!-- bench/"), "a section starts and ends with its markers"
+    doc = ROOT / "docs" / "benchmarks.md"
+    text = doc.read_text() if doc.exists() else "# Benchmarks\n\nFigures come from the scripts in `bench/`; each section names its command.\n"
+    if begin in text:
+        text = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: section.rstrip("\n"), text, flags=re.S)
+    else:
+        text = text.rstrip() + "\n\n" + section.rstrip("\n") + "\n"
+    doc.write_text(text)
+    return doc
+
+
 def machine() -> str:
     import duckdb
     import onnxruntime
@@ -222,14 +237,7 @@ peaked {100 * (e2e['peak_rss_mb'] / short['peak_rss_mb'] - 1):+.0f}% higher.
 {MARK_END}"""
     print(section)
     if not args.no_write:
-        doc = ROOT / "docs" / "benchmarks.md"
-        text = doc.read_text() if doc.exists() else "# Benchmarks\n\nFigures come from the scripts in `bench/`; each section names its command.\n"
-        if MARK_BEGIN in text:
-            text = re.sub(re.escape(MARK_BEGIN) + ".*?" + re.escape(MARK_END), lambda _: section, text, flags=re.S)
-        else:
-            text = text.rstrip() + "\n\n" + section + "\n"
-        doc.write_text(text)
-        print(f"wrote {doc}")
+        print(f"wrote {write_section(section)}")
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from historical import machine  # noqa: E402
+from historical import machine, write_section  # noqa: E402
 
 MARK_BEGIN, MARK_END = "<!-- bench/live_latency.py:begin -->", "<!-- bench/live_latency.py:end -->"
 SYMBOLS_PER_CLIENT = 10
@@ -460,17 +460,6 @@ def report(res: dict, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_doc(section: str) -> None:
-    path = ROOT / "docs" / "benchmarks.md"
-    text = path.read_text()
-    if MARK_BEGIN in text:
-        head, rest = text.split(MARK_BEGIN, 1)
-        text = head + section.rstrip("\n") + rest.split(MARK_END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workers", type=int, default=100)
@@ -485,7 +474,7 @@ def main() -> None:
     section = report(res, "python bench/live_latency.py " + " ".join(sys.argv[1:]))
     print(section)
     if not args.no_write:
-        write_doc(section)
+        write_section(section)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 import tempfile
 import time
@@ -29,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from historical import machine  # noqa: E402  (same machine line as the historical benchmark)
+from historical import machine, write_section  # noqa: E402  (same machine line as the historical benchmark)
 
 START = datetime(2025, 1, 1, tzinfo=timezone.utc)
 MODELS = ("swing_high", "swing_low")
@@ -277,13 +276,7 @@ def main() -> None:
     ])
     print(text)
     if not args.no_write:
-        doc = ROOT / "docs" / "benchmarks.md"
-        body = doc.read_text()
-        if MARK_BEGIN in body:
-            body = re.sub(re.escape(MARK_BEGIN) + ".*?" + re.escape(MARK_END), lambda _: text, body, flags=re.S)
-        else:
-            body = body.rstrip() + "\n\n" + text + "\n"
-        doc.write_text(body)
+        write_section(text)
 
 
 if __name__ == "__main__":
