@@ -1,0 +1,71 @@
+"""Every script in bench/ runs on a tiny setup and reports its figures, leaving docs/benchmarks.md alone.
+
+The benchmarks prove the speed and memory targets, so a change that breaks one must fail here, not
+at the next measurement (bench/writer_server.py was once broken for a whole session unnoticed).
+These runs assert that each script completes and prints its measured figures — never the figures'
+values: a tiny run on a shared CI machine says nothing about speed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+DOC = REPO / "docs" / "benchmarks.md"
+NUMBER = r"[0-9][0-9,]*(?:\.[0-9]+)?"
+
+# script, tiny arguments, a pattern its output must contain (figures measured in the run)
+RUNS = [
+    ("simulation.py", ["--bars", "2000", "--repeat", "1", "--no-write"],
+     rf"\(b\) replay of one worker.*\*\*{NUMBER} \({NUMBER}-{NUMBER}\) bars/s\*\*"),
+    ("historical.py", ["--days", "2", "--symbols", "2", "--raw-rows", "20000", "--chunk-bars", "2000", "--repeat", "1",
+                       "--no-write"], rf"\*\*ratio \(b\) / \(a\)\*\* \| \*\*{NUMBER}\*\*"),
+    ("historical_procs.py", ["--days", "2", "--symbols", "2", "--rows", "20000", "--chunk", "2000", "--repeat", "1",
+                             "--no-write"], rf"\*\*Ratio \(median\): {NUMBER}\*\*.*{NUMBER} µs of CPU per bar"),
+    ("writer_server.py", ["--workers", "2", "--bars", "100", "--rate", "50"],
+     rf"paced 2 workers x 100 one-bar batches.*: {NUMBER} decisions/s; ack p50 {NUMBER} ms"),
+    ("store_write.py", ["20000", "5000"], rf"replayed +20,000 rows in {NUMBER} s .*{NUMBER} rows/s"),
+    ("live_latency.py", ["--workers", "10", "--rates", "1", "--seconds", "2", "--no-write"],
+     rf"\| 1 \| 10 \({NUMBER}\) \| {NUMBER} \| {NUMBER} ms \| {NUMBER} ms"),
+]
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _run(script: str, args: list[str]) -> str:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, str(REPO / "bench" / script), *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, f"bench/{script} exited {done.returncode}:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
+    return done.stdout
+
+
+@pytest.mark.parametrize(("script", "args", "expected"), RUNS, ids=[r[0] for r in RUNS])
+def test_a_benchmark_runs_and_reports_its_figures(script: str, args: list[str], expected: str) -> None:
+    if script == "live_latency.py" and shutil.which("redis-server") is None:
+        pytest.skip("bench/live_latency.py starts its own redis-server, which is not installed here")
+    before = _digest(DOC)
+    out = _run(script, args)
+    assert re.search(expected, out), f"bench/{script} did not report its figures:\n{out[-3000:]}"
+    assert _digest(DOC) == before, f"bench/{script} changed docs/benchmarks.md"
+
+
+def test_the_fleet_benchmark_brings_a_small_fleet_up_and_down() -> None:
+    before = _digest(DOC)
+    out = _run("fleet.py", ["--workers", "4", "--window", "5", "--settle", "1", "--repeats", "1", "--no-write"])
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["workers"] == 4 and result["all_running_s"] is not None
+    assert result["exit_code"] == 0 and result["bars_per_s"] > 0 and result["uss_mb"]["median"] > 0
+    assert len(result["kill9_to_running_s"]) == 1 and result["command_to_effect_s"][0] is not None
+    assert _digest(DOC) == before
