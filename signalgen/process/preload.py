@@ -22,7 +22,10 @@ SIGNALGEN = ("signalgen.config.loader", "signalgen.config.workers", "signalgen.d
              "signalgen.features.incremental", "signalgen.models.backends", "signalgen.models.registry",
              "signalgen.signals.pipeline", "signalgen.modes.engine", "signalgen.modes.sources",
              "signalgen.modes.worker", "signalgen.storage.control", "signalgen.process.writer_server",
-             "signalgen.process.worker", "signalgen.logs")
+             "signalgen.process.worker", "signalgen.logs",
+             # live workers' sink and feed (redis itself is imported lazily, under OPTIONAL); a mock or
+             # simulation worker touches the sink module when it closes
+             "signalgen.outputs.redis", "signalgen.data.redis_bars")
 OPTIONAL = ("redis", "google.cloud.pubsub_v1")
 
 
