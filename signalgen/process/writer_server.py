@@ -39,6 +39,7 @@ import pickle
 import select
 import socket
 import stat
+import struct
 import threading
 import time
 from collections import deque
@@ -129,6 +130,7 @@ class _Worker:
     send_lock: threading.Lock = field(default_factory=threading.Lock)
     failed: bool = False  # a write of its batches failed: drop its later batches, ack nothing more
     closed: bool = False
+    inbound: _Inbound = field(default_factory=lambda: _Inbound())  # read by the reader thread after the hello
 
     def send(self, message: tuple) -> None:
         """Send if still connected; a worker gone meanwhile is not the writer's problem."""
@@ -139,6 +141,56 @@ class _Worker:
                 _send(self.conn, message)
             except (OSError, ValueError):
                 self.closed = True
+
+
+class _Inbound:
+    """Messages of one connection, cut from whatever a read returned (`multiprocessing.connection`'s
+    framing: a 4-byte big-endian length, or -1 and an 8-byte length, then the pickle).
+
+    The reader thread reads once per readable event, so it never blocks on one connection: a worker
+    stopped mid-message (`pause` is SIGSTOP) or sending a large batch slowly holds up no other."""
+
+    def __init__(self) -> None:
+        self._head = bytearray()          # bytes after the last complete message, up to a header's end
+        self._body: bytearray | None = None  # a message whose header is read and body not yet complete
+        self._filled = 0
+
+    def read(self, fd: int) -> list[bytes]:
+        """The messages one read of the readable `fd` completed; EOFError when the peer closed."""
+        done: list[bytes] = []
+        if self._body is None:
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                raise EOFError
+            self._head += chunk
+        else:
+            n = os.readv(fd, [memoryview(self._body)[self._filled:]])
+            if not n:
+                raise EOFError
+            self._filled += n
+            if self._filled < len(self._body):
+                return done
+            done.append(bytes(self._body))
+            self._body = None
+        buf = self._head
+        while len(buf) >= 4:
+            (size,) = struct.unpack_from("!i", buf)
+            start = 4
+            if size == -1:
+                if len(buf) < 12:
+                    break
+                (size,) = struct.unpack_from("!Q", buf, 4)
+                start = 12
+            if len(buf) - start >= size:
+                done.append(bytes(buf[start:start + size]))
+                del buf[:start + size]
+                continue
+            self._body = bytearray(size)  # read straight into it from now on
+            self._filled = len(buf) - start
+            self._body[:self._filled] = buf[start:]
+            buf.clear()
+            break
+        return done
 
 
 @dataclass(eq=False)
@@ -329,7 +381,11 @@ class WriterServer:
                 if worker is None:
                     continue
                 try:
-                    keep = not worker.closed and self._handle(worker, worker.conn.recv())
+                    keep = not worker.closed
+                    for raw in worker.inbound.read(fd) if keep else ():
+                        keep = self._handle(worker, pickle.loads(raw))
+                        if not keep:
+                            break
                 except (EOFError, OSError):
                     keep = False  # the worker went away
                 except Exception as exc:  # noqa: BLE001 - a malformed peer must not take the writer down

@@ -7,11 +7,15 @@ in-flight window bounds what a worker has outstanding.
 
 from __future__ import annotations
 
+import os
+import struct
 import time
 from datetime import datetime, timezone
 from itertools import chain
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from signalgen.data.validation import validate_bars
 from signalgen.errors import ConfigError, TransientError
@@ -178,6 +182,77 @@ def test_one_reader_serves_every_connection_a_silent_or_replaced_one_holds_up_no
     finally:
         silent.close()
         fleet.close()
+
+
+def test_a_worker_stopped_in_the_middle_of_a_message_holds_up_no_other(tmp_path, short_dir):
+    """`pause` SIGSTOPs a worker, possibly half-way through sending a batch: the writer's one reader
+    must not wait for the rest. Half a message from one worker, then another worker's batch is
+    acked; the first one's rest arrives later and its batch is acked too."""
+    import pickle
+    import struct
+
+    from signalgen.modes.engine import Records
+
+    fleet = Fleet(config(make_root(tmp_path), "simulation", END), short_dir / "w.sock", commit_interval_s=0.05)
+    first, second = list(fleet.specs.values())[:2]
+    stalled = RemoteSink(fleet.address, fleet.authkey, first, connect_timeout_s=5)
+    other = RemoteSink(fleet.address, fleet.authkey, second, connect_timeout_s=5)
+    try:
+        message = pickle.dumps(("batch", 1, Records([], []), None))
+        frame = struct.pack("!i", len(message)) + message
+        os.write(stalled._conn.fileno(), frame[: len(frame) // 2])  # stopped here
+        _replay(fleet, second, other, stop_after=3)
+        assert other.flush(timeout=10) == {second.id: other.checkpoints[second.id]}  # not held up
+        os.write(stalled._conn.fileno(), frame[len(frame) // 2:])
+        stalled._in_flight[1] = time.monotonic()
+        stalled._seq = 1
+        wait_for(lambda: (stalled.read_answers(), not stalled._in_flight)[1], 10, "the stalled batch's ack")
+        stalled.close(timeout=10)
+        other.close(timeout=10)
+    finally:
+        stalled.abort()  # a reader stuck on the half message would wait for its end forever
+        other.abort()
+        fleet.close()
+
+
+@settings(max_examples=60, deadline=None)
+@given(sizes=st.lists(st.integers(0, 200_000), min_size=1, max_size=6), cuts=st.lists(st.integers(1, 90_000), max_size=12),
+       big_header=st.booleans())
+def test_inbound_cuts_messages_from_any_split_of_the_stream(sizes, cuts, big_header):
+    """The reader's framing: messages of any size, the stream split at any points, the long header
+    form (-1, then an 8-byte length) included, come out whole and in order; a closed peer is EOF."""
+    from signalgen.process.writer_server import _Inbound
+
+    messages = [bytes([i % 251]) * n for i, n in enumerate(sizes)]
+    stream = b"".join((struct.pack("!i", -1) + struct.pack("!Q", len(m)) if big_header else struct.pack("!i", len(m)))
+                      + m for m in messages)
+    r, w = os.pipe()
+    inbound, got, pos = _Inbound(), [], 0
+    try:
+        for cut in cuts + [len(stream)]:
+            piece = stream[pos:pos + cut]
+            pos += len(piece)
+            while piece:
+                sent = os.write(w, piece[:60_000])  # a pipe holds 64 KiB: feed it, read it
+                piece = piece[sent:]
+                while _readable(r):
+                    got += inbound.read(r)
+        os.close(w)
+        w = -1
+        with pytest.raises(EOFError):
+            while True:
+                got += inbound.read(r)
+    finally:
+        os.close(r)
+        if w >= 0:
+            os.close(w)
+    assert got == messages
+
+
+def _readable(fd: int) -> bool:
+    import select
+
+    return bool(select.select([fd], [], [], 0)[0])
 
 
 def test_frames_travel_as_arrow_ipc_and_arrive_equal():
