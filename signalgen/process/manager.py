@@ -228,12 +228,27 @@ class StrategyProcessManager:
 
     def run(self, stop: threading.Event | None = None) -> int:
         """Run until `stop` is set, SIGINT/SIGTERM arrives or a `stop` command; then stop every
-        worker gracefully. Returns 0."""
+        worker gracefully. Returns 0; a `stop` command is answered once the manager has let go of the
+        store."""
+        stop = stop or threading.Event()
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self._run(stop)
+        except BaseException as exc:
+            if self._stop_command is not None:
+                self.control.fail(self._stop_command, f"the manager failed while stopping: {exc!r}")
+            raise
+        # answered only now: the writer has drained, the store is closed and the manager's lock
+        # released, so whoever waited on `stop` can open the store at once
+        if self._stop_command is not None:
+            self.control.complete(self._stop_command, {"stopped": sorted(self.specs)})
+        log.info("manager stopped", extra={"run_id": self.run_id})
+        return 0
+
+    def _run(self, stop: threading.Event) -> None:
         from signalgen.modes import stop_on_signals
         from signalgen.storage import open_store
 
-        stop = stop or threading.Event()
-        self.log_dir.mkdir(parents=True, exist_ok=True)
         with ExitStack() as held:
             held.enter_context(self._lock())
             sock_dir = tempfile.mkdtemp(prefix="signalgen-")  # short: AF_UNIX paths are at most 107 bytes
@@ -271,10 +286,6 @@ class StrategyProcessManager:
                     self._begin_shutdown(time.time(), why)
                 self.tick()
             self._run_outcome["status"] = "stopped"
-            if self._stop_command is not None:
-                self.control.complete(self._stop_command, {"stopped": sorted(self.specs)})
-            log.info("manager stopped", extra={"run_id": self.run_id})
-        return 0
 
     def _record_run(self, store, held: ExitStack) -> None:
         """The manager's run in the store's `runs` (status `stopped` after a clean stop, else `failed`)."""

@@ -8,10 +8,12 @@ import json
 import os
 from pathlib import Path
 
+import duckdb
 import psutil
 import pytest
 import yaml
 
+from tests.unit.process.conftest import STORE
 from tests.unit.process.test_manager import (BEA_BTC, BEA_ETH, ODUM_BTC, ODUM_SOL, client_yaml, cli, gone,
                                              make_root, managers, pids, start, until)  # noqa: F401 (fixture)
 
@@ -71,6 +73,10 @@ def test_status_pause_resume_restart_and_stop_from_the_cli(root: Path, managers)
 
     proc = cli(root, "stop")
     assert proc.returncode == 0, proc.stderr
+    # `stop` answers once the manager has let go of the store: it opens for writing at once and
+    # holds the manager's finished run
+    with duckdb.connect(str(root / STORE)) as con:
+        assert con.execute("SELECT status FROM runs").fetchall() == [("stopped",)]
     assert m.proc.wait(30) == 0
     assert all(gone(p) for p in (r["pid"] for r in rows.values()))
     assert status(root)["manager_pid"] is None
