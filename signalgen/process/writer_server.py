@@ -155,9 +155,9 @@ class _Inbound:
         self._body: bytearray | None = None  # a message whose header is read and body not yet complete
         self._filled = 0
 
-    def read(self, fd: int) -> list[bytes]:
+    def read(self, fd: int) -> list[bytearray]:
         """The messages one read of the readable `fd` completed; EOFError when the peer closed."""
-        done: list[bytes] = []
+        done: list[bytearray] = []
         if self._body is None:
             chunk = os.read(fd, 1 << 16)
             if not chunk:
@@ -170,7 +170,7 @@ class _Inbound:
             self._filled += n
             if self._filled < len(self._body):
                 return done
-            done.append(bytes(self._body))
+            done.append(self._body)  # pickle reads a bytearray as it is: no copy of a large batch
             self._body = None
         buf = self._head
         while len(buf) >= 4:
@@ -182,7 +182,7 @@ class _Inbound:
                 (size,) = struct.unpack_from("!Q", buf, 4)
                 start = 12
             if len(buf) - start >= size:
-                done.append(bytes(buf[start:start + size]))
+                done.append(buf[start:start + size])
                 del buf[:start + size]
                 continue
             self._body = bytearray(size)  # read straight into it from now on
