@@ -120,29 +120,6 @@ def _frames_from_ipc(signals: bytes, rejections: bytes) -> Frames:
 # --------------------------------------------------------------------------------------------- server
 
 
-@dataclass(eq=False)
-class _Worker:
-    """One connected worker, as the writer sees it."""
-
-    spec: WorkerSpec
-    conn: Connection
-    pid: int
-    send_lock: threading.Lock = field(default_factory=threading.Lock)
-    failed: bool = False  # a write of its batches failed: drop its later batches, ack nothing more
-    closed: bool = False
-    inbound: _Inbound = field(default_factory=lambda: _Inbound())  # read by the reader thread after the hello
-
-    def send(self, message: tuple) -> None:
-        """Send if still connected; a worker gone meanwhile is not the writer's problem."""
-        with self.send_lock:
-            if self.closed:
-                return
-            try:
-                _send(self.conn, message)
-            except (OSError, ValueError):
-                self.closed = True
-
-
 class _Inbound:
     """Messages of one connection, cut from whatever a read returned (`multiprocessing.connection`'s
     framing: a 4-byte big-endian length, or -1 and an 8-byte length, then the pickle).
@@ -191,6 +168,29 @@ class _Inbound:
             buf.clear()
             break
         return done
+
+
+@dataclass(eq=False)
+class _Worker:
+    """One connected worker, as the writer sees it."""
+
+    spec: WorkerSpec
+    conn: Connection
+    pid: int
+    send_lock: threading.Lock = field(default_factory=threading.Lock)
+    failed: bool = False  # a write of its batches failed: drop its later batches, ack nothing more
+    closed: bool = False
+    inbound: _Inbound = field(default_factory=_Inbound)  # read by the reader thread after the hello
+
+    def send(self, message: tuple) -> None:
+        """Send if still connected; a worker gone meanwhile is not the writer's problem."""
+        with self.send_lock:
+            if self.closed:
+                return
+            try:
+                _send(self.conn, message)
+            except (OSError, ValueError):
+                self.closed = True
 
 
 @dataclass(eq=False)

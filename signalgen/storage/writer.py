@@ -221,7 +221,7 @@ class SignalWriter:
             by_backend.setdefault(type(out), []).append(out)
         errors: list[Exception] = []
         for backend, outputs in by_backend.items():
-            errors += backend.flush_all(outputs) if hasattr(backend, "flush_all") else Output.flush_all(outputs)
+            errors += backend.flush_all(outputs)  # every output is an Output: one by one unless it does better
         for exc in errors[1:]:
             log.error("output failed to flush: %s", exc)
         if errors and isinstance(errors[0], SignalgenError):
