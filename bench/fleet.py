@@ -223,6 +223,8 @@ def bench(workers: int, *, window: float, settle: float, repeats: int, start_tim
                 result["manager_tail"] = (root / "manager.out").read_text(errors="replace")[-2000:]
                 return result
             time.sleep(settle)
+            if not heartbeats_only:  # bars are counted per worker from its beats: wait until each has reported one
+                wait_for(lambda: len(control.bar_times()) == workers, 60)
             pids = [p for s, p in control.states().values() if p]
             mem = uss_mb(pids)
             result["uss_mb"] = {"median": round(statistics.median(mem), 1), "p90": round(pct(mem, 0.9), 1),
