@@ -189,7 +189,6 @@ def test_a_worker_stopped_in_the_middle_of_a_message_holds_up_no_other(tmp_path,
     must not wait for the rest. Half a message from one worker, then another worker's batch is
     acked; the first one's rest arrives later and its batch is acked too."""
     import pickle
-    import struct
 
     from signalgen.modes.engine import Records
 
