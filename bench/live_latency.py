@@ -9,21 +9,24 @@ two models, 5m bars); the manager hosts the recorder. This process then:
 2. measures the floor in the same run: one Redis round trip (PING) + one single-row inference of
    both models (ONNX, one thread), medians, back to back and after 10 ms of idle (the wake-up of a
    halted virtual core and a cold cache, which every hop of a bar at a low rate pays); and the path
-   with no work in it — publisher -> Redis -> one relay process -> Redis -> a consumer process — at
-   each step's fleet rate;
+   with no work in it — publisher -> Redis -> a relay process -> Redis -> a consumer process — at
+   each step's fleet rate, through one relay process and through as many as there are workers
+   (each woken as rarely as a worker: the fleet's own floor);
 3. steps the rate: for each per-worker rate r (bars per second per series), publishes r bars per
    second to every series for `--seconds` (spread evenly across each period; the bars due at the
    same moment go in one pipeline, stamped with its wall time just before it is sent), while a consumer *process* XREADs every client's signal
    and rejection streams and stamps each entry's arrival; latency = arrival - publish, per decision
    (signals and rejections alike: every bar yields one); p50 / p99 / p99.9 per step. The highest
-   total rate whose p99 stays <= 5 ms is the sustained throughput.
+   total rate whose p99 stays <= 5 ms is the sustained throughput;
+4. then the `--together` steps: every series' bar of a tick published at once in one pipeline, as
+   `feed` publishes the bars of one bar time (many symbols' bars closing at the same moment).
 
 Where the time goes, per decision: publish -> `generated_at` (the worker's wall clock when it began
 deciding: XREAD wake-up, decode, validation, features) and `generated_at` -> arrival (inference,
 rules, record building, the send (one script call), the consumer's wake-up); `latency_us` is the worker's own
 compute. Every stamp is the same host's wall clock.
 
-    python bench/live_latency.py                         # 100 workers, rates 1,2,5,10 per worker
+    python bench/live_latency.py                         # 100 workers, rates 1,2,5,10 per worker + 1 together
     python bench/live_latency.py --workers 20 --rates 1,5 --seconds 5 --no-write
 """
 
@@ -70,7 +73,7 @@ def setup(root: Path, workers: int, url: str) -> tuple[list[str], list[str]]:
     env_file = root / "environments" / "local-integration.yaml"
     env = yaml.safe_load(env_file.read_text())
     env["messaging"]["url"] = url
-    env["process"] = {**env["process"], "heartbeat_interval_s": 1.0, "heartbeat_threshold_s": 120.0,
+    env["process"] = {**env["process"], "heartbeat_threshold_s": 120.0,
                       "resource_sample_s": 10.0}
     env["log_level"] = "WARNING"
     env_file.write_text(yaml.safe_dump(env, sort_keys=False))
@@ -156,15 +159,15 @@ def floor(url: str) -> dict:
             "rtt_idle_us": float(np.median(rtt_idle)) / 1e3, "inference_idle_us": float(np.median(inf_idle)) / 1e3}
 
 
-def relay(url: str, ready, stop) -> None:
-    """Relay process of `relay_floor`: XREAD each entry of `floor:in`, XADD it to `floor:out` at once."""
+def relay(url: str, key: str, ready, stop) -> None:
+    """Relay process of `relay_floor`: XREAD each entry of `key`, XADD it to `floor:out` at once."""
     import redis
 
     r = redis.Redis.from_url(url)
     last = "$"
-    ready.set()
+    ready.release()
     while not stop.is_set():
-        for _, entries in r.xread({"floor:in": last}, count=100, block=200) or ():
+        for _, entries in r.xread({key: last}, count=100, block=200) or ():
             for eid, fields in entries:
                 r.xadd("floor:out", fields)
             last = entries[-1][0]
@@ -176,7 +179,7 @@ def relay_arrivals(url: str, out_path: str, ready, stop) -> None:
 
     r = redis.Redis.from_url(url)
     last, got = "$", []
-    ready.set()
+    ready.release()
     while not stop.is_set():
         for _, entries in r.xread({"floor:out": last}, count=1000, block=200) or ():
             now = time.time()
@@ -185,35 +188,44 @@ def relay_arrivals(url: str, out_path: str, ready, stop) -> None:
     Path(out_path).write_text(json.dumps(got))
 
 
-def relay_floor(url: str, rate: float, seconds: float, tmp: Path) -> dict:
+def relay_floor(url: str, rate: float, seconds: float, tmp: Path, relays: int = 1, together: bool = False) -> dict:
     """The path's floor with no work in it: publisher -> Redis -> a relay process that XADDs each entry
     on as it arrives -> Redis -> a consumer process, at `rate` entries per second. It pays the same
-    three wake-ups and three round trips as a bar and its signal, and nothing else."""
-    ctx = mp.get_context("spawn")
-    stop, ready_relay, ready_consumer = ctx.Event(), ctx.Event(), ctx.Event()
+    three wake-ups and three round trips as a bar and its signal, and nothing else. With `relays`
+    processes, entry i goes to relay i mod `relays` (each on its own stream), as bars go to the fleet's
+    workers: each relay then wakes `rate / relays` times a second, as each worker does. `together`: the
+    entries of each round (one per relay) go out at once in one pipeline, as the bars of one bar time."""
+    ctx = mp.get_context("fork")  # the relays run only redis-py: no need to import this module again
+    stop, ready = ctx.Event(), ctx.Semaphore(0)
     out_path = str(tmp / "relay.json")
-    procs = [ctx.Process(target=relay, args=(url, ready_relay, stop)),
-             ctx.Process(target=relay_arrivals, args=(url, out_path, ready_consumer, stop))]
+    procs = [ctx.Process(target=relay, args=(url, f"floor:in:{i}", ready, stop)) for i in range(relays)]
+    procs.append(ctx.Process(target=relay_arrivals, args=(url, out_path, ready, stop)))
     for p in procs:
         p.start()
-    ready_relay.wait(60)
-    ready_consumer.wait(60)
+    for _ in procs:
+        if not ready.acquire(timeout=60):
+            raise RuntimeError("relay processes did not start within 60 s")
     time.sleep(0.5)
     import redis
 
     r = redis.Redis.from_url(url)
     t0 = time.monotonic()
-    for i in range(int(rate * seconds)):
+    group = relays if together else 1
+    for i in range(0, int(rate * seconds), group):
         wait = t0 + i / rate - time.monotonic()
         if wait > 0:
             time.sleep(wait)
-        r.xadd("floor:in", {"t": repr(time.time())})
+        pipe = r.pipeline(transaction=False)
+        for j in range(i, i + group):
+            pipe.xadd(f"floor:in:{j % relays}", {"t": repr(time.time())})
+        pipe.execute()
     time.sleep(0.5)
     stop.set()
     for p in procs:
         p.join(30)
     lat = [(arrived - sent) * 1e3 for sent, arrived in json.loads(Path(out_path).read_text())]
-    return {"rate": rate, "n": len(lat), "p50": pct(lat, 50), "p99": pct(lat, 99)}
+    return {"rate": rate, "relays": relays, "together": together, "n": len(lat), "p50": pct(lat, 50),
+            "p99": pct(lat, 99)}
 
 
 def consume(url: str, keys: list[str], out_path: str, ready, stop) -> None:
@@ -221,7 +233,12 @@ def consume(url: str, keys: list[str], out_path: str, ready, stop) -> None:
     import redis
 
     r = redis.Redis.from_url(url)
-    last = {k: "$" for k in keys}
+    # each key's last entry now, resolved once: "$" means "after the newest entry" anew at every call,
+    # so entries added to a key while this process handles another key's would be skipped
+    last = {}
+    for k in keys:
+        top = r.xrevrange(k, count=1)
+        last[k] = top[0][0] if top else "0-0"
     got = []
     ready.set()
     while not stop.is_set():
@@ -297,7 +314,8 @@ def run(args) -> dict:
             now = datetime.now(timezone.utc)
             epoch = datetime(1970, 1, 1, tzinfo=timezone.utc)
             t_hist = epoch + ((now - epoch) // STEP) * STEP - HISTORY * STEP
-            measured = sum(int(rate * args.seconds) for rate in args.rates)
+            plan = [(rate, False) for rate in args.rates] + [(rate, True) for rate in args.together]
+            measured = sum(int(rate * args.seconds) for rate, _ in plan)
             series = {s: bars_of(s, t_hist + STEP, HISTORY + measured + 1, 7 + i) for i, s in enumerate(symbols)}
             pipe = r.pipeline(transaction=False)
             for s in symbols:
@@ -309,7 +327,11 @@ def run(args) -> dict:
             print(f"warm-up decided in {warm_s:.1f} s", flush=True)
             fl = floor(server.url)
             fl["relay"] = [relay_floor(server.url, rate * len(ids), 5.0, tmp) for rate in args.rates]
-            print("floor relay:", fl["relay"], flush=True)
+            fl["relay_fleet"] = [relay_floor(server.url, rate * len(ids), 5.0, tmp, relays=len(ids))
+                                 for rate in args.rates]
+            fl["relay_together"] = [relay_floor(server.url, rate * len(ids), 5.0, tmp, relays=len(ids), together=True)
+                                    for rate in args.together]
+            print("floor relay:", fl["relay"], fl["relay_fleet"], fl["relay_together"], flush=True)
             print(f"floor: PING {fl['rtt_us']:.0f} us + inference {fl['inference_us']:.0f} us; after "
                   f"{IDLE_S * 1e3:g} ms idle: {fl['rtt_idle_us']:.0f} + {fl['inference_idle_us']:.0f} us", flush=True)
 
@@ -325,15 +347,19 @@ def run(args) -> dict:
             published: dict[tuple[str, str], tuple[float, int]] = {}  # (symbol, bar_time iso) -> (t, step)
             steps = []
             index = HISTORY
-            for k, rate in enumerate(args.rates):
+            for k, (rate, together) in enumerate(plan):
                 ticks = int(rate * args.seconds)
                 period = 1.0 / rate
                 n = len(symbols)
                 t0 = time.monotonic() + 0.2
                 late = 0
                 # (due time, series) in order; every bar already due goes out in one pipeline, each
-                # stamped with the pipeline's send time (the publisher never becomes the bottleneck)
-                schedule = [(t0 + tick * period + j * period / n, j, tick) for tick in range(ticks) for j in range(n)]
+                # stamped with the pipeline's send time (the publisher never becomes the bottleneck).
+                # Spread: series j's bars are due j/n of a period later. Together: every series' bar of
+                # a tick is due at once, so they go in one pipeline — as `feed` sends the bars of one
+                # bar time, i.e. as bars of many symbols that close at the same moment arrive
+                spread = 0.0 if together else period / n
+                schedule = [(t0 + tick * period + j * spread, j, tick) for tick in range(ticks) for j in range(n)]
                 i = 0
                 while i < len(schedule):
                     wait = schedule[i][0] - time.monotonic()
@@ -356,10 +382,14 @@ def run(args) -> dict:
                     for name in names:
                         published[name] = (stamp, k)
                 index += ticks
+                end = t0 + ticks * period  # the step lasts its whole last period, bars spread or not
+                if end > time.monotonic():
+                    time.sleep(end - time.monotonic())
                 wall = time.monotonic() - t0
-                steps.append({"rate_per_worker": rate, "bars": ticks * n, "offered_bars_s": rate * n,
+                steps.append({"rate_per_worker": rate, "together": together, "bars": ticks * n, "offered_bars_s": rate * n,
                               "achieved_bars_s": ticks * n / wall, "late_publishes": late})
-                print(f"step {k}: {rate} bar/s per worker, {ticks * n} bars in {wall:.1f} s", flush=True)
+                print(f"step {k}: {rate} bar/s per worker{' (together)' if together else ''}, {ticks * n} bars in "
+                      f"{wall:.1f} s", flush=True)
                 try:
                     wait_checkpoints(r, keys.checkpoints("live"), ids, series[symbols[0]][index - 1]["bar_time"], 120)
                 except RuntimeError as exc:
@@ -423,7 +453,8 @@ def report(res: dict, command: str) -> str:
     fl = res["floor"]
     floor_ms = (fl["rtt_us"] + fl["inference_us"]) / 1e3
     idle_ms = (fl["rtt_idle_us"] + fl["inference_idle_us"]) / 1e3
-    ok = [s for s in res["steps"] if s.get("p99", float("inf")) <= TARGET_P99_MS and "error" not in s]
+    ok = [s for s in res["steps"]
+          if not s["together"] and s.get("p99", float("inf")) <= TARGET_P99_MS and "error" not in s]
     best = max((s["achieved_bars_s"] for s in ok), default=None)
     lines = [MARK_BEGIN, "## Live latency", "",
              f"Command: `{command}` — run on {datetime.now(timezone.utc):%Y-%m-%d}, {machine()}; load average "
@@ -441,20 +472,29 @@ def report(res: dict, command: str) -> str:
              "The path with no work in it (same run): the publisher -> Redis -> one relay process that XADDs "
              "each entry on as it arrives -> Redis -> a consumer process, at the fleet rate of each step: "
              + "; ".join(f"{x['rate']:,.0f}/s: p50 {x['p50']:.2f} ms, p99 {x['p99']:.2f} ms" for x in fl["relay"])
-             + ".", "",
+             + f". The same with {res['workers']} relay processes, entry i to relay i mod {res['workers']} (each "
+             "wakes as rarely as a worker, and finds its memory as cold): "
+             + "; ".join(f"{x['rate']:,.0f}/s: p50 **{x['p50']:.2f} ms**, p99 {x['p99']:.2f} ms"
+                         for x in fl["relay_fleet"]) + "."
+             + "".join(f" With each round's {res['workers']} entries published at once in one pipeline (as in the "
+                       f"\"together\" steps), {x['rate']:,.0f}/s: p50 **{x['p50']:.2f} ms**, p99 {x['p99']:.2f} ms."
+                       for x in fl["relay_together"]), "",
              "| bars/s per worker | fleet bars/s offered (achieved) | decisions | p50 | p99 | p99.9 | max "
              "| signals p50 / p99 | publish -> decide p50 | decide -> consumer p50 | worker compute p50 "
              "| publishes > 5 ms late |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for s in res["steps"]:
-        lines.append(f"| {s['rate_per_worker']:g} | {s['offered_bars_s']:,.0f} ({s['achieved_bars_s']:,.0f}) | "
+        lines.append(f"| {s['rate_per_worker']:g}{', together' if s['together'] else ''} | {s['offered_bars_s']:,.0f} ({s['achieved_bars_s']:,.0f}) | "
                      f"{s.get('decisions', 0):,} | {s.get('p50', float('nan')):.2f} ms | "
                      f"{s.get('p99', float('nan')):.2f} ms | {s.get('p999', float('nan')):.2f} ms | "
                      f"{s.get('max', float('nan')):.1f} ms | {s.get('signal_p50', float('nan')):.2f} / "
                      f"{s.get('signal_p99', float('nan')):.2f} ms | {s.get('to_decide_p50', float('nan')):.2f} ms | "
                      f"{s.get('decide_to_arrival_p50', float('nan')):.2f} ms | {s.get('compute_p50', float('nan')):.2f} ms | "
                      f"{s['late_publishes']:,} |")
-    lines += ["", f"Targets: p50 <= 1 ms, p99 <= {TARGET_P99_MS:g} ms. Highest fleet rate with p99 <= "
+    lines += ["", "\"Together\": every series' bar of a tick published at once, in one pipeline (as `feed` "
+              "publishes the bars of one bar time: bars of many symbols closing at the same moment); the other "
+              "steps spread each period's bars evenly.", "",
+              f"Targets: p50 <= 1 ms, p99 <= {TARGET_P99_MS:g} ms. Highest fleet rate (bars spread) with p99 <= "
               f"{TARGET_P99_MS:g} ms in this run: **{f'{best:,.0f} bars/s' if best else 'none of the steps'}**.",
               MARK_END]
     return "\n".join(lines) + "\n"
@@ -464,12 +504,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workers", type=int, default=100)
     ap.add_argument("--rates", default="1,2,5,10", help="bars per second per worker, one step each")
+    ap.add_argument("--together", default="1", help="bars per second per worker, one step each, every series' "
+                    "bar of a tick published at once (as `feed` publishes one bar time); '' for none")
     ap.add_argument("--seconds", type=float, default=10.0, help="length of each step")
     ap.add_argument("--inference", choices=("local", "mock"), default="local")
     ap.add_argument("--start-timeout", type=float, default=600.0)
     ap.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
     args = ap.parse_args()
     args.rates = [float(x) for x in args.rates.split(",")]
+    args.together = [float(x) for x in args.together.split(",") if x]
     res = run(args)
     section = report(res, "python bench/live_latency.py " + " ".join(sys.argv[1:]))
     print(section)

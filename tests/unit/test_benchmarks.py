@@ -35,7 +35,8 @@ RUNS = [
      rf"paced 2 workers x 100 one-bar batches.*: {NUMBER} decisions/s; ack p50 {NUMBER} ms"),
     ("store_write.py", ["20000", "5000"], rf"replayed +20,000 rows in {NUMBER} s .*{NUMBER} rows/s"),
     ("live_latency.py", ["--workers", "10", "--rates", "1", "--seconds", "2", "--no-write"],
-     rf"\| 1 \| 10 \({NUMBER}\) \| {NUMBER} \| {NUMBER} ms \| {NUMBER} ms"),
+     rf"p50 \*\*{NUMBER} ms\*\*[\s\S]*\| 1 \| 10 \({NUMBER}\) \| {NUMBER} \| {NUMBER} ms \| {NUMBER} ms"
+     rf"[\s\S]*\| 1, together \| 10 \({NUMBER}\) \| {NUMBER} \| {NUMBER} ms \| {NUMBER} ms"),
 ]
 
 
