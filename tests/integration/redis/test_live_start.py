@@ -74,6 +74,11 @@ def workers(root: Path) -> dict[str, dict]:
     return {w["worker"]: w for w in json.loads(proc.stdout)["workers"]}
 
 
+def niceness(pid: int) -> set[int]:
+    """The CPU niceness of each thread of `pid` (field 19 of /proc/<pid>/task/<tid>/stat)."""
+    return {int((task / "stat").read_text().rsplit(")", 1)[1].split()[16]) for task in Path(f"/proc/{pid}/task").iterdir()}
+
+
 def decided_bars(frames: tuple[pl.DataFrame, pl.DataFrame]) -> pl.DataFrame:
     """(worker key, bar_time) of every decision, signals and rejections together."""
     key = ["client_id", "strategy_id", "symbol", "timeframe", "bar_time"]
@@ -96,6 +101,9 @@ def test_start_live_feed_consume_kill_and_stop(live_root: Path, redis_server) ->
     try:
         wait_for(lambda: len(w := workers(root)) == 4 and all(x["state"] == "RUNNING" for x in w.values()), 120,
                  "4 RUNNING live workers", interval=0.5)
+        # local-integration's workers run at process.nice 10, every thread; the manager stays at 0
+        assert [niceness(w["pid"]) for w in workers(root).values()] == [{10}] * 4
+        assert niceness(manager.pid) == {0}
         # 80 bars that already ended (history; the older ones are stale_data on the wall clock), then
         # 100 bars paced at 10 bars per wall second (5m bars at speed 3000) for every series
         feeder = subprocess.Popen([sys.executable, str(REPO / "strategy_runner.py"), "feed", "--env",
