@@ -62,9 +62,9 @@ STEP = timedelta(minutes=5)
 TARGET_P99_MS = 5.0
 
 
-def setup(root: Path, workers: int, url: str) -> tuple[list[str], list[str]]:
+def setup(root: Path, workers: int, url: str, nice: int | None = None) -> tuple[list[str], list[str]]:
     """A root with `workers` live workers (clients c000, c001, ... of up to 10 symbols); local-integration
-    at `url`. Returns (worker ids, client ids)."""
+    at `url`, its workers at CPU niceness `nice` (None: the shipped file's). Returns (worker ids, client ids)."""
     root.mkdir(parents=True, exist_ok=True)
     for layer in ("environments", "modes"):
         subprocess.run(["cp", "-r", str(ROOT / layer), str(root / layer)], check=True)
@@ -74,7 +74,7 @@ def setup(root: Path, workers: int, url: str) -> tuple[list[str], list[str]]:
     env = yaml.safe_load(env_file.read_text())
     env["messaging"]["url"] = url
     env["process"] = {**env["process"], "heartbeat_threshold_s": 120.0,
-                      "resource_sample_s": 10.0}
+                      "resource_sample_s": 10.0, **({} if nice is None else {"nice": nice})}
     env["log_level"] = "WARNING"
     env_file.write_text(yaml.safe_dump(env, sort_keys=False))
     ids, clients = [], []
@@ -288,7 +288,7 @@ def run(args) -> dict:
         manager = None
         try:
             root = tmp / "root"
-            ids, clients = setup(root, args.workers, server.url)
+            ids, clients = setup(root, args.workers, server.url, args.nice)
             symbols = [i.split(".")[2] for i in ids]
             control = root / "var/local-integration/control.sqlite"
             cmd = [sys.executable, str(ROOT / "strategy_runner.py"), "start", "--env", "local-integration",
@@ -436,7 +436,8 @@ def run(args) -> dict:
                     rss.append(psutil.Process(pid).memory_full_info().uss / 2**20)
                 except psutil.Error:
                     pass
-            return {"workers": len(ids), "clients": len(clients), "started_s": started_s, "warm_s": warm_s,
+            nice = yaml.safe_load((root / "environments/local-integration.yaml").read_text())["process"]["nice"]
+            return {"workers": len(ids), "clients": len(clients), "nice": nice, "started_s": started_s, "warm_s": warm_s,
                     "floor": fl, "steps": steps, "uss_mb_median": float(np.median(rss)) if rss else None,
                     "inference": args.inference, "load": os.getloadavg()}
         finally:
@@ -460,7 +461,7 @@ def report(res: dict, command: str) -> str:
              f"Command: `{command}` — run on {datetime.now(timezone.utc):%Y-%m-%d}, {machine()}; load average "
              f"during the run {res['load'][0]:.0f} (other jobs share the 2 cores).", "",
              f"{res['workers']} live workers ({res['clients']} clients x 10 symbols, one strategy of two models, "
-             f"{res['inference']} inference) under one manager (`start --env local-integration --mode live`, "
+             f"{res['inference']} inference, CPU niceness {res['nice']}) under one manager (`start --env local-integration --mode live`, "
              f"recorder in the manager), a private redis-server without persistence. All RUNNING after "
              f"{res['started_s']:.0f} s; warm-up ({HISTORY} bars per series) decided in {res['warm_s']:.0f} s; "
              f"median private memory (USS) per process {res['uss_mb_median'] or 0:.0f} MB.", "",
@@ -508,6 +509,7 @@ def main() -> None:
                     "bar of a tick published at once (as `feed` publishes one bar time); '' for none")
     ap.add_argument("--seconds", type=float, default=10.0, help="length of each step")
     ap.add_argument("--inference", choices=("local", "mock"), default="local")
+    ap.add_argument("--nice", type=int, help="the workers' process.nice (default: local-integration's)")
     ap.add_argument("--start-timeout", type=float, default=600.0)
     ap.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
     args = ap.parse_args()
