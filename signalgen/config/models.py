@@ -238,9 +238,9 @@ class ProcessLimitsConfig(Frozen):
 
     memory_mb: int = Field(1024, ge=64)  # max USS (RSS where USS is unavailable) per worker before a restart
     cpu: float = Field(1.0, gt=0)
-    # workers' CPU niceness (POSIX nice, 0-19): above 0, a burst of workers (bars of many symbols
-    # closing at once) leaves the cores first to the processes every bar's path also needs — Redis,
-    # consumers, the manager — which keep the default 0
+    # workers run this many CPU niceness steps below the manager (POSIX nice, 0-19): above 0, a burst
+    # of workers (bars of many symbols closing at once) leaves the cores first to the processes every
+    # bar's path also needs — Redis, consumers, the manager
     nice: int = Field(0, ge=0, le=19)
     heartbeat_interval_s: float = Field(2.0, gt=0)  # a worker writes a heartbeat this often
     heartbeat_threshold_s: float = Field(30.0, gt=0)  # an older heartbeat: the worker is killed and recovered

@@ -60,6 +60,9 @@ class RecorderHost:
         return self
 
     def _loop(self) -> None:
+        from signalgen.modes.sources import background_priority
+
+        background_priority()
         delay = 0.5
         while not self._stop.is_set():
             try:

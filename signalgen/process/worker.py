@@ -5,7 +5,8 @@ that already imported `signalgen.process.preload`); `signalgen.process.worker_cl
 `worker_main` in the foreground for supervisord. A worker:
 
 1. dies with its parent: PR_SET_PDEATHSIG(SIGKILL), and a thread that watches the parent's pid;
-   runs at CPU niceness `process.nice` (local-integration: 10, so Redis and consumers win the cores);
+   runs `process.nice` steps nicer than the manager (above 0, Redis, consumers and the manager win
+   the cores from a burst of workers);
 2. logs to its own rotated file (`args.log_path`);
 3. opens its sink, chosen by the environment's messaging (`open_sink`): with `messaging.type: redis`
    the client's Redis streams (`RedisSink`: checkpoint in Redis, advanced on EXEC; the manager hosts
@@ -47,7 +48,7 @@ from signalgen.config.workers import WorkerSpec
 from signalgen.data.validation import validate_bars
 from signalgen.errors import ConfigError
 from signalgen.modes.engine import epoch_us, history_bars
-from signalgen.modes.sources import bar_chunks, per_bar_feed
+from signalgen.modes.sources import background_priority, bar_chunks, per_bar_feed
 from signalgen.modes.worker import ReplayClock, WallClock, WorkerContext, bar_feed, run_worker
 from signalgen.storage.control import ControlStore, now_iso
 
@@ -267,13 +268,6 @@ def set_parent_death_signal(sig: int = signal.SIGKILL) -> bool:
         return False
 
 
-def lower_priority(nice: int) -> None:
-    """Run this process at CPU niceness `nice` at least (`process.nice`). Called while the process has
-    one thread: Linux keeps a niceness per thread, and the threads started after inherit it."""
-    if nice > os.getpriority(os.PRIO_PROCESS, 0):
-        os.setpriority(os.PRIO_PROCESS, 0, nice)
-
-
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -394,7 +388,9 @@ def worker_main(args: WorkerArgs) -> int:
     """Run one worker until its range ends or SIGTERM / SIGINT; the exit code (0, 1 or 2)."""
     ppid = os.getppid()
     set_parent_death_signal()
-    lower_priority(args.cfg.environment.process.nice)  # before the first thread
+    # `process.nice` steps below the manager, set before the first thread: Linux keeps a niceness per
+    # thread, and the threads started after inherit it
+    background_priority(args.cfg.environment.process.nice)
     watch_parent(ppid)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -28,7 +28,7 @@ from tests.integration.redis.helpers import KEYS, REPO, streamed, wait_for
 pytestmark = pytest.mark.integration  # a private redis-server, a manager and its worker processes
 
 FAST = {"heartbeat_interval_s": 0.2, "heartbeat_threshold_s": 10.0, "backoff_initial_s": 0.2,
-        "backoff_max_s": 2.0, "stop_timeout_s": 10.0, "resource_sample_s": 0.5, "max_recovery_attempts": 3}
+        "backoff_max_s": 2.0, "stop_timeout_s": 10.0, "resource_sample_s": 0.5, "max_recovery_attempts": 3, "nice": 10}
 PASSWORDS = {"ODUM_REDIS_PASSWORD": "odum-pw-1", "BEA_REDIS_PASSWORD": "bea-pw-2"}
 ODUM_SOL = "odum.momentum_v1.SOLUSD.5m"
 
@@ -74,9 +74,10 @@ def workers(root: Path) -> dict[str, dict]:
     return {w["worker"]: w for w in json.loads(proc.stdout)["workers"]}
 
 
-def niceness(pid: int) -> set[int]:
-    """The CPU niceness of each thread of `pid` (field 19 of /proc/<pid>/task/<tid>/stat)."""
-    return {int((task / "stat").read_text().rsplit(")", 1)[1].split()[16]) for task in Path(f"/proc/{pid}/task").iterdir()}
+def niceness(pid: int, *, main_thread: bool = False) -> set[int]:
+    """The CPU niceness of each thread of `pid`, or of its main thread (field 19 of /proc/.../stat)."""
+    tasks = [Path(f"/proc/{pid}")] if main_thread else list(Path(f"/proc/{pid}/task").iterdir())
+    return {int((task / "stat").read_text().rsplit(")", 1)[1].split()[16]) for task in tasks}
 
 
 def decided_bars(frames: tuple[pl.DataFrame, pl.DataFrame]) -> pl.DataFrame:
@@ -101,9 +102,10 @@ def test_start_live_feed_consume_kill_and_stop(live_root: Path, redis_server) ->
     try:
         wait_for(lambda: len(w := workers(root)) == 4 and all(x["state"] == "RUNNING" for x in w.values()), 120,
                  "4 RUNNING live workers", interval=0.5)
-        # local-integration's workers run at process.nice 10, every thread; the manager stays at 0
+        # the workers run process.nice (10) steps below the manager, every thread
         assert [niceness(w["pid"]) for w in workers(root).values()] == [{10}] * 4
-        assert niceness(manager.pid) == {0}
+        assert niceness(manager.pid, main_thread=True) == {0}
+        assert 10 in niceness(manager.pid)  # the recorder's thread: background priority, as the workers
         # 80 bars that already ended (history; the older ones are stale_data on the wall clock), then
         # 100 bars paced at 10 bars per wall second (5m bars at speed 3000) for every series
         feeder = subprocess.Popen([sys.executable, str(REPO / "strategy_runner.py"), "feed", "--env",

@@ -15,8 +15,6 @@ from .helpers import edit, line_of
 DEFAULTS = {"heartbeat_interval_s": 2.0, "heartbeat_threshold_s": 30.0, "max_errors_per_minute": 10,
             "max_recovery_attempts": 5, "backoff_initial_s": 1.0, "backoff_max_s": 60.0, "stop_timeout_s": 10.0,
             "resource_sample_s": 5.0, "mock_bar_interval_s": 1.0, "memory_mb": 1024, "cpu": 1.0, "nice": 0}
-# local-integration runs workers, Redis and consumers on one machine: its workers yield the cores
-SHIPPED = {"local-dev": DEFAULTS, "local-integration": {**DEFAULTS, "nice": 10}, "cloud-dev": DEFAULTS}
 
 
 def test_defaults_are_the_contract() -> None:
@@ -28,8 +26,8 @@ def test_defaults_are_the_contract() -> None:
 def test_every_environment_names_its_own_control_file(demo_root: Path, env: str) -> None:
     loaded = load_environment(env, root=demo_root)
     assert loaded.control == ControlStoreConfig(type="sqlite", path=f"var/{env}/control.sqlite")
-    # the shipped files write every setting out, so an operator sees each knob
-    assert loaded.process.model_dump() == SHIPPED[env]
+    # the shipped files write every default out, so an operator sees each knob
+    assert loaded.process.model_dump() == DEFAULTS
 
 
 def test_recovery_defaults_to_restart_and_takes_the_policies(demo_root: Path) -> None:
