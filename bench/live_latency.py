@@ -516,7 +516,7 @@ def main() -> None:
     args.rates = [float(x) for x in args.rates.split(",")]
     args.together = [float(x) for x in args.together.split(",") if x]
     res = run(args)
-    section = report(res, "python bench/live_latency.py " + " ".join(sys.argv[1:]))
+    section = report(res, " ".join(["python bench/live_latency.py", *sys.argv[1:]]))
     print(section)
     if not args.no_write:
         write_section(section)
