@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import polars as pl
 
 from signalgen.data.schema import BAR_SCHEMA
-from signalgen.outputs.redis import SCHEMA_VERSION, StreamKeys, connect, iso, redis_module
+from signalgen.outputs.redis import SCHEMA_VERSION, StreamKeys, connect, iso, own_connection, redis_module
 
 if TYPE_CHECKING:
     import redis as redis_lib
@@ -211,23 +211,38 @@ def live_feed(cfg: RunConfig, spec: WorkerSpec, *, after: datetime | None, stop:
                 break
         yield from reversed(history)
     delay, down_since = 0.05, None
-    while stop is None or not stop.is_set():
-        try:
-            reply = r.xread({key: last}, count=count, block=block_ms)
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            if down_since is None:
-                down_since = time.monotonic()
-                log.warning("live feed %s: Redis unreachable (%s); retrying", key, exc)
-            if stop is not None:
-                stop.wait(delay)
-            else:
-                time.sleep(delay)
-            delay = min(delay * 2, 0.5)
-            continue
-        if down_since is not None:
-            log.warning("live feed %s: Redis back after %.1f s", key, time.monotonic() - down_since)
-            delay, down_since = 0.05, None
-        for _, entries in reply or ():
+    conn = own_connection(r)  # XREAD sent straight; reconnects on the next call after a failure
+    try:
+        while stop is None or not stop.is_set():
+            try:
+                conn.send_command("XREAD", "COUNT", count, "BLOCK", block_ms, "STREAMS", key, last)
+                reply = conn.read_response()
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                conn.disconnect()
+                if down_since is None:
+                    down_since = time.monotonic()
+                    log.warning("live feed %s: Redis unreachable (%s); retrying", key, exc)
+                if stop is not None:
+                    stop.wait(delay)
+                else:
+                    time.sleep(delay)
+                delay = min(delay * 2, 0.5)
+                continue
+            if down_since is not None:
+                log.warning("live feed %s: Redis back after %.1f s", key, time.monotonic() - down_since)
+                delay, down_since = 0.05, None
+            entries = _stream_entries(reply)
             if entries:
                 last = entries[-1][0].decode()
                 yield from decoded(entries)
+    finally:
+        conn.disconnect()
+
+
+def _stream_entries(reply) -> list[tuple[bytes, dict]]:
+    """(id, fields) of a raw one-stream XREAD reply: RESP3 {key: [[id, [f, v, ...]], ...]}, RESP2
+    [[key, [[id, [f, v, ...]], ...]]], or None when BLOCK timed out."""
+    if not reply:
+        return []
+    streams = reply.values() if isinstance(reply, dict) else (entries for _, entries in reply)
+    return [(eid, dict(zip(flat[::2], flat[1::2])) if flat else {}) for entries in streams for eid, flat in entries]

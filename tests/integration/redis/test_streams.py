@@ -150,6 +150,24 @@ def test_poison_bars_go_to_the_dead_letter_stream(root):
     assert {e["stream"] for e in letters} == {key} and {e["worker"] for e in letters} == {WORKER}
 
 
+def test_the_live_feed_reads_the_same_bars_over_resp2_and_resp3(root):
+    """live_feed parses XREAD's raw reply itself: a map per stream in RESP3 (redis-py's default), a
+    list of [key, entries] pairs in RESP2 (`?protocol=2` in the URL)."""
+    cfg = load_config("local-integration", "live", root=root)
+    frames = bars("SOLUSD", 40)
+    publish_bars(connect(cfg), frames, keys=KEYS)
+    expected = pl.concat(frames).to_dicts()
+    for protocol in (2, 3):
+        client = redis.Redis.from_url(cfg.environment.messaging.url, protocol=protocol)
+        stop = threading.Event()
+        timer = threading.Timer(10.0, stop.set)  # a feed that reads nothing ends, and the test fails
+        timer.start()
+        got = list(until(live_feed(cfg, spec_of(cfg), after=None, stop=stop, client=client, count=16, block_ms=100),
+                         expected[-1]["bar_time"]))
+        timer.cancel()
+        assert got == expected, f"RESP{protocol}"
+
+
 def test_recorder_claims_a_crashed_consumers_entries_and_replays_idempotently(root):
     cfg = load_config("local-integration", "live", root=root)
     spec = spec_of(cfg)
