@@ -297,7 +297,7 @@ class SinkStats:
     max_buffered: int = 0                     # the most entries ever waiting
     last_outage_s: float | None = None        # first failure -> first success, of the last outage
     recovered_at: float | None = None         # time.time() of the last recovery
-    exec_us: list[int] = field(default_factory=list)  # the last few sends (SEND_SCRIPT round trips)
+    exec_us: deque[int] = field(default_factory=lambda: deque(maxlen=1000))  # the last sends' round trips
 
 
 class RedisSink:
@@ -462,7 +462,7 @@ class RedisSink:
             args += item
         started = time.perf_counter_ns()
         self._evalsha(keys, args)
-        self.stats.exec_us = [*self.stats.exec_us[-999:], (time.perf_counter_ns() - started) // 1000]
+        self.stats.exec_us.append((time.perf_counter_ns() - started) // 1000)
 
     def _evalsha(self, keys: list[str], args: list) -> None:
         """SEND_SCRIPT by its sha on the sink's own connection, sent straight (`own_connection`). After

@@ -49,7 +49,7 @@ def main(args: dict) -> int:
         "bars": outcome.bars, "signals": outcome.signals, "checkpoint": str(outcome.checkpoint),
         "resumed_from": str(after), "outages": s.outages, "backpressure_events": s.backpressure_events,
         "max_buffered": s.max_buffered, "last_outage_s": s.last_outage_s, "recovered_at": s.recovered_at,
-        "exec_us": s.exec_us}))
+        "exec_us": list(s.exec_us)}))
     return 0
 
 
