@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import polars as pl
 
 from signalgen.data.schema import BAR_SCHEMA
-from signalgen.outputs.redis import SCHEMA_VERSION, StreamKeys, connect, iso, own_connection, redis_module
+from signalgen.outputs.redis import SCHEMA_VERSION, StreamKeys, connect, iso, own_connection, redis_module, straight
 
 if TYPE_CHECKING:
     import redis as redis_lib
@@ -211,14 +211,12 @@ def live_feed(cfg: RunConfig, spec: WorkerSpec, *, after: datetime | None, stop:
                 break
         yield from reversed(history)
     delay, down_since = 0.05, None
-    conn = own_connection(r)  # XREAD sent straight; reconnects on the next call after a failure
+    conn = own_connection(r)  # the XREADs', sent `straight`
     try:
         while stop is None or not stop.is_set():
             try:
-                conn.send_command("XREAD", "COUNT", count, "BLOCK", block_ms, "STREAMS", key, last)
-                reply = conn.read_response()
+                reply = straight(conn, "XREAD", "COUNT", count, "BLOCK", block_ms, "STREAMS", key, last)
             except (redis.ConnectionError, redis.TimeoutError) as exc:
-                conn.disconnect()
                 if down_since is None:
                     down_since = time.monotonic()
                     log.warning("live feed %s: Redis unreachable (%s); retrying", key, exc)

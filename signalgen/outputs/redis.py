@@ -7,6 +7,7 @@ that use Redis need `pip install 'signalgen[redis]'`.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -121,11 +122,23 @@ def connect(cfg: RunConfig, *, username: str | None = None, password: str | None
 
 def own_connection(client: redis_lib.Redis):
     """A connection with `client`'s settings, outside its pool, connected by its first command and
-    again by the first after a `disconnect()`: for a hot command sent straight (`send_command` +
-    `read_response`), without the client's command layer (connection checkout, retry wrapper, reply
-    callbacks): ~70 -> ~40 us of CPU per XREAD in process, more on the cold core a live bar finds."""
+    again by the first after a `disconnect()`: for a hot command sent `straight`."""
     pool = client.connection_pool
     return pool.connection_class(**pool.connection_kwargs)
+
+
+def straight(conn, *command):
+    """`command` on `conn` and its raw reply, without the client's command layer (connection checkout,
+    retry wrapper, reply callbacks): ~70 -> ~40 us of CPU per XREAD in process, more on the cold core
+    a live bar finds. A lost or timed-out connection is dropped before the error goes up, so a late
+    reply can never answer the next command; the next call reconnects."""
+    redis = redis_module()
+    try:
+        conn.send_command(*command)
+        return conn.read_response()
+    except (redis.ConnectionError, redis.TimeoutError):
+        conn.disconnect()
+        raise
 
 
 def check_connection(client: redis_lib.Redis, cfg: RunConfig, *, password_field: str) -> None:
@@ -280,6 +293,7 @@ if j <= #ARGV then
 end
 return n
 """
+SEND_SHA = hashlib.sha1(SEND_SCRIPT.encode()).hexdigest()  # EVALSHA's name for it (what SCRIPT LOAD returns)
 
 
 @dataclass
@@ -330,7 +344,6 @@ class RedisSink:
         self._down_since: float | None = None   # monotonic time of the first failure of this outage
         self._full_logged_at: float | None = None  # when "buffer full" was last logged
         self._closing = False
-        self._script = client.register_script(SEND_SCRIPT)  # its sha; loaded again after a Redis restart
         self._conn, self._conn_lock = own_connection(client), threading.Lock()  # the sends' (`_evalsha`)
         self._sender = threading.Thread(target=self._send_loop, name="redis-sink", daemon=True)
         self._sender.start()
@@ -465,24 +478,14 @@ class RedisSink:
         self.stats.exec_us.append((time.perf_counter_ns() - started) // 1000)
 
     def _evalsha(self, keys: list[str], args: list) -> None:
-        """SEND_SCRIPT by its sha on the sink's own connection, sent straight (`own_connection`). After
-        NOSCRIPT (a restarted Redis) the script is loaded and called once more; after a lost
-        connection, the next call reconnects."""
-        conn = self._conn
+        """SEND_SCRIPT by its sha on the sink's own connection, sent `straight`. A restarted Redis has lost
+        the script (NOSCRIPT): it is loaded, and called once more."""
         with self._conn_lock:
             try:
-                for attempt in (0, 1):
-                    conn.send_command("EVALSHA", self._script.sha, len(keys), *keys, *args)
-                    try:
-                        conn.read_response()
-                        return
-                    except self._redis.exceptions.NoScriptError:
-                        if attempt:
-                            raise
-                        self._script.sha = self.client.script_load(SEND_SCRIPT)
-            except (self._redis.ConnectionError, self._redis.TimeoutError):
-                conn.disconnect()
-                raise
+                straight(self._conn, "EVALSHA", SEND_SHA, len(keys), *keys, *args)
+            except self._redis.exceptions.NoScriptError:
+                self.client.script_load(SEND_SCRIPT)
+                straight(self._conn, "EVALSHA", SEND_SHA, len(keys), *keys, *args)
 
     def _acked(self, batches: list[_Batch]) -> None:
         """Called with the lock held: `batches` are in Redis. (The sender's callers then notify the
