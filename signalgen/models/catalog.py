@@ -42,7 +42,7 @@ DEMO_MODELS: tuple[ModelSpec, ...] = (
 
 DEMO_SYMBOLS: tuple[str, ...] = ("BTCUSD", "ETHUSD", "SOLUSD", "XRPUSD")
 DEMO_TIMEFRAME = "5m"
-DEMO_START = datetime(2024, 1, 1, tzinfo=timezone.utc)
+DEMO_START = datetime(2024, 1, 1, tzinfo=timezone.utc)  # the synthetic series' epoch: its first 60 days
 DEMO_DAYS = 60
 VALID_FRACTION = 0.2  # the last 20% of the time range validates
 

@@ -35,7 +35,8 @@ def bar_chunks(cfg: RunConfig, symbol: str, timeframe: str, chunk_bars: int, *,
     if cfg.data_source == "synthetic":
         from signalgen.data.synthetic import iter_synthetic_chunks
 
-        # one seamless series from its origin (it has no gaps: `history` bars are exactly that far back)
+        # one fixed series whatever the range (bars on the epoch's grid, no gaps: the `history` bars
+        # before cfg.start are exactly those in (origin, cfg.start])
         origin = cfg.start - history * timeframe_delta(timeframe)
         yield from _cut_at(iter_synthetic_chunks(symbol, timeframe, origin, cfg.end, cfg.seed, chunk_bars),
                            cfg.start)

@@ -264,3 +264,27 @@ def test_onnx_bytes_do_not_depend_on_the_converters_opset_order(monkeypatch):
     as_converted = to_onnx(booster, "daily_high")
     monkeypatch.setattr(onnxmltools, "convert_lightgbm", reversed_opsets)
     assert to_onnx(booster, "daily_high") == as_converted
+
+
+def test_committed_demo_models_were_validated_on_the_synthetic_series_from_its_epoch():
+    """The generator still makes the bars the committed registry/swing_* models learned from: on the
+    series' first DEMO_DAYS after the epoch each model scores exactly its card's validation metrics."""
+    import lightgbm as lgb
+
+    from signalgen.data.synthetic import EPOCH
+    from signalgen.models.catalog import DEMO_TIMEFRAME
+    from signalgen.models.train import demo_bars, feature_matrix, fwd_column
+
+    assert DEMO_START == EPOCH
+    repo = ModelRegistry(Path(__file__).resolve().parents[3] / "registry")
+    cards = [repo.card(s.model_id) for s in DEMO_MODELS]
+    frame = training_frame(demo_bars(cards[0].training_window.seed), [c.horizon_bars for c in cards],
+                           DEMO_TIMEFRAME)
+    for card in cards:
+        _, valid = split(frame, card.horizon_bars, card.training_window.valid_start, DEMO_TIMEFRAME)
+        booster = lgb.Booster(model_file=str(repo.path(card.model_id, card.version) / "model.txt"))
+        y = labels(valid[fwd_column(card.horizon_bars)].to_numpy(), card.direction, card.target_return)
+        p = booster.predict(feature_matrix(valid))
+        assert len(y) == card.training_window.rows_valid
+        assert (auc(y, p), log_loss(y, p), float(y.mean())) == \
+            (card.metrics.auc, card.metrics.log_loss, card.metrics.positive_rate), card.model_id

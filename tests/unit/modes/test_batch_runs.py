@@ -99,6 +99,42 @@ def test_a_later_start_gives_the_decisions_of_an_earlier_one(root, tmp_path_fact
     assert table(later, bad_bars)["reason"].to_list() == (["gap"] * len(SYMBOLS) if gap else [])
 
 
+def synthetic_config(root: Path, start: datetime):
+    return load_config("local-dev", "historical", root=root,
+                       overrides=Overrides(start=start, end=END, data_source="synthetic"))
+
+
+@pytest.mark.parametrize("late", [LATE, LATE + timedelta(minutes=2)], ids=["on_a_bar", "between_bars"])
+def test_a_later_start_gives_the_decisions_of_an_earlier_one_on_synthetic_bars(root, tmp_path_factory, late):
+    """Before: synthetic bars were anchored at each run's own history start, so a later start decided on
+    other bars under the same bar times and replaced the earlier run's decisions."""
+    later = twin(root, tmp_path_factory)
+    early_report, late_report = run_mode(synthetic_config(root, EARLY)), run_mode(synthetic_config(later, late))
+    assert not early_report.failures and not late_report.failures
+    early, again = decisions_after(root, late), decisions_after(later, late)
+    assert again[0].height > 0 and again[1].height > 0
+    assert again[0].equals(early[0])
+    assert again[1].equals(early[1])
+
+
+def test_every_worker_of_a_symbol_reads_the_same_synthetic_bars(root):
+    """Before: ETHUSD's bars of ikenna's and christian's workers shared no close (each series was anchored
+    at its own worker's history start, which depends on the strategy's lookback)."""
+    from signalgen.modes.engine import history_bars
+    from signalgen.modes.sources import chunk_feed
+
+    cfg = synthetic_config(root, EARLY)
+    specs = [s for s in worker_specs(cfg) if (s.symbol, s.timeframe) == ("ETHUSD", "5m")]
+    assert len({history_bars(s) for s in specs}) > 1  # the case that broke: different history lengths
+    seen = [pl.concat([chunk.bars for chunk in chunk_feed(cfg, spec, chunk_bars=500)]) for spec in specs]
+    first = seen[0]
+    for other in seen[1:]:
+        shared = first.join(other, on="bar_time", suffix="_other")
+        assert shared.height >= min(first.height, other.height)
+        for col in ("open", "high", "low", "close", "volume"):
+            assert shared[col].equals(shared[f"{col}_other"].alias(col))
+
+
 def test_a_bad_file_fails_its_worker_alone(root):
     write_bars(root)
     data = root / "var/data/5m"

@@ -76,7 +76,7 @@ def test_the_writer_refuses_rows_of_another_tenant(root, tmp_path):
 
     cfg = config(root, "synthetic")
     specs = worker_specs(cfg)
-    d = next(x for x in per_bar_decisions(root, 1) if x.signals)
+    d = next(x for x in per_bar_decisions(root, 4) if x.signals)  # the first 5m worker has signals whatever the bars
     rec = d.records()
     other = next(s for s in specs if s.client.id != specs[0].client.id)
     forged = Records([(r[0], other.client.id, *r[2:]) for r in rec.signals], [])
