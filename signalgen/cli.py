@@ -409,8 +409,8 @@ def runs_list(env: EnvOpt = Environment.LOCAL_DEV, root: RootOpt = None, client:
 
     df = _store(env, root).read(ReadQuery(kind="runs", clients=tuple(client or ()),
                                           modes=tuple(m.value for m in mode or ()), limit=limit, newest=True))
-    if output is Output.JSON:
-        _print_json([run_dict(r) for r in df.iter_rows(named=True)])
+    if output is Output.JSON:  # the config snapshots are for `runs show`
+        _print_json([run_dict(r) for r in df.drop("config", strict=False).iter_rows(named=True)])
     else:
         console.print(runs_table(df))
 
@@ -418,7 +418,8 @@ def runs_list(env: EnvOpt = Environment.LOCAL_DEV, root: RootOpt = None, client:
 @runs_app.command("show")
 def runs_show(run_id: Annotated[str, typer.Argument(help="The run id (as `runs list` shows it).")],
               env: EnvOpt = Environment.LOCAL_DEV, root: RootOpt = None, output: OutputOpt = Output.TABLE) -> None:
-    """Everything recorded about one run: status, times, counts, rejections by reason."""
+    """Everything recorded about one run: status, times, counts, what produced its bars (data source,
+    seed, data files' sha256; the config it ran with `--output json`), rejections by reason."""
     from signalgen.report import run_detail, run_dict
     from signalgen.storage.reads import ReadQuery
 

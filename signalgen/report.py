@@ -184,24 +184,39 @@ def runs_table(df: pl.DataFrame) -> Table:
 
 
 def run_dict(row: dict[str, Any]) -> dict[str, Any]:
-    """A `runs` row as JSON-ready data: times in ISO 8601, `rejections_by_reason` decoded."""
+    """A `runs` row as JSON-ready data: times in ISO 8601, its JSON columns decoded."""
+    from signalgen.storage.base import RUN_JSON
+
     out = {k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in row.items()}
-    if isinstance(out.get("rejections_by_reason"), str):
-        out["rejections_by_reason"] = json.loads(out["rejections_by_reason"])
+    for k in RUN_JSON:
+        if isinstance(out.get(k), str):
+            out[k] = json.loads(out[k])
     return out
 
 
+_PROVENANCE = ("data_source", "seed", "data_files", "config")
+_DIGEST_SHOWN = 16  # hex digits of a file's sha256 in the table (JSON has all 64)
+
+
 def run_detail(row: dict[str, Any]) -> Group:
-    """Every stored field of one run, then its rejections by reason."""
+    """Every stored field of one run, what produced its bars, then its rejections by reason."""
     data = run_dict(row)
     reasons = data.pop("rejections_by_reason", None) or {}
+    files = data.pop("data_files", None) or {}
+    config = data.pop("config", None)
     t = Table(box=box.SIMPLE, show_header=False, padding=(0, 1))
     t.add_column("field", style="bold")
     t.add_column("value", overflow="fold")
     for k, v in data.items():
         if isinstance(v, list):
             v = ", ".join(map(str, v))
-        t.add_row(k, "" if v is None else f"{v:,}" if isinstance(v, int)
+        t.add_row(k, "not recorded" if v is None and k in _PROVENANCE else "" if v is None
+                  else str(v) if k == "seed" else f"{v:,}" if isinstance(v, int)
                   else f"{v:,.2f}" if isinstance(v, float) else str(v))
+    if "config" in row:  # a store from before provenance was kept has no such column
+        t.add_row("config", "not recorded" if config is None
+                  else "recorded, secrets redacted (`--output json` shows it)")
     lines = [Text(f"  {k}={v:,}") for k, v in sorted(reasons.items(), key=lambda kv: -kv[1])]
-    return Group(t, *([Text("rejections by reason", style="bold")] + lines if lines else []))
+    shown = [Text(f"  {name}  {digest[:_DIGEST_SHOWN]}") for name, digest in files.items()]
+    return Group(t, *([Text("data files (sha256)", style="bold")] + shown if shown else []),
+                 *([Text("rejections by reason", style="bold")] + lines if lines else []))

@@ -16,6 +16,7 @@ rest of the file is used. See docs/data.md.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
@@ -100,6 +101,23 @@ class FilesSource:
             if path.is_file() or (path.is_dir() and any(path.glob("*.parquet"))):
                 return path
         raise DataError(f"no bars for {symbol} {timeframe}: searched {', '.join(map(str, candidates))}")
+
+    def digests(self, symbol: str, timeframe: str) -> dict[str, str]:
+        """sha256 of each file the series is read from, by its path under the data folder ({} when the
+        series has no file; "unreadable (<reason>)" for a file that cannot be read)."""
+        try:
+            path = self._find(symbol, timeframe)
+        except DataError:
+            return {}
+        out = {}
+        for file in sorted(path.glob("*.parquet")) if path.is_dir() else [path]:
+            name = file.relative_to(self.data_dir).as_posix()
+            try:
+                with file.open("rb") as f:
+                    out[name] = hashlib.file_digest(f, "sha256").hexdigest()
+            except OSError as exc:
+                out[name] = f"unreadable ({exc.strerror or type(exc).__name__})"
+        return out
 
     def _read(self, path: Path) -> pl.DataFrame:
         """Every row of the file, raw (CSV cells as text), with a 0-based `_row`."""

@@ -15,7 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from signalgen.config.models import Mode, RunConfig
 from signalgen.errors import ConfigError, RunStopped
 from signalgen.modes.base import RunReport
-from signalgen.config.workers import worker_specs
+from signalgen.config.workers import WorkerSpec, worker_specs
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,20 @@ def stop_on_signals(stop: threading.Event) -> Iterator[list[int]]:
             signal.signal(s, h if h is not None else signal.SIG_DFL)
 
 
+def run_record(cfg: RunConfig, specs: list[WorkerSpec], run_id: str, started_at: datetime):
+    """The `RunRecord` of a run of `specs` under `cfg`: its range and clients, and what produced its bars
+    (data source, seed, the data files' hashes) with the resolved config, secrets redacted, so its
+    decisions can be scored and reproduced later."""
+    from signalgen.config.loader import redacted
+    from signalgen.modes.sources import data_files
+    from signalgen.storage.base import RunRecord
+
+    return RunRecord(run_id=run_id, config_hash=cfg.config_hash, mode=cfg.mode.name.value,
+                     environment=cfg.environment.name.value, start=cfg.start, end=cfg.end, started_at=started_at,
+                     clients=[c.id for c in cfg.clients], data_source=cfg.data_source, seed=cfg.seed,
+                     data_files=data_files(cfg, specs), config=redacted(cfg))
+
+
 def _finish(store, run_id: str, status: str, report: RunReport | None) -> None:
     values: dict = {"finished_at": datetime.now(timezone.utc), "status": status}
     if report is not None:
@@ -76,7 +90,6 @@ def run_mode(cfg: RunConfig, *, progress: bool = False, processes: int = 1) -> R
     from signalgen.modes.batch import BatchRunner
     from signalgen.modes.simulation import SimulationRunner
     from signalgen.storage import open_store
-    from signalgen.storage.base import RunRecord
     from signalgen.storage.writer import SignalWriter
 
     refused = run_refusals(cfg)  # the same checks `config validate` reports
@@ -90,9 +103,7 @@ def run_mode(cfg: RunConfig, *, progress: bool = False, processes: int = 1) -> R
     with ExitStack() as held:  # closed in reverse: the read server stops before the store closes
         store = held.enter_context(closing(open_store(cfg)))
         held.enter_context(store.serve_reads())  # `signals` / `runs` read through this process meanwhile
-        store.start_run(RunRecord(run_id=run_id, config_hash=cfg.config_hash, mode=cfg.mode.name.value,
-                                  environment=cfg.environment.name.value, start=cfg.start, end=cfg.end,
-                                  started_at=started_at, clients=[c.id for c in cfg.clients]))
+        store.start_run(run_record(cfg, specs, run_id, started_at))
         log.info("run started: %s mode, %s environment, %d workers", cfg.mode.name.value,
                  cfg.environment.name.value, len(specs),
                  extra={"run_id": run_id, "mode": cfg.mode.name.value, "environment": cfg.environment.name.value,

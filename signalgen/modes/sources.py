@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import suppress
 from datetime import datetime
 from pathlib import Path
@@ -49,6 +49,19 @@ def bar_chunks(cfg: RunConfig, symbol: str, timeframe: str, chunk_bars: int, *,
     else:
         raise ConfigError(f"data source {cfg.data_source!r} cannot feed mode {cfg.mode.name!r}; "
                           "use synthetic or files", file=cfg.files.get("mode"), field="data_source")
+
+
+def data_files(cfg: RunConfig, specs: Iterable[WorkerSpec]) -> dict[str, str] | None:
+    """What a run's bars are read from, for its record: on the files source, the sha256 of every file
+    its workers read, by path under the data folder (hashed when the run starts); otherwise None
+    (synthetic bars are a function of the seed; a stream keeps no history to hash)."""
+    if cfg.data_source != "files":
+        return None
+    from signalgen.data.files import FilesSource
+
+    files = FilesSource(Path(cfg.root) / cfg.environment.paths.data_dir)
+    return {name: digest for series in sorted({(s.symbol, s.timeframe) for s in specs})
+            for name, digest in files.digests(*series).items()}
 
 
 def chunk_feed(cfg: RunConfig, spec: WorkerSpec, chunk_bars: int | None = None) -> Iterator[ValidatedBars]:

@@ -289,12 +289,9 @@ class StrategyProcessManager:
 
     def _record_run(self, store, held: ExitStack) -> None:
         """The manager's run in the store's `runs` (status `stopped` after a clean stop, else `failed`)."""
-        from signalgen.storage.base import RunRecord
+        from signalgen.modes import run_record
 
-        cfg = self.cfg
-        store.start_run(RunRecord(run_id=self.run_id, config_hash=cfg.config_hash, mode=cfg.mode.name.value,
-                                  environment=cfg.environment.name.value, start=cfg.start, end=cfg.end,
-                                  started_at=datetime.now(timezone.utc), clients=[c.id for c in cfg.clients]))
+        store.start_run(run_record(self.cfg, self.specs, self.run_id, datetime.now(timezone.utc)))
         outcome = {"status": "failed"}
         self._run_outcome = outcome
 

@@ -115,19 +115,17 @@ def serve_writer(cfg: RunConfig, address: Path, stop: threading.Event | None = N
     """Hold the store, record a run, serve workers on `address` until `stop` (SIGTERM / SIGINT)."""
     from contextlib import closing
 
-    from signalgen.modes import new_run_id, stop_on_signals
+    from signalgen.config.workers import worker_specs
+    from signalgen.modes import new_run_id, run_record, stop_on_signals
     from signalgen.process.writer_server import STREAMING_WINDOW, WriterServer
     from signalgen.storage import open_store
-    from signalgen.storage.base import RunRecord
 
     stop = stop or threading.Event()
     started_at = datetime.now(timezone.utc)
     run_id = new_run_id(started_at)
     authkey = load_authkey(key_path(address))
     with closing(open_store(cfg)) as store, store.serve_reads(), stop_on_signals(stop):
-        store.start_run(RunRecord(run_id=run_id, config_hash=cfg.config_hash, mode=cfg.mode.name.value,
-                                  environment=cfg.environment.name.value, start=cfg.start, end=cfg.end,
-                                  started_at=started_at, clients=[c.id for c in cfg.clients]))
+        store.start_run(run_record(cfg, worker_specs(cfg), run_id, started_at))
         server = WriterServer(cfg, store, run_id=run_id, address=str(address), authkey=authkey,
                               control_path=str(control_path_of(cfg)), **STREAMING_WINDOW)
         status = "failed"

@@ -22,7 +22,12 @@ from signalgen.storage.reads import ReadQuery
 
 @dataclass(frozen=True)
 class RunRecord:
-    """What is known about a run when it starts; `SignalStore.finish_run` adds the outcome."""
+    """What is known about a run when it starts; `SignalStore.finish_run` adds the outcome.
+
+    The provenance (data source, seed, data files' hashes, the resolved config with its secrets
+    redacted) is what a later reader needs to score the run's decisions and reproduce them; a store
+    keeps `data_files` and `config` as JSON text.
+    """
 
     run_id: str
     config_hash: str
@@ -32,6 +37,10 @@ class RunRecord:
     end: datetime
     started_at: datetime
     clients: list[str]
+    data_source: str | None = None     # synthetic | files | stream
+    seed: int | None = None            # seeds synthetic bars and mock inference
+    data_files: dict[str, str] | None = None  # files source: path under the data folder -> sha256
+    config: dict[str, Any] | None = None      # `config.loader.redacted(cfg)`
 
 
 BAR_REJECTION_STORE_SCHEMA = pl.Schema({**BAR_REJECTION_SCHEMA, "run_id": pl.String, "mode": pl.String})
@@ -57,7 +66,10 @@ RUN_SCHEMA = pl.Schema({
     "finished_at": _UTC, "status": pl.String, "bars": pl.Int64, "signals": pl.Int64,
     "rejections": pl.Int64, "bar_rejections": pl.Int64, "elapsed_s": pl.Float64, "bars_per_s": pl.Float64,
     "peak_rss_mb": pl.Float64, "rejections_by_reason": pl.String,  # JSON object: reason -> candidates
+    # provenance (RunRecord), last: a store from before it gets these columns appended, empty
+    "data_source": pl.String, "seed": pl.Int64, "data_files": pl.String, "config": pl.String,
 })
+RUN_JSON = ("rejections_by_reason", "data_files", "config")  # columns holding JSON text
 RUN_COLUMNS = tuple(RUN_SCHEMA.names())
 FINISH_FIELDS = tuple(c for c in RUN_COLUMNS if c not in {f.name for f in fields(RunRecord)})
 

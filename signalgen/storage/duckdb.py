@@ -174,8 +174,12 @@ class DuckDBStore:
             if table in DECISION_ID:
                 audit = ", ".join(f"{c} {t}" for c, t in AUDIT_COLUMNS.items())
                 con.execute(f"CREATE TABLE IF NOT EXISTS superseded_{table} ({cols}, {audit})")
+        had_runs = _columns(con, "runs")
         cols = ", ".join(f"{_q(c)} {t}" for c, t in _run_columns().items())
         con.execute(f"CREATE TABLE IF NOT EXISTS runs ({cols})")
+        for column, sql in _run_columns().items():
+            if had_runs and column not in had_runs:  # a store from before the column: its runs lack it
+                con.execute(f"ALTER TABLE runs ADD COLUMN {_q(column)} {sql}")
         con.execute("CREATE TABLE IF NOT EXISTS worker_checkpoints (worker_id VARCHAR NOT NULL, mode VARCHAR NOT NULL, "
                     "checkpoint TIMESTAMPTZ NOT NULL, updated_at TIMESTAMPTZ NOT NULL, PRIMARY KEY (worker_id, mode))")
         if had_bar_rejections and "mode" not in had_bar_rejections:
@@ -373,7 +377,8 @@ class DuckDBStore:
     def start_run(self, run: RunRecord) -> None:
         """Record a run's start (replacing any earlier row with the same run_id)."""
         names = [f.name for f in fields(RunRecord)]
-        values = [getattr(run, n) for n in names]
+        values = [json.dumps(v, sort_keys=True) if isinstance(v, Mapping) else v  # data_files, config
+                  for v in (getattr(run, n) for n in names)]
         values[names.index("clients")] = list(run.clients)
         with self._transaction():
             self.con.execute("DELETE FROM runs WHERE run_id = ?", [run.run_id])

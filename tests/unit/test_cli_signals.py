@@ -135,3 +135,36 @@ def test_parquet_needs_out_and_a_missing_store_is_one_line(root: Path) -> None:
     assert proc.returncode == 2 and "--format parquet needs --out FILE" in proc.stderr
     proc = cli("runs", "show", "no-such-run", "--root", str(root))
     assert proc.returncode == 1 and "no run 'no-such-run'" in proc.stderr
+
+
+def test_runs_show_says_what_produced_the_bars(root: Path) -> None:
+    from datetime import datetime, timezone
+
+    from signalgen.storage.base import RunRecord
+
+    t0 = datetime(2025, 1, 1, tzinfo=timezone.utc)
+    digest = "0123456789abcdef" * 4
+    with DuckDBStore(db_of(root)) as store:
+        fill_store(store)  # RUN_ID: a run recorded without provenance, as older versions did
+        store.start_run(RunRecord(run_id="files-run", config_hash="h", mode="historical", environment="local-dev",
+                                  start=t0, end=t0, started_at=t0, clients=["ada"], data_source="files", seed=12345,
+                                  data_files={"1d/AAPL.parquet": digest}, config={"seed": 12345}))
+    env = {**os.environ, "COLUMNS": "80", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, str(REPO / "strategy_runner.py"), "runs", "show", "files-run", "--root",
+                           str(root)], capture_output=True, text=True, timeout=60, env=env)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert max(map(len, lines)) <= 80
+    fields = {line.split()[0]: line.split()[1:] for line in lines if line.strip()}
+    assert fields["data_source"] == ["files"] and fields["seed"] == ["12345"]
+    assert fields["config"][0] == "recorded," and "data files (sha256)" in proc.stdout
+    assert fields["1d/AAPL.parquet"] == [digest[:16]]
+    proc = cli("runs", "show", "files-run", "--root", str(root), "--output", "json")
+    run = json.loads(proc.stdout)
+    assert run["data_files"] == {"1d/AAPL.parquet": digest} and run["config"] == {"seed": 12345}
+    proc = cli("runs", "show", RUN_ID, "--root", str(root))
+    assert proc.returncode == 0, proc.stderr
+    assert {line.split()[0]: " ".join(line.split()[1:]) for line in proc.stdout.splitlines() if line.strip()}[
+        "data_source"] == "not recorded"
+    proc = cli("runs", "list", "--root", str(root), "--output", "json")
+    assert all("config" not in r for r in json.loads(proc.stdout))  # snapshots are for `runs show`

@@ -135,6 +135,31 @@ def test_every_worker_of_a_symbol_reads_the_same_synthetic_bars(root):
             assert shared[col].equals(shared[f"{col}_other"].alias(col))
 
 
+def test_a_run_records_what_produced_its_bars_and_the_config_it_ran(root, monkeypatch):
+    """data source, seed, each data file's sha256 and the resolved config (secrets redacted) are kept in
+    the run's row, so its decisions can be scored and reproduced later. Before: none of it was."""
+    import hashlib
+    import json
+
+    from signalgen.config.loader import redacted
+
+    monkeypatch.setenv("IKENNA_QC_API_TOKEN", "tok-3f9a-secret-value")  # clients/ikenna.yaml names it
+    write_bars(root)
+    cfg = files_config(root, EARLY)
+    run_mode(cfg)
+    run_mode(synthetic_config(root, EARLY))
+    rows = table(root, "SELECT data_source, seed, data_files, config FROM runs ORDER BY started_at").rows(named=True)
+    files, synthetic = rows
+    expected = {f"5m/{s}.parquet": hashlib.sha256((root / f"var/data/5m/{s}.parquet").read_bytes()).hexdigest()
+                for s in SYMBOLS}
+    assert (files["data_source"], files["seed"], json.loads(files["data_files"])) == ("files", cfg.seed, expected)
+    assert json.loads(files["config"]) == json.loads(json.dumps(redacted(cfg)))
+    assert "IKENNA_QC_API_TOKEN (set)" in files["config"]  # the variable's name, never its value
+    assert (synthetic["data_source"], synthetic["seed"], synthetic["data_files"]) == ("synthetic", 7, None)
+    assert json.loads(synthetic["config"])["data_source"] == "synthetic"
+    assert not any("tok-3f9a-secret-value" in (r["config"] or "") for r in rows)
+
+
 def test_a_bad_file_fails_its_worker_alone(root):
     write_bars(root)
     data = root / "var/data/5m"

@@ -74,9 +74,10 @@ def test_status_pause_resume_restart_and_stop_from_the_cli(root: Path, managers)
     proc = cli(root, "stop")
     assert proc.returncode == 0, proc.stderr
     # `stop` answers once the manager has let go of the store: it opens for writing at once and
-    # holds the manager's finished run
+    # holds the manager's finished run, with what produced its bars (the mock preset: synthetic, seed 7)
     with duckdb.connect(str(root / STORE)) as con:
-        assert con.execute("SELECT status FROM runs").fetchall() == [("stopped",)]
+        assert con.execute("SELECT status, data_source, seed, json_extract_string(config, '$.mode.name') "
+                           "FROM runs").fetchall() == [("stopped", "synthetic", 7, "mock")]
     assert m.proc.wait(30) == 0
     assert all(gone(p) for p in (r["pid"] for r in rows.values()))
     assert status(root)["manager_pid"] is None

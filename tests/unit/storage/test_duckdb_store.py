@@ -158,7 +158,8 @@ def test_runs_round_trip(store):
     assert row["status"] == "ok" and row["bars"] == 1_000 and row["peak_rss_mb"] == 312.5
     assert json.loads(row["rejections_by_reason"]) == {"below_confidence": 800, "no_consensus": 100}
     assert set(FINISH_FIELDS) == set(row) - {"run_id", "config_hash", "mode", "environment", "start",
-                                             "end", "started_at", "clients"}
+                                             "end", "started_at", "clients", "data_source", "seed",
+                                             "data_files", "config"}
     with pytest.raises(ValueError, match="unknown run fields"):
         store.finish_run("run-9", colour="red")
     with pytest.raises(KeyError):
@@ -265,6 +266,37 @@ def test_a_store_from_before_modes_gets_bar_rejection_modes_from_its_runs(tmp_pa
         con.execute("INSERT INTO runs (run_id, mode, status) VALUES ('r1', 'mock', 'ok')")
     with DuckDBStore(path) as s:
         assert s.count("bar_rejections", mode="mock", run_id="r1") == 1
+
+
+def test_a_run_keeps_its_provenance(store):
+    t0 = datetime(2025, 1, 1, tzinfo=UTC)
+    files = {"5m/BTCUSD.parquet": "ab" * 32, "5m/symbol=ETHUSD/part-0.parquet": "cd" * 32}
+    config = {"data_source": "files", "clients": [{"id": "ikenna", "quantconnect": {"api_token_env": "X (set)"}}]}
+    store.start_run(RunRecord(run_id="r", config_hash="h", mode="historical", environment="local-dev", start=t0,
+                              end=t0, started_at=t0, clients=["ikenna"], data_source="files", seed=7,
+                              data_files=files, config=config))
+    row = store.query("SELECT data_source, seed, data_files, config FROM runs").row(0, named=True)
+    assert (row["data_source"], row["seed"]) == ("files", 7)
+    assert (json.loads(row["data_files"]), json.loads(row["config"])) == (files, config)
+
+
+def test_a_store_from_before_run_provenance_gets_its_columns_and_keeps_its_runs(tmp_path):
+    """Before: a store created by an older version kept its `runs` table as it was, and recording a run
+    with provenance failed (no such column)."""
+    path = tmp_path / "old.duckdb"
+    old = {c: t for c, t in RUN_SCHEMA.items() if c not in ("data_source", "seed", "data_files", "config")}
+    with duckdb.connect(str(path)) as con:
+        cols = ", ".join(f'"{c}" {sql_type(t)}' for c, t in old.items())
+        con.execute(f"CREATE TABLE runs ({cols})")
+        con.execute("INSERT INTO runs (run_id, mode, status, bars) VALUES ('old', 'historical', 'ok', 12)")
+    t0 = datetime(2025, 1, 1, tzinfo=UTC)
+    with DuckDBStore(path) as s:
+        s.start_run(RunRecord(run_id="new", config_hash="h", mode="mock", environment="local-dev", start=t0, end=t0,
+                              started_at=t0, clients=[], data_source="synthetic", seed=3, config={"seed": 3}))
+        rows = {r["run_id"]: r for r in s.query("SELECT * FROM runs").iter_rows(named=True)}
+        assert list(s.query("SELECT * FROM runs").columns) == list(RUN_SCHEMA.names())
+    assert rows["old"]["bars"] == 12 and rows["old"]["data_source"] is None and rows["old"]["config"] is None
+    assert (rows["new"]["data_source"], rows["new"]["seed"], rows["new"]["config"]) == ("synthetic", 3, '{"seed": 3}')
 
 
 def test_a_writer_waits_out_a_reader_holding_the_file_for_one_query(tmp_path):
