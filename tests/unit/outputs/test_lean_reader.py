@@ -72,3 +72,27 @@ def test_reader_takes_its_mode_and_skips_every_other(algorithm, tmp_path):
     # the key LEAN asks for is the file's path under output_dir
     signal.MODE, signal.CLIENT, signal.STRATEGY = "historical", "ikenna", "swing_high_v1"
     assert signal().get_source(config, date(2024, 1, 2), False) == f"/data/{path.relative_to(tmp_path)}"
+
+
+def _reader_body(text: str) -> list[str]:
+    """The statements of the first `def reader` in `text`, without comments, type-checker notes or
+    blank lines."""
+    import re
+
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.lstrip().startswith("def reader("))
+    indent = len(lines[start]) - len(lines[start].lstrip())
+    body = []
+    for line in lines[start + 1:]:
+        if line.strip() and len(line) - len(line.lstrip()) <= indent:
+            break
+        code = re.sub(r"\s+#.*$", "", line).strip()
+        if code and not code.startswith("#"):
+            body.append(code)
+    return body
+
+
+def test_the_reader_in_docs_outputs_is_the_algorithm_s():
+    """Before: the page's snippet lacked `signal["mode"] = ...`, which the algorithm sets."""
+    doc = (ALGORITHM.parents[2] / "docs/outputs.md").read_text()
+    assert _reader_body(doc) == _reader_body(ALGORITHM.read_text())
