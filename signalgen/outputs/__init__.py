@@ -13,7 +13,7 @@ import polars as pl
 
 from signalgen.config.models import Routing
 from signalgen.errors import ConfigError
-from signalgen.signals.types import SIGNAL_SCHEMA
+from signalgen.signals.types import SIGNAL_SCHEMA, STREAM_SCHEMA
 
 if TYPE_CHECKING:
     from signalgen.config.models import RunConfig
@@ -68,16 +68,18 @@ def _others(column: pl.Series, value: str) -> list:
 
 
 def client_batch(batch: pl.DataFrame, client_id: str, mode: str | None = None) -> pl.DataFrame:
-    """Check a batch handed to an output: SIGNAL_SCHEMA columns, only `client_id`'s rows, and (if
-    given) only rows of `mode`.
+    """Check a batch handed to an output: SIGNAL_SCHEMA columns (or STREAM_SCHEMA's: with each signal's
+    revision and retractions, as the writer hands them), only `client_id`'s rows, and (if given) only
+    rows of `mode`.
 
     Returns the batch with the schema's columns in order. Raises ValueError otherwise: a row of
     another client reaching this output is a routing bug, and delivering it would leak signals
     across tenants; a row of another mode would mix, say, mock signals into a live stream.
     """
     schema = batch.schema  # built on every access: read once
-    missing = [c for c in SIGNAL_SCHEMA if c not in schema]
-    wrong = [f"{c}: {schema[c]} (want {t})" for c, t in SIGNAL_SCHEMA.items() if c in schema and schema[c] != t]
+    want = STREAM_SCHEMA if "revision" in schema or "retracted" in schema else SIGNAL_SCHEMA
+    missing = [c for c in want if c not in schema]
+    wrong = [f"{c}: {schema[c]} (want {t})" for c, t in want.items() if c in schema and schema[c] != t]
     if missing or wrong:
         raise ValueError(f"not a signal batch: missing {missing}, wrong types {wrong}")
     others = _others(batch["client_id"], client_id)
@@ -87,5 +89,5 @@ def client_batch(batch: pl.DataFrame, client_id: str, mode: str | None = None) -
         modes = _others(batch["mode"], mode)
         if modes:
             raise ValueError(f"{mode} output of client {client_id!r} was given {sorted(modes, key=str)} signals")
-    names = SIGNAL_SCHEMA.names()
+    names = want.names()
     return batch if batch.columns == names else batch.select(names)

@@ -1,13 +1,14 @@
 """The local-dev internal stream: one JSON-lines file per mode and client, appended to.
 
 Layout `<messaging.path>/<mode>/<client>.jsonl`: a live consumer reads `<path>/live/`, which no
-historical, simulation or mock run ever writes. Each line is one signal: the SIGNAL_SCHEMA fields
-(`mode` included), datetimes as ISO-8601 UTC strings ("2024-01-02T14:30:00.000000Z"), `models` as a
-list of {model_id, version, output} objects.
+historical, simulation or mock run ever writes. Each line is one stream entry: the STREAM_SCHEMA fields
+(the signal's, `mode` included, then `revision` and `retracted`), datetimes as ISO-8601 UTC strings
+("2024-01-02T14:30:00.000000Z"), `models` as a list of {model_id, version, output} objects.
 
-A signal is appended once, and again only when what it says changes: re-running a range leaves
-the file byte-identical. Delivery is still at-least-once (a crash between the append and the
-checkpoint replays it), so consumers dedupe by signal_id (`read_stream` does).
+A signal is appended once, and again only when the store gives it a new revision (what it says
+changed, or a re-run retracted it): re-running a range leaves the file byte-identical. Delivery is
+still at-least-once (a crash between the append and the checkpoint replays it), so consumers keep
+the highest revision of each signal_id and drop a retracted one (`read_stream` does).
 """
 
 from __future__ import annotations
@@ -23,24 +24,24 @@ import polars as pl
 from signalgen.config.models import RunConfig
 from signalgen.outputs import client_batch
 from signalgen.outputs.base import Output
-from signalgen.signals.types import SIGNAL_SCHEMA
+from signalgen.signals.types import SIGNAL_SCHEMA, STREAM_SCHEMA, VOLATILE, stream_rows
 from signalgen.storage import storage_error
 
 ISO_UTC = "%Y-%m-%dT%H:%M:%S%.6fZ"
 _TIMES = ("bar_time", "generated_at")
-# fields that differ between deliveries of the same decision; a change in them is not news
-VOLATILE = ("run_id", "latency_us", "generated_at")
 
 
 def to_json_lines(signals: pl.DataFrame) -> bytes:
-    """Signals (SIGNAL_SCHEMA) as JSON lines, one object per signal, each ending in a newline."""
+    """Signals (SIGNAL_SCHEMA or STREAM_SCHEMA) as JSON lines, one object per row, each ending in a newline."""
     buf = io.BytesIO()
     signals.with_columns(pl.col(_TIMES).dt.convert_time_zone("UTC").dt.to_string(ISO_UTC)).write_ndjson(buf)
     return buf.getvalue()
 
 
 def read_stream(path: Path | str, dedupe: bool = True) -> pl.DataFrame:
-    """Signals of a stream file as a SIGNAL_SCHEMA frame (the last copy of each id if `dedupe`).
+    """A stream file as a consumer sees it: with `dedupe`, its current signals (SIGNAL_SCHEMA): the
+    highest revision of each id, the last copy of it, unless that one is a retraction; without,
+    every line (STREAM_SCHEMA; a line from before revisions reads as revision 0, not retracted).
 
     An unterminated last line is a write in progress or one cut short by a crash; it is skipped
     (the writer replays it).
@@ -48,22 +49,29 @@ def read_stream(path: Path | str, dedupe: bool = True) -> pl.DataFrame:
     data = Path(path).read_bytes() if Path(path).exists() else b""
     data = data[: data.rfind(b"\n") + 1]
     if not data:
-        return SIGNAL_SCHEMA.to_frame()
+        return (SIGNAL_SCHEMA if dedupe else STREAM_SCHEMA).to_frame()
     # Read narrow ints and datetimes as JSON gives them, then cast to the schema.
-    wire = pl.Schema({**SIGNAL_SCHEMA, "direction": pl.Int64, "period": pl.Int64, **dict.fromkeys(_TIMES, pl.String)})
+    wire = pl.Schema({**STREAM_SCHEMA, "direction": pl.Int64, "period": pl.Int64, "revision": pl.Int64,
+                      **dict.fromkeys(_TIMES, pl.String)})
     df = pl.read_ndjson(io.BytesIO(data), schema=wire).with_columns(
-        pl.col(_TIMES).str.to_datetime(ISO_UTC, time_unit="us", time_zone="UTC")
-    ).cast(SIGNAL_SCHEMA)
-    return df.unique("signal_id", keep="last", maintain_order=True) if dedupe else df
+        pl.col(_TIMES).str.to_datetime(ISO_UTC, time_unit="us", time_zone="UTC"),
+        pl.col("revision").fill_null(0), pl.col("retracted").fill_null(False),
+    ).cast(STREAM_SCHEMA)
+    if not dedupe:
+        return df
+    newest = df.filter(pl.col("revision") == pl.col("revision").max().over("signal_id"))
+    current = newest.unique("signal_id", keep="last", maintain_order=True)
+    return current.filter(~pl.col("retracted")).select(SIGNAL_SCHEMA.names())
 
 
 def content_digests(signals: pl.DataFrame) -> dict[str, bytes]:
-    """signal_id -> digest of what the signal says (its JSON line without the VOLATILE fields).
+    """signal_id -> digest of what the entry says (its JSON line without the VOLATILE fields; the
+    revision and retraction included).
 
     Hashing the serialized line makes a signal read back from a file and the same signal built in
     memory digest alike (the JSON text round-trips exactly). The last row of an id wins.
     """
-    return dict(zip(signals["signal_id"], _digests(signals), strict=True))
+    return dict(zip(signals["signal_id"], _digests(stream_rows(signals)), strict=True))
 
 
 def _digests(signals: pl.DataFrame) -> list[bytes]:
@@ -112,10 +120,11 @@ class LocalStreamOutput(Output):
         self._sent = content_digests(read_stream(self.file, dedupe=False))
 
     def write(self, batch: pl.DataFrame) -> None:
-        """Buffer signals of this client and mode (ValueError for any other client's or mode's row)."""
+        """Buffer signals of this client and mode (ValueError for any other client's or mode's row);
+        rows without a revision are first deliveries."""
         batch = client_batch(batch, self.client_id, self.mode)
         if batch.height:
-            self._pending.append(batch)
+            self._pending.append(stream_rows(batch))
 
     def flush(self) -> None:
         """Append the buffered signals that are new or changed; durable (fsynced) when this returns."""

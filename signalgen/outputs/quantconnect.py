@@ -21,6 +21,7 @@ import polars as pl
 from signalgen.config.models import RunConfig
 from signalgen.outputs import client_batch
 from signalgen.outputs.base import Output
+from signalgen.signals.types import SIGNAL_SCHEMA
 from signalgen.storage import storage_error
 
 CSV_COLUMNS = ("time", "symbol", "direction", "confidence", "magnitude", "weight", "period", "signal_id", "mode")
@@ -89,6 +90,8 @@ class QuantConnectCsvOutput(Output):
     def write(self, batch: pl.DataFrame) -> None:
         """Buffer signals of this client and mode (ValueError for any other client's or mode's row)."""
         batch = client_batch(batch, self.client_id, self.mode)
+        if "retracted" in batch.columns:  # stream rows: a file holds current signals (own() drops the rest)
+            batch = batch.filter(~pl.col("retracted")).select(SIGNAL_SCHEMA.names())
         bad = [s for s in batch["strategy_id"].unique().to_list() if not (s and _SAFE.match(s))]
         if bad:
             raise ValueError(f"strategy ids {bad} are not safe folder names")

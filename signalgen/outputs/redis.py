@@ -26,7 +26,7 @@ import polars as pl
 from signalgen.errors import ConfigError, SignalgenError, StorageError, TransientError
 from signalgen.outputs import client_batch
 from signalgen.outputs.base import Output
-from signalgen.signals.types import REJECTION_SCHEMA, SIGNAL_SCHEMA
+from signalgen.signals.types import REJECTION_SCHEMA, SIGNAL_SCHEMA, stream_rows
 
 if TYPE_CHECKING:
     import redis as redis_lib
@@ -206,6 +206,14 @@ def decode_rows(lines: list[bytes], schema: pl.Schema) -> pl.DataFrame:
 def record_entries(df: pl.DataFrame, id_column: str) -> list[dict[str, bytes | str]]:
     """Stream entries of signal or rejection rows: `v`, `id`, `data` (docs/streams.md)."""
     return [{"v": SCHEMA_VERSION, "id": i, "data": line} for i, line in zip(df[id_column], json_lines(df))]
+
+
+def signal_entries(signals: pl.DataFrame) -> list[dict[str, bytes | str]]:
+    """Entries of a client's signal stream with each signal's `revision` and `retracted` in `data`
+    (STREAM_SCHEMA rows, as the store's `Written.stream` returns them; plain signals are first
+    deliveries). What `RedisOutput` sends, and what a writer of the clients' streams (the recorder)
+    sends after its store write (docs/streams.md, "Revisions and retractions")."""
+    return record_entries(stream_rows(signals), "signal_id")
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
@@ -594,7 +602,7 @@ class RedisOutput(Output):
     def write(self, batch: pl.DataFrame) -> None:
         batch = client_batch(batch, self.client_id, self.mode)
         if batch.height:
-            self._pending.append(batch)
+            self._pending.append(stream_rows(batch))
 
     def flush(self) -> None:
         if self._client is None:
@@ -605,7 +613,7 @@ class RedisOutput(Output):
         redis = redis_module()
         signals = pl.concat(pending).unique("signal_id", keep="last", maintain_order=True)
         pipe = self._client.pipeline(transaction=True)
-        for fields in record_entries(signals, "signal_id"):
+        for fields in signal_entries(signals):
             pipe.xadd(self.key, fields, maxlen=self.maxlen, approximate=True)
         try:
             pipe.execute()

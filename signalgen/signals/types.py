@@ -62,3 +62,20 @@ REJECTION_SCHEMA = pl.Schema(
         "run_id": pl.String,
     }
 )
+
+# What a stream carries for a signal (docs/streams.md, "Revisions and retractions"): the signal, its
+# `revision` (0 when first streamed, one more each time what it says changes) and `retracted` (a re-run
+# turned the bar into a rejection or decided it with another id: the consumer drops the signal).
+STREAM_SCHEMA = pl.Schema({**SIGNAL_SCHEMA, "revision": pl.Int32, "retracted": pl.Boolean})
+# Fields that differ between deliveries of one decision (who ran it, when, how fast): a change in
+# them alone is no news, so it keeps the revision.
+VOLATILE = ("run_id", "latency_us", "generated_at")
+
+
+def stream_rows(signals: pl.DataFrame) -> pl.DataFrame:
+    """Signals as stream rows (STREAM_SCHEMA): as they are when they carry a revision (the store's
+    `Written.stream`), else each said for the first time (revision 0, not retracted)."""
+    if "revision" in signals.columns:
+        return signals.select(STREAM_SCHEMA.names())
+    return signals.select(*SIGNAL_SCHEMA.names(), pl.lit(0, pl.Int32).alias("revision"),
+                          pl.lit(False).alias("retracted"))

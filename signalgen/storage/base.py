@@ -43,6 +43,16 @@ class RunRecord:
     config: dict[str, Any] | None = None      # `config.loader.redacted(cfg)`
 
 
+@dataclass(frozen=True)
+class Written:
+    """What `SignalStore.write_decisions` did: `rows` decisions made current, and `stream`, what the
+    batch means to a consumer of the signal streams (STREAM_SCHEMA): each signal written with its
+    revision, then a retraction for each signal it displaced."""
+
+    rows: int
+    stream: pl.DataFrame
+
+
 BAR_REJECTION_STORE_SCHEMA = pl.Schema({**BAR_REJECTION_SCHEMA, "run_id": pl.String, "mode": pl.String})
 
 # one current decision per bar and mode, whatever its id
@@ -103,8 +113,14 @@ class SignalStore(Protocol):
     def open(self) -> None:
         """Connect, creating the tables if needed. Only one process holds a store open for writing."""
 
-    def write_decisions(self, signals: pl.DataFrame, rejections: pl.DataFrame) -> int:
-        """Make one batch (SIGNAL_SCHEMA, REJECTION_SCHEMA rows) the current decisions of their bars."""
+    def write_decisions(self, signals: pl.DataFrame, rejections: pl.DataFrame) -> Written:
+        """Make one batch (SIGNAL_SCHEMA, REJECTION_SCHEMA rows) the current decisions of their bars.
+
+        The one place revisions are decided, from what the bar held: a signal new to its bar has
+        revision 0 (or one more than it had when it was last retracted); one whose content
+        (everything but VOLATILE) is unchanged keeps its revision; a changed one gets one more. A
+        signal the batch displaces (its bar now rejected, or decided with another id) gets a
+        retraction, one revision more. Returned in `Written.stream` for the outputs."""
 
     def write_bar_rejections(self, df: pl.DataFrame, run_id: str | None = None, mode: str | None = None) -> int:
         """Upsert rejected bars (BAR_REJECTION_SCHEMA; `run_id`/`mode` fill missing columns)."""

@@ -44,10 +44,10 @@ import pyarrow as pa
 
 from signalgen.config.models import EnvironmentConfig
 from signalgen.errors import StorageError, TransientError
-from signalgen.signals.types import REJECTION_SCHEMA, SIGNAL_SCHEMA
+from signalgen.signals.types import REJECTION_SCHEMA, SIGNAL_SCHEMA, STREAM_SCHEMA, VOLATILE, stream_rows
 from signalgen.storage import storage_error
 from signalgen.storage.base import (DECISION_ID, DECISION_KEY, FINISH_FIELDS, RUN_SCHEMA, TABLES, RunRecord,
-                                    conform)
+                                    Written, conform)
 from signalgen.storage.reads import COLUMNS, ID_COLUMN, ReadQuery
 
 
@@ -63,6 +63,8 @@ _IO_ERRORS = (OSError, duckdb.IOException, duckdb.FatalException, duckdb.Transac
 ID_COLUMNS = frozenset({"signal_id", "rejection_id"})
 
 WORKER_KEY = tuple(k for k in DECISION_KEY if k != "bar_time")  # one worker's decisions in one mode
+# what a signal says beyond its id and bar: a change in any of these is a new revision
+_CONTENT = tuple(c for c in SIGNAL_SCHEMA if c not in (*DECISION_KEY, *VOLATILE, "signal_id"))
 
 _SCALAR_SQL = {pl.String: "VARCHAR", pl.Int8: "TINYINT", pl.Int32: "INTEGER", pl.Int64: "BIGINT",
                pl.Float64: "DOUBLE", pl.Boolean: "BOOLEAN"}
@@ -182,6 +184,10 @@ class DuckDBStore:
                 con.execute(f"ALTER TABLE runs ADD COLUMN {_q(column)} {sql}")
         con.execute("CREATE TABLE IF NOT EXISTS worker_checkpoints (worker_id VARCHAR NOT NULL, mode VARCHAR NOT NULL, "
                     "checkpoint TIMESTAMPTZ NOT NULL, updated_at TIMESTAMPTZ NOT NULL, PRIMARY KEY (worker_id, mode))")
+        # the stream revision of every signal id that ever changed (absent: 0); a store from before
+        # revisions gets it empty, which is what its streams hold (every entry a first one)
+        con.execute("CREATE TABLE IF NOT EXISTS signal_revisions (signal_id UUID NOT NULL, mode VARCHAR NOT NULL, "
+                    "revision INTEGER NOT NULL, PRIMARY KEY (signal_id, mode))")
         if had_bar_rejections and "mode" not in had_bar_rejections:
             # a store from before modes were kept apart: each bar rejection takes its run's mode
             con.execute("ALTER TABLE bar_rejections ADD COLUMN mode VARCHAR")
@@ -213,11 +219,11 @@ class DuckDBStore:
 
     def write_signals(self, df: pl.DataFrame) -> int:
         """Upsert signals (SIGNAL_SCHEMA) as the current decisions of their bars (see write_decisions)."""
-        return self.write_decisions(df, REJECTION_SCHEMA.to_frame())
+        return self.write_decisions(df, REJECTION_SCHEMA.to_frame()).rows
 
     def write_rejections(self, df: pl.DataFrame) -> int:
         """Upsert rejected candidates (REJECTION_SCHEMA) as the current decisions of their bars."""
-        return self.write_decisions(SIGNAL_SCHEMA.to_frame(), df)
+        return self.write_decisions(SIGNAL_SCHEMA.to_frame(), df).rows
 
     def write_bar_rejections(self, df: pl.DataFrame, run_id: str | None = None, mode: str | None = None) -> int:
         """Upsert rejected bars (BAR_REJECTION_SCHEMA) by (symbol, timeframe, bar_time, reason, mode, detail).
@@ -232,19 +238,21 @@ class DuckDBStore:
                 df = df.with_columns(pl.lit(value, pl.String).alias(name))
         return self._upsert("bar_rejections", df)
 
-    def write_decisions(self, signals: pl.DataFrame, rejections: pl.DataFrame) -> int:
+    def write_decisions(self, signals: pl.DataFrame, rejections: pl.DataFrame) -> Written:
         """Make one batch of decisions the current ones of their bars, in one transaction.
 
         A bar (DECISION_KEY, mode included) has one current decision: a signal or a rejection,
         never both and never two. Whatever that bar had in this mode is replaced — the same id
         rewritten, or a decision of another id (another model version) moved to
-        `superseded_<table>` for audit. Rows of other modes are never touched.
+        `superseded_<table>` for audit. Rows of other modes are never touched. Revisions and
+        retractions as `SignalStore.write_decisions` says (`_revise`).
         """
         batches = {t: self._prepare(t, df) for t, df in (("signals", signals), ("rejections", rejections))}
-        keys = pl.concat([df.select(*DECISION_KEY, pl.col(DECISION_ID[t]).alias("id"), "run_id")
-                          for t, df in batches.items()])
+        keys = pl.concat([df.select(*DECISION_KEY, pl.col(DECISION_ID[t]).alias("id"), "run_id",
+                                    pl.lit(t == "signals").alias("is_signal")) for t, df in batches.items()])
+        stream = stream_rows(batches["signals"])  # a fresh range: every signal new
         if keys.is_empty():
-            return 0
+            return Written(0, stream)
         spans = keys.group_by(WORKER_KEY).agg(first=pl.col("bar_time").min(), last=pl.col("bar_time").max())
         workers = spans.select(WORKER_KEY)
         with self._registered(_signals=batches["signals"], _rejections=batches["rejections"]), self._transaction():
@@ -255,13 +263,14 @@ class DuckDBStore:
             if any(stored):
                 replace = keys if all(stored) else keys.join(workers.filter(pl.Series(stored)), on=list(WORKER_KEY))
                 with self._registered(_keys=replace):
+                    stream = self._revise(replace, batches["signals"])
                     self._replace_stored(replace)
             for table in batches:
                 self._insert(table, f"_{table}")
         for w, last in zip(workers.rows(), spans["last"]):  # committed: the store's newest bars now
             if newest[w] is None or last > newest[w]:
                 newest[w] = last
-        return keys.height
+        return Written(keys.height, stream)
 
     def _newest_stored(self, workers: pl.DataFrame) -> dict[tuple, datetime | None]:
         """Worker key (WORKER_KEY) -> the newest bar_time the decision tables hold for it (None:
@@ -283,6 +292,11 @@ class DuckDBStore:
 
     def _replace_stored(self, keys: pl.DataFrame) -> None:
         """Replace the bars of `keys` (registered as `_keys`) that the store may hold."""
+        self._replace_bars(*self._match(keys))
+
+    @staticmethod
+    def _match(keys: pl.DataFrame) -> tuple[str, list]:
+        """(condition joining a decision table `t` to the bars of `keys` as `b`, its parameters)."""
         workers = keys.select(WORKER_KEY).unique()
         if workers.height == 1:
             # One worker's bars (a batch run's chunk): its key as constants, so the joins are on
@@ -293,8 +307,46 @@ class DuckDBStore:
             # Bars of many workers (a group commit of worker processes): one statement per table
             # joined on the whole key, not one per worker (9 workers x 1 bar: 10 ms, not 60-90).
             match, params = [f"t.{_q(k)} = b.{_q(k)}" for k in DECISION_KEY], []
-        self._replace_bars(" AND ".join(match + ["t.bar_time BETWEEN ? AND ?"]),
-                           params + [keys["bar_time"].min(), keys["bar_time"].max()])
+        return (" AND ".join(match + ["t.bar_time BETWEEN ? AND ?"]),
+                params + [keys["bar_time"].min(), keys["bar_time"].max()])
+
+    def _revise(self, keys: pl.DataFrame, signals: pl.DataFrame) -> pl.DataFrame:
+        """The stream rows of `signals` (registered as `_signals`) whose bars `keys` (`_keys`) the store
+        may hold, before they are replaced: each signal with its revision (0 new; kept when its content
+        is unchanged; one more when it changed or comes back after a retraction), then a retraction
+        (one more revision, the retracting run's run_id) for each stored signal whose bar the batch
+        decides otherwise. The revisions above 0 are recorded in `signal_revisions`."""
+        match, params = self._match(keys)
+        same = " AND ".join(f"t.{_q(c)} IS NOT DISTINCT FROM b.{_q(c)}" for c in _CONTENT)
+        # only the signals whose revision is not 0: changed, or with a recorded revision (a replay
+        # that changes nothing, the common case, returns no row)
+        held = self.query(
+            f"SELECT b.signal_id, b.mode, t.signal_id IS NOT NULL AS held, {same} AS same, v.revision "
+            f"FROM _signals b LEFT JOIN signals t ON {match} AND CAST(t.signal_id AS VARCHAR) = b.signal_id "
+            "LEFT JOIN signal_revisions v ON v.signal_id = CAST(b.signal_id AS UUID) AND v.mode = b.mode "
+            f"WHERE v.revision IS NOT NULL OR (t.signal_id IS NOT NULL AND NOT ({same}))", params)
+        old = pl.col("revision").fill_null(0)
+        held = held.with_columns(pl.when(pl.col("held") & pl.col("same")).then(old)
+                                 .when(pl.col("held") | pl.col("revision").is_not_null()).then(old + 1)
+                                 .otherwise(0).cast(pl.Int32).alias("new"))
+        cols = ", ".join("b.run_id" if c == "run_id" else f"CAST(t.{_q(c)} AS VARCHAR) AS {_q(c)}"
+                         if c in ID_COLUMNS else f"t.{_q(c)}" for c in SIGNAL_SCHEMA)
+        retracted = self.query(
+            f"SELECT {cols}, CAST(coalesce(v.revision, 0) + 1 AS INTEGER) AS revision, TRUE AS retracted "
+            f"FROM signals t JOIN _keys b ON {match} AND (NOT b.is_signal OR CAST(t.signal_id AS VARCHAR) <> b.id) "
+            "LEFT JOIN signal_revisions v ON v.signal_id = t.signal_id AND v.mode = t.mode", params)
+        changed = pl.concat([held.filter(pl.col("new") != old).select("signal_id", "mode", revision="new"),
+                             retracted.select("signal_id", "mode", "revision")])
+        if changed.height:
+            with self._registered(_revised=changed):
+                self.con.execute("INSERT OR REPLACE INTO signal_revisions "
+                                 "SELECT CAST(signal_id AS UUID), mode, revision FROM _revised")
+        revised = stream_rows(signals)
+        if held.height:
+            revised = revised.drop("revision").join(held.select("signal_id", revision="new"), on="signal_id",
+                                                    how="left", maintain_order="left").with_columns(
+                pl.col("revision").fill_null(0)).select(STREAM_SCHEMA.names())
+        return pl.concat([revised, retracted.cast(dict(STREAM_SCHEMA))]) if retracted.height else revised
 
     def _replace_bars(self, match: str, params: list) -> None:
         """Delete the current decisions of the bars in `_keys` (`match` joins a table `t` to them),

@@ -31,6 +31,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+def _last_bar_time(signals: pl.DataFrame, rejections: pl.DataFrame) -> datetime | None:
+    last = [t for t in (signals["bar_time"].max(), rejections["bar_time"].max()) if t is not None]
+    return max(last) if last else None
+
+
 class SignalWriter:
     """Stores every decision and bar rejection, then hands each client's signals to its routed outputs.
 
@@ -115,8 +120,9 @@ class SignalWriter:
 
     def _write(self, spec: WorkerSpec, decisions: Decisions) -> None:
         signals, rejections = decisions.frames()
-        self.store.write_decisions(signals, rejections)
-        self._route(spec, signals, rejections)
+        written = self.store.write_decisions(signals, rejections)
+        self._note_stored(spec, _last_bar_time(signals, rejections))
+        self._deliver(written.stream, {(spec.client.id, spec.strategy.id): spec})
 
     def record_group(self, items: Sequence[tuple[WorkerSpec, Decisions]]) -> None:
         """Queue batches of several workers to be stored in ONE store transaction (a group commit:
@@ -132,7 +138,7 @@ class SignalWriter:
         # whole group, not one per batch (~0.3 ms of polars each); the others keep their frames
         rows = [(spec, d) for spec, d in items if isinstance(d, Records)]
         for spec, records in rows:
-            # a worker's rows are its own client's and strategy's: `_route_rows` routes by the rows'
+            # a worker's rows are its own client's and strategy's: `_deliver` routes by the rows'
             # columns, so a row of another tenant stops here, before the store (as `client_batch` would)
             key = (spec.client.id, spec.strategy.id)
             if any((r[1], r[2]) != key for part in (records.signals, records.rejections) for r in part):
@@ -140,42 +146,30 @@ class SignalWriter:
         built = [(spec, *d.frames()) for spec, d in items if not isinstance(d, Records)]
         parts: list[tuple[pl.DataFrame, pl.DataFrame]] = [(b[1], b[2]) for b in built]
         if rows:
-            joined = Records.join([d for _, d in rows]).frames()
-            parts.append(joined)
-        self.store.write_decisions(pl.concat([p[0] for p in parts]), pl.concat([p[1] for p in parts]))
+            parts.append(Records.join([d for _, d in rows]).frames())
+        written = self.store.write_decisions(pl.concat([p[0] for p in parts]), pl.concat([p[1] for p in parts]))
         for spec, signals, rejections in built:
-            self._route(spec, signals, rejections)
-        if rows:
-            self._route_rows(rows, joined[0])
-
-    def _route(self, spec: WorkerSpec, signals: pl.DataFrame, rejections: pl.DataFrame) -> None:
-        """Hand stored signals to the worker's outputs and note its last stored bar."""
-        if signals.height:
-            for destination in DESTINATIONS[spec.routing]:
-                self._outputs[(spec.client.id, destination)].write(signals)
-        last = [t for t in (signals["bar_time"].max(), rejections["bar_time"].max()) if t is not None]
-        if last:
-            with self._lock:
-                self._stored[spec.id] = max(last + [self._stored.get(spec.id, last[0])])
-
-    def _route_rows(self, rows: list[tuple[WorkerSpec, Records]], signals: pl.DataFrame) -> None:
-        """`_route` for a group of row batches: each strategy's signals of the group go to its
-        outputs in one write (the rows keep the group's order), not one write per worker."""
-        specs: dict[tuple[str, str], WorkerSpec] = {}
+            self._note_stored(spec, _last_bar_time(signals, rejections))
         for spec, records in rows:
-            specs.setdefault((spec.client.id, spec.strategy.id), spec)
-            last = records.last_bar_time
-            if last is not None:
-                with self._lock:
-                    old = self._stored.get(spec.id)
-                    self._stored[spec.id] = last if old is None or last > old else old
-        if not signals.height:
+            self._note_stored(spec, records.last_bar_time)
+        self._deliver(written.stream, {(spec.client.id, spec.strategy.id): spec for spec, _ in items})
+
+    def _note_stored(self, spec: WorkerSpec, last: datetime | None) -> None:
+        """The worker's decisions up to `last` are in the store (not yet confirmed by its outputs)."""
+        if last is not None:
+            with self._lock:
+                old = self._stored.get(spec.id)
+                self._stored[spec.id] = last if old is None or last > old else old
+
+    def _deliver(self, stream: pl.DataFrame, specs: dict[tuple[str, str], WorkerSpec]) -> None:
+        """Hand the stream rows the store returned (signals with their revisions, retractions) to the
+        outputs of their strategy's routing: one write per strategy of the group, in the rows' order."""
+        if not stream.height:
             return
-        keys = {(r[1], r[2]) for _, records in rows for r in records.signals}
-        if len(keys) == 1:
-            parts = [(keys.pop(), signals)]
+        if len(specs) == 1:
+            parts = [(next(iter(specs)), stream)]
         else:
-            parts = signals.partition_by(["client_id", "strategy_id"], maintain_order=True, as_dict=True).items()
+            parts = stream.partition_by(["client_id", "strategy_id"], maintain_order=True, as_dict=True).items()
         for key, part in parts:
             spec = specs[key]
             for destination in DESTINATIONS[spec.routing]:

@@ -163,3 +163,36 @@ def test_rerun_of_part_of_the_range_keeps_the_rest(root):
     now = {(r["time"], r["signal_id"]) for r in csv_rows(root, "christian")}
     assert {x for x in now if not inside(x[0])} == {x for x in full if not inside(x[0])}
     assert {x for x in full if inside(x[0])} - now, "the stricter config must have dropped signals inside"
+
+
+def test_a_rerun_that_changes_or_withdraws_streamed_signals_says_so_on_the_stream(root):
+    """A consumer that keeps the highest revision of each signal_id and drops retractions ends with the
+    store's signals. Before: the re-run replaced decisions in the store, the stream only appended changed
+    copies, and such a consumer still held every signal the store now records as a rejection."""
+    from signalgen.outputs.local import read_stream
+
+    def odum():
+        report = run_mode(load_config("local-dev", "historical", root=root, clients=["odum"],
+                                      overrides=Overrides(start=START, end=END)))
+        assert report.status == "ok"
+
+    stream = root / "var/local-dev/stream/historical/odum.jsonl"
+    odum()
+    first = read_stream(stream)
+    client = root / "clients/odum.yaml"
+    client.write_text(client.read_text().replace("confidence_threshold: 0.6", "confidence_threshold: 0.65")
+                      .replace("target_volatility: 0.002", "target_volatility: 0.0015"))
+    odum()
+    stored = table(root, "SELECT CAST(signal_id AS VARCHAR) signal_id, weight FROM signals "
+                         "WHERE client_id = 'odum' ORDER BY signal_id")
+    current = read_stream(stream).sort("signal_id")
+    assert current.select("signal_id", "weight").equals(stored)
+    lines = read_stream(stream, dedupe=False)
+    withdrawn = set(first["signal_id"]) - set(stored["signal_id"])
+    assert withdrawn and set(lines.filter("retracted")["signal_id"]) == withdrawn
+    assert lines.filter("retracted")["revision"].unique().to_list() == [1]
+    resized = lines.filter((pl.col("revision") == 1) & ~pl.col("retracted"))
+    assert resized.height > 0 and set(resized["signal_id"]) <= set(first["signal_id"])
+    kept = stream.read_bytes()
+    odum()
+    assert stream.read_bytes() == kept  # nothing changed: nothing appended

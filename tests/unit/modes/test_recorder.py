@@ -45,11 +45,15 @@ class SlowOrFailingStore:
         self.release = threading.Event()
         self.release.set()
 
-    def write_decisions(self, signals, rejections) -> None:
+    def write_decisions(self, signals, rejections):
+        from signalgen.signals.types import stream_rows
+        from signalgen.storage.base import Written
+
         self.release.wait()
         self.calls += 1
         if self.calls == self.fail_on:
             raise OSError("disk full")
+        return Written(signals.height + rejections.height, stream_rows(signals))  # every signal new
 
 
 def decisions(spec, registry_dir, n: int = 4) -> Decisions:
@@ -229,6 +233,29 @@ def test_outputs_are_built_by_the_registry_for_the_run_mode_and_refused_when_una
         update={"type": "kafka"})
     with pytest.raises(ConfigError, match="messaging type 'kafka' is not available"):
         build_output(_with_messaging(cfg, unknown), "ikenna", "internal")
+
+
+def test_the_batch_redis_output_sends_revisions_and_retractions(root, private_redis):
+    """Entries carry `revision` and `retracted` in `data` (docs/streams.md); plain signals go out as
+    first deliveries. Before: a correction and a withdrawal were indistinguishable from the first copy."""
+    from signalgen.config.models import RedisMessagingConfig
+    from signalgen.outputs.redis import RedisOutput, connect, decode_rows
+    from signalgen.signals.types import STREAM_SCHEMA, stream_rows
+
+    cfg = _with_messaging(load_config("local-dev", "mock", root=root, overrides=Overrides(start=START)),
+                          RedisMessagingConfig(type="redis", url=private_redis.url))
+    spec = next(s for s in worker_specs(cfg) if s.client.id == "ikenna")
+    signals = decisions(spec, root / "registry").frames()[0].with_columns(mode=pl.lit("mock"))
+    later = stream_rows(signals.head(2)).with_columns(revision=pl.lit(1, pl.Int32),
+                                                      retracted=pl.Series([False, True]))
+    out = RedisOutput(cfg, "ikenna")
+    out.open()
+    out.write(signals)
+    out.flush()
+    out.write(later)
+    out.close()
+    got = decode_rows([f[b"data"] for _, f in connect(cfg).xrange(out.key)], STREAM_SCHEMA)
+    assert got.equals(pl.concat([stream_rows(signals), later]))
 
 
 def test_a_historical_run_in_local_integration_writes_only_its_own_mode_streams(root, private_redis):

@@ -10,7 +10,7 @@ from polars.testing import assert_frame_equal
 
 from signalgen.errors import StorageError
 from signalgen.outputs.base import Output
-from signalgen.outputs.local import LocalStreamOutput, content_digests, read_stream
+from signalgen.outputs.local import LocalStreamOutput, content_digests, read_stream, to_json_lines
 from tests.unit.outputs.factories import signal_frame
 
 
@@ -41,7 +41,8 @@ def test_one_json_object_per_line_with_iso_utc_times(out):
     lines = out.file.read_text().splitlines()
     assert len(lines) == 5
     first = json.loads(lines[0])
-    assert list(first) == df.columns
+    assert list(first) == [*df.columns, "revision", "retracted"]  # a first delivery: revision 0
+    assert (first["revision"], first["retracted"]) == (0, False)
     assert first["bar_time"] == "2024-01-02T14:30:00.000000Z"
     assert datetime.fromisoformat(first["generated_at"]) == df["generated_at"][0]
     assert first["models"] == df["models"][0].to_list()
@@ -164,3 +165,39 @@ def test_flush_all_writes_what_flushing_each_client_alone_writes(tmp_path, monke
     monkeypatch.setattr(os, "fsync", fsync)
     for o in together:
         o.close()
+
+
+def test_a_consumer_keeps_the_highest_revision_and_drops_retractions(tmp_path):
+    """Before: a correction under the same signal_id carried nothing to order it by, and a retraction
+    did not exist: a consumer kept whichever copy came last, and a withdrawn signal for ever."""
+    from signalgen.signals.types import stream_rows
+
+    df = signal_frame(4)
+    ids = df["signal_id"].to_list()
+    one = {i: stream_rows(df.filter(pl.col("signal_id") == i)) for i in ids}
+    o = LocalStreamOutput(tmp_path, "ikenna", "historical")
+    o.open()
+    o.write(df)  # plain signals: first deliveries
+    o.flush()
+    o.write(pl.concat([one[ids[0]].with_columns(confidence=pl.lit(0.99), revision=pl.lit(1, pl.Int32)),
+                       one[ids[1]].with_columns(revision=pl.lit(1, pl.Int32), retracted=pl.lit(True))]))
+    o.flush()
+    o.write(one[ids[0]])  # a late copy of revision 0 (a replay from an older checkpoint)
+    o.write(one[ids[1]].with_columns(revision=pl.lit(1, pl.Int32), retracted=pl.lit(True)))  # already there
+    o.close()
+    lines = read_stream(o.file, dedupe=False)
+    assert lines.select("signal_id", "revision", "retracted").rows() == [
+        *[(i, 0, False) for i in ids], (ids[0], 1, False), (ids[1], 1, True), (ids[0], 0, False)]
+    current = read_stream(o.file)
+    assert current["signal_id"].to_list() == [ids[2], ids[3], ids[0]]
+    assert current.filter(pl.col("signal_id") == ids[0])["confidence"].item() == 0.99
+
+
+def test_lines_from_before_revisions_read_as_first_deliveries(tmp_path):
+    file = tmp_path / "historical" / "ikenna.jsonl"
+    file.parent.mkdir()
+    old = signal_frame(2)
+    file.write_bytes(to_json_lines(old))  # the line format before `revision` and `retracted`
+    lines = read_stream(file, dedupe=False)
+    assert lines["revision"].to_list() == [0, 0] and lines["retracted"].to_list() == [False, False]
+    assert_frame_equal(read_stream(file), old)

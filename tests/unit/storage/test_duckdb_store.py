@@ -45,7 +45,7 @@ def test_open_creates_parent_folders_and_is_idempotent(tmp_path):
         assert s.count("signals") == 4
         assert set(s.query("SELECT table_name FROM information_schema.tables")["table_name"]) == {
             "signals", "rejections", "bar_rejections", "runs", "superseded_signals", "superseded_rejections",
-            "worker_checkpoints"}
+            "worker_checkpoints", "signal_revisions"}
 
 
 def test_signals_round_trip_keeps_types(store):
@@ -397,3 +397,42 @@ def test_a_failed_write_does_not_move_the_newest_stored_bar(store):
     store.con.execute("ALTER TABLE signals ALTER COLUMN period DROP NOT NULL")
     store.write_signals(df)  # bars 0-4 stored, 5-9 not: the replay must replace 0-4, not add them again
     assert store.count("signals") == 10
+
+
+def _stream(store, signals=None, rejections=None) -> dict[str, tuple[int, bool]]:
+    from signalgen.signals.types import REJECTION_SCHEMA
+
+    written = store.write_decisions(SIGNAL_SCHEMA.to_frame() if signals is None else signals,
+                                    REJECTION_SCHEMA.to_frame() if rejections is None else rejections)
+    return {r["signal_id"]: (r["revision"], r["retracted"]) for r in written.stream.iter_rows(named=True)}
+
+
+def test_revisions_and_retractions_follow_what_each_bar_says(store):
+    """Before: a re-run that changed or withdrew a streamed signal told no consumer (same id, nothing
+    to order the copies by; a signal turned rejection was never streamed again)."""
+    import uuid
+
+    sig = signal_frame(4)
+    ids = sig["signal_id"].to_list()
+    one = {i: sig.filter(pl.col("signal_id") == i) for i in ids}
+    assert _stream(store, sig) == {i: (0, False) for i in ids}
+    replay = sig.with_columns(run_id=pl.lit("run-2"), latency_us=pl.lit(7, pl.Int64),
+                              generated_at=pl.col("generated_at") + timedelta(seconds=3))
+    assert _stream(store, replay) == {i: (0, False) for i in ids}  # who, when, how fast: no news
+    changed = sig.with_columns(confidence=pl.when(pl.col("signal_id") == ids[0]).then(0.99)
+                               .otherwise(pl.col("confidence")))
+    assert _stream(store, changed) == {ids[0]: (1, False), **{i: (0, False) for i in ids[1:]}}
+    assert _stream(store, changed) == {ids[0]: (1, False), **{i: (0, False) for i in ids[1:]}}
+
+    rejected = rejection_frame(4, run_id="run-3").filter(pl.col("rejection_id") == ids[1])
+    written = store.write_decisions(SIGNAL_SCHEMA.to_frame(), rejected)
+    assert written.stream.select("signal_id", "revision", "retracted", "run_id", "confidence").rows() == [
+        (ids[1], 1, True, "run-3", one[ids[1]]["confidence"].item())]  # what was withdrawn, by whom
+    assert _stream(store, rejections=rejected) == {}  # still rejected: nothing to say
+    assert _stream(store, one[ids[1]]) == {ids[1]: (2, False)}  # back: above its retraction
+
+    other = one[ids[2]].with_columns(signal_id=pl.lit(str(uuid.uuid4())))  # another model version
+    assert _stream(store, other) == {ids[2]: (1, True), other["signal_id"].item(): (0, False)}
+    assert _stream(store, one[ids[2]]) == {ids[2]: (2, False), other["signal_id"].item(): (1, True)}
+    assert _stream(store, sig.with_columns(mode=pl.lit("mock"))) == {i: (0, False) for i in ids}  # modes apart
+    assert store.count("signals", mode="historical") == 4 and store.count("rejections") == 0
