@@ -7,7 +7,8 @@ same bars. A request for (start, end] returns the bars whose end time lies in it
 From the epoch the series runs forward in fixed blocks of BLOCK_BARS, each from its own RNG seeded by
 (series seed, block index), with the regime, the AR state and the last close carried from block to
 block; before the epoch a second walk of the same kind, seeded apart, runs backward from the same first
-price (its bars read in reverse: the process is as likely backward as forward). A block's state is known
+price, its bars read in reverse (read backward, a trend is a trend of the other sign and the AR and
+level reversion are unchanged: the same kind of market). A block's state is known
 only after the blocks before it, so reaching a far date steps over the blocks in between, computing only
 the path the carry needs (~1.3 ms a block on a shared 2-core machine: ~9 ms per year of 5m bars from the
 epoch, ~45 ms per year of 1m bars) and keeping the carries for the rest of the process.
