@@ -14,7 +14,17 @@ import logging
 import time
 
 FIELDS = ("run_id", "worker", "client", "strategy", "symbol", "path")
-MAX_VALUE = 200  # characters of one field value; longer values are cut, never echoed in full
+MAX_ECHO = 200  # characters of outside input that a log line, a result or an error may quote
+
+
+def excerpt(value: object, limit: int = MAX_ECHO) -> str:
+    """Outside input, quoted for a message: `repr` of at most `limit` characters (control characters
+    escaped, so no input can forge a log line), with the full length when it was cut."""
+    if not isinstance(value, (str, bytes)):
+        value = repr(value)
+    if len(value) <= limit:
+        return repr(value)
+    return f"{value[:limit]!r}... ({len(value):,} {'characters' if isinstance(value, str) else 'bytes'})"
 
 # attributes every LogRecord has; anything else on a record came in through `extra`
 _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
@@ -22,8 +32,8 @@ _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
 
 def _value(v: object) -> str:
     text = str(v)
-    if len(text) > MAX_VALUE:
-        text = text[:MAX_VALUE] + "..."
+    if len(text) > MAX_ECHO:
+        text = text[:MAX_ECHO] + "..."
     # quoted only when needed, so `grep run_id=abc` works on the common case
     return json.dumps(text) if not text or any(c.isspace() or c in '"=' for c in text) else text
 

@@ -46,7 +46,8 @@ class Aggregation(StrEnum):
 
 
 # Safe as a file name, a DuckDB/BigQuery identifier part, a Redis stream and a Pub/Sub topic name.
-SafeId = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")]
+SAFE_ID = r"^[a-z0-9][a-z0-9_-]{0,62}$"
+SafeId = Annotated[str, StringConstraints(pattern=SAFE_ID)]
 Symbol = Annotated[str, StringConstraints(pattern=r"^[A-Z0-9][A-Z0-9._-]{0,31}$")]
 EnvVarName = Annotated[str, StringConstraints(pattern=r"^[A-Z_][A-Z0-9_]{0,127}$")]
 

@@ -39,11 +39,10 @@ from multiprocessing.connection import wait
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from signalgen.config.models import RunConfig
 from signalgen.config.workers import WorkerSpec, worker_specs
 from signalgen.errors import ConfigError, SignalgenError
+from signalgen.logs import excerpt
 from signalgen.process.states import TRANSITIONS, InvalidTransition, State, WorkerProcess, after_exit, backoff_delay
 from signalgen.storage.control import control_path_of
 
@@ -151,35 +150,6 @@ def _epoch(value: Any) -> float | None:
     except (TypeError, ValueError):
         t = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
         return (t if t.tzinfo else t.replace(tzinfo=timezone.utc)).timestamp()
-
-
-def merge_strategies(client_yaml: str, addition: str, *, file: str) -> str:
-    """`client_yaml` with the strategies of `addition` added or replaced (by id), as YAML text.
-
-    `addition` is a YAML list of strategies, one strategy mapping (with `id`), or a mapping with a
-    `strategies:` list. Comments of the client file are not kept (the file is re-dumped).
-    """
-    client = yaml.safe_load(client_yaml)
-    try:
-        new = yaml.safe_load(addition)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"not YAML: {exc}", file=file) from None
-    if isinstance(new, dict) and "strategies" in new:
-        new = new["strategies"]
-    elif isinstance(new, dict):
-        new = [new]
-    if not isinstance(new, list) or not new or not all(isinstance(s, dict) and s.get("id") for s in new):
-        raise ConfigError("expected a strategy (a mapping with an id), a list of them, or `strategies:`",
-                          file=file)
-    strategies = list(client.get("strategies") or [])
-    index = {s.get("id"): i for i, s in enumerate(strategies) if isinstance(s, dict)}
-    for s in new:
-        if s["id"] in index:
-            strategies[index[s["id"]]] = s
-        else:
-            strategies.append(s)
-    client["strategies"] = strategies
-    return yaml.safe_dump(client, sort_keys=False)
 
 
 class StrategyProcessManager:
@@ -633,12 +603,13 @@ class StrategyProcessManager:
                 result = self.execute(command.command, command.strategy_id, command.parameters or {}, now,
                                       command_id=command.id)
             except (CommandError, ConfigError, InvalidTransition) as exc:
-                log.warning("command %s failed: %s", command.command, exc, extra={"command_id": command.id})
+                log.warning("command %s failed: %s", excerpt(command.command, 60), exc,
+                            extra={"command_id": command.id})
                 self.control.fail(command.id, str(exc))
                 continue
             except Exception as exc:  # noqa: BLE001 - a bad command must never take the manager down
-                log.exception("command %s failed", command.command, extra={"command_id": command.id})
-                self.control.fail(command.id, f"{type(exc).__name__}: {exc}")
+                log.exception("command %s failed", excerpt(command.command, 60), extra={"command_id": command.id})
+                self.control.fail(command.id, f"{type(exc).__name__}: {excerpt(str(exc))}")
                 continue
             if result is not None:  # None: completed later (stop: once every worker stopped)
                 self.control.complete(command.id, result)
@@ -650,7 +621,7 @@ class StrategyProcessManager:
         if not found:
             known = sorted(self.procs)
             sample = ", ".join(known[:5]) + (f" and {len(known) - 5} more" if len(known) > 5 else "")
-            raise CommandError(f"no worker matches {pattern!r} (known: {sample or 'none'})")
+            raise CommandError(f"no worker matches {excerpt(pattern)} (known: {sample or 'none'})")
         return sorted(found)
 
     def execute(self, command: str, target: str | None, parameters: dict, now: float,
@@ -660,7 +631,7 @@ class StrategyProcessManager:
         Raises CommandError (or ConfigError for reload / add-strategy) when it cannot apply.
         """
         if command not in COMMANDS:
-            raise CommandError(f"unknown command {command!r}; known: {', '.join(COMMANDS)}")
+            raise CommandError(f"unknown command {excerpt(command)}; known: {', '.join(COMMANDS)}")
         if command == "stop":
             self._stop_command = command_id
             self._begin_shutdown(now, "stop command")
@@ -757,20 +728,21 @@ class StrategyProcessManager:
         log.info("reload: %d started, %d stopped, %d restarted", len(added), len(removed), len(changed))
         return result
 
-    def add_strategy(self, client: str | None, text: str | None, now: float) -> dict:
-        """Add or replace strategies in `clients/<client>.yaml`, then reload; the file is restored when
-        the new config is invalid."""
+    def add_strategy(self, client: Any, text: Any, now: float) -> dict:
+        """Add or replace strategies in `clients/<client>.yaml` (comments and layout kept), then reload;
+        the file is restored when the new config is invalid. `client` must be a safe name whose file
+        is inside `clients/`: the row that carries it may come from any program."""
+        from signalgen.config.edit import client_file, merge_strategies, write_atomic
+
         if not client or text is None:
             raise CommandError("add-strategy needs parameters {client, config (YAML text)}")
-        path = Path(self.cfg.root) / "clients" / f"{client}.yaml"
-        if not path.is_file():
-            raise CommandError(f"no client {client!r}: {path} does not exist")
+        path = client_file(Path(self.cfg.root) / "clients", client)
         old = path.read_text()
-        path.write_text(merge_strategies(old, text, file=f"add-strategy --client {client}"))
+        write_atomic(path, merge_strategies(old, text, file=f"add-strategy --client {client}"))
         try:
             return self.reload(now)
         except BaseException:
-            path.write_text(old)
+            write_atomic(path, old)
             raise
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sqlite3
 import threading
 import time
@@ -35,11 +36,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from signalgen.errors import StorageError
+from signalgen.logs import excerpt
 
 if TYPE_CHECKING:
     from signalgen.config.models import RunConfig
 
 BUSY_TIMEOUT_MS = 5000
+# Bounds on a `strategy_commands` row, which any program may write: every field is hostile input.
+# A row outside them fails with a short reason (docs/control.md); it never reaches the manager's logic.
+MAX_PARAMETERS_BYTES = 64 * 1024  # parameters_json, UTF-8
+MAX_PARAMETERS_DEPTH = 32  # nesting of arrays and objects in parameters_json
+MAX_FIELD_CHARS = 4 * 1024  # any other text field: command, strategy_id, created_at
 SCHEMA_VERSION = 1
 COMMAND_STATUSES = ("pending", "completed", "failed")
 _NOW_SQL = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')"
@@ -312,7 +319,8 @@ class ControlStore:
     def pending(self) -> list[Command]:
         """Pending commands, oldest first. A row another program wrote with parameters_json that is not a
         JSON object is marked failed here (with the reason) instead of being returned."""
-        rows = self.con.execute("SELECT * FROM strategy_commands WHERE status = 'pending' ORDER BY id").fetchall()
+        rows = self.con.execute(f"SELECT {_BOUNDED_COLUMNS} FROM strategy_commands WHERE status = 'pending' "
+                                "ORDER BY id").fetchall()
         commands = []
         for row in rows:
             try:
@@ -326,25 +334,26 @@ class ControlStore:
         return self._finish(id, "completed", result)
 
     def fail(self, id: int, error: str) -> bool:
-        """Mark a pending command failed; result_json is {"error": error}. False when no longer pending."""
-        return self._finish(id, "failed", {"error": error})
+        """Mark a pending command failed; result_json is {"error": error} (cut to MAX_FIELD_CHARS: an
+        error quotes input only in excerpts, this bounds the rest). False when no longer pending."""
+        return self._finish(id, "failed", {"error": error[:MAX_FIELD_CHARS]})
 
     def _finish(self, id: int, status: str, result: dict) -> bool:
         cur = self.con.execute(
             f"UPDATE strategy_commands SET status = ?, processed_at = {_NOW_SQL}, result_json = ? "
-            "WHERE id = ? AND status = 'pending'", (status, json.dumps(result, default=str), id))
+            "WHERE id = ? AND status = 'pending'", (status, json.dumps(result, default=str, ensure_ascii=False), id))
         if cur.rowcount == 0:
             self.command(id)  # KeyError when there is no such command
         return cur.rowcount == 1
 
     def command(self, id: int) -> Command:
         """One command by id; KeyError when there is none."""
-        row = self.con.execute("SELECT * FROM strategy_commands WHERE id = ?", (id,)).fetchone()
+        row = self.con.execute(f"SELECT {_BOUNDED_COLUMNS} FROM strategy_commands WHERE id = ?", (id,)).fetchone()
         if row is None:
             raise KeyError(f"no command with id {id}")
         try:
             return _command(row)
-        except ValueError:
+        except ValueError:  # already failed for it when it was pending; show what can be read
             return _command(row, lenient=True)
 
     def wait(self, id: int, timeout: float, poll_s: float = 0.05) -> Command:
@@ -437,19 +446,95 @@ def _immediate(con: sqlite3.Connection) -> Iterator[None]:
     con.execute("COMMIT")
 
 
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+_JSON_BRACKET = re.compile(r"[\[\]{}]")
+
+
+def json_depth(text: str) -> int:
+    """How deep arrays and objects nest in JSON `text`, read without parsing it (so a hostile
+    document cannot exhaust the parser's recursion). Brackets inside strings do not count."""
+    depth = deepest = 0
+    for m in _JSON_BRACKET.finditer(_JSON_STRING.sub("", text)):
+        depth += 1 if m.group() in "[{" else -1
+        deepest = max(deepest, depth)
+    return deepest
+
+
+def parse_parameters(text: Any) -> dict:
+    """`parameters_json` as a dict, within MAX_PARAMETERS_BYTES and MAX_PARAMETERS_DEPTH; ValueError
+    with a short reason otherwise. NULL or '' is {}."""
+    if text is None or text == "":
+        return {}
+    if not isinstance(text, str):
+        raise ValueError(f"parameters_json is {type(text).__name__}, not JSON text")
+    size = len(text.encode("utf-8", "surrogatepass"))
+    if size > MAX_PARAMETERS_BYTES:
+        raise ValueError(f"parameters_json is {size:,} bytes, over the limit of {MAX_PARAMETERS_BYTES:,}")
+    if json_depth(text) > MAX_PARAMETERS_DEPTH:
+        raise ValueError(f"parameters_json nests deeper than {MAX_PARAMETERS_DEPTH} levels")
+    try:
+        params = json.loads(text)
+    except (ValueError, RecursionError):
+        params = None
+    if not isinstance(params, dict):
+        raise ValueError(f"parameters_json is not a JSON object: {excerpt(text, 60)}")
+    return params
+
+
+# A command row is read cut to its bounds by SQLite itself (a 1 GB field never reaches Python whole),
+# with each column's full length beside it
+_LIMITS = {"strategy_id": MAX_FIELD_CHARS, "command": MAX_FIELD_CHARS, "created_at": MAX_FIELD_CHARS,
+           "processed_at": MAX_FIELD_CHARS, "parameters_json": MAX_PARAMETERS_BYTES, "result_json": 2**20}
+_BOUNDED_COLUMNS = ", ".join(["id", "status"] + [
+    f"substr({c}, 1, {n + 1}) AS {c}, length({c}) AS {c}__chars" for c, n in _LIMITS.items()])
+
+
+def _text(row: sqlite3.Row, name: str, *, null: bool = True) -> str | None:
+    """A text column of a command row, checked: type and MAX_FIELD_CHARS."""
+    value = row[name]
+    if value is None and null:
+        return None
+    if not isinstance(value, str):
+        raise ValueError(f"{name} is {type(value).__name__ if value is not None else 'NULL'}, not text")
+    if row[f"{name}__chars"] > MAX_FIELD_CHARS:
+        raise ValueError(f"{name} is {row[f'{name}__chars']:,} characters, over the limit of "
+                         f"{MAX_FIELD_CHARS:,}: {excerpt(value)}")
+    return value
+
+
 def _command(row: sqlite3.Row, lenient: bool = False) -> Command:
-    """A Command from a row; ValueError when parameters_json (written by any program) is not a JSON object."""
-    params: Any = {}
-    if row["parameters_json"] not in (None, ""):
+    """A Command from a row that any program may have written; ValueError with a short reason when a
+    field is out of bounds (`lenient`: the row as far as it can be read, for a command already done)."""
+    try:
+        strategy_id, command = _text(row, "strategy_id"), _text(row, "command", null=False)
+        created_at = _text(row, "created_at", null=False)
         try:
-            params = json.loads(row["parameters_json"])
+            epoch(created_at or "")
         except ValueError:
-            params = None
-        if not isinstance(params, dict):
-            if not lenient:
-                raise ValueError(f"parameters_json is not a JSON object: {str(row['parameters_json'])[:60]!r}")
-            params = {}
-    result = json.loads(row["result_json"]) if row["result_json"] else None
-    return Command(id=row["id"], strategy_id=row["strategy_id"], command=row["command"], parameters=params,
-                   status=row["status"], created_at=row["created_at"], processed_at=row["processed_at"],
-                   result=result)
+            raise ValueError(f"created_at is not an ISO 8601 time: {excerpt(created_at)}") from None
+        if (row["parameters_json__chars"] or 0) > MAX_PARAMETERS_BYTES:
+            raise ValueError(f"parameters_json is {row['parameters_json__chars']:,} characters, over the limit "
+                             f"of {MAX_PARAMETERS_BYTES:,} bytes")
+        params = parse_parameters(row["parameters_json"])
+    except ValueError:
+        if not lenient:
+            raise
+        strategy_id = row["strategy_id"] if isinstance(row["strategy_id"], str) else None
+        command, created_at, params = str(row["command"])[:MAX_FIELD_CHARS], str(row["created_at"]), {}
+    return Command(id=row["id"], strategy_id=strategy_id, command=command, parameters=params,
+                   status=row["status"], created_at=created_at, processed_at=row["processed_at"],
+                   result=_result(row["result_json"]))
+
+
+def _result(text: Any) -> dict | None:
+    """result_json as written by the manager (bounded by it); anything else that is there is reported,
+    never parsed without bounds."""
+    if not text:
+        return None
+    try:
+        if not isinstance(text, str) or json_depth(text) > MAX_PARAMETERS_DEPTH:
+            raise ValueError("not JSON text within the nesting limit")
+        result = json.loads(text)
+        return result if isinstance(result, dict) else {"result": result}
+    except (ValueError, RecursionError) as exc:
+        return {"error": f"unreadable result_json: {exc}"}
