@@ -22,7 +22,8 @@ that already imported `signalgen.process.preload`); `signalgen.process.worker_cl
    stream may be quiet);
 6. on SIGTERM / SIGINT stops taking bars, waits until the sink holds everything, exits 0.
 
-Exit codes: 0 range done or stopped after flushing; 1 failure (restart it); 2 config error (never).
+Exit codes: 0 range done or stopped after flushing; 1 failure (restart it); 2 config error (never);
+75 transient (a store, broker or disk was away: retried within seconds, never counted as a failure).
 """
 
 from __future__ import annotations
@@ -46,10 +47,11 @@ import polars as pl
 from signalgen.config.models import Mode, RunConfig, timeframe_delta
 from signalgen.config.workers import WorkerSpec
 from signalgen.data.validation import validate_bars
-from signalgen.errors import ConfigError
+from signalgen.errors import ConfigError, TransientError
 from signalgen.modes.engine import epoch_us, history_bars
 from signalgen.modes.sources import background_priority, bar_chunks, per_bar_feed
 from signalgen.modes.worker import ReplayClock, WallClock, WorkerContext, bar_feed, run_worker
+from signalgen.process.states import CONFIG_ERROR_EXIT, TRANSIENT_EXIT, State
 from signalgen.storage.control import ControlStore, now_iso
 
 log = logging.getLogger(__name__)
@@ -151,7 +153,7 @@ class _Counts:
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.state = "STARTING"
+        self.state = State.STARTING  # what the heartbeat says: always a State
         self._ready = False
         self.wake = threading.Event()  # set when the worker becomes ready: the heartbeat says so at once
         self.bars = self.signals = self.rejections = self.errors = 0
@@ -431,7 +433,7 @@ def worker_main(args: WorkerArgs) -> int:
 
         def ready() -> None:
             with counts.lock:
-                counts.ready, counts.state = True, "RUNNING"
+                counts.ready, counts.state = True, State.RUNNING
             log.info("worker ready", extra=fields)
 
         def ready_feed() -> Iterator[dict]:
@@ -449,27 +451,30 @@ def worker_main(args: WorkerArgs) -> int:
         for problem in outcome.problems:
             log.warning("%s", problem, extra=fields)
         with counts.lock:
-            counts.state = "STOPPING"
+            counts.state = State.STOPPING
         close_sink(sink, cfg.environment.process.stop_timeout_s if stop.is_set() else None)
         with counts.lock:
             counts.checkpoint = sink.checkpoints.get(spec.id, counts.checkpoint)
-            counts.state = "STOPPED" if outcome.stopped or stop.is_set() else "EXITED"
+            counts.state = State.STOPPED if outcome.stopped or stop.is_set() else State.EXITED
         log.info("worker %s: %d bars, %d signals, checkpoint %s",
                  "stopped" if outcome.stopped or stop.is_set() else "finished",
                  outcome.bars, outcome.signals, counts.checkpoint, extra=fields)
         code = 0
     except ConfigError as exc:
         log.error("config error: %s", exc, extra=fields)
-        code = 2
+        code = CONFIG_ERROR_EXIT
+    except TransientError as exc:  # a store, broker or disk away: the manager retries soon, uncounted
+        log.warning("transient failure, exiting for a retry: %s", exc, extra=fields)
+        code = TRANSIENT_EXIT
     except Exception as exc:  # noqa: BLE001 - the manager restarts a failed worker
         log.exception("worker failed: %s", exc, extra=fields)
         code = 1
     finally:
         if sink is not None and hasattr(sink, "abort"):
             sink.abort()  # the writer's connection; a RedisSink's unsent batches are the next start's
-        if code != 0:
+        if code != 0:  # the process ends by itself; what follows is the manager's to decide (FATAL: known)
             with counts.lock:
-                counts.state = "FAILED" if code == 1 else "FATAL"
+                counts.state = State.FATAL if code == CONFIG_ERROR_EXIT else State.EXITED
         heartbeat.stop()
         logging.shutdown()
     return code

@@ -22,13 +22,15 @@ inserted by other programs get the same format by default. `iso()` / `epoch()` c
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
 import os
 import re
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -41,7 +43,33 @@ from signalgen.logs import excerpt
 if TYPE_CHECKING:
     from signalgen.config.models import RunConfig
 
+log = logging.getLogger(__name__)
+
+
+class ControlStoreCorrupt(StorageError):
+    """The control store's file is not a SQLite database (overwritten, truncated, damaged)."""
+
+
+def _guarded(method: Callable) -> Callable:
+    """A ControlStore method whose SQLite errors become one-line StorageErrors naming the file
+    (ControlStoreCorrupt when the file is damaged): callers never see a traceback from sqlite3."""
+    @functools.wraps(method)
+    def call(self: ControlStore, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except sqlite3.Error as exc:
+            raise _storage_error(self.path, exc) from exc
+    return call
+
+
+def _storage_error(path: Path, exc: sqlite3.Error, doing: str = "") -> StorageError:
+    code = (getattr(exc, "sqlite_errorcode", 0) or 0) & 0xFF
+    cls = ControlStoreCorrupt if code in _CORRUPT_CODES else StorageError
+    return cls(f"control store {path}{doing}: {' '.join(str(exc).split())[:300]}")
+
 BUSY_TIMEOUT_MS = 5000
+IDENTITY_CHECK_S = 1.0  # how often a connection checks that the file it writes is still the store's
+_CORRUPT_CODES = {11, 26}  # SQLITE_CORRUPT, SQLITE_NOTADB
 # Bounds on a `strategy_commands` row, which any program may write: every field is hostile input.
 # A row outside them fails with a short reason (docs/control.md); it never reaches the manager's logic.
 MAX_PARAMETERS_BYTES = 64 * 1024  # parameters_json, UTF-8
@@ -94,6 +122,9 @@ CREATE TABLE IF NOT EXISTS resources (
 CREATE INDEX IF NOT EXISTS resources_worker_ts ON resources (worker_id, ts);
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY AUTOINCREMENT, ts TEXT NOT NULL, worker_id TEXT, kind TEXT NOT NULL, detail TEXT
+);
+CREATE TABLE IF NOT EXISTS managers (       -- the manager holding this store's lock: its last beat
+    pid INTEGER PRIMARY KEY, run_id TEXT, started_at TEXT NOT NULL, ts TEXT NOT NULL
 );
 PRAGMA user_version = {SCHEMA_VERSION};
 """
@@ -193,6 +224,9 @@ class ControlStore:
         self._pid = os.getpid()
         self._connections: list[sqlite3.Connection] = []
         self._schema_ready = False
+        self.generation = 0  # moves on when the file was found deleted or replaced, or was quarantined
+        self._identity: tuple[int, int] | None = None
+        self._checked_at = 0.0
 
     @classmethod
     def from_config(cls, cfg: RunConfig) -> ControlStore:
@@ -214,17 +248,49 @@ class ControlStore:
 
     @property
     def con(self) -> sqlite3.Connection:
-        """This thread's connection (opened on first use; a fork gets fresh ones)."""
+        """This thread's connection (opened on first use; a fork gets fresh ones). At most every
+        IDENTITY_CHECK_S it checks that the file is still the one it opened: a store deleted or
+        replaced while in use is reopened (created anew), never written blindly into an unlinked file."""
         if self._pid != os.getpid():  # inherited across a fork: abandon, never close (SQLite's rule)
             self._local, self._connections, self._pid = threading.local(), [], os.getpid()
             self._lock, self._schema_ready = threading.Lock(), False
-        con = getattr(self._local, "con", None)
+        local = self._local
+        con = getattr(local, "con", None)
+        if con is not None and (local.generation != self.generation or self._replaced()):
+            with self._lock:
+                self._connections.remove(con)
+            con.close()
+            con = local.con = None
         if con is None:
+            generation = self.generation
             con = self._connect()
-            self._local.con = con
+            local.con, local.generation = con, generation
         return con
 
+    def _replaced(self) -> bool:
+        """True (once, for every thread: the generation moves on) when the file at `path` is not the
+        one this store opened: deleted, renamed away or replaced."""
+        now = time.monotonic()
+        if now < self._checked_at + IDENTITY_CHECK_S:
+            return False
+        self._checked_at = now
+        try:
+            st = os.stat(self.path)
+            identity = (st.st_dev, st.st_ino)
+        except OSError:
+            identity = None
+        if identity == self._identity:
+            return False
+        with self._lock:
+            if identity != self._identity:  # another thread may have seen it first
+                log.warning("control store %s was %s: opening it anew", self.path,
+                            "deleted" if identity is None else "replaced")
+                self.generation += 1
+                self._identity, self._schema_ready = identity, False
+        return True
+
     def _connect(self) -> sqlite3.Connection:
+        con = None
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             # isolation_level=None: autocommit; transactions are explicit BEGIN IMMEDIATE (see docstring).
@@ -244,12 +310,35 @@ class ControlStore:
                             con.execute("ROLLBACK")
                         raise
                     self._schema_ready = True
+                st = os.stat(self.path)
+                self._identity, self._checked_at = (st.st_dev, st.st_ino), time.monotonic()
                 self._connections.append(con)
             return con
         except OSError as exc:
+            if con is not None:
+                con.close()
             raise StorageError(f"cannot open control store {self.path}: {exc.strerror or exc}") from exc
         except sqlite3.Error as exc:
-            raise StorageError(f"cannot open control store {self.path}: {exc}") from exc
+            if con is not None:
+                con.close()
+            raise _storage_error(self.path, exc, " cannot be opened") from exc
+
+    def quarantine(self) -> Path:
+        """Move a damaged store aside (with its -wal and -shm files), so that the next use creates a
+        new one; returns where it went. For the manager, the store's owner, when it gets
+        ControlStoreCorrupt."""
+        self.close()
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        target = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
+        for suffix in ("", "-wal", "-shm"):
+            try:
+                os.replace(f"{self.path}{suffix}", f"{target}{suffix}")
+            except FileNotFoundError:
+                pass
+        with self._lock:
+            self.generation += 1
+            self._identity = None
+        return target
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
@@ -274,32 +363,23 @@ class ControlStore:
 
     # ---------------------------------------------------------------- instances
 
+    @_guarded
     def upsert_instances(self, rows: list[dict]) -> None:
         """Insert or update `strategy_instances` rows by `id`, in one transaction. A row sets only the
         columns it names (times may be epoch floats or datetimes); `updated_at` is set to now."""
-        now = now_iso()
         with self._write() as con:
-            for row in rows:
-                fields = {k: _time_value(v) if k in _TIME_FIELDS else v for k, v in row.items()}
-                fields["updated_at"] = now
-                unknown = set(fields) - set(INSTANCE_COLUMNS)
-                if unknown or "id" not in fields:
-                    raise ValueError(f"strategy_instances has no column {', '.join(sorted(unknown))}"
-                                     if unknown else "an instance row needs its 'id' (the worker id)")
-                cols = list(fields)
-                updates = ", ".join(f"{c} = excluded.{c}" for c in cols if c != "id")
-                con.execute(f"INSERT INTO strategy_instances ({', '.join(cols)}) VALUES "
-                            f"({', '.join('?' * len(cols))}) ON CONFLICT (id) DO UPDATE SET {updates}",
-                            [fields[c] for c in cols])
+            _upsert_instances(con, rows)
 
     def set_instance(self, worker_id: str, **fields: Any) -> None:
         """Set some columns of one instance (inserting the row if it is new)."""
         self.upsert_instances([{"id": worker_id, **fields}])
 
+    @_guarded
     def instances(self) -> list[dict]:
         """Every instance row, by id."""
         return [dict(r) for r in self.con.execute("SELECT * FROM strategy_instances ORDER BY id")]
 
+    @_guarded
     def remove_instance(self, worker_id: str) -> None:
         """Forget a worker (removed by a reload): its instance, heartbeat and resource rows; events stay."""
         with self._write() as con:
@@ -309,6 +389,7 @@ class ControlStore:
 
     # ---------------------------------------------------------------- commands
 
+    @_guarded
     def submit(self, command: str, strategy_id: str | None = None, parameters: dict | None = None) -> int:
         """Insert a pending command row; returns its id."""
         cur = self.con.execute(
@@ -316,6 +397,7 @@ class ControlStore:
             f"VALUES (?, ?, ?, 'pending', {_NOW_SQL})", (strategy_id, command, json.dumps(parameters or {})))
         return int(cur.lastrowid or 0)
 
+    @_guarded
     def pending(self) -> list[Command]:
         """Pending commands, oldest first. A row another program wrote with parameters_json that is not a
         JSON object is marked failed here (with the reason) instead of being returned."""
@@ -329,10 +411,12 @@ class ControlStore:
                 self.fail(row["id"], str(exc))
         return commands
 
+    @_guarded
     def complete(self, id: int, result: dict) -> bool:
         """Mark a pending command completed with `result`. False when it was no longer pending."""
         return self._finish(id, "completed", result)
 
+    @_guarded
     def fail(self, id: int, error: str) -> bool:
         """Mark a pending command failed; result_json is {"error": error} (cut to MAX_FIELD_CHARS: an
         error quotes input only in excerpts, this bounds the rest). False when no longer pending."""
@@ -346,6 +430,7 @@ class ControlStore:
             self.command(id)  # KeyError when there is no such command
         return cur.rowcount == 1
 
+    @_guarded
     def command(self, id: int) -> Command:
         """One command by id; KeyError when there is none."""
         row = self.con.execute(f"SELECT {_BOUNDED_COLUMNS} FROM strategy_commands WHERE id = ?", (id,)).fetchone()
@@ -367,6 +452,7 @@ class ControlStore:
 
     # ---------------------------------------------------------------- heartbeats
 
+    @_guarded
     def heartbeat(self, worker_id: str, *, pid: int, state: str, last_bar_time: datetime | str | None,
                   checkpoint: datetime | str | None, signals: int, rejections: int, errors: int,
                   ready: bool, ts: str | None = None) -> None:
@@ -374,15 +460,17 @@ class ControlStore:
         self.con.execute(_HEARTBEAT_UPSERT, _heartbeat_row(worker_id, pid, state, last_bar_time, checkpoint, signals,
                                                           rejections, errors, ready, ts))
 
+    @_guarded
     def relay_heartbeats(self, beats: dict[str, dict]) -> None:
         """Upsert heartbeats a worker sent over another channel (the writer's connection: `heartbeat`'s
         fields with their `ts`), all in one transaction. A relayed beat arrives late, so it never replaces
-        the final state (STOPPED, EXITED, FAILED, FATAL) the same process wrote directly as it left."""
+        the final state (STOPPED, EXITED, FATAL) the same process wrote directly as it left."""
         with self._write() as con:
             con.executemany(_HEARTBEAT_UPSERT + " WHERE heartbeats.pid IS NOT excluded.pid OR heartbeats.state "
-                            "NOT IN ('STOPPED', 'EXITED', 'FAILED', 'FATAL')",
+                            "NOT IN ('STOPPED', 'EXITED', 'FATAL')",
                             [_heartbeat_row(wid, **fields) for wid, fields in beats.items()])
 
+    @_guarded
     def heartbeats(self) -> dict[str, dict]:
         """worker id -> its last heartbeat (`ready` as bool, times as ISO text)."""
         out = {}
@@ -394,6 +482,7 @@ class ControlStore:
 
     # ---------------------------------------------------------------- resources and events
 
+    @_guarded
     def record_resources(self, rows: list[tuple[str, float, float, float]]) -> None:
         """Insert one sample per (worker_id, cpu_percent, rss_mb, uss_mb), ts = now; samples older than
         resources_keep_s are pruned in the same transaction."""
@@ -404,6 +493,7 @@ class ControlStore:
                             [(w, ts, cpu, rss, uss) for w, cpu, rss, uss in rows])
             con.execute("DELETE FROM resources WHERE ts < ?", (cutoff,))
 
+    @_guarded
     def resources(self, latest_only: bool = True) -> dict[str, dict]:
         """worker id -> its newest sample {ts, cpu_percent, rss_mb, uss_mb}; with latest_only=False, its
         kept history as columns {ts: [...], cpu_percent: [...], rss_mb: [...], uss_mb: [...]}, oldest first."""
@@ -420,6 +510,7 @@ class ControlStore:
                 history[c].append(r[c])
         return out
 
+    @_guarded
     def event(self, worker_id: str | None, kind: str, detail: str | dict = "") -> None:
         """Append an event (detail: text, or a dict stored as JSON); only the newest events_keep are kept."""
         text = detail if isinstance(detail, str) else json.dumps(detail, default=str, sort_keys=True)
@@ -428,11 +519,49 @@ class ControlStore:
                               (now_iso(), worker_id, kind, text))
             con.execute("DELETE FROM events WHERE id <= ?", ((cur.lastrowid or 0) - self.events_keep,))
 
+    @_guarded
+    def record(self, instances: list[dict], events: list[tuple[str, str | None, str, str]], *,
+               manager: tuple[int, str] | None = None) -> None:
+        """One transaction of the manager's tick: instance rows (as `upsert_instances`), events as
+        (ts, worker_id, kind, detail text), and the manager's own beat (pid, run_id) when given — a
+        write every tick, so a store that cannot be written is noticed even when nothing changed."""
+        with self._write() as con:
+            _upsert_instances(con, instances)
+            if events:
+                con.executemany("INSERT INTO events (ts, worker_id, kind, detail) VALUES (?, ?, ?, ?)", events)
+                con.execute("DELETE FROM events WHERE id <= (SELECT max(id) FROM events) - ?", (self.events_keep,))
+            if manager is not None:
+                now = now_iso()
+                con.execute("INSERT INTO managers (pid, run_id, started_at, ts) VALUES (?, ?, ?, ?) "
+                            "ON CONFLICT (pid) DO UPDATE SET ts = excluded.ts", (*manager, now, now))
+
+    @_guarded
+    def managers(self) -> list[dict]:
+        """The managers that wrote this store, newest beat first: pid, run_id, started_at, ts."""
+        return [dict(r) for r in self.con.execute("SELECT * FROM managers ORDER BY ts DESC")]
+
+    @_guarded
     def events(self, worker_id: str | None = None, limit: int = 100) -> list[dict]:
         """The newest `limit` events (of one worker, or all), oldest first."""
         where, args = ("WHERE worker_id = ?", [worker_id]) if worker_id is not None else ("", [])
         rows = self.con.execute(f"SELECT * FROM events {where} ORDER BY id DESC LIMIT ?", [*args, limit])
         return [dict(r) for r in reversed(rows.fetchall())]
+
+
+def _upsert_instances(con: sqlite3.Connection, rows: list[dict]) -> None:
+    now = now_iso()
+    for row in rows:
+        fields = {k: _time_value(v) if k in _TIME_FIELDS else v for k, v in row.items()}
+        fields["updated_at"] = now
+        unknown = set(fields) - set(INSTANCE_COLUMNS)
+        if unknown or "id" not in fields:
+            raise ValueError(f"strategy_instances has no column {', '.join(sorted(unknown))}"
+                             if unknown else "an instance row needs its 'id' (the worker id)")
+        cols = list(fields)
+        updates = ", ".join(f"{c} = excluded.{c}" for c in cols if c != "id")
+        con.execute(f"INSERT INTO strategy_instances ({', '.join(cols)}) VALUES "
+                    f"({', '.join('?' * len(cols))}) ON CONFLICT (id) DO UPDATE SET {updates}",
+                    [fields[c] for c in cols])
 
 
 @contextmanager

@@ -85,7 +85,7 @@ def test_poison_rows_left_pending_do_not_stop_the_next_manager(root: Path, manag
 @pytest.mark.parametrize("client", ["../../other/clients/odum", "ABSOLUTE"])
 def test_add_strategy_cannot_write_outside_clients(root: Path, managers, client: str) -> None:
     # this rewrote ../../other/clients/odum.yaml (and dropped its comments)
-    outside = root.parent.parent / "other" / "clients" / "odum.yaml"
+    outside = root.parent / "other" / "clients" / "odum.yaml"  # = root/clients/../../other/clients
     outside.parent.mkdir(parents=True, exist_ok=True)
     outside.write_text(COMMENTED)
     if client == "ABSOLUTE":
