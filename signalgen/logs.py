@@ -57,6 +57,34 @@ class KeyValueFormatter(logging.Formatter):
         return f"{head} {fields}{nl}{rest}"
 
 
+class Outage:
+    """One log line when something starts failing and one when it works again, however many times it
+    fails in between (a full disk must not fill the log with the same line twice a second)."""
+
+    def __init__(self, logger: logging.Logger, what: str) -> None:
+        self.logger, self.what = logger, what
+        self.since: float | None = None
+        self.reason = ""
+
+    def failed(self, exc: object) -> bool:
+        """Note a failure; True when it is the first of an outage (it was logged)."""
+        self.reason = " ".join(str(exc).split())[:MAX_ECHO]
+        if self.since is not None:
+            return False
+        self.since = time.monotonic()
+        self.logger.warning("%s failed: %s (logged once until it works again)", self.what, self.reason)
+        return True
+
+    def ok(self) -> bool:
+        """Note a success; True when it ends an outage (it was logged)."""
+        if self.since is None:
+            return False
+        self.logger.warning("%s works again after %.1f s (it failed: %s)", self.what,
+                            time.monotonic() - self.since, self.reason)
+        self.since = None
+        return True
+
+
 def configure(level: str = "INFO") -> None:
     """Send `signalgen.*` records at `level` and above to stderr as key=value lines.
 

@@ -43,7 +43,7 @@ from typing import Any
 from signalgen.config.models import RunConfig
 from signalgen.config.workers import WorkerSpec, worker_specs
 from signalgen.errors import ConfigError, SignalgenError
-from signalgen.logs import excerpt
+from signalgen.logs import Outage, excerpt
 from signalgen.process.states import (TRANSIENT_EXIT, TRANSITIONS, InvalidTransition, State, StateEvent, WorkerProcess,
                                       after_exit, backoff_delay)
 from signalgen.storage.control import ControlStoreCorrupt, control_path_of, iso
@@ -54,7 +54,7 @@ TICK_S = 0.5  # the loop's longest sleep: commands are picked up within it
 START_SLICE_S = 0.5  # at start-up, workers are started for this long per tick, then the loop does its rounds
 PRELOAD = "signalgen.process.preload"
 ERROR_WINDOW_S = 60.0
-STALL_S = 2.0  # a tick this long after the last (4 x TICK_S): the manager was stopped (SIGSTOP, GC, swap)
+STALL_S = 2.0  # a tick this long after the last ended (4 x TICK_S): the manager was stopped (SIGSTOP, GC, swap)
 TRANSIENT_BACKOFF_MAX_S = 2.0  # the longest wait before restarting a worker that left for a transient cause
 MAX_UNWRITTEN_EVENTS = 10_000  # events kept while the control store cannot be written
 COMMANDS = ("start", "stop-strategy", "pause", "resume", "restart", "stop", "reload", "add-strategy")
@@ -201,7 +201,8 @@ class StrategyProcessManager:
         # what the manager could observe: heartbeats are judged only from here on (see _check_heartbeats)
         self._observed_since = time.time()
         self._last_tick = time.monotonic()
-        self._control_down: str | None = None  # why the control store cannot be written, while it cannot
+        self._control_outage = Outage(log, "the control store (supervising from memory meanwhile; heartbeats "
+                                            "not judged)")
         self._generation = getattr(control, "generation", 0)  # the control store's file we last wrote
 
     @property
@@ -321,12 +322,14 @@ class StrategyProcessManager:
         if not self._shutdown:
             self._commands(now)
         self._flush()
+        self._last_tick = time.monotonic()
 
     def _notice_stall(self, now: float) -> None:
         """A manager that was not running (SIGSTOP, a long GC or swap stall) saw no heartbeat for that
-        long — nor did its writer relay any: the gap is its own, so heartbeats are judged afresh from now."""
-        mono = time.monotonic()
-        gap, self._last_tick = mono - self._last_tick, mono
+        long — nor did its writer relay any: the gap is its own, so heartbeats are judged afresh from now.
+        The gap is measured from the end of the last tick: a slow tick (a start-up slice, a reload) is
+        work, not a stall."""
+        gap = time.monotonic() - self._last_tick
         if gap > STALL_S:
             log.warning("the manager did not run for %.1f s: heartbeats are judged from now on", gap)
             self._event(None, "stall", f"the manager did not run for {gap:.1f} s", now)
@@ -376,8 +379,9 @@ class StrategyProcessManager:
             proc.kill_reason = f"cannot start: {exc}"
             self._exited(proc, 1, now)
             return
+        # the first start also starts the forkserver (seconds): the worker's clock starts when it exists
         proc.handle, proc.pid, proc.started_at, proc.exit_code = handle, handle.pid, now, None
-        proc.alive_at = now
+        proc.alive_at = time.time()
         proc.errors.clear()
         proc.change(State.STARTING, now, reason)
 
@@ -533,7 +537,7 @@ class StrategyProcessManager:
                 if beat.get("ready") and proc.state is State.STARTING and ts >= proc.state_since - 0.01:
                     self._change(proc, State.RUNNING, now, "ready")
             age = now - max(proc.alive_at, self._observed_since)
-            if age > threshold and self._control_down is None:
+            if age > threshold and self._control_outage.since is None:
                 self._kill(proc, "heartbeat", f"heartbeat {age:.0f}s old (threshold {threshold:g}s)")
 
     def _count_errors(self, proc: WorkerProcess, ts: float, errors: int, now: float) -> None:
@@ -571,6 +575,7 @@ class StrategyProcessManager:
         limit = self.limits.memory_mb
         procs: dict[int, psutil.Process] = {}  # cpu_percent needs the same object between samples
         uss_cache = _UssCache(self.limits.resource_sample_s)
+        outage = Outage(log, "recording resource samples")
         while not stop.wait(self.limits.resource_sample_s):
             rows = []
             live = {p.worker_id: p.pid for p in list(self.procs.values()) if p.running and p.pid is not None}
@@ -593,8 +598,9 @@ class StrategyProcessManager:
             if rows:
                 try:
                     self.control.record_resources(rows)
+                    outage.ok()
                 except Exception as exc:  # noqa: BLE001 - sampling must not die with one failed write
-                    log.warning("cannot record resource samples: %s", exc)
+                    outage.failed(exc)
 
     def _memory_kills(self) -> None:
         while self._over_memory:
@@ -626,10 +632,7 @@ class StrategyProcessManager:
     def _control_failed(self, exc: Exception) -> None:
         """The control store failed: supervise from memory meanwhile. A damaged file is moved aside
         (the next write creates a new store, which `_flush` fills with every worker's row)."""
-        if self._control_down is None:
-            log.error("control store cannot be used: %s; supervising from memory, heartbeats not judged "
-                      "until it can", exc)
-        self._control_down = str(exc)
+        self._control_outage.failed(exc)
         if isinstance(exc, ControlStoreCorrupt):
             moved = self.control.quarantine()
             log.error("control store %s is damaged: moved to %s; a new one is created", self._control_path, moved)
@@ -678,10 +681,8 @@ class StrategyProcessManager:
         if self.control.generation != self._generation:  # recreated during this write: rewrite every row
             self._generation = self.control.generation
             self._dirty |= set(self.procs)
-        if self._control_down is not None:
-            log.warning("control store usable again (it failed: %s); heartbeats judged from now on",
-                        self._control_down)
-            self._control_down, self._observed_since = None, time.time()
+        if self._control_outage.ok():  # heartbeats could not arrive meanwhile: judged afresh from now
+            self._observed_since = time.time()
 
     def _remove(self, wid: str) -> None:
         self.procs.pop(wid, None)

@@ -56,6 +56,7 @@ import pyarrow as pa
 from signalgen.config.models import RunConfig
 from signalgen.config.workers import WorkerSpec
 from signalgen.errors import ConfigError, SignalgenError, TransientError
+from signalgen.logs import Outage
 from signalgen.storage.base import SignalStore
 from signalgen.storage.writer import SignalWriter
 
@@ -480,6 +481,7 @@ class WriterServer:
         from signalgen.storage.control import ControlStore
 
         control = ControlStore(self.control_path)
+        outage = Outage(log, "relaying heartbeats to the control store")
         try:
             while True:
                 closing = self._closing.wait(HEARTBEAT_RELAY_S)
@@ -488,8 +490,9 @@ class WriterServer:
                 if beats:
                     try:
                         control.relay_heartbeats(beats)
+                        outage.ok()
                     except Exception as exc:  # noqa: BLE001 - a missed heartbeat is the manager's to notice
-                        log.warning("relaying %d heartbeats failed: %r", len(beats), exc)
+                        outage.failed(exc)
                 if closing:
                     return
         finally:

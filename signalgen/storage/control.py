@@ -70,6 +70,7 @@ def _storage_error(path: Path, exc: sqlite3.Error, doing: str = "") -> StorageEr
 BUSY_TIMEOUT_MS = 5000
 IDENTITY_CHECK_S = 1.0  # how often a connection checks that the file it writes is still the store's
 _CORRUPT_CODES = {11, 26}  # SQLITE_CORRUPT, SQLITE_NOTADB
+_SQLITE_MAGIC = b"SQLite format 3\x00"
 # Bounds on a `strategy_commands` row, which any program may write: every field is hostile input.
 # A row outside them fails with a short reason (docs/control.md); it never reaches the manager's logic.
 MAX_PARAMETERS_BYTES = 64 * 1024  # parameters_json, UTF-8
@@ -227,6 +228,7 @@ class ControlStore:
         self.generation = 0  # moves on when the file was found deleted or replaced, or was quarantined
         self._identity: tuple[int, int] | None = None
         self._checked_at = 0.0
+        self._damaged: ControlStoreCorrupt | None = None
 
     @classmethod
     def from_config(cls, cfg: RunConfig) -> ControlStore:
@@ -254,6 +256,8 @@ class ControlStore:
         if self._pid != os.getpid():  # inherited across a fork: abandon, never close (SQLite's rule)
             self._local, self._connections, self._pid = threading.local(), [], os.getpid()
             self._lock, self._schema_ready = threading.Lock(), False
+        if self._damaged is not None:
+            raise self._damaged
         local = self._local
         con = getattr(local, "con", None)
         if con is not None and (local.generation != self.generation or self._replaced()):
@@ -269,17 +273,24 @@ class ControlStore:
 
     def _replaced(self) -> bool:
         """True (once, for every thread: the generation moves on) when the file at `path` is not the
-        one this store opened: deleted, renamed away or replaced."""
+        one this store opened: deleted, renamed away or replaced. ControlStoreCorrupt when it is the
+        same file but no longer starts as a SQLite database (overwritten in place: this connection's
+        pages in the WAL would hide it from us, but not from any new reader)."""
         now = time.monotonic()
         if now < self._checked_at + IDENTITY_CHECK_S:
             return False
         self._checked_at = now
         try:
-            st = os.stat(self.path)
+            with open(self.path, "rb") as f:
+                st, head = os.fstat(f.fileno()), f.read(len(_SQLITE_MAGIC))
             identity = (st.st_dev, st.st_ino)
         except OSError:
-            identity = None
+            identity, head = None, b""
         if identity == self._identity:
+            if head and head != _SQLITE_MAGIC:  # every thread's calls fail from now on, until quarantine()
+                self._damaged = ControlStoreCorrupt(f"control store {self.path}: file is not a database "
+                                                    "(overwritten)")
+                raise self._damaged
             return False
         with self._lock:
             if identity != self._identity:  # another thread may have seen it first
@@ -337,7 +348,7 @@ class ControlStore:
                 pass
         with self._lock:
             self.generation += 1
-            self._identity = None
+            self._identity, self._damaged = None, None
         return target
 
     @contextmanager

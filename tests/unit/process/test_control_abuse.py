@@ -182,3 +182,44 @@ def test_a_thousand_hostile_rows_leave_the_manager_up_and_no_worker_restarted(ro
     assert_fleet_untouched(m, before)
     assert m.command(m.submit("pause", ODUM_SOL))["status"] == "completed"  # and it still obeys
     assert m.stop() == 0
+
+
+def one_line_answer(root: Path, *args: str):
+    from tests.unit.process.test_manager import cli
+
+    proc = cli(root, *args)
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stdout + proc.stderr
+    return proc
+
+
+def test_a_deleted_control_store_is_recreated_and_the_manager_stays_reachable(root: Path, managers) -> None:
+    # deleting it left the manager running but unreachable: it kept writing an unlinked file
+    m = start(managers, root)
+    m.wait_states("RUNNING", count=2)
+    before = pids(m)
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{m.store}{suffix}").unlink(missing_ok=True)
+    until(lambda: len(m.instances()) == 2, 20, "every instance row back in a new store")
+    assert one_line_answer(root, "pause", "--strategy", ODUM_BTC).returncode == 0
+    m.wait_states({ODUM_BTC: "PAUSED"}, timeout=10)
+    assert "deleted" in m.output() and m.proc.poll() is None
+    assert {w: r["pid"] for w, r in m.instances().items()} == before
+    assert m.stop() == 0
+
+
+def test_a_corrupt_control_store_is_moved_aside_and_every_command_answers_in_one_line(root: Path, managers) -> None:
+    # a corrupt one made `pause` print a 45-line traceback
+    m = start(managers, root)
+    m.wait_states("RUNNING", count=2)
+    before = pids(m)
+    with open(m.store, "r+b") as f:  # overwritten in place (same file): the manager's WAL hid it
+        f.write(b"this is not a database " * 400)
+    one_line_answer(root, "pause", "--strategy", ODUM_BTC)  # fails or works: one line either way
+    until(lambda: list(m.store.parent.glob("control.sqlite.corrupt-*")), 20, m.output)
+    until(lambda: len(m.instances()) == 2, 20, "every instance row in the new store")
+    assert one_line_answer(root, "pause", "--strategy", ODUM_SOL).returncode == 0
+    m.wait_states({ODUM_SOL: "PAUSED"}, timeout=10)
+    assert "damaged" in m.output() and m.proc.poll() is None
+    assert {w: r["pid"] for w, r in m.instances().items()} == before
+    assert m.stop() == 0
