@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import json
 import logging
+import logging.handlers
+import os
 import time
+from pathlib import Path
 
 FIELDS = ("run_id", "worker", "client", "strategy", "symbol", "path")
 MAX_ECHO = 200  # characters of outside input that a log line, a result or an error may quote
@@ -97,3 +100,26 @@ def configure(level: str = "INFO") -> None:
         handler.setFormatter(KeyValueFormatter())
         logger.addHandler(handler)
     logger.propagate = False
+
+
+def log_to_file(path: Path | str, *, max_mb: float, backups: int, level: str | None = None,
+                only: bool = False) -> None:
+    """Send `signalgen.*` records to `path`, rotated at `max_mb` MB with `backups` old files kept
+    (`path.1` ... `path.<backups>`); `only`: instead of every other handler (a worker's own log).
+
+    A record that cannot be written (a full disk) is dropped without a traceback on stderr: the
+    outage is reported once where it can be (`Outage`), not once per line.
+    """
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.handlers.RotatingFileHandler(path, maxBytes=int(max_mb * 2**20), backupCount=backups)
+    handler.setFormatter(KeyValueFormatter())
+    logger = logging.getLogger("signalgen")
+    if only:
+        for old in list(logger.handlers):
+            logger.removeHandler(old)
+            old.close()
+    logger.addHandler(handler)
+    if level is not None:
+        logger.setLevel(level)
+    logger.propagate = False
+    logging.raiseExceptions = False

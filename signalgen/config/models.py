@@ -252,6 +252,8 @@ class ProcessLimitsConfig(Frozen):
     stop_timeout_s: float = Field(10.0, gt=0)  # SIGTERM -> SIGKILL after this long
     resource_sample_s: float = Field(5.0, gt=0)  # CPU%/memory sampling period
     mock_bar_interval_s: float = Field(1.0, ge=0)  # streaming mock: wall seconds between bars per worker
+    log_max_mb: float = Field(10.0, gt=0)  # manager.log and each worker's log rotate at this size ...
+    log_backups: int = Field(5, ge=0, le=100)  # ... keeping this many old files
 
     @model_validator(mode="after")
     def _ordered(self) -> ProcessLimitsConfig:

@@ -48,6 +48,7 @@ from signalgen.config.models import Mode, RunConfig, timeframe_delta
 from signalgen.config.workers import WorkerSpec
 from signalgen.data.validation import validate_bars
 from signalgen.errors import ConfigError, TransientError
+from signalgen.logs import log_to_file
 from signalgen.modes.engine import epoch_us, history_bars
 from signalgen.modes.sources import background_priority, bar_chunks, per_bar_feed
 from signalgen.modes.worker import ReplayClock, WallClock, WorkerContext, bar_feed, run_worker
@@ -58,8 +59,6 @@ log = logging.getLogger(__name__)
 
 PR_SET_PDEATHSIG = 1
 STREAMING_MODES = (Mode.MOCK, Mode.SIMULATION, Mode.LIVE)
-LOG_MAX_BYTES = 10 * 1024 * 1024
-LOG_BACKUPS = 3
 PARENT_CHECK_S = 0.5
 
 
@@ -336,20 +335,12 @@ def _pidfds(pids: list[int]) -> list[int] | None:
     return fds
 
 
-def configure_worker_logging(log_path: str, level: str) -> None:
-    """`signalgen.*` records to the worker's own rotated file, in the project's key=value format."""
-    from signalgen.logs import KeyValueFormatter
-
-    Path(log_path).parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.handlers.RotatingFileHandler(log_path, maxBytes=LOG_MAX_BYTES, backupCount=LOG_BACKUPS)
-    handler.setFormatter(KeyValueFormatter())
-    logger = logging.getLogger("signalgen")
-    for old in list(logger.handlers):
-        logger.removeHandler(old)
-        old.close()
-    logger.addHandler(handler)
-    logger.setLevel(level)
-    logger.propagate = False
+def configure_worker_logging(log_path: str, cfg: RunConfig) -> None:
+    """`signalgen.*` records to the worker's own file, rotated at `process.log_max_mb` with
+    `process.log_backups` old files, in the project's key=value format."""
+    limits = cfg.environment.process
+    log_to_file(log_path, max_mb=limits.log_max_mb, backups=limits.log_backups, level=cfg.environment.log_level,
+                only=True)
 
 
 def open_sink(args: WorkerArgs):
@@ -400,7 +391,7 @@ def worker_main(args: WorkerArgs) -> int:
     spec, cfg = args.spec, args.cfg
     fields = {"worker": spec.id, "client": spec.client.id, "strategy": spec.strategy.id, "symbol": spec.symbol}
     try:
-        configure_worker_logging(args.log_path, cfg.environment.log_level)
+        configure_worker_logging(args.log_path, cfg)
     except OSError as exc:
         print(f"worker {spec.id}: cannot write log {args.log_path}: {exc}", file=sys.stderr)
         return 1
