@@ -25,6 +25,7 @@ import typer
 from signalgen.cli import (EnvOpt, InferenceOpt, ModeOpt, RootOpt, SeedOpt, _environment, _load, app, console)
 from signalgen.config.models import Environment, Mode
 from signalgen.errors import ConfigError, SignalgenError
+from signalgen.logs import excerpt
 
 STREAMING_MODES = (Mode.MOCK, Mode.SIMULATION, Mode.LIVE)
 
@@ -89,28 +90,52 @@ def _client_ids(names: list[str] | None) -> list[str] | None:
     return sorted({n.split(".")[0] for n in names})
 
 
-def _daemonize(pidfile: Path, logfile: Path) -> None:
-    """Start this same `start` command detached (new session, output to `logfile`); return once the
-    manager wrote its pidfile, or raise with the end of its log when it exited first."""
-    argv = [a for a in sys.argv[1:] if a != "--daemon"]
-    if "--pidfile" not in argv:
-        argv += ["--pidfile", str(pidfile)]
+def _daemonize(control: Path, pidfile: Path, logfile: Path) -> None:
+    """Start this same `start` command detached (a new session); return once the manager is ready
+    (it wrote its pid into `pidfile`), or raise with what it printed when it exited first.
+
+    Nothing is touched before the lock is checked: a refused second start leaves the running
+    manager's pidfile and logs alone. The manager logs to `logfile` (rotated); what it prints outside
+    its log — a crash's traceback — goes to `<logfile stem>.out` beside it, read from where this
+    start began."""
+    running = manager_pid(control)
+    if running is not None:
+        raise SignalgenError(f"a manager (pid {running}) already runs on {control}; `stop` it first")
+    argv = [a for a in sys.argv[1:] if a != "--daemon"] + ["--detached"]
+    for option, value in (("--pidfile", pidfile), ("--logfile", logfile)):
+        if option not in argv:
+            argv += [option, str(value)]
     logfile.parent.mkdir(parents=True, exist_ok=True)
-    pidfile.unlink(missing_ok=True)
+    out_path = logfile.with_suffix(".out")
     code = "import sys; from signalgen.cli import main; sys.exit(main(sys.argv[1:]))"
-    with open(logfile, "ab") as out:
+    with open(out_path, "ab") as out:
+        begin = out.tell()
         child = subprocess.Popen([sys.executable, "-c", code, *argv], stdin=subprocess.DEVNULL, stdout=out,
                                  stderr=subprocess.STDOUT, start_new_session=True, cwd=os.getcwd())
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        if pidfile.exists() and pidfile.read_text().strip():
-            console.print(f"manager started: pid {pidfile.read_text().strip()}, log {logfile}", highlight=False)
-            return
         if child.poll() is not None:
-            tail = "".join(deque(open(logfile, errors="replace"), maxlen=5)).strip()
-            raise SignalgenError(f"manager exited with code {child.returncode}: {tail}")
+            with open(out_path, "rb") as f:
+                f.seek(begin)
+                said = [excerpt(line.decode(errors="replace").rstrip(), 300)[1:-1]
+                        for line in deque(f, maxlen=5) if line.strip()]
+            error = SignalgenError(f"the manager exited during start-up with code {child.returncode}"
+                                   + (": " + " | ".join(said) if said else ""))
+            error.exit_code = 2 if child.returncode == 2 else 1  # a bad config stays exit 2
+            raise error
+        if _pid_in(pidfile) == child.pid:
+            console.print(f"manager started: pid {child.pid}, log {logfile}", highlight=False)
+            return
         time.sleep(0.1)
-    raise SignalgenError(f"manager (pid {child.pid}) wrote no pidfile {pidfile} within 120 s; see {logfile}")
+    raise SignalgenError(f"manager (pid {child.pid}) was not ready within 120 s; see {logfile}")
+
+
+def _pid_in(pidfile: Path) -> int | None:
+    try:
+        text = pidfile.read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
 
 
 @app.command("start")
@@ -123,9 +148,11 @@ def start(names: Annotated[Optional[list[str]], typer.Argument(
           daemon: Annotated[bool, typer.Option(help="Detach: run in the background, log to --logfile.")] = False,
           pidfile: Annotated[Optional[Path], typer.Option(help="Write the manager's pid here "
                                                           "(default with --daemon: var/<env>/manager.pid).")] = None,
-          logfile: Annotated[Optional[Path], typer.Option(help="The manager's own log "
-                                                          "(default with --daemon: var/<env>/logs/manager.log).")] = None
-          ) -> None:
+          logfile: Annotated[Optional[Path], typer.Option(help="The manager's own log, rotated at "
+                                                          "process.log_max_mb (default with --daemon: "
+                                                          "var/<env>/logs/manager.log).")] = None,
+          detached: Annotated[bool, typer.Option(hidden=True, help="Set by --daemon: log to --logfile only.")]
+          = False) -> None:
     """Start the manager: one supervised process per worker, until `stop`, SIGTERM or Ctrl-C."""
     from signalgen.config.workers import worker_specs
     from signalgen.modes import new_run_id
@@ -139,7 +166,7 @@ def start(names: Annotated[Optional[list[str]], typer.Argument(
     shards = parse_shard(shard) if shard else None
     control = control_path(env, root)
     if daemon:
-        _daemonize(pidfile or control.parent / "manager.pid", logfile or log_dir_of(control) / "manager.log")
+        _daemonize(control, pidfile or control.parent / "manager.pid", logfile or log_dir_of(control) / "manager.log")
         return
 
     def load():
@@ -150,32 +177,15 @@ def start(names: Annotated[Optional[list[str]], typer.Argument(
     cfg, specs = load()
     if not specs:
         raise ConfigError("no workers to start (every strategy disabled, or an empty shard)")
-    if logfile is not None:
-        _log_to(logfile)
     store = ControlStore(control)
     manager = StrategyProcessManager(cfg, specs, control=store, log_dir=log_dir_of(control),
-                                     run_id=new_run_id(datetime.now(timezone.utc)), loader=load)
-    if pidfile is not None:
-        pidfile.parent.mkdir(parents=True, exist_ok=True)
-        pidfile.write_text(f"{os.getpid()}\n")
+                                     run_id=new_run_id(datetime.now(timezone.utc)), loader=load,
+                                     logfile=logfile, log_only=detached, pidfile=pidfile)
     try:
         code = manager.run()
     finally:
         store.close()
-        if pidfile is not None:
-            pidfile.unlink(missing_ok=True)
     raise typer.Exit(code)
-
-
-def _log_to(logfile: Path) -> None:
-    import logging
-
-    from signalgen.logs import KeyValueFormatter
-
-    logfile.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(logfile)
-    handler.setFormatter(KeyValueFormatter())
-    logging.getLogger("signalgen").addHandler(handler)
 
 
 # ---------------------------------------------------------------- commands through the control store

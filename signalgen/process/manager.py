@@ -43,7 +43,8 @@ from typing import Any
 from signalgen.config.models import RunConfig
 from signalgen.config.workers import WorkerSpec, worker_specs
 from signalgen.errors import ConfigError, SignalgenError
-from signalgen.logs import Outage, excerpt
+from signalgen.config.edit import write_atomic
+from signalgen.logs import Outage, excerpt, log_to_file
 from signalgen.process.states import (TRANSIENT_EXIT, TRANSITIONS, InvalidTransition, State, StateEvent, WorkerProcess,
                                       after_exit, backoff_delay)
 from signalgen.storage.control import ControlStoreCorrupt, control_path_of, iso
@@ -142,6 +143,15 @@ def default_loader(cfg: RunConfig) -> SpecLoader:
     return load
 
 
+def _read_pid(path: Path) -> int | None:
+    """The pid in a pidfile, or None (missing, empty, not a number)."""
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
 def _epoch(value: Any) -> float | None:
     """A control-store timestamp (epoch float or ISO text) as epoch seconds."""
     if value is None or value == "":
@@ -174,11 +184,18 @@ class StrategyProcessManager:
         loader: re-reads the config for `reload` / `add-strategy` (default: every client of cfg.root).
         worker_target: the module-level function a worker process runs with its `WorkerArgs`
             (default `process.worker.worker_process`; tests pass their own).
+        logfile: the manager's own log, rotated as the workers' are (process.log_max_mb and
+            log_backups); opened once the manager holds its lock, so a refused manager never writes
+            into the running one's log. `log_only`: nowhere else (a detached manager has no console).
+        pidfile: written with the manager's pid once it is ready (lock held, store open, decisions
+            host up, pending rows vetted), removed when it stops.
     """
 
     def __init__(self, cfg: RunConfig, specs: list[WorkerSpec], *, control, log_dir: Path, run_id: str,
-                 loader: SpecLoader | None = None, worker_target: Callable | None = None) -> None:
+                 loader: SpecLoader | None = None, worker_target: Callable | None = None,
+                 logfile: Path | None = None, log_only: bool = False, pidfile: Path | None = None) -> None:
         self.cfg, self.control, self.run_id = cfg, control, run_id
+        self.logfile, self.log_only, self.pidfile = logfile, log_only, pidfile
         self.log_dir = Path(log_dir)
         self.limits = cfg.environment.process
         self.loader = loader or default_loader(cfg)
@@ -239,6 +256,9 @@ class StrategyProcessManager:
             if self._stop_command is not None:
                 self._try(self.control.fail, self._stop_command, f"the manager failed while stopping: {exc!r}")
             raise
+        finally:
+            if self.pidfile is not None and _read_pid(self.pidfile) == os.getpid():
+                self.pidfile.unlink(missing_ok=True)
         # answered only now: the writer has drained, the store is closed and the manager's lock
         # released, so whoever waited on `stop` can open the store at once
         if self._stop_command is not None:
@@ -252,6 +272,9 @@ class StrategyProcessManager:
 
         with ExitStack() as held:
             held.enter_context(self._lock())
+            if self.logfile is not None:
+                log_to_file(self.logfile, max_mb=self.limits.log_max_mb, backups=self.limits.log_backups,
+                            only=self.log_only)
             sock_dir = tempfile.mkdtemp(prefix="signalgen-")  # short: AF_UNIX paths are at most 107 bytes
             held.callback(shutil.rmtree, sock_dir, ignore_errors=True)
             self._ctx = multiprocessing.get_context("forkserver")
@@ -278,6 +301,8 @@ class StrategyProcessManager:
             held.callback(sampler.join)
             held.callback(sampling.set)
             self._reset_instances()
+            if self.pidfile is not None:  # ready: whoever waits for the pidfile may count on us now
+                write_atomic(self.pidfile, f"{os.getpid()}\n")
             log.info("manager started: %d workers, %s mode", len(self.procs), self.cfg.mode.name.value,
                      extra={"run_id": self.run_id, "pid": os.getpid()})
             self._to_start.extend(self.procs)  # started a slice per tick: the loop stays responsive
@@ -835,7 +860,7 @@ class StrategyProcessManager:
         """Add or replace strategies in `clients/<client>.yaml` (comments and layout kept), then reload;
         the file is restored when the new config is invalid. `client` must be a safe name whose file
         is inside `clients/`: the row that carries it may come from any program."""
-        from signalgen.config.edit import client_file, merge_strategies, write_atomic
+        from signalgen.config.edit import client_file, merge_strategies
 
         if not client or text is None:
             raise CommandError("add-strategy needs parameters {client, config (YAML text)}")

@@ -223,3 +223,66 @@ def test_a_corrupt_control_store_is_moved_aside_and_every_command_answers_in_one
     assert "damaged" in m.output() and m.proc.poll() is None
     assert {w: r["pid"] for w, r in m.instances().items()} == before
     assert m.stop() == 0
+
+
+def test_a_refused_second_daemon_start_touches_nothing_of_the_running_manager(root: Path, managers) -> None:
+    # it deleted the running manager's pidfile, appended its own error to that manager's log and
+    # printed that manager's log lines as its own
+    from tests.unit.process.test_manager import cli, gone
+
+    logs = root / "var" / "local-dev" / "logs"
+    pidfile = root / "var" / "local-dev" / "manager.pid"
+    first = cli(root, "start", "--inference", "mock", "--daemon")
+    assert first.returncode == 0, first.stderr
+    pid = int(pidfile.read_text())
+    try:
+        until(lambda: "manager started" in (logs / "manager.log").read_text(), 30, "the first manager's log")
+        second = cli(root, "start", "--inference", "mock", "--daemon")
+        assert second.returncode == 1 and f"a manager (pid {pid}) already runs" in second.stderr, second
+        assert len((second.stdout + second.stderr).strip().splitlines()) == 1
+        assert pidfile.read_text().strip() == str(pid)
+        log = (logs / "manager.log").read_text()
+        assert "already runs" not in log and "manager started" not in second.stderr
+        assert not (logs / "manager.out").exists() or "already runs" not in (logs / "manager.out").read_text()
+    finally:
+        assert cli(root, "stop").returncode == 0
+        until(lambda: gone(pid), 30, "the manager gone")
+    assert not pidfile.exists()
+
+
+def test_a_daemon_that_dies_during_start_up_is_reported_with_exit_1(root: Path) -> None:
+    # the manager died after writing its pidfile (a poison row, a store it cannot open) and `start
+    # --daemon` still printed "manager started: pid N" and exited 0
+    from tests.unit.process.test_manager import cli
+
+    store = root / "var" / "local-dev" / "signalgen.duckdb"
+    store.mkdir(parents=True)  # a folder where the store's file should be: it cannot be opened
+    proc = cli(root, "start", "--inference", "mock", "--daemon")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "the manager exited during start-up with code 1" in proc.stderr and "signalgen.duckdb" in proc.stderr
+    assert "manager started" not in proc.stdout
+    assert not (root / "var" / "local-dev" / "manager.pid").exists()
+
+
+def test_manager_and_worker_logs_rotate_at_the_configured_size(tmp_path: Path, managers) -> None:
+    # manager.log grew without bound (a plain FileHandler); worker logs kept 3 files, not configurable
+    from tests.unit.process.test_manager import cli, gone
+
+    root = make_root(tmp_path, {"odum": COMMENTED}, log_max_mb=0.004, log_backups=2)
+    logs = root / "var" / "local-dev" / "logs"
+    assert cli(root, "start", "--inference", "mock", "--daemon").returncode == 0
+    pid = int((root / "var" / "local-dev" / "manager.pid").read_text())
+    try:
+        # every pause and resume logs two state changes per worker: enough lines to rotate twice
+        for _ in range(40):
+            assert cli(root, "pause", "--strategy", "odum").returncode == 0
+            resumed = cli(root, "resume", "--strategy", "odum")
+            assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+            if (logs / "manager.log.2").exists():
+                break
+    finally:
+        assert cli(root, "stop").returncode == 0
+        until(lambda: gone(pid), 30, "the manager gone")
+    assert (logs / "manager.log.2").exists() and not (logs / "manager.log.3").exists()
+    for path in [logs / "manager.log", logs / "manager.log.1", *logs.glob(f"{ODUM_BTC}.log*")]:
+        assert path.stat().st_size <= 0.004 * 2**20 + 1000, path
