@@ -116,7 +116,7 @@ def serve_writer(cfg: RunConfig, address: Path, stop: threading.Event | None = N
     from contextlib import closing
 
     from signalgen.modes import new_run_id, stop_on_signals
-    from signalgen.process.writer_server import STREAMING_WINDOW, WriterServer
+    from signalgen.process.writer_server import STREAMING_WINDOW, WriterServer, host_outcome
     from signalgen.storage import open_store
     from signalgen.storage.base import RunRecord
 
@@ -138,6 +138,4 @@ def serve_writer(cfg: RunConfig, address: Path, stop: threading.Event | None = N
                     pass
             status = "stopped"
         finally:
-            stats = server.stats
-            store.finish_run(run_id, finished_at=datetime.now(timezone.utc), status=status,
-                             bars=stats["bars"])
+            store.finish_run(run_id, **host_outcome(server.stats, started_at, status))

@@ -293,6 +293,8 @@ def test_exit_two_goes_fatal_without_restart(tmp_path: Path, managers) -> None:
     for wid in rows:
         assert sum(e["kind"] == "failure" for e in m.events(wid)) == 1
     assert m.proc.poll() is None  # the manager lives on
+    proc = cli(root, "status")
+    assert proc.returncode == 3 and proc.stdout.count("FATAL") == 2  # a worker is not as it should be
     assert m.stop() == 0
 
 
