@@ -402,9 +402,8 @@ def signals_list(env: EnvOpt = Environment.LOCAL_DEV, root: RootOpt = None, clie
     _emit(df.head(limit), kind, fmt, out, wide=wide)
     if df.height > limit:
         last = df["bar_time"][limit - 1]
-        err_console.print(f"stopped at --limit {limit:,}: more {kind.value} match after {last:%Y-%m-%d %H:%M:%S}; "
-                          "raise --limit, narrow --start/--end, or `signals export` them all", highlight=False,
-                          soft_wrap=True)
+        err_console.print(f"--limit {limit:,} reached: more {kind.value} match after {last:%Y-%m-%d %H:%M:%S} "
+                          "(raise --limit or pass --start)", highlight=False, soft_wrap=True)
 
 
 @signals_app.command("export")

@@ -273,14 +273,14 @@ def counts_table(df: pl.DataFrame, by: Sequence[str], total: dict[str, int], *, 
                  end: datetime | None) -> Group:
     """`signals count`: which bars were counted, then one line per group and the total."""
     a, b = _when(start, seconds=False), _when(end, seconds=False)
-    span = (f"in ({a}, {b}] UTC" if a and b else f"after {a} UTC" if a else f"at or before {b} UTC" if b
-            else "at any time")
+    span = (f"bars ending in ({a}, {b}] UTC" if a and b else f"bars ending after {a} UTC" if a
+            else f"bars ending at or before {b} UTC" if b else "every stored bar")
     rows = [[*(str(r[c]) for c in by), f"{r['signals']:,}", f"{r['rejections']:,}"] for r in df.iter_rows(named=True)]
     if len(rows) != 1:
         rows.append([*(["total"] + [""] * (len(by) - 1) if by else []),
                      f"{total['signals']:,}", f"{total['rejections']:,}"])
     nums = ("signals", "rejections")
-    return Group(Text(f"signals and rejections of bars ending {span}"), _table(None, (*by, *nums), rows, numbers=nums))
+    return Group(Text(span), _table(None, (*by, *nums), rows, numbers=nums))
 
 
 RUN_LIST_COLUMNS = ("run_id", "mode", "environment", "status", "started_at", "elapsed_s", "bars", "signals",

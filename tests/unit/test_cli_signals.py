@@ -213,7 +213,7 @@ def test_signals_list_says_when_it_stopped_at_its_limit(own_root: Path) -> None:
     root = ("--root", str(own_root))
     proc = cli_at(80, "signals", "list", "--limit", "5", "-f", "json", *root)
     assert proc.returncode == 0 and len(_json_lines(proc.stdout)) == 5  # stdout: the rows only
-    assert "stopped at --limit 5: more signals match after 2024-01-02 14:35:00" in proc.stderr
+    assert proc.stderr == "--limit 5 reached: more signals match after 2024-01-02 14:35:00 (raise --limit or pass --start)\n"
     proc = cli_at(80, "signals", "list", "--limit", "16", *root)
     assert proc.returncode == 0 and proc.stderr == ""
     assert "[default: 100]" in cli_at(200, "signals", "list", "--help").stdout
