@@ -396,7 +396,9 @@ def signals_list(env: EnvOpt = Environment.LOCAL_DEV, root: RootOpt = None, clie
                  limit: Annotated[int, typer.Option(min=1, max=1_000_000,
                                                     help="At most this many rows (oldest first).")] = 100,
                  fmt: FormatOpt = Format.TABLE, out: OutOpt = None, wide: WideOpt = False) -> None:
-    """List stored signals (or rejections) by bar time, oldest first; says so on stderr when more match."""
+    """List stored signals (or rejections) by bar time, oldest first.
+
+    At most --limit rows; a line on stderr says when more match."""
     query = _signals_query(root, kind, client, strategy, symbol, mode, start, end, limit=limit + 1)
     df = _store(env, root).read(query)
     _emit(df.head(limit), kind, fmt, out, wide=wide)
@@ -436,8 +438,9 @@ def signals_count(env: EnvOpt = Environment.LOCAL_DEV, root: RootOpt = None, cli
                       "--by", help="Count per client, strategy, symbol, timeframe and/or mode (repeatable; "
                                    "default: client, strategy, mode).")] = None,
                   output: OutputOpt = Output.TABLE) -> None:
-    """How many signals and rejections were stored, e.g. `--client odum --start today`: one line per
-    client, strategy and mode (`--by`), and the total."""
+    """How many signals and rejections were stored, per client, strategy and mode (`--by`).
+
+    For example `--client odum --start today`: one line per group, then the total."""
     import polars as pl
 
     from signalgen.report import counts_table

@@ -192,17 +192,16 @@ def _detail_text(detail: Any) -> str:
     return clip(str(detail))
 
 
-def events_table(events: list[dict[str, Any]], *, wide: bool = False) -> Table:
-    """`events`, oldest first. Narrow: time, event and the worker with the detail under it; `wide`: one
-    column each."""
+def events_table(events: list[dict[str, Any]], *, wide: bool = False) -> Table | Fit:
+    """`events`, oldest first: time, worker, event and detail, one line each when that fits the
+    terminal (always with `wide`), else the detail under the worker."""
     times = [str(e["ts"]).replace("T", " ")[:19] for e in events]
+    rows = [[t, e["worker"] or "(manager)", e["kind"], _detail_text(e["detail"])] for t, e in zip(times, events)]
+    table = _table(None, ("time (UTC)", "worker", "event", "detail"), rows)
     if wide:
-        rows = [[t, e["worker"] or "", e["kind"], _detail_text(e["detail"])] for t, e in zip(times, events)]
-        return _table(None, ("time (UTC)", "worker", "event", "detail"), rows)
-    rows = [[t, e["kind"], Text(e["worker"] or "(manager)", style="bold").append("\n" + _detail_text(e["detail"]),
-                                                                             style="")]
-            for t, e in zip(times, events)]
-    return _table(None, ("time (UTC)", "event", "worker / detail"), rows)
+        return table
+    stacked = [[t, kind, Text(worker, style="bold").append("\n" + detail, style="")] for t, worker, kind, detail in rows]
+    return Fit(table, _table(None, ("time (UTC)", "event", "worker / detail"), stacked))
 
 
 def report_dict(report) -> dict[str, Any]:

@@ -394,8 +394,9 @@ def events(env: EnvOpt = Environment.LOCAL_DEV, root: RootOpt = None,
                                                              f"this time ({TIME_HELP}).")] = None,
            limit: Annotated[int, typer.Option(min=1, max=1_000_000, help="At most the newest N events.")] = 100,
            output: OutputOpt = Output.TABLE, wide: WideOpt = False) -> None:
-    """The workers' history from the control store, oldest first: state changes, exits and their
-    reasons, restarts, kills, commands; it outlives the manager (the newest events are kept)."""
+    """The workers' history, oldest first: state changes, exits and their reasons, restarts, commands.
+
+    Read from the control store, so it outlives the manager (which keeps the newest 10,000 events)."""
     from signalgen.process.manager import matches
     from signalgen.report import event_dict, events_table
 
@@ -488,8 +489,9 @@ def logs(strategy: TargetOpt, env: EnvOpt = Environment.LOCAL_DEV, root: RootOpt
          tail: Annotated[int, typer.Option("--tail", "-n", min=1, help="Print the last N lines.")] = 50,
          follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing new lines until Ctrl-C.")] = False
          ) -> None:
-    """The log files of the matching workers (var/<env>/logs/<worker id>.log, rotated by the worker);
-    several are printed one after another, each under a `==> file <==` line, as tail(1) does."""
+    """The log files of the matching workers (var/<env>/logs/<worker id>.log).
+
+    Several are printed one after another, each under a `==> file <==` line, as tail(1) does."""
     from signalgen.process.manager import matches
 
     folder = log_dir_of(control_path(env, root))
