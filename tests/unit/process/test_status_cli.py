@@ -156,7 +156,7 @@ def test_events_lists_state_changes_with_json_and_text_details(root: Path, store
     words = " ".join(proc.stdout.split())  # the detail wraps under the worker id
     assert 'exit_code=-9 from=RUNNING pid=123 reason="killed by SIGKILL" restarts=2 to=BACKOFF' in words
     assert "killed by SIGKILL; BACKOFF (failure 1)" in words and "x" * 200 not in proc.stdout.replace("\n", "")
-    wider = cli(root, "events", "--strategy", ODUM, columns=120).stdout  # one line per event where that fits
+    wider = cli(root, "events", "--strategy", ODUM, columns=160).stdout  # one line per event where that fits
     assert any(line.split()[2:5] == [ODUM, "failure", "killed"] for line in wider.splitlines()), wider
     [clipped] = json.loads(cli(root, "events", "--strategy", "odum2", "-o", "json").stdout)
     assert clipped["detail"] == "x" * 197 + "..."  # an echoed excerpt: at most 200 characters
