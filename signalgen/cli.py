@@ -393,7 +393,7 @@ def _emit(df, kind: Kind, fmt: Format, out: Path | None, *, header: bool = True,
 def signals_list(env: EnvOpt = Environment.LOCAL_DEV, root: RootOpt = None, client: SignalClientOpt = None,
                  strategy: StrategyOpt = None, symbol: SymbolOpt = None, mode: ModesOpt = None,
                  start: BarStartOpt = None, end: BarEndOpt = None, kind: KindOpt = Kind.SIGNALS,
-                 limit: Annotated[int, typer.Option(min=1, max=1_000_000,
+                 limit: Annotated[int, typer.Option(min=1, max=9_999_999,
                                                     help="At most this many rows (oldest first).")] = 100,
                  fmt: FormatOpt = Format.TABLE, out: OutOpt = None, wide: WideOpt = False) -> None:
     """List stored signals (or rejections) by bar time, oldest first.
@@ -520,7 +520,7 @@ def signals_tail(env: EnvOpt = Environment.LOCAL_DEV, root: RootOpt = None, clie
 @runs_app.command("list")
 def runs_list(env: EnvOpt = Environment.LOCAL_DEV, root: RootOpt = None, client: SignalClientOpt = None,
               mode: ModesOpt = None,
-              limit: Annotated[int, typer.Option(min=1, max=1_000_000, help="At most this many runs.")] = 20,
+              limit: Annotated[int, typer.Option(min=1, max=9_999_999, help="At most this many runs.")] = 20,
               output: OutputOpt = Output.TABLE, wide: WideOpt = False) -> None:
     """The newest runs: status, duration and counts."""
     from signalgen.report import runs_table, run_dict
