@@ -33,7 +33,8 @@ def excerpt(value: object, limit: int = MAX_ECHO) -> str:
 _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
 
 
-def _value(v: object) -> str:
+def field_value(v: object) -> str:
+    """One `key=value` field's value: clipped to MAX_VALUE, quoted when it holds a space, a quote or `=`."""
     text = str(v)
     if len(text) > MAX_ECHO:
         text = text[:MAX_ECHO] + "..."
@@ -53,7 +54,7 @@ class KeyValueFormatter(logging.Formatter):
         line = super().format(record)
         extras = [k for k in vars(record) if k not in _STANDARD and not k.startswith("_")]
         keys = [k for k in FIELDS if k in extras] + sorted(k for k in extras if k not in FIELDS)
-        fields = " ".join(f"{k}={_value(getattr(record, k))}" for k in keys if getattr(record, k) is not None)
+        fields = " ".join(f"{k}={field_value(getattr(record, k))}" for k in keys if getattr(record, k) is not None)
         if not fields:
             return line
         head, nl, rest = line.partition("\n")  # keep fields on the message line, before a traceback

@@ -318,16 +318,18 @@ class StrategyProcessManager:
         """The manager's run in the store's `runs` (status `stopped` after a clean stop, else `failed`)."""
         from signalgen.storage.base import RunRecord
 
-        cfg = self.cfg
+        from signalgen.process.writer_server import host_outcome
+
+        cfg, started_at = self.cfg, datetime.now(timezone.utc)
         store.start_run(RunRecord(run_id=self.run_id, config_hash=cfg.config_hash, mode=cfg.mode.name.value,
                                   environment=cfg.environment.name.value, start=cfg.start, end=cfg.end,
-                                  started_at=datetime.now(timezone.utc), clients=[c.id for c in cfg.clients]))
+                                  started_at=started_at, clients=[c.id for c in cfg.clients]))
         outcome = {"status": "failed"}
         self._run_outcome = outcome
 
         def finish() -> None:
-            bars = self._server.stats["bars"] if self._server is not None else 0
-            store.finish_run(self.run_id, finished_at=datetime.now(timezone.utc), status=outcome["status"], bars=bars)
+            stats = self._server.stats if self._server is not None else {}
+            store.finish_run(self.run_id, **host_outcome(stats, started_at, outcome["status"]))
 
         held.callback(finish)
 

@@ -254,7 +254,9 @@ class WriterServer:
         self._listener: socket.socket | None = None
         self._threads: list[threading.Thread] = []
         self._closing = threading.Event()
-        self.stats = {"groups": 0, "batches": 0, "bars": 0, "failed_groups": 0, "retries": 0, "commit_s": 0.0}
+        # bars = decisions (signals + rejections) + bad bars, as a run counts them; stored ones only
+        self.stats = {"groups": 0, "batches": 0, "bars": 0, "signals": 0, "rejections": 0, "bar_rejections": 0,
+                      "failed_groups": 0, "retries": 0, "commit_s": 0.0}
         self._outage = Outage(log, "storing decisions (their workers wait for the acks)")
         # called with (group size in batches, bars, seconds the commit took); for benchmarks
         self.on_commit: Callable[[int, int, float], None] | None = None
@@ -557,6 +559,9 @@ class WriterServer:
         self.stats["groups"] += 1
         self.stats["batches"] += len(group)
         self.stats["bars"] += bars
+        self.stats["signals"] += sum(len(b.frames.signals) for b in group)
+        self.stats["rejections"] += sum(len(b.frames.rejections) for b in group)
+        self.stats["bar_rejections"] += sum(b.bar_rejections.height for b in group if b.bar_rejections is not None)
         self.stats["commit_s"] += spent
         if self.on_commit is not None:
             self.on_commit(len(group), bars, spent)
@@ -611,6 +616,19 @@ class WriterServer:
                 writer.close()
             except Exception as exc:  # noqa: BLE001 - it already failed; its error was reported
                 log.debug("closing the failed signal writer: %r", exc)
+
+
+RUN_COUNTS = ("bars", "signals", "rejections", "bar_rejections")
+
+
+def host_outcome(stats: dict, started_at: datetime, status: str) -> dict:
+    """What `SignalStore.finish_run` records for a run whose decisions a host stored (the writer
+    server or the recorder host, by their `stats`): status, counts, duration and rate."""
+    finished = datetime.now(timezone.utc)
+    elapsed = (finished - started_at).total_seconds()
+    counts = {k: int(stats.get(k, 0)) for k in RUN_COUNTS}
+    return {"finished_at": finished, "status": status, "elapsed_s": elapsed,
+            "bars_per_s": counts["bars"] / max(elapsed, 1e-9), **counts}
 
 
 def _joined(parts: list) -> Frames | Records:

@@ -299,6 +299,8 @@ def test_exit_two_goes_fatal_without_restart(tmp_path: Path, managers) -> None:
                                                                          ("STARTING", "FATAL", 2)]
         assert changes[1]["reason"] == "exit code 2" and changes[0]["pid"] == changes[1]["pid"] is not None
     assert m.proc.poll() is None  # the manager lives on
+    proc = cli(root, "status")
+    assert proc.returncode == 3 and proc.stdout.count("FATAL") == 2  # a worker is not as it should be
     assert m.stop() == 0
 
 
