@@ -210,7 +210,11 @@ def submit_and_wait(env: Environment, root: Path | None, command: str, target: s
         if manager_pid(path) is None:
             raise SignalgenError(f"no manager runs on {path}; `start` one first")
         cid = store.submit(command, target, parameters)
-        result = store.wait(cid, timeout)
+        try:
+            result = store.wait(cid, timeout)
+        except KeyError:
+            raise SignalgenError(f"command {cid} ({command}) is gone: the control store {path} was replaced while "
+                                 "it waited (see the manager's log); run it again") from None
         if result.status == "pending":
             store.fail(cid, f"no result within {timeout:g}s")
             raise SignalgenError(f"the manager did not answer command {cid} ({command}) within {timeout:g}s")

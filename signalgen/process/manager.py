@@ -695,6 +695,8 @@ class StrategyProcessManager:
         if self.control.generation != self._generation:  # a new file (deleted, replaced, quarantined)
             self._generation = self.control.generation
             self._dirty |= set(self.procs)
+            log.warning("control store %s was deleted or replaced: a new one holds every worker's row",
+                        self._control_path)
         rows = [self._row(self.procs[w]) for w in sorted(self._dirty) if w in self.procs]
         events = list(self._events)
         try:
@@ -706,7 +708,6 @@ class StrategyProcessManager:
         for _ in events:
             self._events.popleft()
         if self.control.generation != self._generation:  # recreated during this write: rewrite every row
-            self._generation = self.control.generation
             self._dirty |= set(self.procs)
         if self._control_outage.ok():  # heartbeats could not arrive meanwhile: judged afresh from now
             self._observed_since = time.time()

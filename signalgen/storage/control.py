@@ -229,6 +229,7 @@ class ControlStore:
         self._identity: tuple[int, int] | None = None
         self._checked_at = 0.0
         self._damaged: ControlStoreCorrupt | None = None
+        self._probe: int | None = None  # a read-only descriptor of the file, for `_replaced` (see there)
 
     @classmethod
     def from_config(cls, cfg: RunConfig) -> ControlStore:
@@ -255,7 +256,7 @@ class ControlStore:
         replaced while in use is reopened (created anew), never written blindly into an unlinked file."""
         if self._pid != os.getpid():  # inherited across a fork: abandon, never close (SQLite's rule)
             self._local, self._connections, self._pid = threading.local(), [], os.getpid()
-            self._lock, self._schema_ready = threading.Lock(), False
+            self._lock, self._schema_ready, self._probe = threading.Lock(), False, None
         if self._damaged is not None:
             raise self._damaged
         local = self._local
@@ -275,18 +276,25 @@ class ControlStore:
         """True (once, for every thread: the generation moves on) when the file at `path` is not the
         one this store opened: deleted, renamed away or replaced. ControlStoreCorrupt when it is the
         same file but no longer starts as a SQLite database (overwritten in place: this connection's
-        pages in the WAL would hide it from us, but not from any new reader)."""
+        pages in the WAL would hide it from us, but not from any new reader).
+
+        The header is read through `_probe`, a descriptor kept open as long as the connections: SQLite
+        locks with POSIX locks, which a process loses on a file when it closes *any* descriptor of it,
+        so opening and closing the file here would let other writers corrupt it."""
         now = time.monotonic()
         if now < self._checked_at + IDENTITY_CHECK_S:
             return False
         self._checked_at = now
         try:
-            with open(self.path, "rb") as f:
-                st, head = os.fstat(f.fileno()), f.read(len(_SQLITE_MAGIC))
+            st = os.stat(self.path)
             identity = (st.st_dev, st.st_ino)
         except OSError:
-            identity, head = None, b""
+            identity = None
         if identity == self._identity:
+            try:
+                head = os.pread(self._probe, len(_SQLITE_MAGIC), 0) if self._probe is not None else b""
+            except OSError:  # dropped by another thread meanwhile: that thread saw to it
+                head = b""
             if head and head != _SQLITE_MAGIC:  # every thread's calls fail from now on, until quarantine()
                 self._damaged = ControlStoreCorrupt(f"control store {self.path}: file is not a database "
                                                     "(overwritten)")
@@ -294,11 +302,17 @@ class ControlStore:
             return False
         with self._lock:
             if identity != self._identity:  # another thread may have seen it first
-                log.warning("control store %s was %s: opening it anew", self.path,
+                log.debug("control store %s was %s: opening it anew", self.path,
                             "deleted" if identity is None else "replaced")
                 self.generation += 1
                 self._identity, self._schema_ready = identity, False
+                self._drop_probe()  # the old file's: no connection that matters holds locks on it
         return True
+
+    def _drop_probe(self) -> None:
+        if self._probe is not None:
+            os.close(self._probe)
+            self._probe = None
 
     def _connect(self) -> sqlite3.Connection:
         con = None
@@ -321,7 +335,9 @@ class ControlStore:
                             con.execute("ROLLBACK")
                         raise
                     self._schema_ready = True
-                st = os.stat(self.path)
+                if self._probe is None:
+                    self._probe = os.open(self.path, os.O_RDONLY)
+                st = os.fstat(self._probe)
                 self._identity, self._checked_at = (st.st_dev, st.st_ino), time.monotonic()
                 self._connections.append(con)
             return con
@@ -364,6 +380,7 @@ class ControlStore:
             if self._pid == os.getpid():
                 for con in self._connections:
                     con.close()
+                self._drop_probe()  # after the connections: closing it releases this process's locks
             self._connections, self._local, self._schema_ready = [], threading.local(), False
 
     def __enter__(self) -> ControlStore:
