@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import re
 import sys
 import time
-from datetime import datetime
+from datetime import datetime, timedelta, timezone
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Optional
@@ -25,9 +27,18 @@ from signalgen.errors import ConfigError, SignalgenError
 
 log = logging.getLogger(__name__)
 
-# piped output (CI logs, files) gets wide tables instead of rich's 80-column default
-console = Console(width=None if sys.stdout.isatty() else 200)
-err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
+
+def _width(stream) -> int | None:
+    """A terminal's own width; piped output (CI logs, files) takes COLUMNS when set, else 200 (rich's
+    default would be 80). Tables are built to fit 80 columns either way (`--wide` shows more)."""
+    if stream.isatty():
+        return None
+    columns = os.environ.get("COLUMNS", "")
+    return int(columns) if columns.isdigit() and int(columns) > 0 else 200
+
+
+console = Console(width=_width(sys.stdout))
+err_console = Console(stderr=True, width=_width(sys.stderr))
 
 app = typer.Typer(help="signalgen: ML model predictions -> trading signals, per client.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
@@ -72,19 +83,57 @@ def _app(version: Annotated[bool, typer.Option("--version", callback=_version, i
                                                 help="Print the version and exit.")] = False) -> None:
     """signalgen: ML model predictions -> trading signals, per client."""
 
+
+_AGO = re.compile(r"-?(\d{1,6})\s*(s|m|h|d|w)")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+
+
+def parse_time(text: str, now: datetime | None = None) -> datetime:
+    """A time as an operator types it, in UTC: ISO 8601 (`2025-02-01`, `2025-02-01T12:30`, `...Z`,
+    `...+01:00`; no zone = UTC), `now`, `today` / `yesterday` (midnight UTC), or an age before now:
+    `30m`, `-2h`, `7d`, `1w` (s, m, h, d, w). Raises ValueError saying what is accepted."""
+    now = now or datetime.now(timezone.utc)
+    word = text.strip().lower()
+    midnight = now.replace(hour=0, minute=0, second=0, microsecond=0)
+    if word in ("now", "today", "yesterday"):
+        return {"now": now, "today": midnight, "yesterday": midnight - timedelta(days=1)}[word]
+    if m := _AGO.fullmatch(word):
+        return now - timedelta(**{_UNITS[m[2]]: int(m[1])})
+    try:
+        t = datetime.fromisoformat(word.upper().replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(f"not a time: {text[:40]!r}; use ISO 8601 (2025-02-01, 2025-02-01T12:30), "
+                         "now, today, yesterday, or an age such as 30m, -2h, 7d") from None
+    return t.replace(tzinfo=timezone.utc) if t.tzinfo is None else t.astimezone(timezone.utc)
+
+
+def _time_option(value: str) -> datetime:
+    """Parses a `--start` / `--end` / `--since` value (see `parse_time`); usage error (exit 2) otherwise."""
+    try:
+        return parse_time(value)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
+TIME_HELP = "UTC; ISO 8601, today, yesterday, or an age such as 2h, 30m, 7d"
+
+
 EnvOpt = Annotated[Environment, typer.Option("--env", "-e", help="Environment profile (environments/<name>.yaml).")]
 ModeOpt = Annotated[Mode, typer.Option("--mode", "-m", help="Mode preset (modes/<name>.yaml).")]
 RootOpt = Annotated[Optional[Path], typer.Option(
     "--root", help="Folder holding clients/, environments/, modes/ (default: the nearest one from here up).")]
 ClientOpt = Annotated[Optional[list[str]], typer.Option("--client", "-c", help="Only this client (repeatable).")]
 StrategyOpt = Annotated[Optional[list[str]], typer.Option("--strategy", "-s", help="Only this strategy (repeatable).")]
-StartOpt = Annotated[Optional[datetime], typer.Option(help="Start of the date range (UTC).")]
-EndOpt = Annotated[Optional[datetime], typer.Option(help="End of the date range (UTC); bars ending in (start, end] run.")]
+StartOpt = Annotated[Optional[datetime], typer.Option(parser=_time_option,
+                                                     help=f"Start of the date range ({TIME_HELP}).")]
+EndOpt = Annotated[Optional[datetime], typer.Option(
+    parser=_time_option, help=f"End of the date range ({TIME_HELP}); bars ending in (start, end] run.")]
 SeedOpt = Annotated[Optional[int], typer.Option(help="Seed for synthetic data and mock inference.")]
 BackendOpt = Annotated[Optional[str], typer.Option(help="Inference backend: onnx (default) or lightgbm.")]
 InferenceOpt = Annotated[Optional[str], typer.Option(help="ml_inference override: local or mock.")]
 SourceOpt = Annotated[Optional[str], typer.Option("--data-source", help="synthetic, files or stream.")]
 OutputOpt = Annotated[Output, typer.Option("--output", "-o", help="table (for people) or json (for programs).")]
+WideOpt = Annotated[bool, typer.Option("--wide", help="Every column (the default table fits 80 columns).")]
 
 
 def find_root(root: Path | None, cwd: Path | None = None) -> Path:
@@ -113,7 +162,8 @@ def _load(env: Environment, mode: Mode, root: Path, clients=None, strategies=Non
 
 @config_app.command("validate")
 def config_validate(env: EnvOpt = Environment.LOCAL_DEV, mode: ModeOpt = Mode.HISTORICAL,
-                    root: RootOpt = None, client: ClientOpt = None, output: OutputOpt = Output.TABLE) -> None:
+                    root: RootOpt = None, client: ClientOpt = None, output: OutputOpt = Output.TABLE,
+                    wide: WideOpt = False) -> None:
     """Load and check every config layer and what `run` needs (models, data, outputs); list the workers.
 
     Exit 2 when `run` would refuse or degrade anything: every problem is listed, one line each.
@@ -138,7 +188,7 @@ def config_validate(env: EnvOpt = Environment.LOCAL_DEV, mode: ModeOpt = Mode.HI
         _print_json({"ok": not problems, "clients": [c.id for c in cfg.clients], "workers": workers,
                      "config_hash": cfg.config_hash, "problems": problems})
     else:
-        console.print(workers_table(specs))
+        show(workers_table(specs, wide=wide), wide=wide)
         for problem in problems:
             console.print(f"[red]problem[/red]: {escape(problem)}", highlight=False)
         if not problems:
@@ -240,6 +290,20 @@ def run(env: EnvOpt = Environment.LOCAL_DEV, mode: ModeOpt = Mode.HISTORICAL, ro
         raise typer.Exit(1)
 
 
+def show(renderable, *, wide: bool = False) -> None:
+    """Print a table: the default ones fit the terminal (80 columns); `--wide` ones take their full
+    width, past the terminal's (which then wraps their lines)."""
+    if not wide:
+        console.print(renderable)
+        return
+    width = console.width
+    console.width = 10_000  # Console.print(width=...) cannot exceed the console's own
+    try:
+        console.print(renderable, crop=False)
+    finally:
+        console.width = width
+
+
 def _print_json(data) -> None:
     # plain print: rich would wrap long lines and colour the JSON
     print(json.dumps(data, indent=2, default=str))
@@ -279,24 +343,28 @@ ModesOpt = Annotated[Optional[list[Mode]], typer.Option(
 KindOpt = Annotated[Kind, typer.Option("--kind", help="signals, or rejected candidates with their reasons.")]
 FormatOpt = Annotated[Format, typer.Option("--format", "-f", help="table, json (one object per line), csv, parquet.")]
 OutOpt = Annotated[Optional[Path], typer.Option("--out", help="Write to this file instead of stdout (parquet needs it).")]
-BarStartOpt = Annotated[Optional[datetime], typer.Option(help="Only bars ending after this time (UTC).")]
-BarEndOpt = Annotated[Optional[datetime], typer.Option(help="Only bars ending at or before this time (UTC).")]
+BarStartOpt = Annotated[Optional[datetime], typer.Option(parser=_time_option,
+                                                        help=f"Only bars ending after this time ({TIME_HELP}).")]
+BarEndOpt = Annotated[Optional[datetime], typer.Option(parser=_time_option,
+                                                      help=f"Only bars ending at or before this time ({TIME_HELP}).")]
 
 
-def _signals_query(kind: Kind, client, strategy, symbol, mode, start, end, **more):
-    from datetime import timezone
-
+def _signals_query(root: Path | None, kind: Kind, client, strategy, symbol, mode, start, end, **more):
+    """The ReadQuery of the `signals` commands. As `run` does, exit 2 (ConfigError) for a client with no
+    clients/<id>.yaml or a start that is not before the end."""
+    from signalgen.config.loader import _client_paths
     from signalgen.storage.reads import ReadQuery
 
-    def utc(t: datetime | None) -> datetime | None:  # naive times on the command line are UTC
-        return t.replace(tzinfo=timezone.utc) if t is not None and t.tzinfo is None else t
-
+    if client:
+        _client_paths(find_root(root), client)  # the loader's own check and message
+    if start is not None and end is not None and start >= end:
+        raise ConfigError(f"start ({start.isoformat()}) must be before end ({end.isoformat()})", field="--start")
     return ReadQuery(kind=kind.value, clients=tuple(client or ()), strategies=tuple(strategy or ()),
                      symbols=tuple(symbol or ()), modes=tuple(m.value for m in mode or ()),
-                     start=utc(start), end=utc(end), **more)
+                     start=start, end=end, **more)
 
 
-def _emit(df, kind: Kind, fmt: Format, out: Path | None, *, header: bool = True) -> None:
+def _emit(df, kind: Kind, fmt: Format, out: Path | None, *, header: bool = True, wide: bool = False) -> None:
     """Print or write signal/rejection rows in `fmt`."""
     from signalgen.report import flat_records, records_table
 
@@ -307,7 +375,7 @@ def _emit(df, kind: Kind, fmt: Format, out: Path | None, *, header: bool = True)
     elif fmt is Format.TABLE:
         if out is not None:
             raise ConfigError("--out needs --format json, csv or parquet")
-        console.print(records_table(df, kind.value, show_header=header))
+        show(records_table(df, kind.value, show_header=header, wide=wide), wide=wide)
         return
     else:
         text = (df.write_ndjson() if fmt is Format.JSON
@@ -325,11 +393,19 @@ def _emit(df, kind: Kind, fmt: Format, out: Path | None, *, header: bool = True)
 def signals_list(env: EnvOpt = Environment.LOCAL_DEV, root: RootOpt = None, client: SignalClientOpt = None,
                  strategy: StrategyOpt = None, symbol: SymbolOpt = None, mode: ModesOpt = None,
                  start: BarStartOpt = None, end: BarEndOpt = None, kind: KindOpt = Kind.SIGNALS,
-                 limit: Annotated[int, typer.Option(min=1, help="At most this many rows (oldest first).")] = 100,
-                 fmt: FormatOpt = Format.TABLE, out: OutOpt = None) -> None:
-    """List stored signals (or rejections) by bar time, oldest first."""
-    df = _store(env, root).read(_signals_query(kind, client, strategy, symbol, mode, start, end, limit=limit))
-    _emit(df, kind, fmt, out)
+                 limit: Annotated[int, typer.Option(min=1, max=9_999_999,
+                                                    help="At most this many rows (oldest first).")] = 100,
+                 fmt: FormatOpt = Format.TABLE, out: OutOpt = None, wide: WideOpt = False) -> None:
+    """List stored signals (or rejections) by bar time, oldest first.
+
+    At most --limit rows; a line on stderr says when more match."""
+    query = _signals_query(root, kind, client, strategy, symbol, mode, start, end, limit=limit + 1)
+    df = _store(env, root).read(query)
+    _emit(df.head(limit), kind, fmt, out, wide=wide)
+    if df.height > limit:
+        last = df["bar_time"][limit - 1]
+        err_console.print(f"--limit {limit:,} reached: more {kind.value} match after {last:%Y-%m-%d %H:%M:%S} "
+                          "(raise --limit or pass --start)", highlight=False, soft_wrap=True)
 
 
 @signals_app.command("export")
@@ -342,8 +418,51 @@ def signals_export(env: EnvOpt = Environment.LOCAL_DEV, root: RootOpt = None, cl
     """Export every matching signal (or rejection), oldest first, as csv, json or parquet."""
     if fmt is Format.TABLE:
         raise ConfigError("export writes csv, json or parquet; use `signals list` for a table")
-    df = _store(env, root).read(_signals_query(kind, client, strategy, symbol, mode, start, end))
+    df = _store(env, root).read(_signals_query(root, kind, client, strategy, symbol, mode, start, end))
     _emit(df, kind, fmt, out)
+
+
+class CountBy(StrEnum):
+    CLIENT = "client"
+    STRATEGY = "strategy"
+    SYMBOL = "symbol"
+    TIMEFRAME = "timeframe"
+    MODE = "mode"
+
+
+@signals_app.command("count")
+def signals_count(env: EnvOpt = Environment.LOCAL_DEV, root: RootOpt = None, client: SignalClientOpt = None,
+                  strategy: StrategyOpt = None, symbol: SymbolOpt = None, mode: ModesOpt = None,
+                  start: BarStartOpt = None, end: BarEndOpt = None,
+                  by: Annotated[Optional[list[CountBy]], typer.Option(
+                      "--by", help="Count per client, strategy, symbol, timeframe and/or mode (repeatable; "
+                                   "default: client, strategy, mode).")] = None,
+                  output: OutputOpt = Output.TABLE) -> None:
+    """How many signals and rejections were stored, per client, strategy and mode (`--by`).
+
+    For example `--client odum --start today`: one line per group, then the total."""
+    import polars as pl
+
+    from signalgen.report import counts_table
+
+    by = list(dict.fromkeys(by)) if by is not None else [CountBy.CLIENT, CountBy.STRATEGY, CountBy.MODE]
+    cols = tuple("client_id" if b is CountBy.CLIENT else "strategy_id" if b is CountBy.STRATEGY else b.value
+                 for b in by)
+    store = _store(env, root)
+    frames = [store.read(_signals_query(root, kind, client, strategy, symbol, mode, start, end, count_by=cols))
+              .rename({"count": kind.value}) for kind in Kind]
+    if cols:
+        df = frames[0].join(frames[1], on=list(cols), how="full", coalesce=True).sort(list(cols))
+    else:
+        df = pl.concat(frames, how="horizontal")
+    df = df.with_columns(pl.col(k.value).fill_null(0) for k in Kind).rename(
+        {"client_id": "client", "strategy_id": "strategy"}, strict=False)
+    total = {k.value: int(df[k.value].sum()) for k in Kind}
+    if output is Output.JSON:
+        _print_json({"start": start and start.isoformat(), "end": end and end.isoformat(),
+                     "by": [b.value for b in by], "rows": df.to_dicts(), "total": total})
+    else:
+        console.print(counts_table(df, [b.value for b in by], total, start=start, end=end))
 
 
 FOLLOW_OVERLAP_S = 120  # rows generated up to this long before the newest seen are checked again
@@ -358,8 +477,8 @@ def signals_tail(env: EnvOpt = Environment.LOCAL_DEV, root: RootOpt = None, clie
                  follow: Annotated[bool, typer.Option("--follow", help="Keep printing new rows until Ctrl-C.")] = False,
                  interval: Annotated[float, typer.Option(min=0.2, max=60.0, help="Seconds between polls.")] = 2.0,
                  fmt: Annotated[Format, typer.Option("--format", "-f",
-                                                     help="table, json (one object per line) or csv.")] = Format.TABLE
-                 ) -> None:
+                                                     help="table, json (one object per line) or csv.")] = Format.TABLE,
+                 wide: WideOpt = False) -> None:
     """Print the newest N signals (by bar time); with --follow, then every new one as it is stored."""
     from datetime import timedelta
 
@@ -368,9 +487,9 @@ def signals_tail(env: EnvOpt = Environment.LOCAL_DEV, root: RootOpt = None, clie
     if fmt is Format.PARQUET:
         raise ConfigError("tail prints table, json or csv; use `signals export --format parquet --out FILE`")
     store = _store(env, root)
-    query = _signals_query(kind, client, strategy, symbol, mode, None, None)
+    query = _signals_query(root, kind, client, strategy, symbol, mode, None, None)
     df = store.read(query.model_copy(update={"limit": n, "newest": True})).reverse()
-    _emit(df, kind, fmt, None)
+    _emit(df, kind, fmt, None, wide=wide)
     if not follow:
         return
     id_col = "signal_id" if kind is Kind.SIGNALS else "rejection_id"
@@ -386,7 +505,7 @@ def signals_tail(env: EnvOpt = Environment.LOCAL_DEV, root: RootOpt = None, clie
             new = new.filter(~pl.col(id_col).is_in(list(seen)))
             if new.height:
                 new = new.sort("generated_at", "bar_time", maintain_order=True)
-                _emit(new, kind, fmt, None, header=fmt is Format.TABLE)
+                _emit(new, kind, fmt, None, header=fmt is Format.TABLE, wide=wide)
                 seen.update(zip(new[id_col], new["generated_at"]))
                 mark = max(d for d in (mark, new["generated_at"].max()) if d is not None)
                 floor = mark - timedelta(seconds=FOLLOW_OVERLAP_S)
@@ -401,8 +520,8 @@ def signals_tail(env: EnvOpt = Environment.LOCAL_DEV, root: RootOpt = None, clie
 @runs_app.command("list")
 def runs_list(env: EnvOpt = Environment.LOCAL_DEV, root: RootOpt = None, client: SignalClientOpt = None,
               mode: ModesOpt = None,
-              limit: Annotated[int, typer.Option(min=1, help="At most this many runs.")] = 20,
-              output: OutputOpt = Output.TABLE) -> None:
+              limit: Annotated[int, typer.Option(min=1, max=9_999_999, help="At most this many runs.")] = 20,
+              output: OutputOpt = Output.TABLE, wide: WideOpt = False) -> None:
     """The newest runs: status, duration and counts."""
     from signalgen.report import runs_table, run_dict
     from signalgen.storage.reads import ReadQuery
@@ -412,7 +531,7 @@ def runs_list(env: EnvOpt = Environment.LOCAL_DEV, root: RootOpt = None, client:
     if output is Output.JSON:  # the config snapshots are for `runs show`
         _print_json([run_dict(r) for r in df.drop("config", strict=False).iter_rows(named=True)])
     else:
-        console.print(runs_table(df))
+        show(runs_table(df, wide=wide, now=datetime.now(timezone.utc)), wide=wide)
 
 
 @runs_app.command("show")
@@ -448,7 +567,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         app(args=argv)  # standalone: raises SystemExit with typer's own exit code
     except SignalgenError as exc:
-        err_console.print(f"[bold red]error:[/bold red] {escape(str(exc))}", highlight=False)
+        # soft_wrap: one line per message line, however narrow the terminal (grep, log collectors)
+        err_console.print(f"[bold red]error:[/bold red] {escape(str(exc))}", highlight=False, soft_wrap=True)
         return exc.exit_code
     return 0
 

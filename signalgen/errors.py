@@ -5,6 +5,8 @@ The CLI maps them to exit codes in one place (`signalgen.cli`).
 
 from __future__ import annotations
 
+import errno
+
 
 class SignalgenError(Exception):
     """Root of every error signalgen raises on purpose."""
@@ -56,3 +58,24 @@ class RunStopped(SignalgenError):
         self.signum = signum
         self.exit_code = 128 + signum
         super().__init__(message)
+
+
+_TRANSIENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+# how a full disk reads in the messages of libraries that do not keep the OSError (DuckDB, SQLite)
+_TRANSIENT_TEXT = ("No space left on device", "Disk quota exceeded", "database or disk is full")
+
+
+def is_transient(exc: BaseException | None) -> bool:
+    """True for a failure that resolves itself and is waited out, never counted as a crash: a
+    TransientError, or a full disk or quota, found in the error, its causes, or their messages."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, TransientError):
+            return True
+        if isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNOS:
+            return True
+        if any(text in str(exc) for text in _TRANSIENT_TEXT):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False

@@ -15,14 +15,17 @@ from rich.table import Table
 from rich.text import Text
 
 
-def workers_table(specs: Sequence) -> Table:
-    t = Table(title=f"{len(specs)} workers (client x strategy x symbol x timeframe)")
-    for col in ("worker", "models", "aggregation", "routing", "exposure budget"):
-        t.add_column(col)
+def workers_table(specs: Sequence, *, wide: bool = False) -> Table:
+    """The workers a config runs. Narrow (80 columns): worker, models with thresholds, routing; wide adds
+    the aggregation and the exposure budget."""
+    title = f"{len(specs)} workers (client x strategy x symbol x timeframe)"
+    cols = ("worker", "models", "routing", *(("aggregation", "exposure budget") if wide else ()))
+    rows = []
     for s in specs:
         models = ", ".join(f"{m.model_id}>={m.confidence_threshold:g}" for m in s.strategy.models)
-        t.add_row(s.id, models, s.strategy.aggregation.value, s.routing.value, f"{s.exposure_budget:.3f}")
-    return t
+        extra = (s.strategy.aggregation.value, f"{s.exposure_budget:.3f}") if wide else ()
+        rows.append([s.id, models, s.routing.value, *extra])
+    return _table(title, cols, rows)
 
 
 def cards_table(cards: Sequence) -> Table:
@@ -47,22 +50,43 @@ def parity_table(report) -> Table:
     return t
 
 
-def _numbers_table(title: str, text_cols: Sequence[str], num_cols: Sequence[str], rows: list[list[str]]) -> Table:
-    """A compact table whose number columns never shrink below their widest cell.
+def _table(title: str | None, columns: Sequence[str], rows: list[list[Any]], *, numbers: Sequence[str] = (),
+           show_header: bool = True) -> Table:
+    """A compact table whose number columns (`numbers`, right-aligned) never shrink below their widest cell.
 
     Rich cuts cells (`33,9…`) when a table is wider than the terminal; text columns fold instead,
     and the number columns keep their full width, so an 80-column terminal shows every count.
+    Cells are plain text (markup is not parsed: ids and reasons come from outside) or rich Text.
     """
     # one space between columns (the box's separator), no padding: numbers keep the room
-    t = Table(title=title, box=box.SIMPLE_HEAD, padding=0, title_justify="left", show_edge=False)
-    for col in text_cols:
-        t.add_column(col, overflow="fold")
-    for i, col in enumerate(num_cols, start=len(text_cols)):
-        width = max([len(r[i]) for r in rows] + [min(len(col), 7)])
-        t.add_column(col, justify="right", no_wrap=True, min_width=width)
+    t = Table(title=title, box=box.SIMPLE_HEAD, padding=0, title_justify="left", show_edge=False,
+              show_header=show_header)
+    for i, col in enumerate(columns):
+        if col in numbers:
+            width = max([len(str(r[i])) for r in rows] + [min(len(col), 7)])
+            t.add_column(col, justify="right", no_wrap=True, min_width=width)
+        else:
+            t.add_column(col, overflow="fold")
     for r in rows:
-        t.add_row(*r)
+        t.add_row(*(c if isinstance(c, Text) else Text(str(c)) for c in r))
     return t
+
+
+def duration(seconds: float) -> str:
+    """`4.2s`, `35s`, `3m07s`, `2h05m`, `12d03h`: short enough for a narrow column."""
+    s = max(seconds, 0.0)
+    if s < 10:
+        return f"{s:.1f}s"
+    s = int(s)
+    if s >= 86400:
+        return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+def clip(text: str, limit: int = 200) -> str:
+    """`text` on one line, at most `limit` characters (an echoed excerpt of outside input)."""
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 class Fit:
@@ -93,7 +117,7 @@ def summary_table(report) -> Group:
              f"{s.rejected:,}", f"{s.bar_rejections.total():,}", f"{s.bars_per_s:,.0f}"]
             for s in report.stats.values()]
     cols = ("workers", "bars", "signals", "rejected", "bad bars", "bars/s")
-    t = _numbers_table(title, ("client.strategy",), cols, rows)
+    t = _table(title, ("client.strategy", *cols), rows, numbers=cols)
     lines = [Text.from_markup(title)] + [Text(f"  {r[0]}: " + ", ".join(f"{v} {c}" for c, v in zip(cols, r[1:])))
                                          for r in rows]
     parts: list[Any] = [Fit(t, Group(*lines))]
@@ -116,6 +140,70 @@ def summary_table(report) -> Group:
     return Group(*parts)
 
 
+_STATE_STYLE = {"RUNNING": "green", "FATAL": "red", "BACKOFF": "yellow", "PAUSED": "cyan", "STARTING": "yellow",
+                "UNKNOWN": "magenta"}
+
+
+def status_table(rows: list[dict], title: str, *, wide: bool = False) -> Group:
+    """`status`: one line per worker (worker, state, pid, heartbeat age, signals, restarts), then the
+    reason of each worker that is not simply running; `wide` adds uptime, rejections, errors, the exit
+    code, the checkpoint and the reason as columns."""
+    def n(v: Any) -> str:
+        return "" if v is None else f"{v:,}" if isinstance(v, int) else str(v)
+
+    cols = ("worker", "state", "pid", "uptime", "heartbeat", "signals", "rejected", "errors", "restarts", "exit",
+            "checkpoint", "reason")
+    shown = cols if wide else ("worker", "state", "pid", "heartbeat", "signals", "restarts")
+    cells = []
+    for r in rows:
+        values = {"worker": r["worker"], "state": Text(r["state"], style=_STATE_STYLE.get(r["state"], "")),
+                  "pid": str(r["pid"] or ""), "uptime": "" if r["uptime_s"] is None else duration(r["uptime_s"]),
+                  "heartbeat": "" if r["last_heartbeat_s"] is None else f"{duration(r['last_heartbeat_s'])} ago",
+                  "signals": n(r["signals"]), "rejected": n(r["rejections"]), "errors": n(r["errors"]),
+                  "restarts": n(r["restarts"] or 0), "exit": n(r["exit_code"]),
+                  "checkpoint": str(r["checkpoint"] or "")[:19], "reason": clip(r["reason"])}
+        cells.append([values[c] for c in shown])
+    numbers = ("pid", "uptime", "heartbeat", "signals", "rejected", "errors", "restarts", "exit")
+    parts: list[Any] = [Text(title), _table(None, shown, cells, numbers=numbers)]
+    if not wide:
+        parts += [Text(f"  {r['worker']}: {clip(r['reason'])}") for r in rows if r["reason"] not in ("", "ready")]
+    return Group(*parts)
+
+
+def event_dict(row: dict[str, Any]) -> dict[str, Any]:
+    """A control-store event for people and programs: `detail` decoded when it holds a JSON object
+    (the `state` events), else its text, clipped."""
+    detail: Any = row.get("detail") or ""
+    if detail.startswith("{"):
+        try:
+            detail = json.loads(detail)
+        except ValueError:
+            pass
+    return {"ts": row["ts"], "worker": row["worker_id"], "kind": row["kind"],
+            "detail": detail if isinstance(detail, dict) else clip(str(detail))}
+
+
+def _detail_text(detail: Any) -> str:
+    """An event's detail on one line: a JSON object as `key=value` pairs (quoted when needed)."""
+    from signalgen.logs import field_value
+
+    if isinstance(detail, dict):
+        return clip(" ".join(f"{k}={field_value(v)}" for k, v in detail.items() if v is not None and v != ""))
+    return clip(str(detail))
+
+
+def events_table(events: list[dict[str, Any]], *, wide: bool = False) -> Table | Fit:
+    """`events`, oldest first: time, worker, event and detail, one line each when that fits the
+    terminal (always with `wide`), else the detail under the worker."""
+    times = [str(e["ts"]).replace("T", " ")[:19] for e in events]
+    rows = [[t, e["worker"] or "(manager)", e["kind"], _detail_text(e["detail"])] for t, e in zip(times, events)]
+    table = _table(None, ("time (UTC)", "worker", "event", "detail"), rows)
+    if wide:
+        return table
+    stacked = [[t, kind, Text(worker, style="bold").append("\n" + detail, style="")] for t, worker, kind, detail in rows]
+    return Fit(table, _table(None, ("time (UTC)", "event", "worker / detail"), stacked))
+
+
 def report_dict(report) -> dict[str, Any]:
     """The run report as plain JSON-ready data (`run --output json`)."""
     return {
@@ -136,24 +224,35 @@ def report_dict(report) -> dict[str, Any]:
 # ---------------------------------------------------------------- stored records (signals, runs)
 
 
-def _when(t: datetime | None) -> str:
-    return "" if t is None else f"{t:%Y-%m-%d %H:%M:%S}"
+def _when(t: datetime | None, *, seconds: bool = True) -> str:
+    """A stored time in UTC; without `seconds` they are shown only when not zero (bars end on minutes)."""
+    if t is None:
+        return ""
+    return f"{t:%Y-%m-%d %H:%M:%S}" if seconds or t.second or t.microsecond else f"{t:%Y-%m-%d %H:%M}"
 
 
-def records_table(df: pl.DataFrame, kind: str, *, show_header: bool = True) -> Table:
-    """Signals or rejections as read from the store; the mode is always a column."""
-    last = ("reasons",) if kind == "rejections" else ("strength", "weight")
-    t = Table(box=box.SIMPLE_HEAD, padding=(0, 1), show_header=show_header, show_edge=False)
-    for col in ("bar_time (UTC)", "client", "strategy", "symbol", "tf", "mode", "dir", "conf", *last):
-        t.add_column(col, no_wrap=col in ("bar_time (UTC)", "dir", "conf", "strength", "weight"),
-                     justify="right" if col in ("dir", "conf", "strength", "weight") else "left",
-                     overflow="fold")
+def records_table(df: pl.DataFrame, kind: str, *, show_header: bool = True, wide: bool = False) -> Table:
+    """Signals or rejections as read from the store; the mode is always a column.
+
+    Narrow (fits 80 columns): bar time, client, strategy, symbol, timeframe, mode, then direction and
+    confidence (signals) or the reasons (rejections). `wide` adds seconds, strength and weight, and
+    the direction and confidence of rejections."""
+    rejections = kind == "rejections"
+    text = ("bar_time (UTC)", "client", "strategy", "symbol", "tf", "mode", *(("reasons",) if rejections else ()))
+    nums = ("dir", "conf") if wide or not rejections else ()
+    nums += ("strength", "weight") if wide and not rejections else ()
+    rows = []
     for r in df.iter_rows(named=True):
-        tail = ([", ".join(r["reasons"] or ())] if kind == "rejections"
-                else [f"{r['strength']:.4f}", f"{r['weight']:.4f}"])
-        t.add_row(_when(r["bar_time"]), r["client_id"], r["strategy_id"], r["symbol"], r["timeframe"], r["mode"],
-                  f"{r['direction']:+d}" if r["direction"] else "0", f"{r['confidence']:.4f}", *tail)
-    return t
+        row = [_when(r["bar_time"], seconds=wide), r["client_id"], r["strategy_id"], r["symbol"], r["timeframe"],
+               r["mode"]]
+        if rejections:
+            row.append(", ".join(r["reasons"] or ()))
+        if nums:
+            row += [f"{r['direction']:+d}" if r["direction"] else "0", f"{r['confidence']:.4f}"]
+        if len(nums) > 2:
+            row += [f"{r['strength']:.4f}", f"{r['weight']:.4f}"]
+        rows.append(row)
+    return _table(None, (*text, *nums), rows, numbers=nums, show_header=show_header)
 
 
 def flat_records(df: pl.DataFrame) -> pl.DataFrame:
@@ -169,18 +268,43 @@ def flat_records(df: pl.DataFrame) -> pl.DataFrame:
     return df.with_columns(exprs) if exprs else df
 
 
+def counts_table(df: pl.DataFrame, by: Sequence[str], total: dict[str, int], *, start: datetime | None,
+                 end: datetime | None) -> Group:
+    """`signals count`: which bars were counted, then one line per group and the total."""
+    a, b = _when(start, seconds=False), _when(end, seconds=False)
+    span = (f"bars ending in ({a}, {b}] UTC" if a and b else f"bars ending after {a} UTC" if a
+            else f"bars ending at or before {b} UTC" if b else "every stored bar")
+    rows = [[*(str(r[c]) for c in by), f"{r['signals']:,}", f"{r['rejections']:,}"] for r in df.iter_rows(named=True)]
+    if len(rows) != 1:
+        rows.append([*(["total"] + [""] * (len(by) - 1) if by else []),
+                     f"{total['signals']:,}", f"{total['rejections']:,}"])
+    nums = ("signals", "rejections")
+    return Group(Text(span), _table(None, (*by, *nums), rows, numbers=nums))
+
+
 RUN_LIST_COLUMNS = ("run_id", "mode", "environment", "status", "started_at", "elapsed_s", "bars", "signals",
                     "rejections")
 
 
-def runs_table(df: pl.DataFrame) -> Table:
-    """One line per run, newest first."""
-    rows = [[r["run_id"], r["mode"], r["status"] or "running", _when(r["started_at"]),
-             "" if r["elapsed_s"] is None else f"{r['elapsed_s']:,.1f}",
-             *("" if r[c] is None else f"{r[c]:,}" for c in ("bars", "signals", "rejections"))]
-            for r in df.iter_rows(named=True)]
-    return _numbers_table(f"{df.height} runs (newest first)", ("run", "mode", "status", "started (UTC)"),
-                          ("s", "bars", "signals", "rejected"), rows)
+def runs_table(df: pl.DataFrame, *, wide: bool = False, now: datetime | None = None) -> Table:
+    """One line per run, newest first: its status, how long it ran (a run without a status: so far)
+    and its counts. The run id holds its start time; `wide` adds the environment, the start time, the
+    bad bars and bars/s."""
+    rows = []
+    for r in df.iter_rows(named=True):
+        elapsed = r["elapsed_s"]
+        if elapsed is None and r["status"] is None and r["started_at"] is not None and now is not None:
+            elapsed = (now - r["started_at"]).total_seconds()
+        counts = ("bars", "signals", "rejections", *(("bar_rejections",) if wide else ()))
+        row = [r["run_id"], r["mode"], *((r["environment"],) if wide else ()), r["status"] or "running",
+               *((_when(r["started_at"]),) if wide else ()), "" if elapsed is None else duration(elapsed),
+               *("" if r[c] is None else f"{r[c]:,}" for c in counts)]
+        if wide:
+            row.append("" if r["bars_per_s"] is None else f"{r['bars_per_s']:,.0f}")
+        rows.append(row)
+    text = ("run", "mode", *(("environment",) if wide else ()), "status", *(("started (UTC)",) if wide else ()))
+    nums = ("elapsed", "bars", "signals", "rejected", *(("bad bars", "bars/s") if wide else ()))
+    return _table(f"{df.height} runs (newest first)", (*text, *nums), rows, numbers=nums)
 
 
 def run_dict(row: dict[str, Any]) -> dict[str, Any]:

@@ -197,7 +197,20 @@ def _read_text(path: Path) -> str:
 
 def _read_yaml(path: Path) -> tuple[Any, yaml.Node | None]:
     """Parse one file into (data, node tree); the node tree gives line numbers for messages."""
-    text = _read_text(path)
+    data, node = parse_yaml(_read_text(path), path)
+    if data is None:
+        raise ConfigError("file is empty; expected a mapping of keys", file=str(path))
+    if not isinstance(data, dict):
+        raise ConfigError(f"expected a mapping of keys at the top level, got a {type(data).__name__}",
+                          file=str(path), line=node.start_mark.line + 1)
+    return data, node
+
+
+def parse_yaml(text: str, path: Path | str) -> tuple[Any, yaml.Node | None]:
+    """YAML text from `path` (named in errors) into (data, its node tree), within the limits of this
+    module's docstring; ConfigError otherwise."""
+    if len(text.encode("utf-8", "surrogatepass")) > MAX_FILE_BYTES:
+        raise ConfigError(f"larger than {MAX_FILE_BYTES // 1024} KiB; config files are a few KiB", file=str(path))
     loader = None
     try:
         _check_nesting(text)
@@ -229,11 +242,6 @@ def _read_yaml(path: Path) -> tuple[Any, yaml.Node | None]:
     finally:
         if loader is not None:
             loader.dispose()
-    if data is None:
-        raise ConfigError("file is empty; expected a mapping of keys", file=str(path))
-    if not isinstance(data, dict):
-        raise ConfigError(f"expected a mapping of keys at the top level, got a {type(data).__name__}",
-                          file=str(path), line=node.start_mark.line + 1)
     return data, node
 
 

@@ -46,7 +46,8 @@ class Aggregation(StrEnum):
 
 
 # Safe as a file name, a DuckDB/BigQuery identifier part, a Redis stream and a Pub/Sub topic name.
-SafeId = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")]
+SAFE_ID = r"^[a-z0-9][a-z0-9_-]{0,62}$"
+SafeId = Annotated[str, StringConstraints(pattern=SAFE_ID)]
 Symbol = Annotated[str, StringConstraints(pattern=r"^[A-Z0-9][A-Z0-9._-]{0,31}$")]
 EnvVarName = Annotated[str, StringConstraints(pattern=r"^[A-Z_][A-Z0-9_]{0,127}$")]
 
@@ -251,6 +252,8 @@ class ProcessLimitsConfig(Frozen):
     stop_timeout_s: float = Field(10.0, gt=0)  # SIGTERM -> SIGKILL after this long
     resource_sample_s: float = Field(5.0, gt=0)  # CPU%/memory sampling period
     mock_bar_interval_s: float = Field(1.0, ge=0)  # streaming mock: wall seconds between bars per worker
+    log_max_mb: float = Field(10.0, gt=0)  # manager.log and each worker's log rotate at this size ...
+    log_backups: int = Field(5, ge=0, le=100)  # ... keeping this many old files
 
     @model_validator(mode="after")
     def _ordered(self) -> ProcessLimitsConfig:

@@ -30,7 +30,7 @@ import os
 from datetime import datetime, timezone
 from pathlib import Path
 
-from signalgen.config.models import Routing, RunConfig
+from signalgen.config.models import Mode, Routing, RunConfig
 from signalgen.errors import ConfigError
 
 
@@ -45,10 +45,14 @@ def run_refusals(cfg: RunConfig) -> list[str]:
     from signalgen.storage import STORES
 
     env, out = cfg.environment, []
-    if cfg.mode.name not in RUN_MODES:
+    if cfg.mode.name is Mode.LIVE:  # live workers are long-lived: the manager runs them
+        out.append(_where(cfg, "mode", "name", "live mode runs under the process manager, not `run`: "
+                          "`start --mode live --env local-integration` (Redis); `run` takes "
+                          f"{', '.join(m.value for m in RUN_MODES)}"))
+    elif cfg.mode.name not in RUN_MODES:
         out.append(_where(cfg, "mode", "name", f"mode {cfg.mode.name.value!r} is not available in this release; "
                           f"use {' or '.join(m.value for m in RUN_MODES)}"))
-    if cfg.data_source not in ("synthetic", "files"):
+    elif cfg.data_source not in ("synthetic", "files"):
         out.append(_where(cfg, "mode", "data_source", f"data source {cfg.data_source!r} cannot feed mode "
                           f"{cfg.mode.name.value!r} in this release; use synthetic or files"))
     if env.storage.type not in STORES:

@@ -1,8 +1,8 @@
 """Manager commands (start, stop, status, ...): registered on signalgen.cli.app.
 
 `start` runs the StrategyProcessManager (in the foreground, or detached with --daemon). Every other
-command talks to a running manager only through the control store: `status`, `monitor` and `logs`
-read it (and the per-worker log files); `stop`, `stop-strategy`, `pause`, `resume`, `restart`,
+command talks to a running manager only through the control store: `status`, `events`, `monitor` and
+`logs` read it (and the manager's lock, and the per-worker log files); `stop`, `stop-strategy`, `pause`, `resume`, `restart`,
 `reload` and `add-strategy` insert a `strategy_commands` row and wait for the manager's result,
 exactly what any other program may do with SQL.
 """
@@ -22,9 +22,11 @@ from typing import Annotated, Optional
 
 import typer
 
-from signalgen.cli import (EnvOpt, InferenceOpt, ModeOpt, RootOpt, SeedOpt, _environment, _load, app, console)
+from signalgen.cli import (TIME_HELP, EnvOpt, InferenceOpt, ModeOpt, Output, OutputOpt, RootOpt, SeedOpt, WideOpt,
+                           _environment, _load, _time_option, app, console, err_console, show)
 from signalgen.config.models import Environment, Mode
 from signalgen.errors import ConfigError, SignalgenError
+from signalgen.logs import excerpt
 
 STREAMING_MODES = (Mode.MOCK, Mode.SIMULATION, Mode.LIVE)
 
@@ -89,28 +91,52 @@ def _client_ids(names: list[str] | None) -> list[str] | None:
     return sorted({n.split(".")[0] for n in names})
 
 
-def _daemonize(pidfile: Path, logfile: Path) -> None:
-    """Start this same `start` command detached (new session, output to `logfile`); return once the
-    manager wrote its pidfile, or raise with the end of its log when it exited first."""
-    argv = [a for a in sys.argv[1:] if a != "--daemon"]
-    if "--pidfile" not in argv:
-        argv += ["--pidfile", str(pidfile)]
+def _daemonize(control: Path, pidfile: Path, logfile: Path) -> None:
+    """Start this same `start` command detached (a new session); return once the manager is ready
+    (it wrote its pid into `pidfile`), or raise with what it printed when it exited first.
+
+    Nothing is touched before the lock is checked: a refused second start leaves the running
+    manager's pidfile and logs alone. The manager logs to `logfile` (rotated); what it prints outside
+    its log — a crash's traceback — goes to `<logfile stem>.out` beside it, read from where this
+    start began."""
+    running = manager_pid(control)
+    if running is not None:
+        raise SignalgenError(f"a manager (pid {running}) already runs on {control}; `stop` it first")
+    argv = [a for a in sys.argv[1:] if a != "--daemon"] + ["--detached"]
+    for option, value in (("--pidfile", pidfile), ("--logfile", logfile)):
+        if option not in argv:
+            argv += [option, str(value)]
     logfile.parent.mkdir(parents=True, exist_ok=True)
-    pidfile.unlink(missing_ok=True)
+    out_path = logfile.with_suffix(".out")
     code = "import sys; from signalgen.cli import main; sys.exit(main(sys.argv[1:]))"
-    with open(logfile, "ab") as out:
+    with open(out_path, "ab") as out:
+        begin = out.tell()
         child = subprocess.Popen([sys.executable, "-c", code, *argv], stdin=subprocess.DEVNULL, stdout=out,
                                  stderr=subprocess.STDOUT, start_new_session=True, cwd=os.getcwd())
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        if pidfile.exists() and pidfile.read_text().strip():
-            console.print(f"manager started: pid {pidfile.read_text().strip()}, log {logfile}", highlight=False)
-            return
         if child.poll() is not None:
-            tail = "".join(deque(open(logfile, errors="replace"), maxlen=5)).strip()
-            raise SignalgenError(f"manager exited with code {child.returncode}: {tail}")
+            with open(out_path, "rb") as f:
+                f.seek(begin)
+                said = [excerpt(line.decode(errors="replace").rstrip(), 300)[1:-1]
+                        for line in deque(f, maxlen=5) if line.strip()]
+            error = SignalgenError(f"the manager exited during start-up with code {child.returncode}"
+                                   + (": " + " | ".join(said) if said else ""))
+            error.exit_code = 2 if child.returncode == 2 else 1  # a bad config stays exit 2
+            raise error
+        if _pid_in(pidfile) == child.pid:
+            console.print(f"manager started: pid {child.pid}, log {logfile}", highlight=False, soft_wrap=True)
+            return
         time.sleep(0.1)
-    raise SignalgenError(f"manager (pid {child.pid}) wrote no pidfile {pidfile} within 120 s; see {logfile}")
+    raise SignalgenError(f"manager (pid {child.pid}) was not ready within 120 s; see {logfile}")
+
+
+def _pid_in(pidfile: Path) -> int | None:
+    try:
+        text = pidfile.read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
 
 
 @app.command("start")
@@ -123,9 +149,11 @@ def start(names: Annotated[Optional[list[str]], typer.Argument(
           daemon: Annotated[bool, typer.Option(help="Detach: run in the background, log to --logfile.")] = False,
           pidfile: Annotated[Optional[Path], typer.Option(help="Write the manager's pid here "
                                                           "(default with --daemon: var/<env>/manager.pid).")] = None,
-          logfile: Annotated[Optional[Path], typer.Option(help="The manager's own log "
-                                                          "(default with --daemon: var/<env>/logs/manager.log).")] = None
-          ) -> None:
+          logfile: Annotated[Optional[Path], typer.Option(help="The manager's own log, rotated at "
+                                                          "process.log_max_mb (default with --daemon: "
+                                                          "var/<env>/logs/manager.log).")] = None,
+          detached: Annotated[bool, typer.Option(hidden=True, help="Set by --daemon: log to --logfile only.")]
+          = False) -> None:
     """Start the manager: one supervised process per worker, until `stop`, SIGTERM or Ctrl-C."""
     from signalgen.config.workers import worker_specs
     from signalgen.modes import new_run_id
@@ -136,10 +164,16 @@ def start(names: Annotated[Optional[list[str]], typer.Argument(
     if mode not in STREAMING_MODES:
         raise ConfigError(f"start runs streaming workers: --mode mock or simulation (or live, with Redis), "
                           f"not {mode.value} (use `run` for historical)", field="--mode")
+    if mode is Mode.LIVE:  # refused here, before any worker starts (each would go FATAL on its own)
+        e, _ = _environment(env, root)
+        if e.messaging.type != "redis":
+            raise ConfigError(f"live mode reads bars from a broker, and environment {e.name} has none "
+                              f"(messaging.type {e.messaging.type}): use an environment with Redis, such as "
+                              "--env local-integration", field="messaging.type")
     shards = parse_shard(shard) if shard else None
     control = control_path(env, root)
     if daemon:
-        _daemonize(pidfile or control.parent / "manager.pid", logfile or log_dir_of(control) / "manager.log")
+        _daemonize(control, pidfile or control.parent / "manager.pid", logfile or log_dir_of(control) / "manager.log")
         return
 
     def load():
@@ -150,32 +184,15 @@ def start(names: Annotated[Optional[list[str]], typer.Argument(
     cfg, specs = load()
     if not specs:
         raise ConfigError("no workers to start (every strategy disabled, or an empty shard)")
-    if logfile is not None:
-        _log_to(logfile)
     store = ControlStore(control)
     manager = StrategyProcessManager(cfg, specs, control=store, log_dir=log_dir_of(control),
-                                     run_id=new_run_id(datetime.now(timezone.utc)), loader=load)
-    if pidfile is not None:
-        pidfile.parent.mkdir(parents=True, exist_ok=True)
-        pidfile.write_text(f"{os.getpid()}\n")
+                                     run_id=new_run_id(datetime.now(timezone.utc)), loader=load,
+                                     logfile=logfile, log_only=detached, pidfile=pidfile)
     try:
         code = manager.run()
     finally:
         store.close()
-        if pidfile is not None:
-            pidfile.unlink(missing_ok=True)
     raise typer.Exit(code)
-
-
-def _log_to(logfile: Path) -> None:
-    import logging
-
-    from signalgen.logs import KeyValueFormatter
-
-    logfile.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(logfile)
-    handler.setFormatter(KeyValueFormatter())
-    logging.getLogger("signalgen").addHandler(handler)
 
 
 # ---------------------------------------------------------------- commands through the control store
@@ -193,7 +210,11 @@ def submit_and_wait(env: Environment, root: Path | None, command: str, target: s
         if manager_pid(path) is None:
             raise SignalgenError(f"no manager runs on {path}; `start` one first")
         cid = store.submit(command, target, parameters)
-        result = store.wait(cid, timeout)
+        try:
+            result = store.wait(cid, timeout)
+        except KeyError:
+            raise SignalgenError(f"command {cid} ({command}) is gone: the control store {path} was replaced while "
+                                 "it waited (see the manager's log); run it again") from None
         if result.status == "pending":
             store.fail(cid, f"no result within {timeout:g}s")
             raise SignalgenError(f"the manager did not answer command {cid} ({command}) within {timeout:g}s")
@@ -275,23 +296,39 @@ def add_strategy(client: Annotated[str, typer.Option("--client", "-c", help="The
                                             timeout=timeout))
 
 
-# ---------------------------------------------------------------- status, monitor, logs
+# ---------------------------------------------------------------- status, events, monitor, logs
 
 
-def _ago(ts, now: float) -> str:
-    from signalgen.process.manager import _epoch
-
-    t = _epoch(ts)
-    return "" if t is None else _duration(now - t)
-
-
-def _duration(seconds: float) -> str:
-    s = int(max(seconds, 0))
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+STATUS_PROBLEM = 3  # `status` exit code: a worker FATAL, BACKOFF or unknown, or no manager supervising
+UNKNOWN = "UNKNOWN"  # shown instead of a recorded state that no manager vouches for
+_NEEDS_MANAGER = ("STARTING", "RUNNING", "PAUSED", "STOPPING", "BACKOFF")  # true only while one supervises
+_NOT_SUPERVISING = ("stopped", "tracing-stop", "zombie", "dead")  # psutil statuses of a frozen or dead manager
 
 
-def status_rows(store) -> list[dict]:
-    """One dict per worker: its instance row joined with its latest heartbeat (same pid)."""
+def manager_state(control: Path) -> tuple[int | None, str, float | None]:
+    """(pid, state, start time) of the manager holding `control`: state "running" (it supervises),
+    "frozen" (SIGSTOPped, or a zombie: its workers go unsupervised), or "gone" (no manager; pid None)."""
+    import psutil
+
+    pid = manager_pid(control)
+    if pid is None:
+        return None, "gone", None
+    try:
+        proc = psutil.Process(pid)
+        status, started = proc.status(), proc.create_time()
+    except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):  # pid -1 (unreadable), or another pid space
+        return pid, "running", None
+    return pid, "frozen" if status in _NOT_SUPERVISING else "running", started
+
+
+def status_rows(store, manager: str = "running", manager_started: float | None = None) -> list[dict]:
+    """One dict per worker: its instance row joined with its latest heartbeat (same pid).
+
+    A recorded state that needs a supervising manager (RUNNING, BACKOFF, ...) is shown as UNKNOWN
+    when `manager` is not "running", and so is every row written before `manager_started` (a
+    previous manager's or another shard's, not yet rewritten by this one); `last_state` keeps what
+    was recorded and `reason` says why.
+    """
     from signalgen.process.manager import _epoch
 
     now = time.time()
@@ -301,15 +338,27 @@ def status_rows(store) -> list[dict]:
         beat = beats.get(inst["id"]) or {}
         if beat and inst.get("pid") is not None and beat.get("pid") != inst.get("pid"):
             beat = {k: beat.get(k) for k in ("checkpoint", "signals", "errors")}  # an earlier process's
-        alive = inst["state"] in ("STARTING", "RUNNING", "PAUSED", "STOPPING")
+        recorded, reason = inst["state"], inst.get("reason") or ""
+        updated = _epoch(inst.get("updated_at"))
+        if manager != "running" and recorded in _NEEDS_MANAGER:
+            doubt = f"manager {manager}"
+        elif manager == "running" and manager_started and updated is not None and updated < manager_started:
+            doubt = "a previous manager's row"
+        else:
+            doubt = ""
+        state = UNKNOWN if doubt else recorded
+        if doubt:
+            last = f"last {recorded}" + (f" (pid {inst['pid']})" if inst.get("pid") else "")
+            reason = f"{doubt}; {last}" + (f": {reason}" if reason not in ("", "ready") else "")
+        alive = state in ("STARTING", "RUNNING", "PAUSED", "STOPPING")
         started = _epoch(inst.get("started_at"))
         rows.append({
-            "worker": inst["id"], "state": inst["state"], "pid": inst.get("pid") if alive else None,
+            "worker": inst["id"], "state": state, "last_state": recorded, "pid": inst.get("pid") if alive else None,
             "uptime_s": round(now - started, 1) if alive and started else None,
             "last_heartbeat_s": round(now - _epoch(beat["ts"]), 1) if beat.get("ts") else None,
             "last_bar_time": beat.get("last_bar_time"), "checkpoint": beat.get("checkpoint"),
             "signals": beat.get("signals"), "rejections": beat.get("rejections"), "errors": beat.get("errors"),
-            "restarts": inst.get("restarts"), "exit_code": inst.get("exit_code"), "reason": inst.get("reason") or "",
+            "restarts": inst.get("restarts"), "exit_code": inst.get("exit_code"), "reason": reason,
         })
     return rows
 
@@ -318,45 +367,78 @@ def status_rows(store) -> list[dict]:
 def status(env: EnvOpt = Environment.LOCAL_DEV, root: RootOpt = None,
            strategy: Annotated[Optional[str], typer.Option("--strategy", "-s", help="Only matching workers.")] = None,
            output: Annotated[StatusOutput, typer.Option("--output", "-o", help="table, yaml or json.")]
-           = StatusOutput.TABLE) -> None:
-    """Every worker: state, pid, uptime, last heartbeat, checkpoint, signals, errors, restarts."""
-    from rich.table import Table
+           = StatusOutput.TABLE, wide: WideOpt = False) -> None:
+    """Every worker: state, pid, last heartbeat, signals, restarts, reason (--wide: uptime, checkpoint, ...).
 
+    Exit 0 when every worker is as it should be, 3 when one is FATAL, BACKOFF or UNKNOWN (its manager
+    is gone or SIGSTOPped, or has not rewritten a previous manager's row yet) or no manager runs.
+    """
     from signalgen.process.manager import matches
+    from signalgen.report import status_table
+
+    path = control_path(env, root)
+    pid, state, started = manager_state(path)  # before reading: a manager starting meanwhile is seen
+    store, path = _control(env, root)
+    try:
+        rows = [r for r in status_rows(store, state, started) if strategy is None or matches(r["worker"], strategy)]
+    finally:
+        store.close()
+    doc = {"manager_pid": pid, "manager": state, "control": str(path), "workers": rows}
+    if output is StatusOutput.JSON:
+        print(json.dumps(doc, indent=2, default=str))
+    elif output is StatusOutput.YAML:
+        import yaml
+
+        print(yaml.safe_dump(doc, sort_keys=False), end="")
+    else:
+        who = f"pid {pid}" if state == "running" else f"pid {pid} frozen (SIGSTOP)" if pid else "not running"
+        show(status_table(rows, f"manager: {who}  ({path})", wide=wide), wide=wide)
+        if not rows:
+            console.print("no workers recorded; `start` runs them", highlight=False)
+    if state != "running" or any(r["state"] in ("FATAL", "BACKOFF", UNKNOWN) for r in rows):
+        raise typer.Exit(STATUS_PROBLEM)
+
+
+@app.command("events")
+def events(env: EnvOpt = Environment.LOCAL_DEV, root: RootOpt = None,
+           strategy: Annotated[Optional[str], typer.Option("--strategy", "-s", help=
+                               "Only matching workers (worker id, prefix or glob); default: every event.")] = None,
+           since: Annotated[Optional[datetime], typer.Option(parser=_time_option, help=f"Only events at or after "
+                                                             f"this time ({TIME_HELP}).")] = None,
+           limit: Annotated[int, typer.Option(min=1, max=1_000_000, help="At most the newest N events.")] = 100,
+           output: OutputOpt = Output.TABLE, wide: WideOpt = False) -> None:
+    """The workers' history, oldest first: state changes, exits and their reasons, restarts, commands.
+
+    Read from the control store, so it outlives the manager (which keeps the newest 10,000 events)."""
+    from signalgen.process.manager import matches
+    from signalgen.report import event_dict, events_table
 
     store, path = _control(env, root)
     try:
-        rows = [r for r in status_rows(store) if strategy is None or matches(r["worker"], strategy)]
+        rows = store.events(limit=store.events_keep)  # every kept event: few enough to filter here
     finally:
         store.close()
-    pid = manager_pid(path)
-    if output is StatusOutput.JSON:
-        print(json.dumps({"manager_pid": pid, "control": str(path), "workers": rows}, indent=2, default=str))
-        return
-    if output is StatusOutput.YAML:
-        import yaml
-
-        print(yaml.safe_dump({"manager_pid": pid, "control": str(path), "workers": rows}, sort_keys=False), end="")
-        return
-    table = Table(title=f"manager: {'pid ' + str(pid) if pid else 'not running'}  ({path})", title_justify="left")
-    for col in ("worker", "state", "pid", "uptime", "heartbeat", "checkpoint", "signals", "errors", "restarts",
-                "reason"):
-        table.add_column(col, justify="right" if col in ("pid", "signals", "errors", "restarts") else "left")
-    colour = {"RUNNING": "green", "FATAL": "red", "BACKOFF": "yellow", "PAUSED": "cyan", "STARTING": "yellow"}
-    for r in rows:
-        state = f"[{colour[r['state']]}]{r['state']}[/]" if r["state"] in colour else r["state"]
-        table.add_row(r["worker"], state, str(r["pid"] or ""),
-                      _duration(r["uptime_s"]) if r["uptime_s"] is not None else "",
-                      f"{_duration(r['last_heartbeat_s'])} ago" if r["last_heartbeat_s"] is not None else "",
-                      str(r["checkpoint"] or "")[:19], str(r["signals"] if r["signals"] is not None else ""),
-                      str(r["errors"] if r["errors"] is not None else ""), str(r["restarts"] or 0), r["reason"])
-    console.print(table)
-    if not rows:
-        console.print("no workers recorded; `start` runs them", highlight=False)
+    cutoff = since and since.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
+    rows = sorted((r for r in rows if (cutoff is None or str(r["ts"]) >= cutoff)
+                   and (strategy is None or r["worker_id"] is not None and matches(r["worker_id"], strategy))),
+                  key=lambda r: (str(r["ts"]), r["id"]))
+    more = len(rows) - limit
+    rows = [event_dict(r) for r in rows[-limit:]]
+    if output is Output.JSON:
+        print(json.dumps(rows, indent=2, default=str))
+    else:
+        show(events_table(rows, wide=wide), wide=wide)
+        if not rows:
+            console.print(f"no events{' of ' + repr(strategy[:200]) if strategy else ''}"
+                          f"{' since ' + cutoff if cutoff else ''} in {path}", highlight=False)
+    if more > 0:
+        err_console.print(f"showing the newest {limit:,} events; {more:,} older ones match (--limit, --since)",
+                          highlight=False)
 
 
-def monitor_table(store, pattern: str | None):
-    """A table of CPU% and memory per worker from the latest resource sample."""
+def monitor_table(store, pattern: str | None, manager: tuple[str, float | None] = ("running", None)):
+    """A table of CPU% and memory per worker from the latest resource sample (states as `status` shows
+    them, given the manager's state and start time)."""
     from rich.table import Table
 
     from signalgen.process.manager import matches
@@ -366,7 +448,7 @@ def monitor_table(store, pattern: str | None):
     for col in ("worker", "state", "pid", "cpu %", "rss MB", "uss MB", "signals", "errors"):
         table.add_column(col, justify="left" if col in ("worker", "state") else "right")
     total_cpu = total_uss = 0.0
-    for r in status_rows(store):
+    for r in status_rows(store, *manager):
         if pattern is not None and not matches(r["worker"], pattern):
             continue
         res = resources.get(r["worker"]) or {}
@@ -390,13 +472,17 @@ def monitor(env: EnvOpt = Environment.LOCAL_DEV, root: RootOpt = None,
     """Live CPU% and memory per worker, refreshed in place (Ctrl-C to quit)."""
     from rich.live import Live
 
-    store, _ = _control(env, root)
+    store, path = _control(env, root)
+
+    def table():
+        return monitor_table(store, strategy, manager_state(path)[1:])
+
     try:
-        with Live(monitor_table(store, strategy), console=console, auto_refresh=False) as live:
+        with Live(table(), console=console, auto_refresh=False) as live:
             shown = 1
             while count == 0 or shown < count:
                 time.sleep(interval)
-                live.update(monitor_table(store, strategy), refresh=True)
+                live.update(table(), refresh=True)
                 shown += 1
     except KeyboardInterrupt:
         pass
@@ -416,40 +502,50 @@ def logs(strategy: TargetOpt, env: EnvOpt = Environment.LOCAL_DEV, root: RootOpt
          tail: Annotated[int, typer.Option("--tail", "-n", min=1, help="Print the last N lines.")] = 50,
          follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing new lines until Ctrl-C.")] = False
          ) -> None:
-    """A worker's log file (var/<env>/logs/<worker id>.log, rotated by the worker)."""
+    """The log files of the matching workers (var/<env>/logs/<worker id>.log).
+
+    Several are printed one after another, each under a `==> file <==` line, as tail(1) does."""
     from signalgen.process.manager import matches
 
     folder = log_dir_of(control_path(env, root))
-    path = folder / f"{strategy}.log"
-    if not path.is_file():
-        found = sorted(p for p in folder.glob("*.log") if matches(p.stem, strategy)) if folder.is_dir() else []
-        if len(found) != 1:
-            known = sorted(p.stem for p in folder.glob("*.log")) if folder.is_dir() else []
-            what = f"{len(found)} logs match" if found else "no log matches"
-            raise SignalgenError(f"{what} {strategy!r} in {folder}; give one worker id "
-                                 f"(known: {', '.join(known[:8]) or 'none'}{' ...' if len(known) > 8 else ''})")
-        path = found[0]
-    lines, size = _tail(path, tail)
-    sys.stdout.write("".join(lines))
+    found = sorted(p for p in folder.glob("*.log") if matches(p.stem, strategy)) if folder.is_dir() else []
+    if not found:
+        raise SignalgenError(f"no log matches {strategy[:200]!r} in {folder}; give a worker id, a prefix "
+                             "(client, client.strategy) or a glob, as `status` lists them")
+    sizes = {}
+    for i, path in enumerate(found):
+        lines, sizes[path] = _tail(path, tail)
+        if len(found) > 1:
+            sys.stdout.write(("\n" if i else "") + f"==> {path} <==\n")
+        sys.stdout.write("".join(lines))
     sys.stdout.flush()
-    if not follow:
-        return
-    inode = path.stat().st_ino
+    if follow:
+        _follow(sizes, headers=len(found) > 1)
+
+
+def _follow(sizes: dict[Path, int], headers: bool) -> None:
+    """Print what is appended to each file until Ctrl-C; a rotated file is read from its start."""
+    inodes = {p: p.stat().st_ino for p in sizes}
+    last = None
     try:
         while True:
             time.sleep(0.5)
-            try:
-                st = path.stat()
-            except FileNotFoundError:  # between rotation's rename and the new file
-                continue
-            if st.st_ino != inode or st.st_size < size:  # rotated: read the new file from its start
-                inode, size = st.st_ino, 0
-            if st.st_size > size:
-                with open(path, "rb") as f:
-                    f.seek(size)
-                    chunk = f.read()
-                size += len(chunk)
-                sys.stdout.write(chunk.decode(errors="replace"))
-                sys.stdout.flush()
+            for path in sizes:
+                try:
+                    st = path.stat()
+                except FileNotFoundError:  # between rotation's rename and the new file
+                    continue
+                if st.st_ino != inodes[path] or st.st_size < sizes[path]:  # rotated: the new file from its start
+                    inodes[path], sizes[path] = st.st_ino, 0
+                if st.st_size > sizes[path]:
+                    with open(path, "rb") as f:
+                        f.seek(sizes[path])
+                        chunk = f.read()
+                    sizes[path] += len(chunk)
+                    if headers and path != last:
+                        sys.stdout.write(f"\n==> {path} <==\n")
+                    last = path
+                    sys.stdout.write(chunk.decode(errors="replace"))
+                    sys.stdout.flush()
     except KeyboardInterrupt:
         return

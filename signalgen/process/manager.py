@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import fcntl
 import fnmatch
+import json
 import logging
 import math
 import multiprocessing
@@ -39,13 +40,14 @@ from multiprocessing.connection import wait
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from signalgen.config.models import RunConfig
 from signalgen.config.workers import WorkerSpec, worker_specs
 from signalgen.errors import ConfigError, SignalgenError
-from signalgen.process.states import TRANSITIONS, InvalidTransition, State, WorkerProcess, after_exit, backoff_delay
-from signalgen.storage.control import control_path_of
+from signalgen.config.edit import write_atomic
+from signalgen.logs import Outage, excerpt, log_to_file
+from signalgen.process.states import (TRANSIENT_EXIT, TRANSITIONS, InvalidTransition, State, StateEvent, WorkerProcess,
+                                      after_exit, backoff_delay)
+from signalgen.storage.control import ControlStoreCorrupt, control_path_of, iso
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +55,9 @@ TICK_S = 0.5  # the loop's longest sleep: commands are picked up within it
 START_SLICE_S = 0.5  # at start-up, workers are started for this long per tick, then the loop does its rounds
 PRELOAD = "signalgen.process.preload"
 ERROR_WINDOW_S = 60.0
+STALL_S = 2.0  # a tick this long after the last ended (4 x TICK_S): the manager was stopped (SIGSTOP, GC, swap)
+TRANSIENT_BACKOFF_MAX_S = 2.0  # the longest wait before restarting a worker that left for a transient cause
+MAX_UNWRITTEN_EVENTS = 10_000  # events kept while the control store cannot be written
 COMMANDS = ("start", "stop-strategy", "pause", "resume", "restart", "stop", "reload", "add-strategy")
 
 SpecLoader = Callable[[], tuple[RunConfig, list[WorkerSpec]]]
@@ -138,6 +143,15 @@ def default_loader(cfg: RunConfig) -> SpecLoader:
     return load
 
 
+def _read_pid(path: Path) -> int | None:
+    """The pid in a pidfile, or None (missing, empty, not a number)."""
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
 def _epoch(value: Any) -> float | None:
     """A control-store timestamp (epoch float or ISO text) as epoch seconds."""
     if value is None or value == "":
@@ -153,37 +167,13 @@ def _epoch(value: Any) -> float | None:
         return (t if t.tzinfo else t.replace(tzinfo=timezone.utc)).timestamp()
 
 
-def merge_strategies(client_yaml: str, addition: str, *, file: str) -> str:
-    """`client_yaml` with the strategies of `addition` added or replaced (by id), as YAML text.
-
-    `addition` is a YAML list of strategies, one strategy mapping (with `id`), or a mapping with a
-    `strategies:` list. Comments of the client file are not kept (the file is re-dumped).
-    """
-    client = yaml.safe_load(client_yaml)
-    try:
-        new = yaml.safe_load(addition)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"not YAML: {exc}", file=file) from None
-    if isinstance(new, dict) and "strategies" in new:
-        new = new["strategies"]
-    elif isinstance(new, dict):
-        new = [new]
-    if not isinstance(new, list) or not new or not all(isinstance(s, dict) and s.get("id") for s in new):
-        raise ConfigError("expected a strategy (a mapping with an id), a list of them, or `strategies:`",
-                          file=file)
-    strategies = list(client.get("strategies") or [])
-    index = {s.get("id"): i for i, s in enumerate(strategies) if isinstance(s, dict)}
-    for s in new:
-        if s["id"] in index:
-            strategies[index[s["id"]]] = s
-        else:
-            strategies.append(s)
-    client["strategies"] = strategies
-    return yaml.safe_dump(client, sort_keys=False)
-
-
 class StrategyProcessManager:
     """Starts, supervises and controls one process per `WorkerSpec`.
+
+    Everything about one worker lives in its `WorkerProcess` (`self.procs`): spec, state, process
+    handle, the kill or stop under way, last proof of life, error window. Every state change is a
+    `StateEvent`; the manager's listener turns it into the worker's `strategy_instances` row and an
+    `events` row (kind `state`), written with the other events in one transaction per tick.
 
     Args:
         cfg: the run's config (workers get it in their `WorkerArgs`).
@@ -194,26 +184,28 @@ class StrategyProcessManager:
         loader: re-reads the config for `reload` / `add-strategy` (default: every client of cfg.root).
         worker_target: the module-level function a worker process runs with its `WorkerArgs`
             (default `process.worker.worker_process`; tests pass their own).
+        logfile: the manager's own log, rotated as the workers' are (process.log_max_mb and
+            log_backups); opened once the manager holds its lock, so a refused manager never writes
+            into the running one's log. `log_only`: nowhere else (a detached manager has no console).
+        pidfile: written with the manager's pid once it is ready (lock held, store open, decisions
+            host up, pending rows vetted), removed when it stops.
     """
 
     def __init__(self, cfg: RunConfig, specs: list[WorkerSpec], *, control, log_dir: Path, run_id: str,
-                 loader: SpecLoader | None = None, worker_target: Callable | None = None) -> None:
+                 loader: SpecLoader | None = None, worker_target: Callable | None = None,
+                 logfile: Path | None = None, log_only: bool = False, pidfile: Path | None = None) -> None:
         self.cfg, self.control, self.run_id = cfg, control, run_id
+        self.logfile, self.log_only, self.pidfile = logfile, log_only, pidfile
         self.log_dir = Path(log_dir)
         self.limits = cfg.environment.process
         self.loader = loader or default_loader(cfg)
         self.worker_target = worker_target
-        self.specs: dict[str, WorkerSpec] = {s.id: s for s in specs}
-        self.procs: dict[str, WorkerProcess] = {s.id: WorkerProcess(worker_id=s.id) for s in specs}
-        self._handles: dict[str, multiprocessing.process.BaseProcess] = {}
-        self._kill_reason: dict[str, str] = {}  # killed by us: why (the exit is a failure with this reason)
-        self._stop_deadline: dict[str, float] = {}  # STOPPING: SIGKILL after this time
-        self._then: dict[str, str] = {}  # after the process stops: "start" (restart) or "remove" (reload)
-        self._alive_at: dict[str, float] = {}  # last proof of life: start, resume, or a fresh heartbeat
-        self._errors: dict[str, deque[tuple[float, int]]] = {}
-        self._unhealthy: set[str] = set()
+        self.procs: dict[str, WorkerProcess] = {}
+        self._dirty: set[str] = set()  # workers whose instance row is to be written
+        self._events: deque[tuple[str, str | None, str, str]] = deque(maxlen=MAX_UNWRITTEN_EVENTS)
+        for spec in specs:
+            self._add(spec)
         self._over_memory: deque[tuple[str, int, float]] = deque()  # from the sampler thread
-        self._dirty: set[str] = set(self.specs)
         self._shutdown = False
         self._stop_command: int | None = None
         self._to_start: deque[str] = deque()  # initial start-up, in slices of START_SLICE_S
@@ -223,6 +215,32 @@ class StrategyProcessManager:
         self._address = ""
         self._authkey = b""
         self._control_path = str(getattr(control, "path", "") or control_path_of(cfg))
+        # what the manager could observe: heartbeats are judged only from here on (see _check_heartbeats)
+        self._observed_since = time.time()
+        self._last_tick = time.monotonic()
+        self._control_outage = Outage(log, "the control store (supervising from memory meanwhile; heartbeats "
+                                            "not judged)")
+        self._generation = getattr(control, "generation", 0)  # the control store's file we last wrote
+
+    @property
+    def specs(self) -> dict[str, WorkerSpec]:
+        return {wid: proc.spec for wid, proc in self.procs.items()}
+
+    def _add(self, spec: WorkerSpec) -> WorkerProcess:
+        proc = self.procs[spec.id] = WorkerProcess(worker_id=spec.id, spec=spec)
+        proc.listeners.append(self._on_change)
+        self._dirty.add(spec.id)
+        return proc
+
+    def _on_change(self, event: StateEvent) -> None:
+        log.info("%s -> %s: %s", event.old.value, event.new.value, event.reason, extra={"worker": event.worker_id})
+        self._dirty.add(event.worker_id)
+        self._event(event.worker_id, "state", event.detail(), event.at)
+
+    def _event(self, wid: str | None, kind: str, detail: str | dict, at: float | None = None) -> None:
+        """An event for the control store, written with this tick's other rows (`_flush`)."""
+        text = detail if isinstance(detail, str) else json.dumps(detail, default=str, sort_keys=True)
+        self._events.append((iso(at if at is not None else time.time()), wid, kind, text))
 
     # ------------------------------------------------------------ run
 
@@ -236,12 +254,15 @@ class StrategyProcessManager:
             self._run(stop)
         except BaseException as exc:
             if self._stop_command is not None:
-                self.control.fail(self._stop_command, f"the manager failed while stopping: {exc!r}")
+                self._try(self.control.fail, self._stop_command, f"the manager failed while stopping: {exc!r}")
             raise
+        finally:
+            if self.pidfile is not None and _read_pid(self.pidfile) == os.getpid():
+                self.pidfile.unlink(missing_ok=True)
         # answered only now: the writer has drained, the store is closed and the manager's lock
         # released, so whoever waited on `stop` can open the store at once
         if self._stop_command is not None:
-            self.control.complete(self._stop_command, {"stopped": sorted(self.specs)})
+            self._try(self.control.complete, self._stop_command, {"stopped": sorted(self.procs)})
         log.info("manager stopped", extra={"run_id": self.run_id})
         return 0
 
@@ -251,6 +272,9 @@ class StrategyProcessManager:
 
         with ExitStack() as held:
             held.enter_context(self._lock())
+            if self.logfile is not None:
+                log_to_file(self.logfile, max_mb=self.limits.log_max_mb, backups=self.limits.log_backups,
+                            only=self.log_only)
             sock_dir = tempfile.mkdtemp(prefix="signalgen-")  # short: AF_UNIX paths are at most 107 bytes
             held.callback(shutil.rmtree, sock_dir, ignore_errors=True)
             self._ctx = multiprocessing.get_context("forkserver")
@@ -277,34 +301,44 @@ class StrategyProcessManager:
             held.callback(sampler.join)
             held.callback(sampling.set)
             self._reset_instances()
-            log.info("manager started: %d workers, %s mode", len(self.specs), self.cfg.mode.name.value,
+            if self.pidfile is not None:  # ready: whoever waits for the pidfile may count on us now
+                write_atomic(self.pidfile, f"{os.getpid()}\n")
+            log.info("manager started: %d workers, %s mode", len(self.procs), self.cfg.mode.name.value,
                      extra={"run_id": self.run_id, "pid": os.getpid()})
-            self._to_start.extend(self.specs)  # started a slice per tick: the loop stays responsive
-            while self._handles or not self._shutdown:
+            self._to_start.extend(self.procs)  # started a slice per tick: the loop stays responsive
+            while self._live() or not self._shutdown:
                 if stop.is_set() and not self._shutdown:
                     why = f"signal {signal.Signals(signals[0]).name}" if signals else "stop requested"
                     self._begin_shutdown(time.time(), why)
                 self.tick()
+            self._flush()
             self._run_outcome["status"] = "stopped"
 
     def _record_run(self, store, held: ExitStack) -> None:
         """The manager's run in the store's `runs` (status `stopped` after a clean stop, else `failed`)."""
         from signalgen.modes import run_record
 
-        store.start_run(run_record(self.cfg, self.specs, self.run_id, datetime.now(timezone.utc)))
+        from signalgen.process.writer_server import host_outcome
+
+        started_at = datetime.now(timezone.utc)
+        store.start_run(run_record(self.cfg, self.specs, self.run_id, started_at))
         outcome = {"status": "failed"}
         self._run_outcome = outcome
 
         def finish() -> None:
-            bars = self._server.stats["bars"] if self._server is not None else 0
-            store.finish_run(self.run_id, finished_at=datetime.now(timezone.utc), status=outcome["status"], bars=bars)
+            stats = self._server.stats if self._server is not None else {}
+            store.finish_run(self.run_id, **host_outcome(stats, started_at, outcome["status"]))
 
         held.callback(finish)
 
+    def _live(self) -> list[WorkerProcess]:
+        return [p for p in self.procs.values() if p.running]
+
     def tick(self) -> None:
         """One round of supervision; sleeps at most TICK_S, less when a worker exits."""
-        wait([p.sentinel for p in self._handles.values()], timeout=0 if self._to_start else TICK_S)
+        wait([p.handle.sentinel for p in self._live()], timeout=0 if self._to_start else TICK_S)
         now = time.time()
+        self._notice_stall(now)
         self._start_slice(now)
         self._reap(now)
         self._check_heartbeats(now)
@@ -313,6 +347,18 @@ class StrategyProcessManager:
         if not self._shutdown:
             self._commands(now)
         self._flush()
+        self._last_tick = time.monotonic()
+
+    def _notice_stall(self, now: float) -> None:
+        """A manager that was not running (SIGSTOP, a long GC or swap stall) saw no heartbeat for that
+        long — nor did its writer relay any: the gap is its own, so heartbeats are judged afresh from now.
+        The gap is measured from the end of the last tick: a slow tick (a start-up slice, a reload) is
+        work, not a stall."""
+        gap = time.monotonic() - self._last_tick
+        if gap > STALL_S:
+            log.warning("the manager did not run for %.1f s: heartbeats are judged from now on", gap)
+            self._event(None, "stall", f"the manager did not run for {gap:.1f} s", now)
+            self._observed_since = now
 
     def _lock(self):
         """One manager per control store: an exclusive lock on `<control path>.lock`."""
@@ -345,183 +391,200 @@ class StrategyProcessManager:
         from signalgen.process.worker import WorkerArgs, worker_process
 
         target = self.worker_target or worker_process
-
-        proc, spec = self.procs[wid], self.specs[wid]
-        args = WorkerArgs(spec=spec, cfg=self.cfg, writer_address=self._address, authkey=self._authkey,
+        proc = self.procs[wid]
+        args = WorkerArgs(spec=proc.spec, cfg=self.cfg, writer_address=self._address, authkey=self._authkey,
                           control_path=self._control_path, log_path=str(self.log_dir / f"{wid}.log"),
                           heartbeat_interval_s=self.limits.heartbeat_interval_s, run_id=self.run_id)
-        self._change(wid, State.STARTING, now, reason)
         handle = self._ctx.Process(target=worker_entry, args=(target, args), name=wid)
         try:
             handle.start()
         except OSError as exc:  # fork failed (no memory, too many processes): a failure like a crash
             log.error("cannot start worker: %s", exc, extra={"worker": wid})
-            self._kill_reason[wid] = f"cannot start: {exc}"
-            self._exited(wid, 1, now)
+            proc.change(State.STARTING, now, reason)
+            proc.kill_reason = f"cannot start: {exc}"
+            self._exited(proc, 1, now)
             return
-        self._handles[wid] = handle
-        proc.pid, proc.started_at, proc.exit_code = handle.pid, now, None
-        self._alive_at[wid] = now
-        self._errors.pop(wid, None)
-        self._dirty.add(wid)
+        # the first start also starts the forkserver (seconds): the worker's clock starts when it exists
+        proc.handle, proc.pid, proc.started_at, proc.exit_code = handle, handle.pid, now, None
+        proc.alive_at = time.time()
+        proc.errors.clear()
+        proc.change(State.STARTING, now, reason)
 
     def _start_slice(self, now: float) -> None:
         """Start waiting workers for up to START_SLICE_S (a fork from the forkserver takes 10-100 ms)."""
         deadline = time.monotonic() + START_SLICE_S
         while self._to_start and time.monotonic() < deadline and not self._shutdown:
-            wid = self._to_start.popleft()
-            if wid in self.procs and self.procs[wid].state is State.STOPPED and wid not in self._handles:
-                self._spawn(wid, now, "start")
+            proc = self.procs.get(self._to_start.popleft())
+            if proc is not None and proc.state is State.STOPPED and not proc.running:
+                self._spawn(proc.worker_id, now, "start")
         if self._shutdown:
             self._to_start.clear()
 
     def _reap(self, now: float) -> None:
-        for wid, handle in list(self._handles.items()):
+        for proc in self._live():
+            handle = proc.handle
             if handle.exitcode is None:
                 continue
             code = handle.exitcode
             handle.join(0)
             handle.close()
-            del self._handles[wid]
-            self._exited(wid, code, now)
+            proc.handle = None
+            self._exited(proc, code, now)
 
-    def _exited(self, wid: str, code: int, now: float) -> None:
+    def _exited(self, proc: WorkerProcess, code: int, now: float) -> None:
         """The worker's process ended with `code` (negative: killed by that signal)."""
-        proc, spec = self.procs[wid], self.specs[wid]
+        wid = proc.worker_id
         stopping = proc.state is State.STOPPING
-        self._stop_deadline.pop(wid, None)
-        killed = self._kill_reason.pop(wid, None)
+        proc.stop_deadline = None
+        killed, proc.kill_reason = proc.kill_reason, None
+        proc.exit_code = code
         if proc.state is State.PAUSED:  # a SIGSTOPped worker was killed: it stays paused, without a process
-            proc.exit_code, proc.pid = code, None
-            self.control.event(wid, "exit", f"paused process ended ({killed or code}); `resume` starts a new one")
+            proc.pid = None
+            self._event(wid, "exit", f"paused process ended ({killed or code}); `resume` starts a new one")
             self._dirty.add(wid)
             return
-        new = after_exit(proc, code, policy=spec.strategy.recovery, max_attempts=self.limits.max_recovery_attempts)
-        failure = not stopping and code != 0
-        why = killed or (f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}")
+        new = after_exit(proc, code, policy=proc.spec.strategy.recovery, max_attempts=self.limits.max_recovery_attempts)
+        transient = not stopping and code == TRANSIENT_EXIT
+        failure = not stopping and code != 0 and not transient
+        why = killed or (f"killed by {signal.Signals(-code).name}" if code < 0 else
+                         "exit code 75: a store, broker or disk was away" if transient else f"exit code {code}")
         if failure:
             proc.failures += 1
-        proc.exit_code, proc.pid = code, None
+        proc.transient = proc.transient + 1 if transient else 0
         if self._shutdown and new is State.BACKOFF:
             new = State.STOPPED
-        self._change(wid, new, now, why)
+        self._change(proc, new, now, why)  # the event names the process that ended
+        proc.pid = None
         if failure:
-            self.control.event(wid, "failure", f"{why}; {new.value} (failure {proc.failures})")
+            self._event(wid, "failure", f"{why}; {new.value} (failure {proc.failures})")
             log.warning("worker failed: %s -> %s", why, new.value, extra={"worker": wid})
         if new is State.BACKOFF:
-            proc.backoff_until = now + backoff_delay(proc.failures, self.limits.backoff_initial_s,
-                                                     self.limits.backoff_max_s)
-        then = self._then.pop(wid, None)
+            # a transient exit waits no longer than TRANSIENT_BACKOFF_MAX_S: the fleet resumes within
+            # seconds of the resource's return, and the count of failures is not spent
+            delay = (min(backoff_delay(proc.transient, self.limits.backoff_initial_s, self.limits.backoff_max_s),
+                         TRANSIENT_BACKOFF_MAX_S) if transient else
+                     backoff_delay(proc.failures, self.limits.backoff_initial_s, self.limits.backoff_max_s))
+            proc.backoff_until = now + delay
+        then, proc.then = proc.then, None
         if then == "remove":
             self._remove(wid)
         elif then == "start" and not self._shutdown:
             proc.failures = 0
             self._spawn(wid, now, "restart")
 
-    def _signal(self, wid: str, signum: int) -> None:
-        handle = self._handles.get(wid)
-        if handle is None or handle.pid is None:
+    def _signal(self, proc: WorkerProcess, signum: int) -> None:
+        if proc.handle is None or proc.handle.pid is None:
             return
         try:
-            os.kill(handle.pid, signum)
+            os.kill(proc.handle.pid, signum)
         except ProcessLookupError:  # already gone: the reaper sees it next
-            log.info("worker already exited", extra={"worker": wid})
+            log.info("worker already exited", extra={"worker": proc.worker_id})
 
-    def _kill(self, wid: str, reason: str) -> None:
-        """SIGKILL, reaped as a failure with `reason` (stale heartbeat, memory)."""
-        if wid in self._kill_reason:
+    def _kill(self, proc: WorkerProcess, kind: str, reason: str) -> None:
+        """SIGKILL, reaped as a failure with `reason` (stale heartbeat, memory); an event of `kind`."""
+        if proc.kill_reason is not None:
             return
-        self._kill_reason[wid] = reason
-        self._signal(wid, signal.SIGKILL)
+        proc.kill_reason = reason
+        self._event(proc.worker_id, kind, reason)
+        self._signal(proc, signal.SIGKILL)
 
-    def _stop(self, wid: str, now: float, reason: str) -> None:
+    def _stop(self, proc: WorkerProcess, now: float, reason: str) -> None:
         """Graceful stop: SIGTERM (SIGCONT too when SIGSTOPped), SIGKILL after stop_timeout_s."""
-        proc = self.procs[wid]
-        if wid in self._handles:
+        if proc.running:
             if proc.state is State.STOPPING:
                 return
             paused = proc.state is State.PAUSED
             if paused:  # SIGSTOPped: it must run again to handle SIGTERM (PAUSED -> STARTING -> STOPPING)
-                self._change(wid, State.STARTING, now, "continued to stop")
-            self._change(wid, State.STOPPING, now, reason)
-            self._signal(wid, signal.SIGTERM)
+                self._change(proc, State.STARTING, now, "continued to stop")
+            self._change(proc, State.STOPPING, now, reason)
+            self._signal(proc, signal.SIGTERM)
             if paused:
-                self._signal(wid, signal.SIGCONT)
-            self._stop_deadline[wid] = now + self.limits.stop_timeout_s
+                self._signal(proc, signal.SIGCONT)
+            proc.stop_deadline = now + self.limits.stop_timeout_s
         elif State.STOPPED in TRANSITIONS[proc.state]:  # no process: BACKOFF, or PAUSED after a failure
             proc.backoff_until = None
-            self._change(wid, State.STOPPED, now, reason)
+            self._change(proc, State.STOPPED, now, reason)
 
     def _expire(self, now: float) -> None:
         """SIGKILL for workers past their stop timeout; BACKOFF workers whose delay passed start again."""
-        for wid, deadline in list(self._stop_deadline.items()):
-            if now >= deadline and wid not in self._kill_reason:
-                self._kill_reason[wid] = f"no exit {self.limits.stop_timeout_s:g}s after SIGTERM: SIGKILL"
-                self.control.event(wid, "stop-timeout", self._kill_reason[wid])
-                self._signal(wid, signal.SIGKILL)
+        for proc in self._live():
+            if proc.stop_deadline is not None and now >= proc.stop_deadline:
+                self._kill(proc, "stop-timeout", f"no exit {self.limits.stop_timeout_s:g}s after SIGTERM: SIGKILL")
         if self._shutdown:
             return
-        for wid, proc in self.procs.items():
+        for wid, proc in list(self.procs.items()):
             if proc.state is State.BACKOFF and proc.backoff_until is not None and now >= proc.backoff_until:
                 proc.backoff_until = None
                 proc.restarts += 1
-                self._spawn(wid, now, f"restart after failure {proc.failures}")
+                self._spawn(wid, now, f"restart after {'transient exit' if proc.transient else 'failure'} "
+                                      f"{proc.transient or proc.failures}")
             elif proc.state is State.RUNNING and proc.failures and now - proc.state_since > self.limits.backoff_max_s:
                 proc.failures = 0  # it has run long enough: the next failure starts the backoff anew
                 self._dirty.add(wid)
 
     def _kill_all(self) -> None:
-        for wid in list(self._handles):
-            self._signal(wid, signal.SIGKILL)
-        for handle in self._handles.values():
-            handle.join(5)
+        live = self._live()
+        for proc in live:
+            self._signal(proc, signal.SIGKILL)
+        for proc in live:
+            proc.handle.join(5)
 
     def _begin_shutdown(self, now: float, why: str) -> None:
         log.info("stopping every worker: %s", why, extra={"run_id": self.run_id})
         self._shutdown = True
-        self._then.clear()
-        for wid in self.procs:
-            self._stop(wid, now, f"manager stopping: {why}")
+        for proc in self.procs.values():
+            proc.then = None
+            self._stop(proc, now, f"manager stopping: {why}")
 
     # ------------------------------------------------------------ heartbeats and resources
 
     def _check_heartbeats(self, now: float) -> None:
-        beats = self.control.heartbeats()
+        """Promote ready workers; kill those whose last proof of life is older than the threshold.
+
+        A worker is judged only on what the manager could have observed: not before `_observed_since`
+        (the manager's own start, or its last stall) and not while the control store, which carries
+        the heartbeats, cannot be read or written (a full disk stops the heartbeats with it)."""
+        try:
+            beats = self.control.heartbeats()
+        except SignalgenError as exc:
+            self._control_failed(exc)
+            return
         threshold = self.limits.heartbeat_threshold_s
-        for wid, proc in self.procs.items():
-            if wid not in self._handles or proc.state not in (State.STARTING, State.RUNNING):
+        for proc in self._live():
+            if proc.state not in (State.STARTING, State.RUNNING):
                 continue  # PAUSED (SIGSTOPped) and STOPPING workers are not expected to beat
-            beat = beats.get(wid)
+            beat = beats.get(proc.worker_id)
             if beat is not None and beat.get("pid") == proc.pid:
                 ts = _epoch(beat.get("ts")) or 0.0
-                self._alive_at[wid] = max(self._alive_at.get(wid, 0.0), ts)
-                self._count_errors(wid, ts, int(beat.get("errors") or 0), now)
+                proc.alive_at = max(proc.alive_at, ts)
+                self._count_errors(proc, ts, int(beat.get("errors") or 0), now)
                 # ready, said after this STARTING began (a resumed worker's last beat predates its pause)
                 if beat.get("ready") and proc.state is State.STARTING and ts >= proc.state_since - 0.01:
-                    self._change(wid, State.RUNNING, now, "ready")
-            age = now - self._alive_at.get(wid, now)
-            if age > threshold:
-                self._kill(wid, f"heartbeat {age:.0f}s old (threshold {threshold:g}s)")
-                self.control.event(wid, "heartbeat", self._kill_reason[wid])
+                    self._change(proc, State.RUNNING, now, "ready")
+            age = now - max(proc.alive_at, self._observed_since)
+            if age > threshold and self._control_outage.since is None:
+                self._kill(proc, "heartbeat", f"heartbeat {age:.0f}s old (threshold {threshold:g}s)")
 
-    def _count_errors(self, wid: str, ts: float, errors: int, now: float) -> None:
+    def _count_errors(self, proc: WorkerProcess, ts: float, errors: int, now: float) -> None:
         """Mark a worker unhealthy while its errors in the last minute exceed max_errors_per_minute."""
-        window = self._errors.setdefault(wid, deque())
+        window = proc.errors
         if not window or window[-1][0] != ts:
             window.append((ts, errors))
         while len(window) > 1 and window[1][0] <= now - ERROR_WINDOW_S:
             window.popleft()
         recent = window[-1][1] - window[0][1]
         limit = self.limits.max_errors_per_minute
-        if recent > limit and wid not in self._unhealthy:
-            self._unhealthy.add(wid)
+        if recent > limit and not proc.unhealthy:
+            proc.unhealthy = True
             detail = f"unhealthy: {recent} errors in the last minute (limit {limit})"
-            self.control.event(wid, "unhealthy", detail)
-            self.control.set_instance(wid, reason=detail)
-            log.warning(detail, extra={"worker": wid})
-        elif recent <= limit and wid in self._unhealthy:
-            self._unhealthy.discard(wid)
-            self.control.event(wid, "healthy", f"{recent} errors in the last minute")
+            self._event(proc.worker_id, "unhealthy", detail)
+            proc.reason = detail
+            self._dirty.add(proc.worker_id)
+            log.warning(detail, extra={"worker": proc.worker_id})
+        elif recent <= limit and proc.unhealthy:
+            proc.unhealthy = False
+            self._event(proc.worker_id, "healthy", f"{recent} errors in the last minute")
+            self._dirty.add(proc.worker_id)
 
     def _sampler(self, stop: threading.Event) -> None:
         """Thread: CPU% and memory of every worker into the control store every resource_sample_s.
@@ -537,9 +600,10 @@ class StrategyProcessManager:
         limit = self.limits.memory_mb
         procs: dict[int, psutil.Process] = {}  # cpu_percent needs the same object between samples
         uss_cache = _UssCache(self.limits.resource_sample_s)
+        outage = Outage(log, "recording resource samples")
         while not stop.wait(self.limits.resource_sample_s):
             rows = []
-            live = {wid: h.pid for wid, h in list(self._handles.items()) if h.pid is not None}
+            live = {p.worker_id: p.pid for p in list(self.procs.values()) if p.running and p.pid is not None}
             refresh = uss_cache.due(list(live.values()))
             for wid, pid in live.items():
                 try:
@@ -559,34 +623,50 @@ class StrategyProcessManager:
             if rows:
                 try:
                     self.control.record_resources(rows)
+                    outage.ok()
                 except Exception as exc:  # noqa: BLE001 - sampling must not die with one failed write
-                    log.warning("cannot record resource samples: %s", exc)
+                    outage.failed(exc)
 
     def _memory_kills(self) -> None:
         while self._over_memory:
             wid, pid, uss = self._over_memory.popleft()
             proc = self.procs.get(wid)
-            if proc is None or proc.pid != pid or proc.state is State.STOPPING or wid in self._kill_reason:
+            if proc is None or proc.pid != pid or proc.state is State.STOPPING:
                 continue
-            reason = f"memory {uss:.0f} MB over the limit {self.limits.memory_mb} MB"
-            self.control.event(wid, "memory", reason)
-            self._kill(wid, reason)
+            self._kill(proc, "memory", f"memory {uss:.0f} MB over the limit {self.limits.memory_mb} MB")
 
     # ------------------------------------------------------------ control store
 
-    def _change(self, wid: str, new: State, now: float, reason: str = "") -> None:
-        proc = self.procs[wid]
-        if proc.state is new:
+    def _change(self, proc: WorkerProcess, new: State, now: float, reason: str = "") -> None:
+        if proc.state is new:  # the same state, a new reason: the row changes, no state event
             proc.reason = reason
+            self._dirty.add(proc.worker_id)
         else:
-            old, _ = proc.change(new, now, reason)
-            log.info("%s -> %s: %s", old.value, new.value, reason, extra={"worker": wid})
-        self._dirty.add(wid)
+            proc.change(new, now, reason)
+
+    def _try(self, write: Callable, *args) -> bool:
+        """A control-store call that may fail (disk full, file deleted or corrupt) without stopping
+        the manager: False, and the store is marked down until a write succeeds again."""
+        try:
+            write(*args)
+        except SignalgenError as exc:
+            self._control_failed(exc)
+            return False
+        return True
+
+    def _control_failed(self, exc: Exception) -> None:
+        """The control store failed: supervise from memory meanwhile. A damaged file is moved aside
+        (the next write creates a new store, which `_flush` fills with every worker's row)."""
+        self._control_outage.failed(exc)
+        if isinstance(exc, ControlStoreCorrupt):
+            moved = self.control.quarantine()
+            log.error("control store %s is damaged: moved to %s; a new one is created", self._control_path, moved)
+            self._event(None, "control-store", f"damaged ({exc}); moved to {moved}")
 
     def _reset_instances(self) -> None:
         """Rows of a previous manager describe processes that are gone: start from the current specs."""
         for row in self.control.instances():
-            if row["id"] not in self.specs:
+            if row["id"] not in self.procs:
                 self.control.remove_instance(row["id"])
         # rows older than this process were meant for a manager that is gone: never run them late
         import psutil
@@ -596,59 +676,80 @@ class StrategyProcessManager:
             if (_epoch(command.created_at) or 0.0) < born:
                 self.control.fail(command.id, "submitted before this manager started; not executed")
 
-    def _row(self, wid: str) -> dict:
-        proc, spec = self.procs[wid], self.specs[wid]
-        reason = proc.reason
-        if wid in self._unhealthy:
-            reason = f"unhealthy; {reason}" if reason else "unhealthy"
-        return {"id": wid, "client": spec.client.id, "strategy": spec.strategy.id, "symbol": spec.symbol,
+    def _row(self, proc: WorkerProcess) -> dict:
+        spec = proc.spec
+        reason = f"unhealthy; {proc.reason}" if proc.unhealthy and proc.reason else (
+            "unhealthy" if proc.unhealthy else proc.reason)
+        return {"id": proc.worker_id, "client": spec.client.id, "strategy": spec.strategy.id, "symbol": spec.symbol,
                 "timeframe": spec.timeframe, "mode": self.cfg.mode.name.value, "config_hash": spec.config_hash,
                 "state": proc.state.value, "pid": proc.pid, "started_at": proc.started_at,
                 "state_since": proc.state_since, "restarts": proc.restarts, "failures": proc.failures,
-                "exit_code": proc.exit_code,
-                "reason": reason}
+                "exit_code": proc.exit_code, "reason": reason}
 
     def _flush(self) -> None:
-        if self._dirty:
-            rows = [self._row(w) for w in sorted(self._dirty) if w in self.procs]
-            if rows:
-                self.control.upsert_instances(rows)
-            self._dirty.clear()
+        """This tick's instance rows and events in one transaction. While the store cannot be written
+        they wait (events bounded by MAX_UNWRITTEN_EVENTS, the oldest dropped); the first write that
+        succeeds again ends the outage, and heartbeats are judged afresh from then."""
+        if self.control.generation != self._generation:  # a new file (deleted, replaced, quarantined)
+            self._generation = self.control.generation
+            self._dirty |= set(self.procs)
+            log.warning("control store %s was deleted or replaced: a new one holds every worker's row",
+                        self._control_path)
+        rows = [self._row(self.procs[w]) for w in sorted(self._dirty) if w in self.procs]
+        events = list(self._events)
+        try:
+            self.control.record(rows, events, manager=(os.getpid(), self.run_id))
+        except SignalgenError as exc:
+            self._control_failed(exc)
+            return
+        self._dirty.clear()
+        for _ in events:
+            self._events.popleft()
+        if self.control.generation != self._generation:  # recreated during this write: rewrite every row
+            self._dirty |= set(self.procs)
+        if self._control_outage.ok():  # heartbeats could not arrive meanwhile: judged afresh from now
+            self._observed_since = time.time()
 
     def _remove(self, wid: str) -> None:
         self.procs.pop(wid, None)
-        self.specs.pop(wid, None)
-        self.control.remove_instance(wid)
-        self.control.event(wid, "removed", "no longer in the client config (reload)")
+        self._dirty.discard(wid)
+        if self._try(self.control.remove_instance, wid):
+            self._event(wid, "removed", "no longer in the client config (reload)")
 
     def _commands(self, now: float) -> None:
-        for command in self.control.pending():
+        try:
+            pending = self.control.pending()
+        except SignalgenError as exc:
+            self._control_failed(exc)
+            return
+        for command in pending:
             if self._shutdown:  # a stop came first in this batch
-                self.control.fail(command.id, "the manager is stopping")
+                self._try(self.control.fail, command.id, "the manager is stopping")
                 continue
             try:
                 result = self.execute(command.command, command.strategy_id, command.parameters or {}, now,
                                       command_id=command.id)
             except (CommandError, ConfigError, InvalidTransition) as exc:
-                log.warning("command %s failed: %s", command.command, exc, extra={"command_id": command.id})
-                self.control.fail(command.id, str(exc))
+                log.warning("command %s failed: %s", excerpt(command.command, 60), exc,
+                            extra={"command_id": command.id})
+                self._try(self.control.fail, command.id, str(exc))
                 continue
             except Exception as exc:  # noqa: BLE001 - a bad command must never take the manager down
-                log.exception("command %s failed", command.command, extra={"command_id": command.id})
-                self.control.fail(command.id, f"{type(exc).__name__}: {exc}")
+                log.exception("command %s failed", excerpt(command.command, 60), extra={"command_id": command.id})
+                self._try(self.control.fail, command.id, f"{type(exc).__name__}: {excerpt(str(exc))}")
                 continue
             if result is not None:  # None: completed later (stop: once every worker stopped)
-                self.control.complete(command.id, result)
+                self._try(self.control.complete, command.id, result)
 
-    def _targets(self, pattern: str | None, command: str) -> list[str]:
+    def _targets(self, pattern: str | None, command: str) -> list[WorkerProcess]:
         if not pattern:
             raise CommandError(f"{command} needs a worker id or glob (client.strategy.symbol.timeframe)")
         found = [w for w in self.procs if matches(w, pattern)]
         if not found:
             known = sorted(self.procs)
             sample = ", ".join(known[:5]) + (f" and {len(known) - 5} more" if len(known) > 5 else "")
-            raise CommandError(f"no worker matches {pattern!r} (known: {sample or 'none'})")
-        return sorted(found)
+            raise CommandError(f"no worker matches {excerpt(pattern)} (known: {sample or 'none'})")
+        return [self.procs[w] for w in sorted(found)]
 
     def execute(self, command: str, target: str | None, parameters: dict, now: float,
                 *, command_id: int | None = None) -> dict | None:
@@ -657,7 +758,7 @@ class StrategyProcessManager:
         Raises CommandError (or ConfigError for reload / add-strategy) when it cannot apply.
         """
         if command not in COMMANDS:
-            raise CommandError(f"unknown command {command!r}; known: {', '.join(COMMANDS)}")
+            raise CommandError(f"unknown command {excerpt(command)}; known: {', '.join(COMMANDS)}")
         if command == "stop":
             self._stop_command = command_id
             self._begin_shutdown(now, "stop command")
@@ -667,15 +768,15 @@ class StrategyProcessManager:
         if command == "add-strategy":
             return self.add_strategy(parameters.get("client"), parameters.get("config"), now)
         done, skipped = [], []
-        for wid in self._targets(target, command):
-            proc, running = self.procs[wid], wid in self._handles
+        for proc in self._targets(target, command):
+            wid = proc.worker_id
             if command == "pause":
-                if running and proc.state in (State.STARTING, State.RUNNING):
-                    self._signal(wid, signal.SIGSTOP)
-                    self._change(wid, State.PAUSED, now, "paused (SIGSTOP)")
+                if proc.running and proc.state in (State.STARTING, State.RUNNING):
+                    self._signal(proc, signal.SIGSTOP)
+                    self._change(proc, State.PAUSED, now, "paused (SIGSTOP)")
                 elif proc.state is State.BACKOFF:
                     proc.backoff_until = None
-                    self._change(wid, State.PAUSED, now, "paused while in backoff")
+                    self._change(proc, State.PAUSED, now, "paused while in backoff")
                 else:
                     skipped.append(wid)
                     continue
@@ -683,15 +784,15 @@ class StrategyProcessManager:
                 if proc.state is not State.PAUSED:
                     skipped.append(wid)
                     continue
-                if running:  # PAUSED -> STARTING; RUNNING again with its next ready heartbeat
-                    self._signal(wid, signal.SIGCONT)
-                    self._alive_at[wid] = now  # its heartbeat is as old as the pause
-                    self._change(wid, State.STARTING, now, "resumed (SIGCONT)")
+                if proc.running:  # PAUSED -> STARTING; RUNNING again with its next ready heartbeat
+                    self._signal(proc, signal.SIGCONT)
+                    proc.alive_at = now  # its heartbeat is as old as the pause
+                    self._change(proc, State.STARTING, now, "resumed (SIGCONT)")
                 else:
                     proc.failures = 0
                     self._spawn(wid, now, "resumed")
             elif command == "start":
-                if running:
+                if proc.running:
                     skipped.append(wid)
                     continue
                 proc.failures, proc.backoff_until = 0, None
@@ -699,20 +800,20 @@ class StrategyProcessManager:
             elif command == "stop-strategy":
                 if wid in self._to_start:
                     self._to_start.remove(wid)
-                if not running and State.STOPPED not in TRANSITIONS[proc.state]:
+                if not proc.running and State.STOPPED not in TRANSITIONS[proc.state]:
                     skipped.append(wid)
                     continue
-                self._then.pop(wid, None)
-                self._stop(wid, now, "stop-strategy command")
+                proc.then = None
+                self._stop(proc, now, "stop-strategy command")
             elif command == "restart":
                 proc.failures, proc.backoff_until = 0, None
-                if running:
-                    self._then[wid] = "start"
-                    self._stop(wid, now, "restart command")
+                if proc.running:
+                    proc.then = "start"
+                    self._stop(proc, now, "restart command")
                 else:
                     self._spawn(wid, now, "restart command")
             done.append(wid)
-            self.control.event(wid, "command", command)
+            self._event(wid, "command", command)
         return {"workers": done, "unchanged": skipped}
 
     def reload(self, now: float) -> dict:
@@ -720,54 +821,57 @@ class StrategyProcessManager:
         restart, the others keep their process. An invalid config raises ConfigError, changing nothing."""
         cfg, specs = self.loader()
         new = {s.id: s for s in specs}
-        added = sorted(set(new) - set(self.specs))
-        removed = sorted(set(self.specs) - set(new))
-        changed = sorted(w for w in set(new) & set(self.specs) if new[w].config_hash != self.specs[w].config_hash)
-        clients = sorted({s.client.id for s in specs} - {s.client.id for s in self.specs.values()})
+        old = self.specs
+        added = sorted(set(new) - set(old))
+        removed = sorted(set(old) - set(new))
+        changed = sorted(w for w in set(new) & set(old) if new[w].config_hash != old[w].config_hash)
+        clients = sorted({s.client.id for s in specs} - {s.client.id for s in old.values()})
         if clients and self._server is not None:
             self._server.add_clients(clients)  # before their workers start: the recorder reads their streams
         self.cfg = cfg
         for wid in removed:
-            if wid in self._handles:
-                self._then[wid] = "remove"
-                self._stop(wid, now, "removed by reload")
+            proc = self.procs[wid]
+            if proc.running:
+                proc.then = "remove"
+                self._stop(proc, now, "removed by reload")
             else:
                 self._remove(wid)
         for wid in changed:
-            self.specs[wid] = new[wid]
-            if wid in self._handles:
-                self._then[wid] = "start"
-                self._stop(wid, now, "config changed (reload)")
-            elif self.procs[wid].state in (State.BACKOFF, State.FATAL, State.EXITED):
-                self.procs[wid].failures = 0
+            proc = self.procs[wid]
+            proc.spec = new[wid]
+            if proc.running:
+                proc.then = "start"
+                self._stop(proc, now, "config changed (reload)")
+            elif proc.state in (State.BACKOFF, State.FATAL, State.EXITED):
+                proc.failures = 0
                 self._spawn(wid, now, "config changed (reload)")
             # STOPPED and PAUSED without a process keep their state; the new config applies at their start
             self._dirty.add(wid)
         for wid in set(new) - set(added) - set(changed):
-            self.specs[wid] = new[wid]  # the same worker config; what only the manager reads (recovery) may differ
+            self.procs[wid].spec = new[wid]  # the same worker config; what only the manager reads (recovery) may differ
         for wid in added:
-            self.specs[wid] = new[wid]
-            self.procs[wid] = WorkerProcess(worker_id=wid)
+            self._add(new[wid])
             self._spawn(wid, now, "added by reload")
         result = {"started": added, "stopped": removed, "restarted": changed,
                   "unchanged": len(set(new) - set(added) - set(changed))}
         log.info("reload: %d started, %d stopped, %d restarted", len(added), len(removed), len(changed))
         return result
 
-    def add_strategy(self, client: str | None, text: str | None, now: float) -> dict:
-        """Add or replace strategies in `clients/<client>.yaml`, then reload; the file is restored when
-        the new config is invalid."""
+    def add_strategy(self, client: Any, text: Any, now: float) -> dict:
+        """Add or replace strategies in `clients/<client>.yaml` (comments and layout kept), then reload;
+        the file is restored when the new config is invalid. `client` must be a safe name whose file
+        is inside `clients/`: the row that carries it may come from any program."""
+        from signalgen.config.edit import client_file, merge_strategies
+
         if not client or text is None:
             raise CommandError("add-strategy needs parameters {client, config (YAML text)}")
-        path = Path(self.cfg.root) / "clients" / f"{client}.yaml"
-        if not path.is_file():
-            raise CommandError(f"no client {client!r}: {path} does not exist")
+        path = client_file(Path(self.cfg.root) / "clients", client)
         old = path.read_text()
-        path.write_text(merge_strategies(old, text, file=f"add-strategy --client {client}"))
+        write_atomic(path, merge_strategies(old, text, file=f"add-strategy --client {client}"))
         try:
             return self.reload(now)
         except BaseException:
-            path.write_text(old)
+            write_atomic(path, old)
             raise
 
 

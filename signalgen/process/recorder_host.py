@@ -44,9 +44,12 @@ class RecorderHost:
 
     @property
     def stats(self) -> dict[str, int]:
-        """`bars`: decisions (signals + rejections) stored by this run's recorder, as the writer counts them."""
+        """What this run's recorder stored, counted as the writer server counts (`bars`: signals +
+        rejections + bad bars), and its stream entries."""
         s = self.recorder.stats
-        return {"bars": s.signals + s.rejections, "entries": s.entries, "claimed": s.claimed, "bad": s.bad}
+        return {"bars": s.signals + s.rejections + s.bar_rejections, "signals": s.signals,
+                "rejections": s.rejections, "bar_rejections": s.bar_rejections, "entries": s.entries,
+                "claimed": s.claimed, "bad": s.bad}
 
     def add_clients(self, clients: list[str]) -> None:
         """Record these clients' streams too (a reload added them)."""

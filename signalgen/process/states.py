@@ -23,8 +23,11 @@ A worker killed for a failure (stale heartbeat, over memory) is killed without e
 from __future__ import annotations
 
 import time
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Any
 
 from signalgen.errors import SignalgenError
 
@@ -57,35 +60,81 @@ TRANSITIONS: dict[State, frozenset[State]] = {
 PROCESS_STATES = frozenset({State.STARTING, State.RUNNING, State.STOPPING})  # a live process exists
 POLICIES = ("restart", "pause", "stop")
 CONFIG_ERROR_EXIT = 2  # ConfigError.exit_code: restarting cannot help
+TRANSIENT_EXIT = 75  # TransientError.exit_code (EX_TEMPFAIL): a resource was away; retry, never FATAL
 
 
 class InvalidTransition(SignalgenError):
     """A state change not in TRANSITIONS: a bug in the manager, never an operator error."""
 
 
-@dataclass
+@dataclass(frozen=True)
+class StateEvent:
+    """One change of a worker's state (after Supervisor's ProcessStateEvent): what `change` emits to
+    the listeners, and what the control store's `events` (kind `state`), `status` and metrics read."""
+
+    worker_id: str
+    old: State
+    new: State
+    at: float  # time.time()
+    reason: str
+    pid: int | None
+    exit_code: int | None
+    restarts: int
+    failures: int
+
+    def detail(self) -> dict:
+        """The event as the control store keeps it (JSON in `events.detail`)."""
+        return {"from": self.old.value, "to": self.new.value, "reason": self.reason, "pid": self.pid,
+                "exit_code": self.exit_code, "restarts": self.restarts, "failures": self.failures}
+
+
+Listener = Callable[[StateEvent], None]
+
+
+@dataclass(eq=False)
 class WorkerProcess:
-    """The manager's record of one worker (one OS process at a time).
+    """Everything the manager knows about one worker (one OS process at a time), as Supervisor keeps
+    everything about a program in its `Subprocess`: nothing about a worker lives anywhere else.
 
     `failures` counts consecutive failures (reset by the manager when RUNNING lasted longer than
-    backoff_max_s, or on a manual start); `restarts` counts every restart. `stop_target` is where
-    STOPPING ends: STOPPED for a stop, PAUSED for a pause (set it before changing to STOPPING).
+    backoff_max_s, or on a manual start); `transient` counts consecutive exits for a transient cause
+    (TRANSIENT_EXIT: a store, broker or disk that was not there), which never use up `failures`;
+    `restarts` counts every restart. `stop_target` is where STOPPING ends: STOPPED for a stop, PAUSED
+    for a pause (set it before changing to STOPPING). Every `change` emits a `StateEvent` to
+    `listeners`.
     """
 
     worker_id: str
+    spec: Any = None  # its WorkerSpec
     state: State = State.STOPPED
     pid: int | None = None
     started_at: float | None = None  # time.time() of the current process's start
     state_since: float = field(default_factory=time.time)
     restarts: int = 0
     failures: int = 0
+    transient: int = 0
     backoff_until: float | None = None
     exit_code: int | None = None
     reason: str = ""
     stop_target: State = State.STOPPED
+    # the process and what the manager is doing to it
+    handle: Any = field(default=None, repr=False)  # multiprocessing.Process while one runs
+    kill_reason: str | None = None  # killed by the manager: why (its exit is a failure with this reason)
+    stop_deadline: float | None = None  # STOPPING: SIGKILL after this time
+    then: str | None = None  # once the process stopped: "start" (a restart) or "remove" (gone by reload)
+    alive_at: float = 0.0  # last proof of life: start, resume, or a fresh heartbeat
+    errors: deque = field(default_factory=deque, repr=False)  # (heartbeat ts, errors) of the last minute
+    unhealthy: bool = False
+    listeners: list[Listener] = field(default_factory=list, repr=False)
+
+    @property
+    def running(self) -> bool:
+        """A process of this worker exists (it may be paused)."""
+        return self.handle is not None
 
     def change(self, new: State, now: float, reason: str = "") -> tuple[State, State]:
-        """Move to `new` if TRANSITIONS allows it; returns (old, new). Raises InvalidTransition."""
+        """Move to `new` if TRANSITIONS allows it and tell the listeners; returns (old, new). Raises
+        InvalidTransition."""
         old = self.state
         if new not in TRANSITIONS[old]:
             raise InvalidTransition(f"worker {self.worker_id}: {old} -> {new} is not a legal transition "
@@ -93,6 +142,10 @@ class WorkerProcess:
         if old is State.STOPPING:
             self.stop_target = State.STOPPED  # one stop_target per stop
         self.state, self.state_since, self.reason = new, now, reason
+        event = StateEvent(self.worker_id, old, new, now, reason, self.pid, self.exit_code, self.restarts,
+                           self.failures)
+        for listener in self.listeners:
+            listener(event)
         return old, new
 
 
@@ -109,10 +162,11 @@ def after_exit(proc: WorkerProcess, exit_code: int, *, policy: str, max_attempts
     """The state a worker goes to when its process ended with `exit_code` (negative: killed by a signal).
 
     STOPPING -> its stop_target (STOPPED, or PAUSED for a pause); exit 2 (ConfigError) -> FATAL under
-    every policy; exit 0 -> EXITED; anything else is a failure, handled by the strategy's recovery
-    policy: "pause" -> PAUSED, "stop" -> STOPPED, "restart" -> BACKOFF, or FATAL when this failure
-    (failures + 1) is more than `max_attempts`. Pure: the manager applies the result with `change`
-    and increments `failures` itself.
+    every policy; exit 0 -> EXITED; TRANSIENT_EXIT (a store, broker or disk that was away) -> BACKOFF
+    under every policy and whatever the count: waiting is the cure, not a human; anything else is a
+    failure, handled by the strategy's recovery policy: "pause" -> PAUSED, "stop" -> STOPPED,
+    "restart" -> BACKOFF, or FATAL when this failure (failures + 1) is more than `max_attempts`.
+    Pure: the manager applies the result with `change` and counts failures itself.
     """
     if policy not in POLICIES:
         raise ValueError(f"recovery policy {policy!r} is not one of {', '.join(POLICIES)}")
@@ -124,6 +178,8 @@ def after_exit(proc: WorkerProcess, exit_code: int, *, policy: str, max_attempts
         return State.FATAL
     if exit_code == 0:
         return State.EXITED
+    if exit_code == TRANSIENT_EXIT:
+        return State.BACKOFF
     if policy == "pause":
         return State.PAUSED
     if policy == "stop":

@@ -22,7 +22,8 @@ that already imported `signalgen.process.preload`); `signalgen.process.worker_cl
    stream may be quiet);
 6. on SIGTERM / SIGINT stops taking bars, waits until the sink holds everything, exits 0.
 
-Exit codes: 0 range done or stopped after flushing; 1 failure (restart it); 2 config error (never).
+Exit codes: 0 range done or stopped after flushing; 1 failure (restart it); 2 config error (never);
+75 transient (a store, broker or disk was away: retried within seconds, never counted as a failure).
 """
 
 from __future__ import annotations
@@ -46,18 +47,18 @@ import polars as pl
 from signalgen.config.models import Mode, RunConfig, timeframe_delta
 from signalgen.config.workers import WorkerSpec
 from signalgen.data.validation import validate_bars
-from signalgen.errors import ConfigError
+from signalgen.errors import ConfigError, TransientError
+from signalgen.logs import log_to_file
 from signalgen.modes.engine import epoch_us, history_bars
 from signalgen.modes.sources import background_priority, bar_chunks, per_bar_feed
 from signalgen.modes.worker import ReplayClock, WallClock, WorkerContext, bar_feed, run_worker
+from signalgen.process.states import CONFIG_ERROR_EXIT, TRANSIENT_EXIT, State
 from signalgen.storage.control import ControlStore, now_iso
 
 log = logging.getLogger(__name__)
 
 PR_SET_PDEATHSIG = 1
 STREAMING_MODES = (Mode.MOCK, Mode.SIMULATION, Mode.LIVE)
-LOG_MAX_BYTES = 10 * 1024 * 1024
-LOG_BACKUPS = 3
 PARENT_CHECK_S = 0.5
 
 
@@ -151,7 +152,7 @@ class _Counts:
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.state = "STARTING"
+        self.state = State.STARTING  # what the heartbeat says: always a State
         self._ready = False
         self.wake = threading.Event()  # set when the worker becomes ready: the heartbeat says so at once
         self.bars = self.signals = self.rejections = self.errors = 0
@@ -334,20 +335,12 @@ def _pidfds(pids: list[int]) -> list[int] | None:
     return fds
 
 
-def configure_worker_logging(log_path: str, level: str) -> None:
-    """`signalgen.*` records to the worker's own rotated file, in the project's key=value format."""
-    from signalgen.logs import KeyValueFormatter
-
-    Path(log_path).parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.handlers.RotatingFileHandler(log_path, maxBytes=LOG_MAX_BYTES, backupCount=LOG_BACKUPS)
-    handler.setFormatter(KeyValueFormatter())
-    logger = logging.getLogger("signalgen")
-    for old in list(logger.handlers):
-        logger.removeHandler(old)
-        old.close()
-    logger.addHandler(handler)
-    logger.setLevel(level)
-    logger.propagate = False
+def configure_worker_logging(log_path: str, cfg: RunConfig) -> None:
+    """`signalgen.*` records to the worker's own file, rotated at `process.log_max_mb` with
+    `process.log_backups` old files, in the project's key=value format."""
+    limits = cfg.environment.process
+    log_to_file(log_path, max_mb=limits.log_max_mb, backups=limits.log_backups, level=cfg.environment.log_level,
+                only=True)
 
 
 def open_sink(args: WorkerArgs):
@@ -398,7 +391,7 @@ def worker_main(args: WorkerArgs) -> int:
     spec, cfg = args.spec, args.cfg
     fields = {"worker": spec.id, "client": spec.client.id, "strategy": spec.strategy.id, "symbol": spec.symbol}
     try:
-        configure_worker_logging(args.log_path, cfg.environment.log_level)
+        configure_worker_logging(args.log_path, cfg)
     except OSError as exc:
         print(f"worker {spec.id}: cannot write log {args.log_path}: {exc}", file=sys.stderr)
         return 1
@@ -431,7 +424,7 @@ def worker_main(args: WorkerArgs) -> int:
 
         def ready() -> None:
             with counts.lock:
-                counts.ready, counts.state = True, "RUNNING"
+                counts.ready, counts.state = True, State.RUNNING
             log.info("worker ready", extra=fields)
 
         def ready_feed() -> Iterator[dict]:
@@ -449,27 +442,30 @@ def worker_main(args: WorkerArgs) -> int:
         for problem in outcome.problems:
             log.warning("%s", problem, extra=fields)
         with counts.lock:
-            counts.state = "STOPPING"
+            counts.state = State.STOPPING
         close_sink(sink, cfg.environment.process.stop_timeout_s if stop.is_set() else None)
         with counts.lock:
             counts.checkpoint = sink.checkpoints.get(spec.id, counts.checkpoint)
-            counts.state = "STOPPED" if outcome.stopped or stop.is_set() else "EXITED"
+            counts.state = State.STOPPED if outcome.stopped or stop.is_set() else State.EXITED
         log.info("worker %s: %d bars, %d signals, checkpoint %s",
                  "stopped" if outcome.stopped or stop.is_set() else "finished",
                  outcome.bars, outcome.signals, counts.checkpoint, extra=fields)
         code = 0
     except ConfigError as exc:
         log.error("config error: %s", exc, extra=fields)
-        code = 2
+        code = CONFIG_ERROR_EXIT
+    except TransientError as exc:  # a store, broker or disk away: the manager retries soon, uncounted
+        log.warning("transient failure, exiting for a retry: %s", exc, extra=fields)
+        code = TRANSIENT_EXIT
     except Exception as exc:  # noqa: BLE001 - the manager restarts a failed worker
         log.exception("worker failed: %s", exc, extra=fields)
         code = 1
     finally:
         if sink is not None and hasattr(sink, "abort"):
             sink.abort()  # the writer's connection; a RedisSink's unsent batches are the next start's
-        if code != 0:
+        if code != 0:  # the process ends by itself; what follows is the manager's to decide (FATAL: known)
             with counts.lock:
-                counts.state = "FAILED" if code == 1 else "FATAL"
+                counts.state = State.FATAL if code == CONFIG_ERROR_EXIT else State.EXITED
         heartbeat.stop()
         logging.shutdown()
     return code

@@ -85,8 +85,10 @@ def worker_log_path(cfg: RunConfig, worker_id: str) -> Path:
 @app.command("worker")
 def worker(worker_id: WorkerIdOpt, env: EnvOpt = Environment.LOCAL_DEV, mode: ModeOpt = Mode.MOCK,
            root: RootOpt = None, writer: SocketOpt = None) -> None:
-    """Run one worker in the foreground (what supervisord runs): it resumes after its checkpoint,
-    streams its bars to the writer and exits 0 on SIGTERM after the writer acked everything."""
+    """Run one worker in the foreground (what supervisord runs).
+
+    It resumes after its checkpoint, streams its bars to the writer and exits 0 on SIGTERM after the
+    writer acked everything."""
     from signalgen.config.workers import worker_specs
     from signalgen.process.worker import WorkerArgs, worker_main
 
@@ -105,8 +107,9 @@ def worker(worker_id: WorkerIdOpt, env: EnvOpt = Environment.LOCAL_DEV, mode: Mo
 @app.command("writer")
 def writer(env: EnvOpt = Environment.LOCAL_DEV, mode: ModeOpt = Mode.MOCK, root: RootOpt = None,
            address: SocketOpt = None) -> None:
-    """Run the writer of the signal store until SIGTERM / SIGINT (what supervisord runs beside the
-    workers): it stores and routes the workers' decisions and acknowledges their checkpoints."""
+    """Run the writer of the signal store until SIGTERM / SIGINT (what supervisord runs beside the workers).
+
+    It stores and routes the workers' decisions and acknowledges their checkpoints."""
     cfg = _load(env, mode, root)
     serve_writer(cfg, Path(address or default_address(cfg)))
 
@@ -117,7 +120,7 @@ def serve_writer(cfg: RunConfig, address: Path, stop: threading.Event | None = N
 
     from signalgen.config.workers import worker_specs
     from signalgen.modes import new_run_id, run_record, stop_on_signals
-    from signalgen.process.writer_server import STREAMING_WINDOW, WriterServer
+    from signalgen.process.writer_server import STREAMING_WINDOW, WriterServer, host_outcome
     from signalgen.storage import open_store
 
     stop = stop or threading.Event()
@@ -136,6 +139,4 @@ def serve_writer(cfg: RunConfig, address: Path, stop: threading.Event | None = N
                     pass
             status = "stopped"
         finally:
-            stats = server.stats
-            store.finish_run(run_id, finished_at=datetime.now(timezone.utc), status=status,
-                             bars=stats["bars"])
+            store.finish_run(run_id, **host_outcome(server.stats, started_at, status))

@@ -55,7 +55,8 @@ import pyarrow as pa
 
 from signalgen.config.models import RunConfig
 from signalgen.config.workers import WorkerSpec
-from signalgen.errors import ConfigError, SignalgenError, TransientError
+from signalgen.errors import ConfigError, SignalgenError, TransientError, is_transient
+from signalgen.logs import Outage
 from signalgen.storage.base import SignalStore
 from signalgen.storage.writer import SignalWriter
 
@@ -77,6 +78,7 @@ COMMIT_WAIT_FACTOR = 8  # gather batches for 8x the last commit's duration: comm
 STREAMING_WINDOW = {"commit_interval_s": 0.5, "max_commit_wait_s": 1.0}
 HEARTBEAT_RELAY_S = 0.5  # relayed heartbeats reach the control store within this long
 ANSWER_WAIT_S = 1.0  # a worker waiting for acks (flush, backpressure) looks again at least this often
+RETRY_INITIAL_S, RETRY_MAX_S = 0.1, 1.0  # a group that met a full disk is tried again this often
 
 
 @dataclass(frozen=True)
@@ -252,7 +254,10 @@ class WriterServer:
         self._listener: socket.socket | None = None
         self._threads: list[threading.Thread] = []
         self._closing = threading.Event()
-        self.stats = {"groups": 0, "batches": 0, "bars": 0, "failed_groups": 0, "commit_s": 0.0}
+        # bars = decisions (signals + rejections) + bad bars, as a run counts them; stored ones only
+        self.stats = {"groups": 0, "batches": 0, "bars": 0, "signals": 0, "rejections": 0, "bar_rejections": 0,
+                      "failed_groups": 0, "retries": 0, "commit_s": 0.0}
+        self._outage = Outage(log, "storing decisions (their workers wait for the acks)")
         # called with (group size in batches, bars, seconds the commit took); for benchmarks
         self.on_commit: Callable[[int, int, float], None] | None = None
 
@@ -480,6 +485,7 @@ class WriterServer:
         from signalgen.storage.control import ControlStore
 
         control = ControlStore(self.control_path)
+        outage = Outage(log, "relaying heartbeats to the control store")
         try:
             while True:
                 closing = self._closing.wait(HEARTBEAT_RELAY_S)
@@ -488,8 +494,9 @@ class WriterServer:
                 if beats:
                     try:
                         control.relay_heartbeats(beats)
+                        outage.ok()
                     except Exception as exc:  # noqa: BLE001 - a missed heartbeat is the manager's to notice
-                        log.warning("relaying %d heartbeats failed: %r", len(beats), exc)
+                        outage.failed(exc)
                 if closing:
                     return
         finally:
@@ -512,7 +519,12 @@ class WriterServer:
             self._commit(group)  # at close: whatever was received is committed and acked too
 
     def _commit(self, group: list[_Batch]) -> None:
-        """Write one group, flush, record checkpoints, then ack; on failure ack nothing."""
+        """Write one group, flush, record checkpoints, then ack; on failure ack nothing.
+
+        A transient failure (a full disk) keeps the group and tries again, every RETRY_INITIAL_S
+        doubling to RETRY_MAX_S, until it is written or the writer closes: its workers wait for their
+        acks, and stop taking bars when their windows fill (backpressure); nobody exits, nothing is
+        counted as a crash, and the first try after the disk has room again acks them all."""
         started = time.perf_counter()
         group = [b for b in group if not b.worker.failed]
         if not group:
@@ -520,37 +532,22 @@ class WriterServer:
         by_worker: dict[str, list[_Batch]] = {}
         for b in group:
             by_worker.setdefault(b.worker.spec.id, []).append(b)
-        moved: dict[str, datetime] = {}
-        try:
-            writer = self._writer_or_rebuild()
-            items = []
-            for wid, batches in by_worker.items():
-                parts = [b.frames for b in batches if b.frames.bars]
-                if parts:
-                    items.append((batches[-1].worker.spec, _joined(parts)))
-                    last = max(p.last_bar_time for p in parts)
-                    old = self._checkpoints.get(wid)
-                    if old is None or last > old:
-                        moved[wid] = last
-                rejected = [b.bar_rejections for b in batches if b.bar_rejections is not None]
-                if rejected:
-                    writer.record_bar_rejections(pl.concat(rejected), self.run_id)
-            with self._outputs_lock:
-                for spec, _ in items:
-                    writer.open_outputs(self.cfg, spec)
-            writer.record_group(items)
-            writer.flush()
-            self.store.write_checkpoints(self.mode, moved)
-        except Exception as exc:  # noqa: BLE001 - reported to the workers, who restart from their checkpoints
-            self.stats["failed_groups"] += 1
-            reason = " ".join(str(exc).split())[:300] or type(exc).__name__
-            log.error("group commit failed, %d batches not acknowledged: %s", len(group), reason,
-                      extra={"run_id": self.run_id})
-            self._drop_writer()
-            for b in group:
-                b.worker.failed = True
-                b.worker.send(("failed", b.seq, reason))
-            return
+        delay = RETRY_INITIAL_S
+        while True:
+            try:
+                moved = self._write_group(by_worker)
+                break
+            except Exception as exc:  # noqa: BLE001 - waited out, or reported to the workers
+                self._drop_writer()
+                if is_transient(exc) and not self._closing.is_set():
+                    self.stats["retries"] += 1
+                    self._outage.failed(exc)
+                    self._closing.wait(delay)
+                    delay = min(2 * delay, RETRY_MAX_S)
+                    continue
+                self._fail_group(group, exc)
+                return
+        self._outage.ok()
         with self._lock:
             self._checkpoints.update(moved)
             acked = dict(self._checkpoints)
@@ -562,9 +559,46 @@ class WriterServer:
         self.stats["groups"] += 1
         self.stats["batches"] += len(group)
         self.stats["bars"] += bars
+        self.stats["signals"] += sum(len(b.frames.signals) for b in group)
+        self.stats["rejections"] += sum(len(b.frames.rejections) for b in group)
+        self.stats["bar_rejections"] += sum(b.bar_rejections.height for b in group if b.bar_rejections is not None)
         self.stats["commit_s"] += spent
         if self.on_commit is not None:
             self.on_commit(len(group), bars, spent)
+
+    def _write_group(self, by_worker: dict[str, list[_Batch]]) -> dict[str, datetime]:
+        """Store and route one group's decisions, then its checkpoints; the checkpoints that moved."""
+        moved: dict[str, datetime] = {}
+        writer = self._writer_or_rebuild()
+        items = []
+        for wid, batches in by_worker.items():
+            parts = [b.frames for b in batches if b.frames.bars]
+            if parts:
+                items.append((batches[-1].worker.spec, _joined(parts)))
+                last = max(p.last_bar_time for p in parts)
+                old = self._checkpoints.get(wid)
+                if old is None or last > old:
+                    moved[wid] = last
+            rejected = [b.bar_rejections for b in batches if b.bar_rejections is not None]
+            if rejected:
+                writer.record_bar_rejections(pl.concat(rejected), self.run_id)
+        with self._outputs_lock:
+            for spec, _ in items:
+                writer.open_outputs(self.cfg, spec)
+        writer.record_group(items)
+        writer.flush()
+        self.store.write_checkpoints(self.mode, moved)
+        return moved
+
+    def _fail_group(self, group: list[_Batch], exc: Exception) -> None:
+        """Ack nothing of the group: its workers exit and resume from their checkpoints."""
+        self.stats["failed_groups"] += 1
+        reason = " ".join(str(exc).split())[:300] or type(exc).__name__
+        log.error("group commit failed, %d batches not acknowledged: %s", len(group), reason,
+                  extra={"run_id": self.run_id})
+        for b in group:
+            b.worker.failed = True
+            b.worker.send(("failed", b.seq, reason))
 
     def _writer_or_rebuild(self) -> SignalWriter:
         """The signal writer; after a failed write a fresh one (a SignalWriter stops writing after
@@ -582,6 +616,19 @@ class WriterServer:
                 writer.close()
             except Exception as exc:  # noqa: BLE001 - it already failed; its error was reported
                 log.debug("closing the failed signal writer: %r", exc)
+
+
+RUN_COUNTS = ("bars", "signals", "rejections", "bar_rejections")
+
+
+def host_outcome(stats: dict, started_at: datetime, status: str) -> dict:
+    """What `SignalStore.finish_run` records for a run whose decisions a host stored (the writer
+    server or the recorder host, by their `stats`): status, counts, duration and rate."""
+    finished = datetime.now(timezone.utc)
+    elapsed = (finished - started_at).total_seconds()
+    counts = {k: int(stats.get(k, 0)) for k in RUN_COUNTS}
+    return {"finished_at": finished, "status": status, "elapsed_s": elapsed,
+            "bars_per_s": counts["bars"] / max(elapsed, 1e-9), **counts}
 
 
 def _joined(parts: list) -> Frames | Records:

@@ -22,12 +22,15 @@ inserted by other programs get the same format by default. `iso()` / `epoch()` c
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
 import os
+import re
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -35,11 +38,44 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from signalgen.errors import StorageError
+from signalgen.logs import excerpt
 
 if TYPE_CHECKING:
     from signalgen.config.models import RunConfig
 
+log = logging.getLogger(__name__)
+
+
+class ControlStoreCorrupt(StorageError):
+    """The control store's file is not a SQLite database (overwritten, truncated, damaged)."""
+
+
+def _guarded(method: Callable) -> Callable:
+    """A ControlStore method whose SQLite errors become one-line StorageErrors naming the file
+    (ControlStoreCorrupt when the file is damaged): callers never see a traceback from sqlite3."""
+    @functools.wraps(method)
+    def call(self: ControlStore, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except sqlite3.Error as exc:
+            raise _storage_error(self.path, exc) from exc
+    return call
+
+
+def _storage_error(path: Path, exc: sqlite3.Error, doing: str = "") -> StorageError:
+    code = (getattr(exc, "sqlite_errorcode", 0) or 0) & 0xFF
+    cls = ControlStoreCorrupt if code in _CORRUPT_CODES else StorageError
+    return cls(f"control store {path}{doing}: {' '.join(str(exc).split())[:300]}")
+
 BUSY_TIMEOUT_MS = 5000
+IDENTITY_CHECK_S = 1.0  # how often a connection checks that the file it writes is still the store's
+_CORRUPT_CODES = {11, 26}  # SQLITE_CORRUPT, SQLITE_NOTADB
+_SQLITE_MAGIC = b"SQLite format 3\x00"
+# Bounds on a `strategy_commands` row, which any program may write: every field is hostile input.
+# A row outside them fails with a short reason (docs/control.md); it never reaches the manager's logic.
+MAX_PARAMETERS_BYTES = 64 * 1024  # parameters_json, UTF-8
+MAX_PARAMETERS_DEPTH = 32  # nesting of arrays and objects in parameters_json
+MAX_FIELD_CHARS = 4 * 1024  # any other text field: command, strategy_id, created_at
 SCHEMA_VERSION = 1
 COMMAND_STATUSES = ("pending", "completed", "failed")
 _NOW_SQL = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')"
@@ -87,6 +123,9 @@ CREATE TABLE IF NOT EXISTS resources (
 CREATE INDEX IF NOT EXISTS resources_worker_ts ON resources (worker_id, ts);
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY AUTOINCREMENT, ts TEXT NOT NULL, worker_id TEXT, kind TEXT NOT NULL, detail TEXT
+);
+CREATE TABLE IF NOT EXISTS managers (       -- the manager holding this store's lock: its last beat
+    pid INTEGER PRIMARY KEY, run_id TEXT, started_at TEXT NOT NULL, ts TEXT NOT NULL
 );
 PRAGMA user_version = {SCHEMA_VERSION};
 """
@@ -186,6 +225,11 @@ class ControlStore:
         self._pid = os.getpid()
         self._connections: list[sqlite3.Connection] = []
         self._schema_ready = False
+        self.generation = 0  # moves on when the file was found deleted or replaced, or was quarantined
+        self._identity: tuple[int, int] | None = None
+        self._checked_at = 0.0
+        self._damaged: ControlStoreCorrupt | None = None
+        self._probe: int | None = None  # a read-only descriptor of the file, for `_replaced` (see there)
 
     @classmethod
     def from_config(cls, cfg: RunConfig) -> ControlStore:
@@ -207,17 +251,71 @@ class ControlStore:
 
     @property
     def con(self) -> sqlite3.Connection:
-        """This thread's connection (opened on first use; a fork gets fresh ones)."""
+        """This thread's connection (opened on first use; a fork gets fresh ones). At most every
+        IDENTITY_CHECK_S it checks that the file is still the one it opened: a store deleted or
+        replaced while in use is reopened (created anew), never written blindly into an unlinked file."""
         if self._pid != os.getpid():  # inherited across a fork: abandon, never close (SQLite's rule)
             self._local, self._connections, self._pid = threading.local(), [], os.getpid()
-            self._lock, self._schema_ready = threading.Lock(), False
-        con = getattr(self._local, "con", None)
+            self._lock, self._schema_ready, self._probe = threading.Lock(), False, None
+        if self._damaged is not None:
+            raise self._damaged
+        local = self._local
+        con = getattr(local, "con", None)
+        if con is not None and (local.generation != self.generation or self._replaced()):
+            with self._lock:
+                self._connections.remove(con)
+            con.close()
+            con = local.con = None
         if con is None:
+            generation = self.generation
             con = self._connect()
-            self._local.con = con
+            local.con, local.generation = con, generation
         return con
 
+    def _replaced(self) -> bool:
+        """True (once, for every thread: the generation moves on) when the file at `path` is not the
+        one this store opened: deleted, renamed away or replaced. ControlStoreCorrupt when it is the
+        same file but no longer starts as a SQLite database (overwritten in place: this connection's
+        pages in the WAL would hide it from us, but not from any new reader).
+
+        The header is read through `_probe`, a descriptor kept open as long as the connections: SQLite
+        locks with POSIX locks, which a process loses on a file when it closes *any* descriptor of it,
+        so opening and closing the file here would let other writers corrupt it."""
+        now = time.monotonic()
+        if now < self._checked_at + IDENTITY_CHECK_S:
+            return False
+        self._checked_at = now
+        try:
+            st = os.stat(self.path)
+            identity = (st.st_dev, st.st_ino)
+        except OSError:
+            identity = None
+        if identity == self._identity:
+            try:
+                head = os.pread(self._probe, len(_SQLITE_MAGIC), 0) if self._probe is not None else b""
+            except OSError:  # dropped by another thread meanwhile: that thread saw to it
+                head = b""
+            if head and head != _SQLITE_MAGIC:  # every thread's calls fail from now on, until quarantine()
+                self._damaged = ControlStoreCorrupt(f"control store {self.path}: file is not a database "
+                                                    "(overwritten)")
+                raise self._damaged
+            return False
+        with self._lock:
+            if identity != self._identity:  # another thread may have seen it first
+                log.debug("control store %s was %s: opening it anew", self.path,
+                            "deleted" if identity is None else "replaced")
+                self.generation += 1
+                self._identity, self._schema_ready = identity, False
+                self._drop_probe()  # the old file's: no connection that matters holds locks on it
+        return True
+
+    def _drop_probe(self) -> None:
+        if self._probe is not None:
+            os.close(self._probe)
+            self._probe = None
+
     def _connect(self) -> sqlite3.Connection:
+        con = None
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             # isolation_level=None: autocommit; transactions are explicit BEGIN IMMEDIATE (see docstring).
@@ -237,12 +335,37 @@ class ControlStore:
                             con.execute("ROLLBACK")
                         raise
                     self._schema_ready = True
+                if self._probe is None:
+                    self._probe = os.open(self.path, os.O_RDONLY)
+                st = os.fstat(self._probe)
+                self._identity, self._checked_at = (st.st_dev, st.st_ino), time.monotonic()
                 self._connections.append(con)
             return con
         except OSError as exc:
+            if con is not None:
+                con.close()
             raise StorageError(f"cannot open control store {self.path}: {exc.strerror or exc}") from exc
         except sqlite3.Error as exc:
-            raise StorageError(f"cannot open control store {self.path}: {exc}") from exc
+            if con is not None:
+                con.close()
+            raise _storage_error(self.path, exc, " cannot be opened") from exc
+
+    def quarantine(self) -> Path:
+        """Move a damaged store aside (with its -wal and -shm files), so that the next use creates a
+        new one; returns where it went. For the manager, the store's owner, when it gets
+        ControlStoreCorrupt."""
+        self.close()
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        target = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
+        for suffix in ("", "-wal", "-shm"):
+            try:
+                os.replace(f"{self.path}{suffix}", f"{target}{suffix}")
+            except FileNotFoundError:
+                pass
+        with self._lock:
+            self.generation += 1
+            self._identity, self._damaged = None, None
+        return target
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
@@ -257,6 +380,7 @@ class ControlStore:
             if self._pid == os.getpid():
                 for con in self._connections:
                     con.close()
+                self._drop_probe()  # after the connections: closing it releases this process's locks
             self._connections, self._local, self._schema_ready = [], threading.local(), False
 
     def __enter__(self) -> ControlStore:
@@ -267,32 +391,23 @@ class ControlStore:
 
     # ---------------------------------------------------------------- instances
 
+    @_guarded
     def upsert_instances(self, rows: list[dict]) -> None:
         """Insert or update `strategy_instances` rows by `id`, in one transaction. A row sets only the
         columns it names (times may be epoch floats or datetimes); `updated_at` is set to now."""
-        now = now_iso()
         with self._write() as con:
-            for row in rows:
-                fields = {k: _time_value(v) if k in _TIME_FIELDS else v for k, v in row.items()}
-                fields["updated_at"] = now
-                unknown = set(fields) - set(INSTANCE_COLUMNS)
-                if unknown or "id" not in fields:
-                    raise ValueError(f"strategy_instances has no column {', '.join(sorted(unknown))}"
-                                     if unknown else "an instance row needs its 'id' (the worker id)")
-                cols = list(fields)
-                updates = ", ".join(f"{c} = excluded.{c}" for c in cols if c != "id")
-                con.execute(f"INSERT INTO strategy_instances ({', '.join(cols)}) VALUES "
-                            f"({', '.join('?' * len(cols))}) ON CONFLICT (id) DO UPDATE SET {updates}",
-                            [fields[c] for c in cols])
+            _upsert_instances(con, rows)
 
     def set_instance(self, worker_id: str, **fields: Any) -> None:
         """Set some columns of one instance (inserting the row if it is new)."""
         self.upsert_instances([{"id": worker_id, **fields}])
 
+    @_guarded
     def instances(self) -> list[dict]:
         """Every instance row, by id."""
         return [dict(r) for r in self.con.execute("SELECT * FROM strategy_instances ORDER BY id")]
 
+    @_guarded
     def remove_instance(self, worker_id: str) -> None:
         """Forget a worker (removed by a reload): its instance, heartbeat and resource rows; events stay."""
         with self._write() as con:
@@ -302,6 +417,7 @@ class ControlStore:
 
     # ---------------------------------------------------------------- commands
 
+    @_guarded
     def submit(self, command: str, strategy_id: str | None = None, parameters: dict | None = None) -> int:
         """Insert a pending command row; returns its id."""
         cur = self.con.execute(
@@ -309,10 +425,12 @@ class ControlStore:
             f"VALUES (?, ?, ?, 'pending', {_NOW_SQL})", (strategy_id, command, json.dumps(parameters or {})))
         return int(cur.lastrowid or 0)
 
+    @_guarded
     def pending(self) -> list[Command]:
         """Pending commands, oldest first. A row another program wrote with parameters_json that is not a
         JSON object is marked failed here (with the reason) instead of being returned."""
-        rows = self.con.execute("SELECT * FROM strategy_commands WHERE status = 'pending' ORDER BY id").fetchall()
+        rows = self.con.execute(f"SELECT {_BOUNDED_COLUMNS} FROM strategy_commands WHERE status = 'pending' "
+                                "ORDER BY id").fetchall()
         commands = []
         for row in rows:
             try:
@@ -321,30 +439,34 @@ class ControlStore:
                 self.fail(row["id"], str(exc))
         return commands
 
+    @_guarded
     def complete(self, id: int, result: dict) -> bool:
         """Mark a pending command completed with `result`. False when it was no longer pending."""
         return self._finish(id, "completed", result)
 
+    @_guarded
     def fail(self, id: int, error: str) -> bool:
-        """Mark a pending command failed; result_json is {"error": error}. False when no longer pending."""
-        return self._finish(id, "failed", {"error": error})
+        """Mark a pending command failed; result_json is {"error": error} (cut to MAX_FIELD_CHARS: an
+        error quotes input only in excerpts, this bounds the rest). False when no longer pending."""
+        return self._finish(id, "failed", {"error": error[:MAX_FIELD_CHARS]})
 
     def _finish(self, id: int, status: str, result: dict) -> bool:
         cur = self.con.execute(
             f"UPDATE strategy_commands SET status = ?, processed_at = {_NOW_SQL}, result_json = ? "
-            "WHERE id = ? AND status = 'pending'", (status, json.dumps(result, default=str), id))
+            "WHERE id = ? AND status = 'pending'", (status, json.dumps(result, default=str, ensure_ascii=False), id))
         if cur.rowcount == 0:
             self.command(id)  # KeyError when there is no such command
         return cur.rowcount == 1
 
+    @_guarded
     def command(self, id: int) -> Command:
         """One command by id; KeyError when there is none."""
-        row = self.con.execute("SELECT * FROM strategy_commands WHERE id = ?", (id,)).fetchone()
+        row = self.con.execute(f"SELECT {_BOUNDED_COLUMNS} FROM strategy_commands WHERE id = ?", (id,)).fetchone()
         if row is None:
             raise KeyError(f"no command with id {id}")
         try:
             return _command(row)
-        except ValueError:
+        except ValueError:  # already failed for it when it was pending; show what can be read
             return _command(row, lenient=True)
 
     def wait(self, id: int, timeout: float, poll_s: float = 0.05) -> Command:
@@ -358,6 +480,7 @@ class ControlStore:
 
     # ---------------------------------------------------------------- heartbeats
 
+    @_guarded
     def heartbeat(self, worker_id: str, *, pid: int, state: str, last_bar_time: datetime | str | None,
                   checkpoint: datetime | str | None, signals: int, rejections: int, errors: int,
                   ready: bool, ts: str | None = None) -> None:
@@ -365,15 +488,17 @@ class ControlStore:
         self.con.execute(_HEARTBEAT_UPSERT, _heartbeat_row(worker_id, pid, state, last_bar_time, checkpoint, signals,
                                                           rejections, errors, ready, ts))
 
+    @_guarded
     def relay_heartbeats(self, beats: dict[str, dict]) -> None:
         """Upsert heartbeats a worker sent over another channel (the writer's connection: `heartbeat`'s
         fields with their `ts`), all in one transaction. A relayed beat arrives late, so it never replaces
-        the final state (STOPPED, EXITED, FAILED, FATAL) the same process wrote directly as it left."""
+        the final state (STOPPED, EXITED, FATAL) the same process wrote directly as it left."""
         with self._write() as con:
             con.executemany(_HEARTBEAT_UPSERT + " WHERE heartbeats.pid IS NOT excluded.pid OR heartbeats.state "
-                            "NOT IN ('STOPPED', 'EXITED', 'FAILED', 'FATAL')",
+                            "NOT IN ('STOPPED', 'EXITED', 'FATAL')",
                             [_heartbeat_row(wid, **fields) for wid, fields in beats.items()])
 
+    @_guarded
     def heartbeats(self) -> dict[str, dict]:
         """worker id -> its last heartbeat (`ready` as bool, times as ISO text)."""
         out = {}
@@ -385,6 +510,7 @@ class ControlStore:
 
     # ---------------------------------------------------------------- resources and events
 
+    @_guarded
     def record_resources(self, rows: list[tuple[str, float, float, float]]) -> None:
         """Insert one sample per (worker_id, cpu_percent, rss_mb, uss_mb), ts = now; samples older than
         resources_keep_s are pruned in the same transaction."""
@@ -395,6 +521,7 @@ class ControlStore:
                             [(w, ts, cpu, rss, uss) for w, cpu, rss, uss in rows])
             con.execute("DELETE FROM resources WHERE ts < ?", (cutoff,))
 
+    @_guarded
     def resources(self, latest_only: bool = True) -> dict[str, dict]:
         """worker id -> its newest sample {ts, cpu_percent, rss_mb, uss_mb}; with latest_only=False, its
         kept history as columns {ts: [...], cpu_percent: [...], rss_mb: [...], uss_mb: [...]}, oldest first."""
@@ -411,6 +538,7 @@ class ControlStore:
                 history[c].append(r[c])
         return out
 
+    @_guarded
     def event(self, worker_id: str | None, kind: str, detail: str | dict = "") -> None:
         """Append an event (detail: text, or a dict stored as JSON); only the newest events_keep are kept."""
         text = detail if isinstance(detail, str) else json.dumps(detail, default=str, sort_keys=True)
@@ -419,11 +547,49 @@ class ControlStore:
                               (now_iso(), worker_id, kind, text))
             con.execute("DELETE FROM events WHERE id <= ?", ((cur.lastrowid or 0) - self.events_keep,))
 
+    @_guarded
+    def record(self, instances: list[dict], events: list[tuple[str, str | None, str, str]], *,
+               manager: tuple[int, str] | None = None) -> None:
+        """One transaction of the manager's tick: instance rows (as `upsert_instances`), events as
+        (ts, worker_id, kind, detail text), and the manager's own beat (pid, run_id) when given — a
+        write every tick, so a store that cannot be written is noticed even when nothing changed."""
+        with self._write() as con:
+            _upsert_instances(con, instances)
+            if events:
+                con.executemany("INSERT INTO events (ts, worker_id, kind, detail) VALUES (?, ?, ?, ?)", events)
+                con.execute("DELETE FROM events WHERE id <= (SELECT max(id) FROM events) - ?", (self.events_keep,))
+            if manager is not None:
+                now = now_iso()
+                con.execute("INSERT INTO managers (pid, run_id, started_at, ts) VALUES (?, ?, ?, ?) "
+                            "ON CONFLICT (pid) DO UPDATE SET ts = excluded.ts", (*manager, now, now))
+
+    @_guarded
+    def managers(self) -> list[dict]:
+        """The managers that wrote this store, newest beat first: pid, run_id, started_at, ts."""
+        return [dict(r) for r in self.con.execute("SELECT * FROM managers ORDER BY ts DESC")]
+
+    @_guarded
     def events(self, worker_id: str | None = None, limit: int = 100) -> list[dict]:
         """The newest `limit` events (of one worker, or all), oldest first."""
         where, args = ("WHERE worker_id = ?", [worker_id]) if worker_id is not None else ("", [])
         rows = self.con.execute(f"SELECT * FROM events {where} ORDER BY id DESC LIMIT ?", [*args, limit])
         return [dict(r) for r in reversed(rows.fetchall())]
+
+
+def _upsert_instances(con: sqlite3.Connection, rows: list[dict]) -> None:
+    now = now_iso()
+    for row in rows:
+        fields = {k: _time_value(v) if k in _TIME_FIELDS else v for k, v in row.items()}
+        fields["updated_at"] = now
+        unknown = set(fields) - set(INSTANCE_COLUMNS)
+        if unknown or "id" not in fields:
+            raise ValueError(f"strategy_instances has no column {', '.join(sorted(unknown))}"
+                             if unknown else "an instance row needs its 'id' (the worker id)")
+        cols = list(fields)
+        updates = ", ".join(f"{c} = excluded.{c}" for c in cols if c != "id")
+        con.execute(f"INSERT INTO strategy_instances ({', '.join(cols)}) VALUES "
+                    f"({', '.join('?' * len(cols))}) ON CONFLICT (id) DO UPDATE SET {updates}",
+                    [fields[c] for c in cols])
 
 
 @contextmanager
@@ -437,19 +603,95 @@ def _immediate(con: sqlite3.Connection) -> Iterator[None]:
     con.execute("COMMIT")
 
 
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+_JSON_BRACKET = re.compile(r"[\[\]{}]")
+
+
+def json_depth(text: str) -> int:
+    """How deep arrays and objects nest in JSON `text`, read without parsing it (so a hostile
+    document cannot exhaust the parser's recursion). Brackets inside strings do not count."""
+    depth = deepest = 0
+    for m in _JSON_BRACKET.finditer(_JSON_STRING.sub("", text)):
+        depth += 1 if m.group() in "[{" else -1
+        deepest = max(deepest, depth)
+    return deepest
+
+
+def parse_parameters(text: Any) -> dict:
+    """`parameters_json` as a dict, within MAX_PARAMETERS_BYTES and MAX_PARAMETERS_DEPTH; ValueError
+    with a short reason otherwise. NULL or '' is {}."""
+    if text is None or text == "":
+        return {}
+    if not isinstance(text, str):
+        raise ValueError(f"parameters_json is {type(text).__name__}, not JSON text")
+    size = len(text.encode("utf-8", "surrogatepass"))
+    if size > MAX_PARAMETERS_BYTES:
+        raise ValueError(f"parameters_json is {size:,} bytes, over the limit of {MAX_PARAMETERS_BYTES:,}")
+    if json_depth(text) > MAX_PARAMETERS_DEPTH:
+        raise ValueError(f"parameters_json nests deeper than {MAX_PARAMETERS_DEPTH} levels")
+    try:
+        params = json.loads(text)
+    except (ValueError, RecursionError):
+        params = None
+    if not isinstance(params, dict):
+        raise ValueError(f"parameters_json is not a JSON object: {excerpt(text, 60)}")
+    return params
+
+
+# A command row is read cut to its bounds by SQLite itself (a 1 GB field never reaches Python whole),
+# with each column's full length beside it
+_LIMITS = {"strategy_id": MAX_FIELD_CHARS, "command": MAX_FIELD_CHARS, "created_at": MAX_FIELD_CHARS,
+           "processed_at": MAX_FIELD_CHARS, "parameters_json": MAX_PARAMETERS_BYTES, "result_json": 2**20}
+_BOUNDED_COLUMNS = ", ".join(["id", "status"] + [
+    f"substr({c}, 1, {n + 1}) AS {c}, length({c}) AS {c}__chars" for c, n in _LIMITS.items()])
+
+
+def _text(row: sqlite3.Row, name: str, *, null: bool = True) -> str | None:
+    """A text column of a command row, checked: type and MAX_FIELD_CHARS."""
+    value = row[name]
+    if value is None and null:
+        return None
+    if not isinstance(value, str):
+        raise ValueError(f"{name} is {type(value).__name__ if value is not None else 'NULL'}, not text")
+    if row[f"{name}__chars"] > MAX_FIELD_CHARS:
+        raise ValueError(f"{name} is {row[f'{name}__chars']:,} characters, over the limit of "
+                         f"{MAX_FIELD_CHARS:,}: {excerpt(value)}")
+    return value
+
+
 def _command(row: sqlite3.Row, lenient: bool = False) -> Command:
-    """A Command from a row; ValueError when parameters_json (written by any program) is not a JSON object."""
-    params: Any = {}
-    if row["parameters_json"] not in (None, ""):
+    """A Command from a row that any program may have written; ValueError with a short reason when a
+    field is out of bounds (`lenient`: the row as far as it can be read, for a command already done)."""
+    try:
+        strategy_id, command = _text(row, "strategy_id"), _text(row, "command", null=False)
+        created_at = _text(row, "created_at", null=False)
         try:
-            params = json.loads(row["parameters_json"])
+            epoch(created_at or "")
         except ValueError:
-            params = None
-        if not isinstance(params, dict):
-            if not lenient:
-                raise ValueError(f"parameters_json is not a JSON object: {str(row['parameters_json'])[:60]!r}")
-            params = {}
-    result = json.loads(row["result_json"]) if row["result_json"] else None
-    return Command(id=row["id"], strategy_id=row["strategy_id"], command=row["command"], parameters=params,
-                   status=row["status"], created_at=row["created_at"], processed_at=row["processed_at"],
-                   result=result)
+            raise ValueError(f"created_at is not an ISO 8601 time: {excerpt(created_at)}") from None
+        if (row["parameters_json__chars"] or 0) > MAX_PARAMETERS_BYTES:
+            raise ValueError(f"parameters_json is {row['parameters_json__chars']:,} characters, over the limit "
+                             f"of {MAX_PARAMETERS_BYTES:,} bytes")
+        params = parse_parameters(row["parameters_json"])
+    except ValueError:
+        if not lenient:
+            raise
+        strategy_id = row["strategy_id"] if isinstance(row["strategy_id"], str) else None
+        command, created_at, params = str(row["command"])[:MAX_FIELD_CHARS], str(row["created_at"]), {}
+    return Command(id=row["id"], strategy_id=strategy_id, command=command, parameters=params,
+                   status=row["status"], created_at=created_at, processed_at=row["processed_at"],
+                   result=_result(row["result_json"]))
+
+
+def _result(text: Any) -> dict | None:
+    """result_json as written by the manager (bounded by it); anything else that is there is reported,
+    never parsed without bounds."""
+    if not text:
+        return None
+    try:
+        if not isinstance(text, str) or json_depth(text) > MAX_PARAMETERS_DEPTH:
+            raise ValueError("not JSON text within the nesting limit")
+        result = json.loads(text)
+        return result if isinstance(result, dict) else {"result": result}
+    except (ValueError, RecursionError) as exc:
+        return {"error": f"unreadable result_json: {exc}"}

@@ -562,6 +562,8 @@ def build_sql(query: ReadQuery) -> tuple[str, list[Any]]:
         time_col = "bar_time"
         select = ", ".join(f"CAST({_q(c)} AS VARCHAR) AS {_q(c)}" if c == ID_COLUMN[query.kind] else _q(c)
                            for c in COLUMNS[query.kind])
+        if query.count_by is not None:
+            select = ", ".join([*map(_q, query.count_by), "count(*) AS count"])
         any_of("client_id", query.clients)
         any_of("strategy_id", query.strategies)
         any_of("symbol", query.symbols)
@@ -581,6 +583,9 @@ def build_sql(query: ReadQuery) -> tuple[str, list[Any]]:
     sql = f"SELECT {select} FROM {query.kind}"
     if conds:
         sql += " WHERE " + " AND ".join(conds)
+    if query.count_by is not None:
+        groups = ", ".join(map(_q, query.count_by))
+        return (sql + f" GROUP BY {groups} ORDER BY {groups}" if groups else sql), params
     order = "DESC" if query.newest else "ASC"
     sql += f" ORDER BY {time_col} {order}"
     if query.kind != "runs":

@@ -52,7 +52,8 @@ def test_validate_json(root: Path) -> None:
 @pytest.mark.parametrize(("args", "words"), [
     # approved before (exit 0), then `run` refused them: exit 2 (environment) or 1 (mode)
     (("--env", "cloud-dev"), "messaging type 'pubsub' is not available in this release"),
-    (("--mode", "live"), "mode 'live' is not available in this release"),
+    (("--mode", "live"), "live mode runs under the process manager, not `run`: `start --mode live --env "
+                         "local-integration` (Redis)"),
     (("--env", "cloud-dev"), "storage type 'bigquery' is not available in this release"),
 ])
 def test_validate_finds_what_run_refuses(root: Path, args: tuple[str, ...], words: str) -> None:
@@ -108,3 +109,28 @@ def test_show_redacts_secrets(root: Path) -> None:
     assert "tok-DO-NOT-PRINT-42" not in proc.stdout + proc.stderr
     assert "IKENNA_QC_API_TOKEN (set)" in proc.stdout
     assert "config_hash:" in proc.stdout and "data_source: synthetic" in proc.stdout
+
+
+def test_the_workers_table_fits_80_columns_and_wide_shows_the_rest(tmp_path: Path) -> None:
+    import yaml
+
+    for layer in ("environments", "modes"):
+        shutil.copytree(REPO / layer, tmp_path / layer)
+    fresh_registry(tmp_path / "registry")
+    (tmp_path / "clients").mkdir()
+    models = [{"model_id": m, "confidence_threshold": 0.55} for m in MODELS[:4]]
+    (tmp_path / "clients" / "christian.yaml").write_text(yaml.safe_dump({
+        "id": "christian", "routing": "both",
+        "strategies": [{"id": "consensus_v1", "symbols": ["ETHUSD", "XRPUSD"], "timeframes": ["5m"],
+                        "aggregation": "majority", "models": models}]}))
+    proc = run_cli("config", "validate", "--root", str(tmp_path), env={"COLUMNS": "80"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = proc.stdout.splitlines()
+    assert all(len(line) <= 80 for line in lines), proc.stdout
+    assert lines[1].split() == ["worker", "models", "routing"]
+    # the worker id whole, the models wrapped in their column
+    assert lines[3].split()[:2] == ["christian.consensus_v1.ETHUSD.5m", "swing_high>=0.55,"]
+    assert lines[3].split()[-1] == "both" and "swing_low_short>=0.55" in proc.stdout
+    wide = run_cli("config", "validate", "--root", str(tmp_path), "--wide", env={"COLUMNS": "80"}).stdout
+    assert wide.splitlines()[1].split() == ["worker", "models", "routing", "aggregation", "exposure", "budget"]
+    assert "majority" in wide and "0.500" in wide

@@ -7,6 +7,7 @@ not the point here). Functions that run in child processes live at module level.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sqlite3
@@ -292,7 +293,14 @@ def test_exit_two_goes_fatal_without_restart(tmp_path: Path, managers) -> None:
     assert all(r["state"] == "FATAL" and r["restarts"] == 0 and r["exit_code"] == 2 for r in rows.values()), rows
     for wid in rows:
         assert sum(e["kind"] == "failure" for e in m.events(wid)) == 1
+        # every state change is an event of the worker's state object, kept in the control store
+        changes = [json.loads(e["detail"]) for e in m.events(wid) if e["kind"] == "state"]
+        assert [(c["from"], c["to"], c["exit_code"]) for c in changes] == [("STOPPED", "STARTING", None),
+                                                                         ("STARTING", "FATAL", 2)]
+        assert changes[1]["reason"] == "exit code 2" and changes[0]["pid"] == changes[1]["pid"] is not None
     assert m.proc.poll() is None  # the manager lives on
+    proc = cli(root, "status")
+    assert proc.returncode == 3 and proc.stdout.count("FATAL") == 2  # a worker is not as it should be
     assert m.stop() == 0
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 from pathlib import Path
 
 import duckdb
@@ -24,9 +25,11 @@ def root(tmp_path: Path) -> Path:
                                 "bea": client_yaml("bea", ["BTCUSD", "ETHUSD"])})
 
 
-def status(root: Path) -> dict:
+def status(root: Path, code: int | None = None) -> dict:
+    """`status` as JSON; exit 0 (all as they should be) or 3 (FATAL, BACKOFF, UNKNOWN or no manager),
+    exactly `code` when given."""
     proc = cli(root, "status", "--output", "json")
-    assert proc.returncode == 0, proc.stderr
+    assert proc.returncode in ((0, 3) if code is None else (code,)), proc.stdout + proc.stderr
     return json.loads(proc.stdout)
 
 
@@ -34,8 +37,8 @@ def test_status_pause_resume_restart_and_stop_from_the_cli(root: Path, managers)
     m = start(managers, root)
     m.wait_states("RUNNING", count=4)
     until(lambda: all(w["signals"] is not None for w in status(root)["workers"]), 30, "heartbeats in status")
-    doc = status(root)
-    assert doc["manager_pid"] == m.pid
+    doc = status(root, 0)
+    assert doc["manager_pid"] == m.pid and doc["manager"] == "running"
     rows = {w["worker"]: w for w in doc["workers"]}
     assert sorted(rows) == sorted([BEA_BTC, BEA_ETH, ODUM_BTC, ODUM_SOL])
     for w in rows.values():
@@ -80,14 +83,62 @@ def test_status_pause_resume_restart_and_stop_from_the_cli(root: Path, managers)
                            "FROM runs").fetchall() == [("stopped", "synthetic", 7, "mock")]
     assert m.proc.wait(30) == 0
     assert all(gone(p) for p in (r["pid"] for r in rows.values()))
-    assert status(root)["manager_pid"] is None
+    assert status(root, 3)["manager_pid"] is None  # no manager: exit 3
+    runs = json.loads(cli(root, "runs", "list", "-o", "json").stdout)
+    counts = json.loads(cli(root, "signals", "count", "--mode", "mock", "--by", "mode", "-o", "json").stdout)
+    # the manager's run records what its writer stored (this fleet's mock decisions, none replayed)
+    # and how long it ran
+    assert [(r["mode"], r["status"]) for r in runs] == [("mock", "stopped")]
+    assert runs[0]["signals"] == counts["total"]["signals"] > 0
+    assert runs[0]["rejections"] == counts["total"]["rejections"] > 0
+    assert runs[0]["bars"] == runs[0]["signals"] + runs[0]["rejections"] and runs[0]["bar_rejections"] == 0
+    assert runs[0]["elapsed_s"] > 1 and runs[0]["bars_per_s"] > 0
 
 
 def test_commands_without_a_manager_exit_1_and_leave_no_pending_row(root: Path) -> None:
     proc = cli(root, "pause", "--strategy", ODUM_BTC)
     assert proc.returncode == 1 and "no manager runs" in proc.stderr
     proc = cli(root, "status")
-    assert proc.returncode == 0 and "not running" in proc.stdout
+    assert proc.returncode == 3 and "not running" in proc.stdout
+
+
+def test_status_of_a_frozen_manager_a_killed_one_and_the_next(root: Path, managers) -> None:
+    m = start(managers, root, "odum")
+    m.wait_states("RUNNING", count=2)
+    until(lambda: cli(root, "status").returncode == 0, 30, lambda: status(root))
+    old = {w["worker"]: w["pid"] for w in status(root, 0)["workers"]}
+    os.kill(m.pid, signal.SIGSTOP)  # a stalled manager supervises nothing
+    try:
+        doc = status(root, 3)
+        assert doc["manager"] == "frozen" and [w["state"] for w in doc["workers"]] == ["UNKNOWN", "UNKNOWN"]
+    finally:
+        os.kill(m.pid, signal.SIGCONT)
+    until(lambda: cli(root, "status").returncode == 0, 30, lambda: status(root))
+
+    m.kill()  # kill -9: its workers die with it, their rows stay behind
+    until(lambda: all(gone(p) for p in old.values()), 30, "the workers died with their manager")
+    doc = status(root, 3)
+    assert doc["manager"] == "gone" and [(w["state"], w["last_state"], w["pid"]) for w in doc["workers"]] == [
+        ("UNKNOWN", "RUNNING", None)] * 2
+    assert all(w["reason"].startswith("manager gone; last RUNNING (pid ") for w in doc["workers"])
+    table = cli(root, "status")
+    assert table.returncode == 3 and "manager: not running" in table.stdout
+    assert [line.split()[1] for line in table.stdout.splitlines() if line.startswith(tuple(old))] == ["UNKNOWN"] * 2
+
+    # the next manager: from before it holds the store until its workers run, no row of the dead
+    # one is shown as current
+    m2 = start(managers, root, "odum")
+    seen: list[dict] = []
+
+    def running() -> bool:
+        seen.append(doc := status(root))
+        return doc["manager"] == "running" and [w["state"] for w in doc["workers"]] == ["RUNNING", "RUNNING"]
+
+    until(running, 90, lambda: seen[-1])
+    shown = [(w["state"], w["pid"]) for doc in seen for w in doc["workers"]]
+    assert not [s for s in shown if s[0] != "UNKNOWN" and s[1] in old.values()], shown
+    assert status(root, 0)["manager_pid"] == m2.pid
+    assert m2.stop() == 0
 
 
 def test_daemon_start_writes_a_pidfile_and_stop_ends_it(root: Path, managers) -> None:
@@ -119,6 +170,17 @@ def test_start_refuses_a_second_manager_and_historical_mode(root: Path, managers
     proc = cli(root, "start", "nobody")
     assert proc.returncode == 2
     assert m.stop() == 0
+
+
+def test_start_live_without_a_broker_is_refused_before_any_worker_starts(root: Path) -> None:
+    for daemon in ((), ("--daemon",)):
+        proc = cli(root, "start", "--mode", "live", "--inference", "mock", *daemon, timeout=60)
+        assert proc.returncode == 2, proc.stdout + proc.stderr
+        assert proc.stderr.splitlines() == ["error: messaging.type: live mode reads bars from a broker, and environment "
+                                            "local-dev has none (messaging.type local): use an environment with "
+                                            "Redis, such as --env local-integration"]
+    assert not (root / "var" / "local-dev" / "control.sqlite").exists()  # no manager, no worker ever started
+    assert not (root / "var" / "local-dev" / "logs").exists()
 
 
 def test_shard_takes_a_disjoint_share(root: Path, managers) -> None:
@@ -169,8 +231,12 @@ def test_logs_and_monitor(root: Path, managers) -> None:
     assert proc.returncode == 0, proc.stderr
     assert 1 <= len(proc.stdout.splitlines()) <= 3
     assert proc.stdout.splitlines()[-1] in log.read_text()
-    proc = cli(root, "logs", "--strategy", "odum")  # two logs match
-    assert proc.returncode == 1 and "2 logs match" in proc.stderr
+    (log.parent / f"{BEA_BTC}.log").write_text("bea's line\n")  # another client's log: not shown
+    proc = cli(root, "logs", "--strategy", "odum", "--tail", "1")  # two logs match: both, each under its name
+    assert proc.returncode == 0, proc.stderr
+    assert [line for line in proc.stdout.splitlines() if line.startswith("==> ")] == [
+        f"==> {log} <==", f"==> {log.with_name(ODUM_SOL + '.log')} <=="]
+    assert "bea" not in proc.stdout
     until(lambda: len(m.query("SELECT DISTINCT worker_id FROM resources")) == 2, 30, "resource samples")
     proc = cli(root, "monitor", "--interval", "0.3", "--count", "2")
     assert proc.returncode == 0, proc.stderr

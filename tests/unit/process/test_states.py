@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from signalgen.errors import SignalgenError
 from signalgen.process.states import (
     PROCESS_STATES,
+    TRANSIENT_EXIT,
     TRANSITIONS,
     InvalidTransition,
     State,
@@ -113,10 +114,37 @@ def test_exit_0_is_exited(policy: str, state: State) -> None:
 
 
 @pytest.mark.parametrize(("policy", "expected"), [("restart", S.BACKOFF), ("pause", S.PAUSED), ("stop", S.STOPPED)])
-@pytest.mark.parametrize("code", [1, -9, -11, 75, 137])
+@pytest.mark.parametrize("code", [1, -9, -11, 137])
 @pytest.mark.parametrize("state", [S.STARTING, S.RUNNING])
 def test_failure_follows_the_policy(policy: str, expected: State, code: int, state: State) -> None:
     assert after_exit(at(state), code, policy=policy, max_attempts=5) is expected
+
+
+@pytest.mark.parametrize("policy", ["restart", "pause", "stop"])
+@pytest.mark.parametrize("failures", [0, 5, 99])
+@pytest.mark.parametrize("state", [S.STARTING, S.RUNNING])
+def test_a_transient_exit_backs_off_under_every_policy_and_never_goes_fatal(policy: str, failures: int,
+                                                                            state: State) -> None:
+    # exit 75 (TransientError: disk full, store or broker away) counted as a crash: a few seconds of
+    # ENOSPC made the whole fleet FATAL
+    assert after_exit(at(state, failures=failures), TRANSIENT_EXIT, policy=policy, max_attempts=5) is S.BACKOFF
+
+
+def test_every_change_is_an_event_for_the_listeners() -> None:
+    seen = []
+    proc = at(S.STOPPED)
+    proc.listeners.append(seen.append)
+    proc.pid, proc.restarts = 42, 3
+    proc.change(S.STARTING, 10.0, "start")
+    proc.exit_code = -9
+    proc.change(S.BACKOFF, 11.0, "killed by SIGKILL")
+    assert [(e.old, e.new, e.at, e.reason, e.pid, e.exit_code, e.restarts) for e in seen] == [
+        (S.STOPPED, S.STARTING, 10.0, "start", 42, None, 3), (S.STARTING, S.BACKOFF, 11.0, "killed by SIGKILL", 42, -9, 3)]
+    assert seen[1].detail() == {"from": "STARTING", "to": "BACKOFF", "reason": "killed by SIGKILL", "pid": 42,
+                                "exit_code": -9, "restarts": 3, "failures": 0}
+    with pytest.raises(InvalidTransition):
+        proc.change(S.RUNNING, 12.0)
+    assert len(seen) == 2  # a refused move tells nobody
 
 
 @pytest.mark.parametrize(("failures", "max_attempts", "expected"), [

@@ -119,3 +119,25 @@ def test_a_worker_dies_with_its_parent(tmp_path, short_dir):
         return not [p for p in descendants if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
 
     wait_for(gone, 10, "the worker and the fork server to die")
+
+
+def test_a_lost_writer_is_a_transient_exit_and_the_last_heartbeat_is_a_state(tmp_path, short_dir):
+    # a worker that lost its writer exited 1 (a crash, counted towards FATAL) and its last heartbeat
+    # said "FAILED", which is no worker state
+    from signalgen.process.states import TRANSIENT_EXIT, State
+
+    root = make_root(tmp_path, mock_bar_interval_s=0.05)
+    fleet = Fleet(config(root, "mock", datetime(2025, 1, 8, tzinfo=timezone.utc)), short_dir / "w.sock")
+    control = ControlStore(root / "var/local-dev/control.sqlite")
+    try:
+        fleet.start_all()
+        wait_for(lambda: (b := control.heartbeats()) and len(b) == 3 and all(x["ready"] for x in b.values()),
+                 60, "three ready heartbeats")
+        fleet.server.close()  # the writer goes away under the workers
+        codes = fleet.join_all(timeout=60)
+    finally:
+        fleet.close()
+    assert codes == {wid: TRANSIENT_EXIT for wid in fleet.specs}
+    final = control.heartbeats()
+    control.close()
+    assert {final[wid]["state"] for wid in fleet.specs} == {State.EXITED.value}

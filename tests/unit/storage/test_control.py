@@ -110,6 +110,47 @@ def test_a_row_with_bad_parameters_fails_instead_of_crashing_the_reader(tmp_path
     assert store.command(good + 2).result == {"error": "parameters_json is not a JSON object: '[1]'"}
 
 
+HOSTILE_ROWS = {  # (strategy_id, command, parameters_json, created_at or None for the default) -> reason
+    "deep": ("x", "pause", "[" * 2000 + "]" * 2000, None),
+    "deep_object": ("x", "add-strategy", '{"a":' * 40 + "1" + "}" * 40, None),
+    "big_params": ("x", "add-strategy", '{"config": "' + "y" * (64 * 1024) + '"}', None),
+    "big_id": ("x" * 5_000_000, "pause", "{}", None),
+    "big_command": ("x", "p" * 5000, "{}", None),
+    "yesterday": ("x", "pause", "{}", "yesterday"),
+    "blob_command": ("x", b"pause", "{}", None),
+    "blob_id": (b"odum.*", "pause", "{}", None),  # TEXT affinity turns numbers into text, not blobs
+    "blob_params": ("x", "pause", b"{}", None),
+}
+REASONS = {"deep": "nests deeper than 32 levels", "deep_object": "nests deeper than 32 levels",
+           "big_params": "over the limit of 65,536 bytes", "big_id": "strategy_id is 5,000,000 characters, over the limit of 4,096",
+           "big_command": "command is 5,000 characters", "yesterday": "created_at is not an ISO 8601 time: 'yesterday'",
+           "blob_command": "command is bytes, not text", "blob_id": "strategy_id is bytes, not text",
+           "blob_params": "parameters_json is bytes"}
+
+
+def test_hostile_rows_fail_with_a_bounded_reason_and_the_good_ones_stay_pending(tmp_path: Path) -> None:
+    # each of these crashed or stalled the manager, or would echo megabytes: a deep array raised
+    # RecursionError in pending(), 'yesterday' a ValueError at the manager's start
+    store = ControlStore(tmp_path / "control.sqlite")
+    first = store.submit("resume", "a.b.C.5m")
+    ids = {}
+    with sqlite3.connect(store.path) as con:
+        for name, (sid, command, params, created) in HOSTILE_ROWS.items():
+            cols = "strategy_id, command, parameters_json" + (", created_at" if created else "")
+            args = (sid, command, params) + ((created,) if created else ())
+            ids[name] = con.execute(f"INSERT INTO strategy_commands ({cols}) VALUES "
+                                    f"({', '.join('?' * len(args))})", args).lastrowid
+    last = store.submit("pause", "a.b.C.5m")
+    assert [c.id for c in store.pending()] == [first, last]
+    for name, cid in ids.items():
+        cmd = store.command(cid)
+        assert cmd.status == "failed", name
+        error = cmd.result["error"]
+        assert REASONS[name] in error, (name, error)
+        assert len(error) < 400, (name, len(error))  # an excerpt of the input at most, never the input
+    assert store.pending() == store.pending()  # nothing new fails: the bad rows are done with
+
+
 def test_complete_and_fail_set_processed_at_and_result(tmp_path: Path) -> None:
     store = ControlStore(tmp_path / "control.sqlite")
     a = store.submit("pause", "w1", {"why": "test"})

@@ -58,6 +58,23 @@ def test_newest_and_limit(store):
     assert all(isinstance(i, str) and len(i) == 36 for i in ids)  # canonical UUID text
 
 
+def test_count_by_groups_what_the_rows_hold_also_through_the_holder(store, tmp_path):
+    rows = _rows(store, kind="signals", count_by=("client_id", "mode"))
+    assert rows == [{"client_id": "ikenna", "mode": "historical", "count": 12},
+                    {"client_id": "odum", "mode": "mock", "count": 4}]
+    assert _rows(store, kind="rejections", count_by=()) == [{"count": 6}]
+    # the filters apply before counting: ikenna's 2 symbols over the 2 bars in (START, START + 10m]
+    assert _rows(store, kind="signals", clients=("ikenna",), start=START, end=START + timedelta(minutes=10),
+                 count_by=("symbol",)) == [{"symbol": "AAPL", "count": 2}, {"symbol": "MSFT", "count": 2}]
+    assert _rows(store, kind="signals", clients=("nobody",), count_by=("client_id",)) == []
+    with store.serve_reads():  # another process's read goes through the holder
+        assert read(store.path, ReadQuery(kind="signals", count_by=())).to_dicts() == [{"count": 16}]
+    with pytest.raises(ValidationError):
+        ReadQuery(kind="runs", count_by=())
+    with pytest.raises(ValidationError):
+        ReadQuery(kind="signals", count_by=("generated_at",))
+
+
 def test_a_query_spec_refuses_sql_and_unknown_keys():
     with pytest.raises(ValidationError):
         ReadQuery.model_validate_json('{"kind": "signals; DROP TABLE signals"}')
