@@ -28,9 +28,11 @@ clients_app = typer.Typer(help="Per-client access to the environment's streams."
 app.add_typer(clients_app, name="clients")
 
 # what a client's Redis user may run: reads and consumer-group bookkeeping on its own keys, nothing else
-CLIENT_COMMANDS = ("ping", "select", "client|setname", "xread", "xrange", "xrevrange", "xlen",
-                   "xinfo", "xreadgroup", "xack", "xgroup|create", "xgroup|createconsumer", "xgroup|setid",
-                   "xautoclaim", "xclaim", "xpending")
+# (SELECT only when the environment's database is not 0: in another database XGROUP CREATE ... MKSTREAM
+# could create its streams' names)
+CLIENT_COMMANDS = ("ping", "client|setname", "xread", "xrange", "xrevrange", "xlen", "xinfo", "xreadgroup",
+                   "xack", "xgroup|create", "xgroup|createconsumer", "xgroup|setid", "xgroup|delconsumer",
+                   "xgroup|destroy", "xautoclaim", "xclaim", "xpending")
 
 
 class FeedSource(StrEnum):
@@ -208,8 +210,11 @@ def consume_signals(client, key: str, group: str, consumer: str, *, from_start: 
     import redis
 
     try:
-        client.xgroup_create(key, group, id="0" if from_start else "$", mkstream=True)
+        client.xgroup_create(key, group, id="0" if from_start else "$")
     except redis.ResponseError as exc:
+        if "requires the key to exist" in str(exc):
+            raise SignalgenError(f"stream {key} does not exist yet: `clients grant` and the recorder create it") \
+                from None
         if "BUSYGROUP" not in str(exc):
             raise
         if from_start:
@@ -291,23 +296,24 @@ def consume(client: Annotated[str, typer.Option("--client", "-c", help="Whose si
 
 def grant_client(cfg: RunConfig, client_id: str) -> str:
     """Create or reset `client_id`'s Redis ACL user: its password (from the client's
-    `redis_password_env`), its own keys only, read and consumer-group commands only. Returns its URL,
-    password masked."""
-    from signalgen.outputs.redis import StreamKeys, connect, masked_url
+    `redis_password_env`), its own streams only (created now, empty, where missing), read and
+    consumer-group commands only. Returns its URL, password masked."""
+    import redis
+
+    from signalgen.outputs.redis import StreamKeys, acl_key_pattern, connect, ensure_streams, masked_url
 
     password = client_password(cfg, client_id)
     m = cfg.environment.messaging
     keys = StreamKeys(m.stream_prefix)
-    user = keys.acl_user(client_id)
-    import redis
-
+    user, streams = keys.acl_user(client_id), keys.client_streams(client_id)
     admin = connect(cfg)
+    commands = CLIENT_COMMANDS + (("select",) if admin.connection_pool.connection_kwargs.get("db") else ())
     try:
         admin.execute_command("ACL", "SETUSER", user, "reset", "on", f">{password}", "resetchannels",
-                              *(f"~{p}" for p in keys.client_patterns(client_id)), "-@all",
-                              *(f"+{c}" for c in CLIENT_COMMANDS))
+                              *(f"~{acl_key_pattern(k)}" for k in streams), "-@all", *(f"+{c}" for c in commands))
+        ensure_streams(admin, streams)
     except redis.RedisError as exc:
-        raise SignalgenError(f"Redis refused to create user {user}: {exc}") from None
+        raise SignalgenError(f"Redis refused to create user {user}: {str(exc)[:200]}") from None
     finally:
         admin.close()
     return masked_url(m.url, username=user, password=True)

@@ -1,10 +1,11 @@
 """The manager's decision host when workers write Redis streams (`messaging.type: redis`).
 
-Workers then send their decisions to the clients' streams (`outputs.redis.RedisSink`), and the
-store's one writer is the recorder (`storage.recorder.Recorder`: consumer group `recorder` over every
-configured client's signal and rejection streams of the run's mode, and its bar rejections). The
-manager runs it on a thread beside the store it already holds (and serves reads from), in place of
-the `WriterServer`, with the same small interface: `start()`, `close()`, `address`, `stats["bars"]`.
+Workers then send their decisions to internal streams (`outputs.redis.RedisSink`), and the recorder
+(`storage.recorder.Recorder`: consumer group `recorder` over every configured client's internal
+streams of the run's mode, and its bar rejections) writes them on to the clients' streams, to the
+QuantConnect files and to the store, whose one writer it is. The manager runs it on a thread beside
+the store it already holds (and serves reads from), in place of the `WriterServer`, with the same
+small interface: `start()`, `close()`, `address`, `stats["bars"]`.
 """
 
 from __future__ import annotations
@@ -86,8 +87,9 @@ class RecorderHost:
         except Exception as exc:  # noqa: BLE001 - what is left stays pending: the next recorder stores it
             log.error("recorder could not drain the streams at close: %s", exc)
         finally:
-            rec.client.close()
+            rec.close()
         s = rec.stats
-        log.info("recorder stopped: %d entries, %d signals, %d rejections, %d bar rejections", s.entries, s.signals,
-                 s.rejections, s.bar_rejections, extra={"run_id": self.run_id})
+        log.info("recorder stopped: %d entries, %d signals, %d rejections, %d bar rejections, %d written on to "
+                 "clients' streams", s.entries, s.signals, s.rejections, s.bar_rejections, s.forwarded,
+                 extra={"run_id": self.run_id})
 

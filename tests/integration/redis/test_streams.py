@@ -85,7 +85,7 @@ def test_sink_checkpoint_advances_only_when_redis_has_the_entries(tmp_path, regi
         assert read_checkpoints(r, KEYS, "live") == {WORKER: bar_end(ds[-1])}
         sig = pl.concat([d.frames()[0] for d in ds])
         rej = pl.concat([d.frames()[1] for d in ds])
-        assert_same(streamed(r, "live", "odum"), (sig, rej))  # every entry once
+        assert_same(streamed(r, "live", "odum", internal=True), (sig, rej))  # every entry once
         assert r.xlen(KEYS.bar_rejections("live")) == 1
     finally:
         server.stop()
@@ -186,7 +186,7 @@ def test_recorder_claims_a_crashed_consumers_entries_and_replays_idempotently(ro
     try:
         rec = Recorder.from_config(cfg, store, consumer="second", claim_idle_ms=0, block_ms=10)
         rec.ensure_groups()
-        crashed = r.xreadgroup(RECORDER_GROUP, "first", {KEYS.signals("live", "odum"): ">"}, count=100)
+        crashed = r.xreadgroup(RECORDER_GROUP, "first", {KEYS.internal("live", "signals", "odum"): ">"}, count=100)
         assert len(crashed[0][1]) == 100  # read, never acked: "first" died
         rec.recover()
         while rec.step():
@@ -194,9 +194,10 @@ def test_recorder_claims_a_crashed_consumers_entries_and_replays_idempotently(ro
         assert rec.stats.claimed == 100
         for key in rec.streams:
             assert r.xpending(key, RECORDER_GROUP)["pending"] == 0
-        want = streamed(r, "live", "odum")
+        want = streamed(r, "live", "odum", internal=True)
         first = stored(store, "odum")
         assert_same(first, want)
+        assert_same(streamed(r, "live", "odum"), want)  # written on to odum's streams, once
         assert store.read(ReadQuery(kind="signals", modes=("live",))).height == want[0].height
 
         # replay everything: same rows, none added
@@ -208,6 +209,8 @@ def test_recorder_claims_a_crashed_consumers_entries_and_replays_idempotently(ro
         assert again.stats.entries == rec.stats.entries
         for a, b in zip(stored(store, "odum"), first):
             assert_frame_equal(a, b)
+        assert again.stats.forwarded == 0 and again.stats.replayed == rec.stats.forwarded
+        assert_same(streamed(r, "live", "odum"), want)  # nothing written on twice
     finally:
         store.close()
     with duckdb.connect(str(Path(cfg.root) / cfg.environment.storage.path), read_only=True) as db:
