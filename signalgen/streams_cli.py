@@ -14,7 +14,7 @@ import sys
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from enum import StrEnum
 from typing import Annotated, Optional
 
@@ -119,6 +119,20 @@ def feed_frames(cfg: RunConfig, series: list[tuple[str, str]], source: FeedSourc
     return merged_frames(parts)
 
 
+def duration(text: str, option: str) -> timedelta:
+    """Seconds ("300") or a count of a unit ("5m", "4h", "1d"); ConfigError naming `option` otherwise."""
+    from signalgen.config.models import timeframe_delta
+
+    try:
+        return timedelta(seconds=float(text))
+    except ValueError:
+        pass
+    try:
+        return timeframe_delta(text)
+    except ValueError:
+        raise ConfigError(f"{text!r} is not a duration (seconds, or e.g. 5m, 4h, 1d)", field=option) from None
+
+
 @app.command("feed")
 def feed(env: EnvOpt = Environment.LOCAL_INTEGRATION, root: RootOpt = None,
          source: Annotated[FeedSource, typer.Option(help="synthetic (seeded) or files (<data_dir>).")] = FeedSource.SYNTHETIC,
@@ -128,28 +142,53 @@ def feed(env: EnvOpt = Environment.LOCAL_INTEGRATION, root: RootOpt = None,
          bars: Annotated[int, typer.Option(min=1, help="Synthetic: bars per symbol.")] = 100_000,
          backfill: Annotated[int, typer.Option(min=0, help="Synthetic: start this many bars before now.")] = 500,
          start: Annotated[Optional[datetime], typer.Option(help="Synthetic: first bar's start (UTC).")] = None,
+         max_ahead: Annotated[Optional[str], typer.Option(help="Refuse bars ending more than one bar interval "
+                                                          "plus this after the wall clock (seconds or 5m, 4h, 1d; "
+                                                          "default: messaging.max_ahead_s).")] = None,
          seed: Annotated[Optional[int], typer.Option(help="Seed of synthetic bars.")] = None) -> None:
-    """Publish bars to the environment's market-data streams (docs/streams.md), paced at --speed."""
-    from signalgen.data.redis_bars import publish_bars
+    """Publish bars to the environment's market-data streams (docs/streams.md), paced at --speed.
+
+    Bars from too far in the future are refused (exit 1, listed): once in a stream, Redis would refuse
+    every real bar before them."""
+    from signalgen.data.redis_bars import PublishStats, future_streams, publish_bars
+    from signalgen.errors import DataError
     from signalgen.outputs.redis import StreamKeys, connect
 
     cfg = _load(env, Mode.LIVE, root, seed=seed)
     if start is not None and start.tzinfo is None:
         start = start.replace(tzinfo=timezone.utc)
-    series = _series(cfg, symbols)
     m = cfg.environment.messaging
+    ahead = duration(max_ahead, "--max-ahead") if max_ahead is not None else timedelta(seconds=m.max_ahead_s)
+    series = _series(cfg, symbols)
     client = connect(cfg)
+    keys = StreamKeys(m.stream_prefix)
+    blocked = future_streams(client, keys, series, ahead)
+    for (symbol, tf), last in blocked.items():
+        key = keys.bars(symbol, tf)
+        err_console.print(f"{symbol}:{tf}: not published: stream {key} already ends at {last:%Y-%m-%d %H:%M:%S} UTC, "
+                          f"in the future, and Redis refuses every bar before that. Remove the bad entries "
+                          f"(XDEL), then XSETID {key} <the last good id>", highlight=False, markup=False)
+    series = [x for x in series if x not in blocked]
     stop = _stop_on_signals()
     err_console.print(f"feeding {len(series)} series ({', '.join(f'{s}:{t}' for s, t in series)}) at speed {speed:g}",
                       highlight=False)
-    keys = StreamKeys(m.stream_prefix)
     frames = feed_frames(cfg, series, source, start=start, bars=bars, backfill=backfill)
     past, rest = split_at(frames, datetime.now(timezone.utc))
     # bars that already ended go out at once (history for the workers), the rest at --speed
-    first = publish_bars(client, past, keys=keys, maxlen=m.maxlen, speed=0, stop=stop)
-    stats = publish_bars(client, rest, keys=keys, maxlen=m.maxlen, speed=speed, stop=stop)
-    console.print(f"published {first.published + stats.published:,} bars "
-                  f"({first.already_there + stats.already_there:,} already there)", highlight=False)
+    runs = [publish_bars(client, past, keys=keys, maxlen=m.maxlen, speed=0, stop=stop, max_ahead=ahead),
+            publish_bars(client, rest, keys=keys, maxlen=m.maxlen, speed=speed, stop=stop, max_ahead=ahead)]
+    stats = PublishStats(sum(r.published for r in runs), sum(r.already_there for r in runs),
+                         sum(r.refused for r in runs), [e for r in runs for e in r.refused_examples][:3])
+    console.print(f"published {stats.published:,} bars ({stats.already_there:,} already there)", highlight=False)
+    problems = []
+    if stats.refused:
+        problems.append(f"refused {stats.refused:,} bars ending more than one bar interval + {ahead.total_seconds():g} s "
+                        f"after the wall clock (first: {', '.join(stats.refused_examples)}); --max-ahead allows more")
+    if blocked:
+        problems.append(f"{len(blocked)} series not published, their streams end in the future: "
+                        f"{', '.join(f'{s}:{t}' for s, t in blocked)}")
+    if problems:
+        raise DataError("; ".join(problems))
 
 
 def split_at(frames: Iterator, cut: datetime) -> tuple[list, Iterator]:

@@ -12,12 +12,13 @@ import logging
 import threading
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING
 
 import polars as pl
 
+from signalgen.config.models import timeframe_delta
 from signalgen.data.schema import BAR_SCHEMA
 from signalgen.outputs.redis import SCHEMA_VERSION, StreamKeys, connect, iso, own_connection, redis_module, straight
 
@@ -38,6 +39,19 @@ _MS = timedelta(milliseconds=1)
 def entry_id(bar_time: datetime) -> str:
     """The stream ID of a bar: its end time in epoch milliseconds, sequence 0."""
     return f"{(bar_time - _EPOCH) // _MS}-0"
+
+
+def id_time(eid: bytes | str) -> datetime:
+    """The time of a stream ID's milliseconds."""
+    eid = eid.decode() if isinstance(eid, bytes) else eid
+    return _EPOCH + int(eid.split("-")[0]) * _MS
+
+
+def latest_end(timeframe: str, max_ahead: timedelta, now: datetime | None = None) -> datetime:
+    """The latest bar end a stream accepts now: one bar interval plus `max_ahead` after the wall
+    clock. A later bar is refused (`feed`) or dead-lettered (a live worker): Redis refuses any ID
+    not above a stream's last, so one bar from the future would shut out every real bar before it."""
+    return (now or datetime.now(timezone.utc)) + timeframe_delta(timeframe) + max_ahead
 
 
 def encode_bar(bar: dict) -> dict[str, str]:
@@ -89,6 +103,13 @@ def decode_bar(eid: bytes | str, fields: dict, symbol: str, timeframe: str) -> d
 class PublishStats:
     published: int = 0
     already_there: int = 0  # IDs Redis refused as not above the stream's last: published before
+    refused: int = 0        # bars ending too far after the wall clock (`latest_end`): not published
+    refused_examples: list[str] = field(default_factory=list)  # the first few, "SYMBOL tf bar_time"
+
+    def refuse(self, bar: dict) -> None:
+        self.refused += 1
+        if len(self.refused_examples) < 3:
+            self.refused_examples.append(f"{bar['symbol']} {bar['timeframe']} {iso(bar['bar_time'])}")
 
 
 def _is_duplicate(exc: BaseException) -> bool:
@@ -97,13 +118,14 @@ def _is_duplicate(exc: BaseException) -> bool:
 
 def publish_bars(client: redis_lib.Redis, frames: Iterable[pl.DataFrame], *, keys: StreamKeys,
                  maxlen: int = 100_000, speed: float = 0.0, stop: threading.Event | None = None,
-                 on_publish=None) -> PublishStats:
+                 max_ahead: timedelta | None = None, on_publish=None) -> PublishStats:
     """Publish bars (BAR_SCHEMA frames, any symbols) to their streams, in bar-time order per frame.
 
     `speed` 0 publishes as fast as possible; s > 0 paces bar times at s x real time (one pipeline per
-    bar time). A bar already in its stream is counted, not an error. While Redis is unreachable the
-    same bars are retried with backoff (up to 0.5 s), logged once per outage. `on_publish(bar_time)`
-    is called after each bar time is in Redis.
+    bar time). A bar already in its stream is counted, not an error. With `max_ahead`, a bar ending
+    after `latest_end` when its turn comes is refused and counted, not written. While Redis is
+    unreachable the same bars are retried with backoff (up to 0.5 s), logged once per outage.
+    `on_publish(bar_time)` is called after each bar time is handled.
     """
     redis = redis_module()
     stats = PublishStats()
@@ -122,8 +144,13 @@ def publish_bars(client: redis_lib.Redis, frames: Iterable[pl.DataFrame], *, key
                 if wait > 0 and (stop.wait(wait) if stop is not None else time.sleep(wait)):
                     return stats
             rows = list(group.iter_rows(named=True))
-            delay, down = 0.05, False
-            while True:
+            if max_ahead is not None:
+                now = datetime.now(timezone.utc)
+                for bar in [b for b in rows if b["bar_time"] > latest_end(b["timeframe"], max_ahead, now)]:
+                    stats.refuse(bar)
+                    rows.remove(bar)
+            delay, down, results = 0.05, False, []
+            while rows:
                 pipe = client.pipeline(transaction=False)
                 for bar in rows:
                     pipe.xadd(keys.bars(bar["symbol"], bar["timeframe"]), encode_bar(bar), id=entry_id(bar["bar_time"]),
@@ -154,6 +181,22 @@ def publish_bars(client: redis_lib.Redis, frames: Iterable[pl.DataFrame], *, key
     return stats
 
 
+def future_streams(client: redis_lib.Redis, keys: StreamKeys, series: list[tuple[str, str]],
+                   max_ahead: timedelta) -> dict[tuple[str, str], datetime]:
+    """The series whose stream already went past `latest_end` (its last ID, kept even when that entry
+    was deleted, is a time from the future), with that time: Redis refuses every bar before it."""
+    redis = redis_module()
+    found = {}
+    for symbol, tf in series:
+        try:
+            last = client.xinfo_stream(keys.bars(symbol, tf))["last-generated-id"]
+        except redis.ResponseError:  # no such stream yet
+            continue
+        if id_time(last) > latest_end(tf, max_ahead):
+            found[(symbol, tf)] = id_time(last)
+    return found
+
+
 # ---------------------------------------------------------------- the live feed
 
 
@@ -175,8 +218,9 @@ def live_feed(cfg: RunConfig, spec: WorkerSpec, *, after: datetime | None, stop:
     First the warm-up: the last `history_bars(spec)` bars at or before `after` (the checkpoint; the
     worker's `emit_from`), then every bar after it, waiting for new ones with XREAD BLOCK until
     `stop` is set. `after` None starts at the stream's first entry. Reads up to `count` entries at a
-    time. A poison entry goes to the dead-letter stream and is skipped. While Redis is unreachable
-    the read is retried with backoff (up to 0.5 s), logged once per outage.
+    time. A poison entry — or a bar ending after `latest_end` (`messaging.max_ahead_s`), which would
+    move the checkpoint into the future — goes to the dead-letter stream and is skipped. While Redis is unreachable the read is retried with backoff (up to 0.5 s),
+    logged once per outage.
     """
     from signalgen.modes.engine import history_bars
 
@@ -186,10 +230,16 @@ def live_feed(cfg: RunConfig, spec: WorkerSpec, *, after: datetime | None, stop:
     r = client if client is not None else connect(cfg, socket_timeout=block_ms / 1000 + 5)
     key = keys.bars(spec.symbol, spec.timeframe)
 
+    max_ahead = timedelta(seconds=m.max_ahead_s)
+
     def decoded(entries) -> Iterator[dict]:
         for eid, fields in entries:
             try:
-                yield decode_bar(eid, fields, spec.symbol, spec.timeframe)
+                bar = decode_bar(eid, fields, spec.symbol, spec.timeframe)
+                if bar["bar_time"] > latest_end(spec.timeframe, max_ahead):
+                    raise PoisonBar("future", f"bar_time {iso(bar['bar_time'])} is more than {spec.timeframe} + "
+                                              f"{m.max_ahead_s:g} s after the wall clock")
+                yield bar
             except PoisonBar as poison:
                 log.warning("poison bar %s %s: %s", key, eid, poison)
                 try:
