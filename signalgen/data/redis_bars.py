@@ -34,6 +34,8 @@ _VALUES = ("open", "high", "low", "close", "volume")
 _FIELDS = ("v", "symbol", "timeframe", "bar_time", *_VALUES)
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _MS = timedelta(milliseconds=1)
+DEADLETTER_MAX_BYTES = 64 * 1024  # a dead letter keeps at most this much of the poison entry's fields
+DEADLETTER_SEEN_S = 30 * 86_400   # how long a dead-lettered id is remembered (one copy per entry meanwhile)
 
 
 def entry_id(bar_time: datetime) -> str:
@@ -200,15 +202,34 @@ def future_streams(client: redis_lib.Redis, keys: StreamKeys, series: list[tuple
 # ---------------------------------------------------------------- the live feed
 
 
-def dead_letter(client: redis_lib.Redis, keys: StreamKeys, stream: str, eid: bytes | str, fields: dict,
-                poison: PoisonBar, worker: str, maxlen: int = 100_000) -> None:
-    """Copy a poison entry to `<p>:deadletter:bars` with its reason."""
+# One copy per poison entry however many workers read it: the entry's id joins the seen set of its
+# stream (kept DEADLETTER_SEEN_S after the last addition), and only the worker that added it writes the
+# dead letter. KEYS = seen set, dead-letter stream; ARGV = id, ttl, maxlen, fields...
+DEADLETTER_SCRIPT = """
+if redis.call('SADD', KEYS[1], ARGV[1]) == 0 then return 0 end
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', unpack(ARGV, 4))
+return 1
+"""
+
+
+def dead_letter(client: redis_lib.Redis, keys: StreamKeys, symbol: str, timeframe: str, eid: bytes | str,
+                fields: dict, poison: PoisonBar, worker: str, maxlen: int = 100_000,
+                max_bytes: int = DEADLETTER_MAX_BYTES) -> bool:
+    """Copy a poison entry of `bars(symbol, timeframe)` to `<p>:deadletter:bars` with its reason, unless
+    another reader did (True if this call wrote it). Its original fields (as JSON) are clipped to
+    `max_bytes`; `size` then says how large they were."""
     original = {(k.decode(errors="backslashreplace") if isinstance(k, bytes) else str(k)):
                 (v.decode(errors="backslashreplace") if isinstance(v, bytes) else str(v)) for k, v in fields.items()}
-    client.xadd(keys.deadletter, {"v": SCHEMA_VERSION, "stream": stream,
-                                  "id": eid.decode() if isinstance(eid, bytes) else eid,
-                                  "reason": poison.reason, "detail": poison.detail, "worker": worker,
-                                  "fields": json.dumps(original)}, maxlen=maxlen, approximate=True)
+    text = json.dumps(original)
+    letter = {"v": SCHEMA_VERSION, "stream": keys.bars(symbol, timeframe),
+              "id": eid.decode() if isinstance(eid, bytes) else eid,
+              "reason": poison.reason, "detail": poison.detail, "worker": worker, "fields": text}
+    if len(text.encode()) > max_bytes:
+        letter["fields"] = text.encode()[:max_bytes].decode(errors="ignore")
+        letter["size"] = str(len(text.encode()))
+    args = [letter["id"], DEADLETTER_SEEN_S, maxlen, *(x for item in letter.items() for x in item)]
+    return bool(client.eval(DEADLETTER_SCRIPT, 2, keys.deadletter_seen(symbol, timeframe), keys.deadletter, *args))
 
 
 def live_feed(cfg: RunConfig, spec: WorkerSpec, *, after: datetime | None, stop: threading.Event | None = None,
@@ -219,7 +240,8 @@ def live_feed(cfg: RunConfig, spec: WorkerSpec, *, after: datetime | None, stop:
     worker's `emit_from`), then every bar after it, waiting for new ones with XREAD BLOCK until
     `stop` is set. `after` None starts at the stream's first entry. Reads up to `count` entries at a
     time. A poison entry — or a bar ending after `latest_end` (`messaging.max_ahead_s`), which would
-    move the checkpoint into the future — goes to the dead-letter stream and is skipped. While Redis is unreachable the read is retried with backoff (up to 0.5 s),
+    move the checkpoint into the future — goes to the dead-letter stream (once, whoever reads it
+    first) and is skipped. While Redis is unreachable the read is retried with backoff (up to 0.5 s),
     logged once per outage.
     """
     from signalgen.modes.engine import history_bars
@@ -243,7 +265,7 @@ def live_feed(cfg: RunConfig, spec: WorkerSpec, *, after: datetime | None, stop:
             except PoisonBar as poison:
                 log.warning("poison bar %s %s: %s", key, eid, poison)
                 try:
-                    dead_letter(r, keys, key, eid, fields, poison, spec.id, m.maxlen)
+                    dead_letter(r, keys, spec.symbol, spec.timeframe, eid, fields, poison, spec.id, m.maxlen)
                 except redis.RedisError as exc:  # the bar is skipped either way
                     log.warning("could not dead-letter %s %s: %s", key, eid, exc)
 

@@ -68,6 +68,10 @@ class StreamKeys:
     def deadletter(self) -> str:
         return f"{self.prefix}:deadletter:bars"
 
+    def deadletter_seen(self, symbol: str, timeframe: str) -> str:
+        """The set of the ids of `bars(symbol, timeframe)` entries already dead-lettered (one copy each)."""
+        return f"{self.prefix}:deadletter:seen:{symbol}:{timeframe}"
+
     def signals(self, mode: str, client: str) -> str:
         return f"{self.prefix}:{mode}:signals:{client}"
 

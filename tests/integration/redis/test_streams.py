@@ -3,6 +3,7 @@ the recorder (claims, idempotent replays), RedisOutput."""
 
 from __future__ import annotations
 
+import json
 import signal
 import threading
 from datetime import datetime, timezone
@@ -148,6 +149,28 @@ def test_poison_bars_go_to_the_dead_letter_stream(root):
     letters = [{k.decode(): v.decode() for k, v in f.items()} for _, f in r.xrange(KEYS.deadletter)]
     assert sorted(e["reason"] for e in letters) == sorted([*poison, "wrong_schema"])
     assert {e["stream"] for e in letters} == {key} and {e["worker"] for e in letters} == {WORKER}
+
+
+def test_a_poison_entry_is_dead_lettered_once_and_clipped_however_many_workers_read_it(root):
+    from signalgen.data.redis_bars import DEADLETTER_MAX_BYTES
+
+    cfg = load_config("local-integration", "live", root=root)
+    r = connect(cfg)
+    good = pl.concat(bars("SOLUSD", 40))
+    key = KEYS.bars("SOLUSD", "5m")
+    publish_bars(r, [good.head(20)], keys=KEYS)
+    last_ms = int(good["bar_time"][19].timestamp() * 1000)
+    r.xadd(key, {"v": "2", "symbol": "SOLUSD"}, id=f"{last_ms + 1}-0")
+    r.xadd(key, {"v": "1", "symbol": "SOLUSD", "blob": "x" * 1_000_000}, id=f"{last_ms + 2}-0")  # 1 MB
+    publish_bars(r, [good.tail(20)], keys=KEYS)
+    for _ in range(3):  # three workers of the stream (e.g. three clients' strategies on SOLUSD 5m)
+        list(until(live_feed(cfg, spec_of(cfg), after=None, block_ms=100), good["bar_time"][-1]))
+    letters = [{k.decode(): v.decode() for k, v in f.items()} for _, f in r.xrange(KEYS.deadletter)]
+    assert [e["id"] for e in letters] == [f"{last_ms + 1}-0", f"{last_ms + 2}-0"]
+    big = letters[1]
+    assert len(big["fields"].encode()) <= DEADLETTER_MAX_BYTES == 64 * 1024 and int(big["size"]) > 1_000_000
+    assert big["fields"].startswith('{"v": "1", "symbol": "SOLUSD", "blob": "xxx')
+    assert "size" not in letters[0] and json.loads(letters[0]["fields"]) == {"v": "2", "symbol": "SOLUSD"}
 
 
 def test_the_live_feed_reads_the_same_bars_over_resp2_and_resp3(root):
