@@ -228,13 +228,25 @@ def client_password(cfg: RunConfig, client_id: str) -> str:
 
 
 def client_connection(cfg: RunConfig, client_id: str):
-    """A Redis client logged in as `client_id`'s ACL user (password from its `redis_password_env`)."""
+    """A Redis client logged in as `client_id`'s ACL user (password from its `redis_password_env`).
+
+    A refused login is a ConfigError naming the client's file and both causes Redis cannot tell apart
+    (it answers WRONGPASS to either): a password other than the one granted, or no such user."""
     from signalgen.outputs.redis import StreamKeys, connect
 
     password = client_password(cfg, client_id)
     user = StreamKeys(cfg.environment.messaging.stream_prefix).acl_user(client_id)
-    return connect(cfg, username=user, password=password, password_field=f"{client_id}: redis_password_env",
-                   socket_timeout=10)
+    try:
+        return connect(cfg, username=user, password=password, password_field="redis_password_env", socket_timeout=10)
+    except ConfigError as exc:
+        if exc.field != "redis_password_env":
+            raise
+        var = cfg.client(client_id).redis_password_env
+        raise ConfigError(f"Redis refused user {user}: either ${var} differs from the password `clients grant` "
+                          f"set, or the user does not exist — Redis keeps users in memory, so a Redis restarted "
+                          f"without an aclfile has lost every grant. Run `clients grant --client {client_id}` "
+                          f"(docs/streams.md, Access control)", file=cfg.files.get(f"client:{client_id}"),
+                          field="redis_password_env") from None
 
 
 def consume_signals(client, key: str, group: str, consumer: str, *, from_start: bool, stop: threading.Event,
@@ -333,10 +345,12 @@ def consume(client: Annotated[str, typer.Option("--client", "-c", help="Whose si
 # ---------------------------------------------------------------- clients grant
 
 
-def grant_client(cfg: RunConfig, client_id: str) -> str:
+def grant_client(cfg: RunConfig, client_id: str) -> tuple[str, str | None]:
     """Create or reset `client_id`'s Redis ACL user: its password (from the client's
     `redis_password_env`), its own streams only (created now, empty, where missing), read and
-    consumer-group commands only. Returns its URL, password masked."""
+    consumer-group commands only; then `ACL SAVE`, so the user outlives a Redis restart.
+
+    Returns its URL (password masked) and a warning when Redis could not save its users (no aclfile)."""
     import redis
 
     from signalgen.outputs.redis import StreamKeys, acl_key_pattern, connect, ensure_streams, masked_url
@@ -347,15 +361,22 @@ def grant_client(cfg: RunConfig, client_id: str) -> str:
     user, streams = keys.acl_user(client_id), keys.client_streams(client_id)
     admin = connect(cfg)
     commands = CLIENT_COMMANDS + (("select",) if admin.connection_pool.connection_kwargs.get("db") else ())
+    warning = None
     try:
         admin.execute_command("ACL", "SETUSER", user, "reset", "on", f">{password}", "resetchannels",
                               *(f"~{acl_key_pattern(k)}" for k in streams), "-@all", *(f"+{c}" for c in commands))
         ensure_streams(admin, streams)
+        try:
+            admin.execute_command("ACL", "SAVE")
+        except redis.ResponseError as exc:
+            why = "it has no aclfile" if "ACL file" in str(exc) else str(exc)[:200]
+            warning = (f"Redis did not save its users ({why}): {user} is lost when Redis restarts. Start Redis "
+                       f"with an aclfile (docs/streams.md, Access control), or grant again after every restart")
     except redis.RedisError as exc:
         raise SignalgenError(f"Redis refused to create user {user}: {str(exc)[:200]}") from None
     finally:
         admin.close()
-    return masked_url(m.url, username=user, password=True)
+    return masked_url(m.url, username=user, password=True), warning
 
 
 @clients_app.command("grant")
@@ -364,7 +385,10 @@ def clients_grant(client: Annotated[str, typer.Option("--client", "-c", help="Th
     """Create the client's Redis user, allowed to read only its own signal and rejection streams;
     print its connection URL (password masked)."""
     cfg = _load(env, Mode.LIVE, root)
-    console.print(grant_client(cfg, client), highlight=False, markup=False)
+    url, warning = grant_client(cfg, client)
+    console.print(url, highlight=False, markup=False)
+    if warning:
+        err_console.print(f"warning: {warning}", highlight=False, markup=False)
 
 
 # ---------------------------------------------------------------- recorder
