@@ -56,10 +56,16 @@ def _stop_on_signals() -> threading.Event:
 # ---------------------------------------------------------------- feed
 
 
-def _series(cfg: RunConfig, symbols: list[str] | None) -> list[tuple[str, str]]:
-    """(symbol, timeframe) of every enabled strategy, optionally only `symbols`."""
+def _series(cfg: RunConfig, symbols: list[str] | None, timeframes: list[str] | None = None) -> list[tuple[str, str]]:
+    """(symbol, timeframe) of every enabled strategy, optionally only `symbols` and `timeframes`."""
     found = sorted({(sym, tf) for c in cfg.clients for s in c.strategies if s.enabled
                     for sym in s.symbols for tf in s.timeframes})
+    if timeframes:
+        unknown = sorted(set(timeframes) - {tf for _, tf in found})
+        if unknown:
+            raise ConfigError(f"no enabled strategy uses timeframe {', '.join(unknown)}; known: "
+                              f"{', '.join(sorted({tf for _, tf in found}))}", field="--timeframes")
+        found = [(sym, tf) for sym, tf in found if tf in timeframes]
     if symbols:
         unknown = sorted(set(symbols) - {sym for sym, _ in found})
         if unknown:
@@ -90,14 +96,15 @@ def merged_frames(frames_per_series: list[Iterator], rows_per_frame: int = 1000)
 
 
 def feed_frames(cfg: RunConfig, series: list[tuple[str, str]], source: FeedSource, *, start: datetime | None,
-                bars: int, backfill: int) -> Iterator:
-    """The bars `feed` publishes, merged by time: synthetic from `start` (default: `backfill` bars before
-    now), `bars` per series; files: each series' whole file (rows the reader flagged are skipped)."""
+                bars: int, backfill: int) -> tuple[Iterator, int]:
+    """The bars `feed` publishes, merged by time, and how many: synthetic from `start` (default:
+    `backfill` bars before now), `bars` per series; files: each series' whole file (rows the reader
+    flagged are skipped)."""
     from pathlib import Path
 
     from signalgen.config.models import timeframe_delta
 
-    parts = []
+    parts, total = [], 0
     for symbol, tf in series:
         step = timeframe_delta(tf)
         if source is FeedSource.SYNTHETIC:
@@ -109,14 +116,17 @@ def feed_frames(cfg: RunConfig, series: list[tuple[str, str]], source: FeedSourc
                 epoch = datetime(1970, 1, 1, tzinfo=timezone.utc)
                 origin = epoch + ((now - epoch) // step) * step - backfill * step
             parts.append(iter_synthetic_chunks(symbol, tf, origin, origin + bars * step, cfg.seed, 1000))
+            total += bars
         else:
             import polars as pl
 
             from signalgen.data.files import FilesSource
 
             frame = FilesSource(Path(cfg.root) / cfg.environment.paths.data_dir).load(symbol, tf)
-            parts.append(iter([frame.filter(pl.col("problem").is_null() & pl.col("bar_time").is_not_null())]))
-    return merged_frames(parts)
+            frame = frame.filter(pl.col("problem").is_null() & pl.col("bar_time").is_not_null())
+            parts.append(iter([frame]))
+            total += frame.height
+    return merged_frames(parts), total
 
 
 def duration(text: str, option: str) -> timedelta:
@@ -139,6 +149,8 @@ def feed(env: EnvOpt = Environment.LOCAL_INTEGRATION, root: RootOpt = None,
          speed: Annotated[float, typer.Option(min=0, help="Bar time per real time (1: real time, 0: as fast "
                                                           "as possible).")] = 1.0,
          symbols: Annotated[Optional[list[str]], typer.Option("--symbols", help="Only these symbols (repeatable).")] = None,
+         timeframes: Annotated[Optional[list[str]], typer.Option("--timeframes", help="Only these timeframes "
+                                                                 "(repeatable).")] = None,
          bars: Annotated[int, typer.Option(min=1, help="Synthetic: bars per symbol.")] = 100_000,
          backfill: Annotated[int, typer.Option(min=0, help="Synthetic: start this many bars before now.")] = 500,
          start: Annotated[Optional[datetime], typer.Option(help="Synthetic: first bar's start (UTC).")] = None,
@@ -159,7 +171,7 @@ def feed(env: EnvOpt = Environment.LOCAL_INTEGRATION, root: RootOpt = None,
         start = start.replace(tzinfo=timezone.utc)
     m = cfg.environment.messaging
     ahead = duration(max_ahead, "--max-ahead") if max_ahead is not None else timedelta(seconds=m.max_ahead_s)
-    series = _series(cfg, symbols)
+    series = _series(cfg, symbols, timeframes)
     client = connect(cfg)
     keys = StreamKeys(m.stream_prefix)
     blocked = future_streams(client, keys, series, ahead)
@@ -172,11 +184,19 @@ def feed(env: EnvOpt = Environment.LOCAL_INTEGRATION, root: RootOpt = None,
     stop = _stop_on_signals()
     err_console.print(f"feeding {len(series)} series ({', '.join(f'{s}:{t}' for s, t in series)}) at speed {speed:g}",
                       highlight=False)
-    frames = feed_frames(cfg, series, source, start=start, bars=bars, backfill=backfill)
+    frames, total = feed_frames(cfg, series, source, start=start, bars=bars, backfill=backfill)
     past, rest = split_at(frames, datetime.now(timezone.utc))
-    # bars that already ended go out at once (history for the workers), the rest at --speed
-    runs = [publish_bars(client, past, keys=keys, maxlen=m.maxlen, speed=0, stop=stop, max_ahead=ahead),
-            publish_bars(client, rest, keys=keys, maxlen=m.maxlen, speed=speed, stop=stop, max_ahead=ahead)]
+    with _progress() as progress:
+        task = progress.add_task("bars", total=total)
+
+        def advance(_bar_time, n: int) -> None:
+            progress.advance(task, n)
+
+        # bars that already ended go out at once (history for the workers), the rest at --speed
+        runs = [publish_bars(client, past, keys=keys, maxlen=m.maxlen, speed=0, stop=stop, max_ahead=ahead,
+                             on_publish=advance),
+                publish_bars(client, rest, keys=keys, maxlen=m.maxlen, speed=speed, stop=stop, max_ahead=ahead,
+                             on_publish=advance)]
     stats = PublishStats(sum(r.published for r in runs), sum(r.already_there for r in runs),
                          sum(r.refused for r in runs), [e for r in runs for e in r.refused_examples][:3])
     console.print(f"published {stats.published:,} bars ({stats.already_there:,} already there)", highlight=False)
@@ -189,6 +209,14 @@ def feed(env: EnvOpt = Environment.LOCAL_INTEGRATION, root: RootOpt = None,
                         f"{', '.join(f'{s}:{t}' for s, t in blocked)}")
     if problems:
         raise DataError("; ".join(problems))
+
+
+def _progress():
+    """A progress bar on stderr when it is a terminal (nothing otherwise)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress("{task.description}", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), "eta",
+                    TimeRemainingColumn(), console=err_console, disable=not err_console.is_terminal)
 
 
 def split_at(frames: Iterator, cut: datetime) -> tuple[list, Iterator]:

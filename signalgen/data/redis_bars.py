@@ -127,7 +127,7 @@ def publish_bars(client: redis_lib.Redis, frames: Iterable[pl.DataFrame], *, key
     bar time). A bar already in its stream is counted, not an error. With `max_ahead`, a bar ending
     after `latest_end` when its turn comes is refused and counted, not written. While Redis is
     unreachable the same bars are retried with backoff (up to 0.5 s), logged once per outage.
-    `on_publish(bar_time)` is called after each bar time is handled.
+    `on_publish(bar_time, n)` is called after each bar time's `n` bars are handled.
     """
     redis = redis_module()
     stats = PublishStats()
@@ -139,18 +139,19 @@ def publish_bars(client: redis_lib.Redis, frames: Iterable[pl.DataFrame], *, key
         for (bar_time,), group in frame.group_by("bar_time", maintain_order=True):
             if stop is not None and stop.is_set():
                 return stats
+            wait = 0.0
             if speed > 0:
                 if origin is None:
                     origin = (bar_time, time.monotonic())
                 wait = origin[1] + (bar_time - origin[0]).total_seconds() / speed - time.monotonic()
-                if wait > 0 and (stop.wait(wait) if stop is not None else time.sleep(wait)):
-                    return stats
             rows = list(group.iter_rows(named=True))
-            if max_ahead is not None:
-                now = datetime.now(timezone.utc)
-                for bar in [b for b in rows if b["bar_time"] > latest_end(b["timeframe"], max_ahead, now)]:
+            if max_ahead is not None:  # judged at their turn, without waiting for the ones refused then
+                due = datetime.now(timezone.utc) + timedelta(seconds=max(wait, 0.0))
+                for bar in [b for b in rows if b["bar_time"] > latest_end(b["timeframe"], max_ahead, due)]:
                     stats.refuse(bar)
                     rows.remove(bar)
+            if rows and wait > 0 and (stop.wait(wait) if stop is not None else time.sleep(wait)):
+                return stats
             delay, down, results = 0.05, False, []
             while rows:
                 pipe = client.pipeline(transaction=False)
@@ -179,7 +180,7 @@ def publish_bars(client: redis_lib.Redis, frames: Iterable[pl.DataFrame], *, key
             if down:
                 log.warning("feed: Redis is back")
             if on_publish is not None:
-                on_publish(bar_time)
+                on_publish(bar_time, group.height)
     return stats
 
 

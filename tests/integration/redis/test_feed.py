@@ -66,6 +66,19 @@ def test_feed_refuses_bars_from_the_future_and_says_so(default_root):
     assert "XSETID" in proc.stderr and "published 0 bars (0 already there)" in proc.stdout
 
 
+def test_paced_bars_that_will_be_refused_are_not_waited_for(default_root):
+    """At --speed 300 bar time outruns the wall clock: the 50 bars past now would go out one a second
+    and all but ~2 be refused at their turn; feed refuses them at once instead of waiting ~50 s."""
+    import time
+
+    started = time.monotonic()
+    proc = run_cli("feed", "--env", "local-integration", "--root", str(default_root), "--symbols", "SOLUSD",
+                   "--source", "synthetic", "--speed", "300", "--backfill", "10", "--bars", "60")
+    assert proc.returncode == 1, proc.stderr
+    assert 47 <= int(proc.stderr.split("refused ")[1].split(" bars")[0]) <= 49
+    assert time.monotonic() - started < 25
+
+
 def test_a_worker_dead_letters_a_bar_from_the_future_instead_of_jumping_its_checkpoint(default_root):
     cfg = load_config("local-integration", "live", root=default_root)
     r = connect(cfg)
@@ -86,3 +99,15 @@ def test_a_worker_dead_letters_a_bar_from_the_future_instead_of_jumping_its_chec
     assert letter["reason"] == "future" and letter["id"] == entry_id(FAR)
     decided = [t for d in sink.decisions for t in d.bar_time_us]
     assert max(decided) == int(good["bar_time"][-1].timestamp() * 1e6)  # the checkpoint never saw 2100
+
+
+def test_feed_shows_its_progress_and_takes_only_the_timeframes_asked(root):
+    common = ("feed", "--env", "local-integration", "--root", str(root), "--source", "synthetic", "--speed", "0",
+              "--start", "2030-01-01T00:00:00", "--bars", "110")
+    proc = run_cli(*common, "--timeframes", "5m", "--symbols", "SOLUSD", env={"TTY_COMPATIBLE": "1"})  # a terminal
+    assert proc.returncode == 0, proc.stderr
+    assert "110/110" in proc.stderr and "eta" in proc.stderr  # the progress bar (on stderr only)
+    assert proc.stdout == "published 110 bars (0 already there)\n"
+    assert run_cli(*common, "--symbols", "SOLUSD").stderr.count("110/110") == 0  # not a terminal: no bar
+    proc = run_cli(*common, "--timeframes", "1d")
+    assert proc.returncode == 2 and "--timeframes" in proc.stderr and "no enabled strategy uses timeframe 1d" in proc.stderr
