@@ -61,10 +61,7 @@ class RecorderHost:
         return self
 
     def _loop(self) -> None:
-        from signalgen.modes.sources import background_priority
-
-        background_priority()
-        delay = 0.5
+        delay = 0.5  # at the manager's priority: this thread writes every decision on to its client
         while not self._stop.is_set():
             try:
                 self.recorder.run(self._stop)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import queue
 import socket
 import threading
 import time
@@ -46,6 +47,7 @@ log = logging.getLogger(__name__)
 
 BAR_REJECTION_WIRE = pl.Schema({**BAR_REJECTION_SCHEMA, "run_id": pl.String})
 KINDS = ("signals", "rejections")
+COMMIT_QUEUE = 64  # gathers waiting for the store (~16 s at gather_s 0.25) before reading waits for it
 
 # Writes client entries on, once each: ARGV = maxlen, then per internal stream its key, its number of
 # entries and per entry its id, field count and fields; KEYS = the `forwarded` hash, then each entry's
@@ -109,11 +111,21 @@ class _Held:
     quantconnect: set[str] = field(default_factory=set)  # signal ids routed to QuantConnect files
     since: float = 0.0                                  # monotonic time of the first read
 
+    def add(self, other: _Held) -> None:
+        for key, ids in other.ids.items():
+            self.ids[key] += ids
+        for kind, lines in other.lines.items():
+            self.lines[kind] += lines
+        self.quantconnect |= other.quantconnect
+
 
 class Recorder:
     """Reads one mode's internal streams with consumer group `group` as `consumer`; writes each entry on
     to its client's streams at once (`Routing`: internal or both), and every `gather_s` stores what it
     read (one transaction), merges the signals routed to QuantConnect into their CSV files, then acks.
+    Under `run()` the store's part runs on a thread of its own (at background priority), so a store
+    transaction never holds up the next write-on; reading waits for it only when COMMIT_QUEUE gathers
+    are behind.
 
     `recover()` re-processes this consumer's own pending entries (read before a crash, never acked)
     and claims other consumers' entries idle for `claim_idle_ms` (XAUTOCLAIM); `step()` reads new
@@ -136,6 +148,8 @@ class Recorder:
         self._forward_script = client.register_script(FORWARD_SCRIPT)
         self._held = _Held()
         self._outputs: dict[str, Output] = {}
+        self._committing: queue.Queue | None = None  # the store thread's gathers, while `run()` runs
+        self._error: BaseException | None = None     # the store thread's failure, raised by the next step
 
     @classmethod
     def from_config(cls, cfg: RunConfig, store: SignalStore, **kwargs) -> Recorder:
@@ -203,9 +217,10 @@ class Recorder:
         return done
 
     def step(self) -> int:
-        """Read new entries once and write them on to the clients' streams; commit (store, files, ack)
-        once `gather_s` passed since the first entry held, or a read came back empty or full. A read
-        blocks up to block_ms, or until the held entries' gather ends. Entries read."""
+        """Read new entries once and write them on to the clients' streams; commit what is held (store,
+        files, ack) once `gather_s` passed since the first entry held, or a read came back empty or
+        full. A read blocks up to block_ms, or until the held entries' gather ends. Entries read."""
+        self._raise_error()
         block = self.block_ms
         if self._held.ids:
             block = max(1, min(block, int((self._held.since + self.gather_s - time.monotonic()) * 1000)))
@@ -213,32 +228,42 @@ class Recorder:
                                        count=self.count, block=block)
         n = self._take(reply)
         if self._held.ids and (not n or n >= self.count or time.monotonic() - self._held.since >= self.gather_s):
-            self.commit()
+            self._hand_over()
         return n
 
     def run(self, stop: threading.Event) -> RecorderStats:
         """Until `stop`: recover, then read; claims idle entries again every claim_idle_ms. A lost
-        connection is retried with backoff (up to 1 s), logged once per outage."""
+        connection is retried with backoff (up to 1 s), logged once per outage. The store's part runs
+        on a thread of its own meanwhile; its failure is raised here."""
         redis = self._redis
         delay, down, last_claim = 0.05, False, 0.0
-        while not stop.is_set():
-            try:
-                if time.monotonic() - last_claim >= self.claim_idle_ms / 1000:
-                    self.ensure_groups()
-                    self.recover()
-                    last_claim = time.monotonic()
-                self.step()
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
-                if not down:
-                    down = True
-                    log.warning("recorder: Redis unreachable (%s); retrying", exc)
-                stop.wait(delay)
-                delay = min(delay * 2, 1.0)
-                last_claim = 0.0  # after an outage, re-check groups and pending first
-                continue
-            if down:
-                log.warning("recorder: Redis is back")
-                down, delay = False, 0.05
+        self._committing, self._error = queue.Queue(maxsize=COMMIT_QUEUE), None
+        committer = threading.Thread(target=self._commit_loop, args=(self._committing,), name="recorder-store",
+                                     daemon=True)
+        committer.start()
+        try:
+            while not stop.is_set():
+                try:
+                    if time.monotonic() - last_claim >= self.claim_idle_ms / 1000:
+                        self.ensure_groups()
+                        self.recover()
+                        last_claim = time.monotonic()
+                    self.step()
+                except (redis.ConnectionError, redis.TimeoutError) as exc:
+                    if not down:
+                        down = True
+                        log.warning("recorder: Redis unreachable (%s); retrying", exc)
+                    stop.wait(delay)
+                    delay = min(delay * 2, 1.0)
+                    last_claim = 0.0  # after an outage, re-check groups and pending first
+                    continue
+                if down:
+                    log.warning("recorder: Redis is back")
+                    down, delay = False, 0.05
+        finally:
+            committing, self._committing = self._committing, None
+            committing.put(None)
+            committer.join()
         self.commit()
         return self.stats
 
@@ -325,13 +350,58 @@ class Recorder:
 
     # -- the gathered commit
 
-    def commit(self) -> int:
-        """Store the held entries (one transaction for the decisions), merge the signals routed to
-        QuantConnect into their files, then ack. Entries acked. If it raises, the entries stay pending
-        in Redis: `recover()` takes them again."""
+    def commit(self) -> None:
+        """Commit what is held, and wait until everything handed to the store thread is committed.
+        If it raises, the entries stay pending in Redis: `recover()` takes them again."""
+        if self._held.ids:
+            self._hand_over()
+        if self._committing is not None:
+            self._committing.join()
+        self._raise_error()
+
+    def _hand_over(self) -> None:
         held, self._held = self._held, _Held()
+        if self._committing is None:
+            self._commit(held)
+        else:
+            self._committing.put(held)  # blocks while COMMIT_QUEUE gathers wait: the store is far behind
+
+    def _raise_error(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def _commit_loop(self, committing: queue.Queue) -> None:
+        """The store thread: commits the gathers handed over (those waiting together, in one go) until
+        None. After a failure it drops the rest (they stay pending in Redis) until `run()` is restarted."""
+        from signalgen.modes.sources import background_priority  # the helper lives with the other threads
+
+        background_priority()
+        while True:
+            held, taken = committing.get(), 1
+            end = held is None
+            while not end and not committing.empty():
+                more, taken = committing.get_nowait(), taken + 1
+                if more is None:
+                    end = True
+                else:
+                    held.add(more)
+            try:
+                if held is not None and self._error is None:
+                    self._commit(held)
+            except Exception as exc:  # noqa: BLE001 - raised on the reading thread by its next step
+                self._error = exc
+            finally:
+                for _ in range(taken):
+                    committing.task_done()
+            if end:
+                return
+
+    def _commit(self, held: _Held) -> None:
+        """Store `held` (one transaction for the decisions), merge the signals routed to QuantConnect
+        into their files, then ack."""
         if not held.ids:
-            return 0
+            return
         signals = self._decode(held.lines["signals"], SIGNAL_SCHEMA).unique("signal_id", keep="last",
                                                                              maintain_order=True)
         rejections = self._decode(held.lines["rejections"], REJECTION_SCHEMA).unique(
@@ -351,7 +421,6 @@ class Recorder:
         self.stats.signals += signals.height
         self.stats.rejections += rejections.height
         self.stats.bar_rejections += bars.height
-        return sum(len(ids) for ids in held.ids.values())
 
     def _to_quantconnect(self, signals: pl.DataFrame) -> None:
         """Merge signals into their clients' QuantConnect files (by signal id: a replay rewrites them)."""

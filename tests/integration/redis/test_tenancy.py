@@ -236,3 +236,43 @@ def test_a_decision_reaches_its_clients_stream_before_the_store_gathers_it(cfg):
     got = stored(store, "odum")
     store.close()
     assert got[0].height + got[1].height == 5
+
+
+def test_a_slow_store_does_not_hold_up_the_write_on(cfg):
+    """Store transactions run on a thread of their own: with every commit taking 3 s, bars that arrive
+    meanwhile still reach the client's stream at once (on one thread each waited for the commit)."""
+    import time
+
+    spec, memory = decide(cfg, ODUM, 200)
+    store = open_store(cfg)
+    write_decisions = store.write_decisions
+
+    def slow(signals, rejections):
+        time.sleep(3.0)
+        return write_decisions(signals, rejections)
+
+    store.write_decisions = slow
+    r = connect(cfg)
+    stop = threading.Event()
+    rec = Recorder.from_config(cfg, store, consumer="rec", block_ms=50, gather_s=0.05)
+    rec.ensure_groups()
+    thread = threading.Thread(target=rec.run, args=(stop,))
+    thread.start()
+    sink = RedisSink.from_config(cfg)
+    late = []
+    try:
+        for d in memory.decisions[-20:]:
+            before = r.xlen(KEYS.signals("live", "odum")) + r.xlen(KEYS.rejections("live", "odum"))
+            sent = time.monotonic()
+            sink.record(spec, d)
+            wait_for(lambda: r.xlen(KEYS.signals("live", "odum")) + r.xlen(KEYS.rejections("live", "odum")) > before,
+                     10, "the decision on odum's stream")
+            late.append(time.monotonic() - sent)
+            time.sleep(0.05)
+    finally:
+        sink.close()
+        stop.set()
+        thread.join()
+        store.close()
+    assert max(late) < 1.0, late  # a commit takes 3 s
+    assert rec.stats.signals + rec.stats.rejections == 20
