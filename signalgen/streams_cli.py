@@ -60,18 +60,15 @@ def _series(cfg: RunConfig, symbols: list[str] | None, timeframes: list[str] | N
     """(symbol, timeframe) of every enabled strategy, optionally only `symbols` and `timeframes`."""
     found = sorted({(sym, tf) for c in cfg.clients for s in c.strategies if s.enabled
                     for sym in s.symbols for tf in s.timeframes})
-    if timeframes:
-        unknown = sorted(set(timeframes) - {tf for _, tf in found})
-        if unknown:
-            raise ConfigError(f"no enabled strategy uses timeframe {', '.join(unknown)}; known: "
-                              f"{', '.join(sorted({tf for _, tf in found}))}", field="--timeframes")
-        found = [(sym, tf) for sym, tf in found if tf in timeframes]
-    if symbols:
-        unknown = sorted(set(symbols) - {sym for sym, _ in found})
-        if unknown:
-            raise ConfigError(f"no enabled strategy trades {', '.join(unknown)}; known: "
-                              f"{', '.join(sorted({sym for sym, _ in found}))}", field="--symbols")
-        found = [(sym, tf) for sym, tf in found if sym in symbols]
+    for wanted, i, option, what in ((timeframes, 1, "--timeframes", "uses timeframe"), (symbols, 0, "--symbols",
+                                                                                         "trades")):
+        if wanted:
+            known = sorted({series[i] for series in found})
+            unknown = sorted(set(wanted) - set(known))
+            if unknown:
+                raise ConfigError(f"no enabled strategy {what} {', '.join(unknown)}; known: {', '.join(known)}",
+                                  field=option)
+            found = [series for series in found if series[i] in wanted]
     return found
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import shutil
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import polars as pl
@@ -77,6 +78,25 @@ def drain(rec: Recorder) -> None:
     rec.recover()
     while rec.step():
         pass
+
+
+@contextmanager
+def recording(cfg, store, **kwargs):
+    """A recorder running on a thread, as the manager runs it, until the block ends."""
+    rec = Recorder.from_config(cfg, store, consumer="rec", block_ms=50, **kwargs)
+    rec.ensure_groups()
+    stop = threading.Event()
+    thread = threading.Thread(target=rec.run, args=(stop,))
+    thread.start()
+    try:
+        yield rec
+    finally:
+        stop.set()
+        thread.join()
+
+
+def on_odums_streams(r) -> int:
+    return r.xlen(KEYS.signals("live", "odum")) + r.xlen(KEYS.rejections("live", "odum"))
 
 
 def test_a_client_cannot_take_decisions_from_the_store(cfg):
@@ -197,7 +217,7 @@ def test_a_recorder_crash_anywhere_writes_nothing_twice_and_loses_nothing(cfg, w
         with pytest.raises(Crash):
             drain(crashed)
         read = sum(r.xpending(k, RECORDER_GROUP)["pending"] for k in crashed.streams)  # never acked
-        written = r.xlen(KEYS.signals("live", "odum")) + r.xlen(KEYS.rejections("live", "odum"))
+        written = on_odums_streams(r)
         assert read > 0 and written == (0 if where == "before the write on" else read)
         store.__dict__.pop("write_decisions", None)  # the survivor's store works
         survivor = Recorder.from_config(cfg, store, consumer="survivor", block_ms=10, claim_idle_ms=0)
@@ -216,22 +236,13 @@ def test_a_decision_reaches_its_clients_stream_before_the_store_gathers_it(cfg):
     spec, memory = decide(cfg, ODUM, 200)
     store = open_store(cfg)
     r = connect(cfg)
-    stop = threading.Event()
-    rec = Recorder.from_config(cfg, store, consumer="rec", block_ms=50, gather_s=30.0)
-    rec.ensure_groups()
-    thread = threading.Thread(target=rec.run, args=(stop,))
-    thread.start()
     sink = RedisSink.from_config(cfg)
-    try:
+    with recording(cfg, store, gather_s=30.0) as rec:
         for d in memory.decisions[-5:]:
             sink.record(spec, d)
-        wait_for(lambda: r.xlen(KEYS.signals("live", "odum")) + r.xlen(KEYS.rejections("live", "odum")) == 5, 5,
-                 "five decisions on odum's streams")
-        assert rec.stats.transactions == 0  # still gathering
-    finally:
         sink.close()
-        stop.set()
-        thread.join()
+        wait_for(lambda: on_odums_streams(r) == 5, 5, "five decisions on odum's streams")
+        assert rec.stats.transactions == 0  # still gathering
     assert rec.stats.transactions == 1  # stored when the recorder stopped
     got = stored(store, "odum")
     store.close()
@@ -253,26 +264,19 @@ def test_a_slow_store_does_not_hold_up_the_write_on(cfg):
 
     store.write_decisions = slow
     r = connect(cfg)
-    stop = threading.Event()
-    rec = Recorder.from_config(cfg, store, consumer="rec", block_ms=50, gather_s=0.05)
-    rec.ensure_groups()
-    thread = threading.Thread(target=rec.run, args=(stop,))
-    thread.start()
     sink = RedisSink.from_config(cfg)
     late = []
     try:
-        for d in memory.decisions[-20:]:
-            before = r.xlen(KEYS.signals("live", "odum")) + r.xlen(KEYS.rejections("live", "odum"))
-            sent = time.monotonic()
-            sink.record(spec, d)
-            wait_for(lambda: r.xlen(KEYS.signals("live", "odum")) + r.xlen(KEYS.rejections("live", "odum")) > before,
-                     10, "the decision on odum's stream")
-            late.append(time.monotonic() - sent)
-            time.sleep(0.05)
+        with recording(cfg, store, gather_s=0.05) as rec:
+            for d in memory.decisions[-20:]:
+                before, sent = on_odums_streams(r), time.monotonic()
+                sink.record(spec, d)
+                wait_for(lambda: on_odums_streams(r) > before, 10, "the decision on odum's stream")
+                late.append(time.monotonic() - sent)
+                time.sleep(0.05)
     finally:
         sink.close()
-        stop.set()
-        thread.join()
         store.close()
     assert max(late) < 1.0, late  # a commit takes 3 s
     assert rec.stats.signals + rec.stats.rejections == 20
+
