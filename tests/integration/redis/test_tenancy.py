@@ -280,3 +280,20 @@ def test_a_slow_store_does_not_hold_up_the_write_on(cfg):
     assert max(late) < 1.0, late  # a commit takes 3 s
     assert rec.stats.signals + rec.stats.rejections == 20
 
+
+def test_the_manager_hands_the_gil_over_every_half_millisecond_while_it_hosts_the_recorder(cfg):
+    """The write-on thread shares the manager's GIL; Python's default 5 ms turns were its p99 at 100
+    bars/s (bench/live_latency.py, docs/streams.md)."""
+    import sys
+
+    from signalgen.process.recorder_host import RecorderHost
+
+    default = sys.getswitchinterval()
+    store = open_store(cfg)
+    try:
+        host = RecorderHost(cfg, store, run_id="r").start()
+        assert sys.getswitchinterval() <= 0.0005
+        host.close()
+    finally:
+        store.close()
+    assert sys.getswitchinterval() == default
