@@ -199,8 +199,8 @@ def feed(env: EnvOpt = Environment.LOCAL_INTEGRATION, root: RootOpt = None,
     console.print(f"published {stats.published:,} bars ({stats.already_there:,} already there)", highlight=False)
     problems = []
     if stats.refused:
-        problems.append(f"refused {stats.refused:,} bars ending more than one bar interval + {ahead.total_seconds():g} s "
-                        f"after the wall clock (first: {', '.join(stats.refused_examples)}); --max-ahead allows more")
+        problems.append(f"refused {stats.refused:,} bars ending more than one bar interval + "
+                        f"{ahead.total_seconds():g} s after the wall clock (first: {', '.join(stats.refused_examples)}); --max-ahead allows more")
     if blocked:
         problems.append(f"{len(blocked)} series not published, their streams end in the future: "
                         f"{', '.join(f'{s}:{t}' for s, t in blocked)}")
@@ -423,9 +423,11 @@ def clients_grant(client: Annotated[str, typer.Option("--client", "-c", help="Th
 def recorder(env: EnvOpt = Environment.LOCAL_INTEGRATION, root: RootOpt = None, mode: ModeOpt = Mode.LIVE,
              consumer: Annotated[Optional[str], typer.Option(help="Consumer name (default: the host name).")] = None
              ) -> None:
-    """Persist a mode's signals and rejections from the streams into the store, until Ctrl-C.
+    """The decision host of a mode, until Ctrl-C: the workers' decisions on to their clients' streams
+    (as routing says), the QuantConnect files and the store.
 
-    The recorder is the store's only writer; `signals list` reads through it meanwhile."""
+    The recorder is the store's and the clients' streams' only writer; `signals list` reads through it
+    meanwhile."""
     from signalgen.storage import open_store
     from signalgen.storage.recorder import Recorder
 
@@ -437,8 +439,12 @@ def recorder(env: EnvOpt = Environment.LOCAL_INTEGRATION, root: RootOpt = None, 
             rec = Recorder.from_config(cfg, store, consumer=consumer)
             err_console.print(f"recording {len(rec.streams)} streams of mode {mode.value} into {store}",
                               highlight=False)
-            stats = rec.run(stop)
+            try:
+                stats = rec.run(stop)
+            finally:
+                rec.close()
     finally:
         store.close()
     console.print(f"recorded {stats.entries:,} entries: {stats.signals:,} signals, {stats.rejections:,} "
-                  f"rejections, {stats.bar_rejections:,} bar rejections ({stats.bad} skipped)", highlight=False)
+                  f"rejections, {stats.bar_rejections:,} bar rejections ({stats.bad} skipped); "
+                  f"{stats.forwarded:,} written on to the clients' streams", highlight=False)

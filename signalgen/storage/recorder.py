@@ -323,7 +323,8 @@ class Recorder:
                 routing = Routing(fields.get(b"route", b"").decode())
                 record = json.loads(fields[b"data"])
                 if record.get("client_id") != client or record.get("mode") != self.mode or b"id" not in fields:
-                    problem = f"a record of {str(record.get('client_id'))[:64]!r}, mode {str(record.get('mode'))[:16]!r}"
+                    problem = (f"a record of {str(record.get('client_id'))[:64]!r}, "
+                               f"mode {str(record.get('mode'))[:16]!r}")
                 else:
                     return DESTINATIONS[routing]
             except (ValueError, UnicodeDecodeError, AttributeError) as exc:

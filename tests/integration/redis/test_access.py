@@ -122,8 +122,9 @@ def test_a_wrong_password_is_a_config_error_at_start(tmp_path, registry_dir):
 def test_grants_survive_a_redis_restart_with_an_aclfile(tmp_path, registry_dir):
     """Redis keeps ACL users in memory only (AOF and RDB do not hold them); `clients grant` saves them
     to the server's aclfile (ACL SAVE), which a restarted Redis loads."""
-    server = RedisServer(tmp_path / "redis", persistent=True, extra=("--aclfile", str(tmp_path / "redis" / "users.acl")))
-    (tmp_path / "redis" / "users.acl").write_text("")
+    acl = tmp_path / "redis" / "users.acl"
+    server = RedisServer(tmp_path / "redis", persistent=True, extra=("--aclfile", str(acl)))
+    acl.write_text("")  # Redis refuses to start on a missing aclfile
     server.start()
     try:
         root = make_root(tmp_path, registry_dir, server.url)
@@ -131,7 +132,7 @@ def test_grants_survive_a_redis_restart_with_an_aclfile(tmp_path, registry_dir):
         common = ("--env", "local-integration", "--root", str(root), "--client", "odum")
         proc = run_cli("clients", "grant", *common, env=PASSWORDS)
         assert proc.returncode == 0 and "warning" not in proc.stderr, proc.stderr
-        assert "signalgen-odum" in (tmp_path / "redis" / "users.acl").read_text()
+        assert "signalgen-odum" in acl.read_text()
         server.stop(signal.SIGKILL)
         server.start()
         proc = run_cli("consume", *common, "--from-start", "--idle-exit", "1", env=PASSWORDS)

@@ -110,4 +110,5 @@ def test_feed_shows_its_progress_and_takes_only_the_timeframes_asked(root):
     assert proc.stdout == "published 110 bars (0 already there)\n"
     assert run_cli(*common, "--symbols", "SOLUSD").stderr.count("110/110") == 0  # not a terminal: no bar
     proc = run_cli(*common, "--timeframes", "1d")
-    assert proc.returncode == 2 and "--timeframes" in proc.stderr and "no enabled strategy uses timeframe 1d" in proc.stderr
+    assert proc.returncode == 2 and "--timeframes" in proc.stderr
+    assert "no enabled strategy uses timeframe 1d" in proc.stderr
