@@ -215,6 +215,9 @@ class RedisMessagingConfig(Frozen):
     password_env: EnvVarName | None = None
     stream_prefix: str = "signalgen"
     maxlen: int = Field(100_000, gt=0)
+    # a bar may end at most one bar interval plus this long after the wall clock: `feed` refuses later
+    # ones, a live worker dead-letters them (one would make Redis refuse every real bar before it)
+    max_ahead_s: float = Field(300.0, ge=0)
 
 
 class PubSubMessagingConfig(Frozen):

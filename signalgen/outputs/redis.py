@@ -53,7 +53,11 @@ def redis_module():
 
 @dataclass(frozen=True)
 class StreamKeys:
-    """Key names under one `messaging.stream_prefix` (docs/streams.md)."""
+    """Key names under one `messaging.stream_prefix` (docs/streams.md).
+
+    Workers write the `internal` streams, which no client's user may touch; the decision host (the
+    recorder) reads them, and is the only writer of the clients' `signals` / `rejections` streams.
+    """
 
     prefix: str = "signalgen"
 
@@ -64,14 +68,26 @@ class StreamKeys:
     def deadletter(self) -> str:
         return f"{self.prefix}:deadletter:bars"
 
+    def deadletter_seen(self, symbol: str, timeframe: str) -> str:
+        """The set of the ids of `bars(symbol, timeframe)` entries already dead-lettered (one copy each)."""
+        return f"{self.prefix}:deadletter:seen:{symbol}:{timeframe}"
+
     def signals(self, mode: str, client: str) -> str:
         return f"{self.prefix}:{mode}:signals:{client}"
 
     def rejections(self, mode: str, client: str) -> str:
         return f"{self.prefix}:{mode}:rejections:{client}"
 
+    def internal(self, mode: str, kind: str, client: str) -> str:
+        """A worker's decisions of `kind` ("signals" or "rejections") for `client`, before the host."""
+        return f"{self.prefix}:{mode}:internal:{kind}:{client}"
+
     def bar_rejections(self, mode: str) -> str:
-        return f"{self.prefix}:{mode}:bar_rejections"
+        return f"{self.prefix}:{mode}:internal:bar_rejections"
+
+    def forwarded(self, mode: str) -> str:
+        """Hash: internal stream -> the id of its last entry the host wrote to a client's stream."""
+        return f"{self.prefix}:{mode}:internal:forwarded"
 
     def checkpoints(self, mode: str) -> str:
         return f"{self.prefix}:{mode}:checkpoints"
@@ -80,9 +96,35 @@ class StreamKeys:
         """The Redis user of a client (`clients grant`); no ':' so it fits in a URL's user part."""
         return f"{self.prefix}-{client}"
 
-    def client_patterns(self, client: str) -> list[str]:
-        """Key patterns a client's user may touch: its own signal and rejection streams of any mode."""
-        return [f"{self.prefix}:*:signals:{client}", f"{self.prefix}:*:rejections:{client}"]
+    def client_streams(self, client: str, modes: tuple[str, ...] | None = None) -> list[str]:
+        """A client's own streams — its signals and rejections of every mode (or of `modes`): all the
+        keys its user may touch."""
+        from signalgen.config.models import Mode
+
+        return [key(m, client) for m in modes or [m.value for m in Mode] for key in (self.signals, self.rejections)]
+
+
+def acl_key_pattern(key: str) -> str:
+    """`key` as an ACL key pattern that matches it alone (glob characters escaped)."""
+    return "".join("\\" + c if c in "*?[]\\" else c for c in key)
+
+
+# Creates each stream in KEYS that does not exist yet, empty (an entry added and trimmed at once): a
+# client's user may then create consumer groups on its streams but never a key (MKSTREAM finds them).
+ENSURE_STREAMS_SCRIPT = """
+for _, key in ipairs(KEYS) do
+  if redis.call('EXISTS', key) == 0 then
+    redis.call('XADD', key, 'MAXLEN', '0', '*', 'v', '0')
+  end
+end
+return #KEYS
+"""
+
+
+def ensure_streams(client: redis_lib.Redis, keys: list[str]) -> None:
+    """Create the streams among `keys` that do not exist yet (empty); existing ones are untouched."""
+    if keys:
+        client.eval(ENSURE_STREAMS_SCRIPT, len(keys), *keys)
 
 
 # ---------------------------------------------------------------- connections
@@ -315,7 +357,8 @@ class SinkStats:
 
 
 class RedisSink:
-    """A live worker's sink (modes.worker.Sink): decisions -> the client's signal and rejection streams.
+    """A live worker's sink (modes.worker.Sink): decisions -> the internal streams of its client
+    (`StreamKeys.internal`), each entry with the strategy's `route`; the recorder takes them on.
 
     Each batch is one atomic script call (`SEND_SCRIPT`, as MULTI/EXEC would be): the XADDs of its
     entries and the HSET of the worker's checkpoint, so the checkpoint (`checkpoints`) advances only when Redis has applied the entries, and both land
@@ -361,14 +404,15 @@ class RedisSink:
         if not decisions.bars:
             return
         signals, rejections = decision_entries(decisions)
-        client = spec.client.id
-        entries = [(self.keys.signals(decisions.mode, client), e) for e in signals]
-        entries += [(self.keys.rejections(decisions.mode, client), e) for e in rejections]
+        client, route = spec.client.id, spec.routing.value
+        entries = [(self.keys.internal(decisions.mode, "signals", client), {**e, "route": route}) for e in signals]
+        entries += [(self.keys.internal(decisions.mode, "rejections", client), {**e, "route": route})
+                    for e in rejections]
         last = datetime.fromtimestamp(int(decisions.bar_time_us[-1]) / 1e6, timezone.utc)
         self._submit(_Batch(entries, (spec.id, last)))
 
     def record_bar_rejections(self, rejections: pl.DataFrame, run_id: str) -> None:
-        """Bar rejections go to `<p>:<mode>:bar_rejections` for the recorder (no checkpoint: a replay
+        """Bar rejections go to `<p>:<mode>:internal:bar_rejections` for the recorder (no checkpoint: a replay
         re-sends them and the store's upsert keeps one)."""
         if rejections.height:
             key = self.keys.bar_rejections(self.mode)

@@ -115,8 +115,8 @@ def select_specs(specs: list[WorkerSpec], names: list[str] | None) -> list[Worke
 
 def decision_host(cfg: RunConfig, store, *, run_id: str, address: str, authkey: bytes, control_path: str):
     """What takes the workers' decisions to the store, by the environment's messaging: with Redis the
-    workers write the clients' streams and the manager hosts the recorder (the store's one writer, a
-    consumer group over those streams: `process.recorder_host`); otherwise the `WriterServer` that
+    workers write internal streams and the manager hosts the recorder (the store's and the clients'
+    streams' one writer, a consumer group over the internal streams: `process.recorder_host`); otherwise the `WriterServer` that
     workers reach at `address`, which also relays their heartbeats into the control store at
     `control_path`. Both: `start()`, `add_clients()` (a reload added clients), `close()`
     (after the workers stopped), `address`, `stats["bars"]`."""

@@ -9,8 +9,8 @@ that already imported `signalgen.process.preload`); `signalgen.process.worker_cl
    the cores from a burst of workers);
 2. logs to its own rotated file (`args.log_path`);
 3. opens its sink, chosen by the environment's messaging (`open_sink`): with `messaging.type: redis`
-   the client's Redis streams (`RedisSink`: checkpoint in Redis, advanced on EXEC; the manager hosts
-   the recorder), otherwise the manager's writer (`RemoteSink`: hello returns run id and checkpoint);
+   its client's internal Redis streams (`RedisSink`: checkpoint in Redis, advanced with the entries;
+   the manager's recorder takes them on), otherwise the manager's writer (`RemoteSink`: hello returns run id and checkpoint);
 4. feeds its bars after the checkpoint, with the history bars before it for warm-up: mock paced at
    one bar per `mock_bar_interval_s` wall seconds, simulation at the preset's `replay_speed` (0: as
    fast as possible), both from `resume_feed`; live from the market-data stream (`live_feed`,
@@ -345,8 +345,8 @@ def configure_worker_logging(log_path: str, cfg: RunConfig) -> None:
 
 def open_sink(args: WorkerArgs):
     """(sink, run id, checkpoint) of this worker. The environment's messaging picks the sink, for
-    every mode: `redis` -> the client's streams (`RedisSink`; checkpoint from the Redis hash, where
-    it advances only when EXEC applied the batch) and the manager runs the recorder; otherwise the
+    every mode: `redis` -> the client's internal streams (`RedisSink`; checkpoint from the Redis hash,
+    where it advances only with the batch's entries) and the manager runs the recorder; otherwise the
     manager's writer server (`RemoteSink`; its hello gives run id and checkpoint). Live mode needs
     Redis: its bars come from the market-data streams. An unusable Redis (URL, password, server) is
     a ConfigError naming the field: exit 2, never a retry loop."""
