@@ -284,6 +284,9 @@ class PathsConfig(Frozen):
     registry_dir: str = "registry"
     data_dir: str = "var/data"
     output_dir: str = "var/out"
+    # the umask of every process (octal): 077 makes what signalgen creates — stores, control store,
+    # logs, streams, CSV files — 0600, and its folders 0700; they hold tenants' signals
+    umask: Annotated[str, StringConstraints(pattern=r"^0?[0-7]{3}$")] = "077"
 
 
 class EnvironmentConfig(Frozen):

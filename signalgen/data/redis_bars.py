@@ -20,6 +20,7 @@ import polars as pl
 
 from signalgen.config.models import timeframe_delta
 from signalgen.data.schema import BAR_SCHEMA
+from signalgen.errors import TransientError
 from signalgen.outputs.redis import SCHEMA_VERSION, StreamKeys, connect, iso, own_connection, redis_module, straight
 
 if TYPE_CHECKING:
@@ -250,7 +251,7 @@ def live_feed(cfg: RunConfig, spec: WorkerSpec, *, after: datetime | None, stop:
     redis = redis_module()
     m = cfg.environment.messaging
     keys = StreamKeys(m.stream_prefix)
-    r = client if client is not None else connect(cfg, socket_timeout=block_ms / 1000 + 5)
+    r = client if client is not None else connect(cfg, socket_timeout=block_ms / 1000 + 5, down=TransientError)
     key = keys.bars(spec.symbol, spec.timeframe)
 
     max_ahead = timedelta(seconds=m.max_ahead_s)

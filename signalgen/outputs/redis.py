@@ -132,13 +132,15 @@ def ensure_streams(client: redis_lib.Redis, keys: list[str]) -> None:
 
 def connect(cfg: RunConfig, *, username: str | None = None, password: str | None = None,
             password_field: str = "messaging.password_env", socket_timeout: float = 5.0,
-            check: bool = True) -> redis_lib.Redis:
+            check: bool = True, down: type[SignalgenError] = ConfigError) -> redis_lib.Redis:
     """A client of the environment's Redis, checked with PING unless `check` is false.
 
     The password is `password` if given, else the value of `messaging.password_env`. Anything wrong at
     start — a URL that does not parse, a server that does not answer, a wrong password — is a
-    ConfigError naming the field (exit 2): a worker never loops on a configuration mistake. The
-    client does not retry by itself (retries are the caller's, who knows what is safe to repeat).
+    ConfigError naming the field (exit 2): a worker never loops on a configuration mistake. A server
+    that does not answer raises `down` instead: a worker whose manager already reached Redis passes
+    TransientError (the server is away, not misconfigured: wait for it). The client does not retry
+    by itself (retries are the caller's, who knows what is safe to repeat).
     """
     redis = redis_module()
     from redis.backoff import NoBackoff
@@ -158,7 +160,7 @@ def connect(cfg: RunConfig, *, username: str | None = None, password: str | None
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"not a Redis URL ({exc})", file=file, field="messaging.url") from None
     if check:
-        check_connection(client, cfg, password_field=password_field)
+        check_connection(client, cfg, password_field=password_field, down=down)
     return client
 
 
@@ -183,8 +185,9 @@ def straight(conn, *command):
         raise
 
 
-def check_connection(client: redis_lib.Redis, cfg: RunConfig, *, password_field: str) -> None:
-    """PING; a failure becomes a ConfigError naming the field at fault."""
+def check_connection(client: redis_lib.Redis, cfg: RunConfig, *, password_field: str,
+                     down: type[SignalgenError] = ConfigError) -> None:
+    """PING; a failure becomes a ConfigError naming the field at fault (`down` for no answer)."""
     redis = redis_module()
     file = cfg.files.get("environment")
     try:
@@ -198,8 +201,11 @@ def check_connection(client: redis_lib.Redis, cfg: RunConfig, *, password_field:
         raise ConfigError(f"Redis at {masked_url(cfg.environment.messaging.url)} answered {text!r}", file=file,
                           field="messaging.url") from None
     except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
-        raise ConfigError(f"cannot reach Redis at {masked_url(cfg.environment.messaging.url)} ({exc}); "
-                          "is the URL right and the server running?", file=file, field="messaging.url") from None
+        text = f"cannot reach Redis at {masked_url(cfg.environment.messaging.url)} ({exc})"
+        if down is not ConfigError:
+            raise down(text) from None
+        raise ConfigError(f"{text}; is the URL right and the server running?", file=file,
+                          field="messaging.url") from None
 
 
 def masked_url(url: str, username: str | None = None, password: bool = False) -> str:
@@ -393,9 +399,11 @@ class RedisSink:
 
     @classmethod
     def from_config(cls, cfg: RunConfig, **kwargs: Any) -> RedisSink:
-        """The sink of a run's mode on the environment's Redis (checked now: ConfigError if unusable)."""
+        """The sink of a run's mode on the environment's Redis (checked now: ConfigError if misconfigured,
+        TransientError if it does not answer — a worker's manager reached it, so it is away)."""
         m = cfg.environment.messaging
-        return cls(connect(cfg), StreamKeys(m.stream_prefix), cfg.mode.name.value, maxlen=m.maxlen, **kwargs)
+        return cls(connect(cfg, down=TransientError), StreamKeys(m.stream_prefix), cfg.mode.name.value,
+                   maxlen=m.maxlen, **kwargs)
 
     # -- the Sink protocol
 

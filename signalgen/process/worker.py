@@ -48,7 +48,7 @@ from signalgen.config.models import Mode, RunConfig, timeframe_delta
 from signalgen.config.workers import WorkerSpec
 from signalgen.data.validation import validate_bars
 from signalgen.errors import ConfigError, TransientError
-from signalgen.logs import log_to_file
+from signalgen.logs import Outage, log_to_file
 from signalgen.modes.engine import epoch_us, history_bars
 from signalgen.modes.sources import background_priority, bar_chunks, per_bar_feed
 from signalgen.modes.worker import ReplayClock, WallClock, WorkerContext, bar_feed, run_worker
@@ -367,6 +367,24 @@ def open_sink(args: WorkerArgs):
     return sink, sink.run_id, sink.resume_point
 
 
+def open_sink_waiting(args: WorkerArgs, stop: threading.Event) -> tuple:
+    """`open_sink`, waiting out a sink that is away (TransientError: Redis or the writer not
+    answering) with retries from 0.1 s doubling to 2 s: the worker stays STARTING, heartbeating, and
+    takes its first bar once the sink is back. Stopped meanwhile: the TransientError is raised."""
+    delay, outage = 0.1, Outage(log, f"opening the sink of {args.spec.id}")
+    while True:
+        try:
+            opened = open_sink(args)
+        except TransientError as exc:
+            outage.failed(exc)
+            if stop.wait(delay):
+                raise
+            delay = min(2 * delay, 2.0)
+            continue
+        outage.ok()
+        return opened
+
+
 def close_sink(sink, timeout: float | None) -> None:
     """Wait until the sink holds everything (`timeout` None: as long as it takes), then close it."""
     from signalgen.outputs.redis import RedisSink
@@ -404,7 +422,7 @@ def worker_main(args: WorkerArgs) -> int:
         if cfg.mode.name not in STREAMING_MODES:
             raise ConfigError(f"a worker process streams mock, simulation or live, not {cfg.mode.name.value}",
                               file=cfg.files.get("mode"), field="name")
-        sink, run_id, checkpoint = open_sink(args)
+        sink, run_id, checkpoint = open_sink_waiting(args, stop)
         sink_ref.append(sink)
         emit_from = resume_from(cfg, checkpoint)
         log.info("worker started (pid %d), resuming after %s", os.getpid(), emit_from,
