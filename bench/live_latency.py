@@ -2,7 +2,8 @@
 
 On a private redis-server (own port, no persistence), `python strategy_runner.py start --env
 local-integration --mode live` supervises N live workers (clients of 10 symbols each, one strategy of
-two models, 5m bars); the manager hosts the recorder. This process then:
+two models, 5m bars); the manager hosts the recorder, which writes each decision on from the workers'
+internal streams to its client's streams (the path the consumer measures). This process then:
 
 1. publishes ~130 history bars per series (warm-up; old, so decided `stale_data`) and waits until
    every worker's checkpoint holds the last one;
@@ -73,6 +74,7 @@ def setup(root: Path, workers: int, url: str, nice: int | None = None) -> tuple[
     env_file = root / "environments" / "local-integration.yaml"
     env = yaml.safe_load(env_file.read_text())
     env["messaging"]["url"] = url
+    env["messaging"]["max_ahead_s"] = 30 * 86_400.0  # the measured bars run ahead of the wall clock
     env["process"] = {**env["process"], "heartbeat_threshold_s": 120.0,
                       "resource_sample_s": 10.0, **({} if nice is None else {"nice": nice})}
     env["log_level"] = "WARNING"
@@ -462,7 +464,8 @@ def report(res: dict, command: str) -> str:
              f"during the run {res['load'][0]:.0f} (other jobs share the 2 cores).", "",
              f"{res['workers']} live workers ({res['clients']} clients x 10 symbols, one strategy of two models, "
              f"{res['inference']} inference, CPU niceness {res['nice']}) under one manager (`start --env local-integration --mode live`, "
-             f"recorder in the manager), a private redis-server without persistence. All RUNNING after "
+             f"its recorder writing each decision on to its client's streams), a private redis-server without "
+             f"persistence. All RUNNING after "
              f"{res['started_s']:.0f} s; warm-up ({HISTORY} bars per series) decided in {res['warm_s']:.0f} s; "
              f"median private memory (USS) per process {res['uss_mb_median'] or 0:.0f} MB.", "",
              f"Floor (same run): one Redis round trip {fl['rtt_us']:.0f} µs + one single-row inference of both "

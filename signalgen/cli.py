@@ -151,13 +151,20 @@ def _load(env: Environment, mode: Mode, root: Path, clients=None, strategies=Non
           seed=None, backend=None, inference=None, data_source=None):
     from signalgen.config.loader import Overrides, load_config
 
-    from signalgen.logs import configure
-
     overrides = Overrides(start=start, end=end, seed=seed, backend=backend, inference=inference,
                           data_source=data_source, strategies=tuple(strategies or ()))
     cfg = load_config(env, mode, root=find_root(root), clients=clients, overrides=overrides)
-    configure(cfg.environment.log_level)
+    _apply(cfg.environment)
     return cfg
+
+
+def _apply(environment) -> None:
+    """What the environment sets for this process: the log level, and the umask every file and folder
+    signalgen creates is made with (`paths.umask`, default 077: 0600 files, 0700 folders)."""
+    from signalgen.logs import configure
+
+    configure(environment.log_level)
+    os.umask(int(environment.paths.umask, 8))
 
 
 @config_app.command("validate")
@@ -312,11 +319,10 @@ def _print_json(data) -> None:
 def _environment(env: Environment, root: Path | None):
     """The environment profile and the project root; configures logging from its log_level."""
     from signalgen.config.loader import load_environment
-    from signalgen.logs import configure
 
     root = find_root(root)
     e = load_environment(env, root=root)
-    configure(e.log_level)
+    _apply(e)
     return e, Path(root)
 
 
@@ -564,6 +570,7 @@ def main(argv: list[str] | None = None) -> int:
     Usage errors are typer's (exit 2 with usage). Our errors print one line, no traceback:
     ConfigError -> 2, TransientError -> 75, any other SignalgenError -> 1.
     """
+    os.umask(0o077)  # until an environment says otherwise (`paths.umask`): tenants' signals are private
     try:
         app(args=argv)  # standalone: raises SystemExit with typer's own exit code
     except SignalgenError as exc:

@@ -14,7 +14,7 @@ import sys
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from enum import StrEnum
 from typing import Annotated, Optional
 
@@ -28,9 +28,11 @@ clients_app = typer.Typer(help="Per-client access to the environment's streams."
 app.add_typer(clients_app, name="clients")
 
 # what a client's Redis user may run: reads and consumer-group bookkeeping on its own keys, nothing else
-CLIENT_COMMANDS = ("ping", "select", "client|setname", "xread", "xrange", "xrevrange", "xlen",
-                   "xinfo", "xreadgroup", "xack", "xgroup|create", "xgroup|createconsumer", "xgroup|setid",
-                   "xautoclaim", "xclaim", "xpending")
+# (SELECT only when the environment's database is not 0: in another database XGROUP CREATE ... MKSTREAM
+# could create its streams' names)
+CLIENT_COMMANDS = ("ping", "client|setname", "xread", "xrange", "xrevrange", "xlen", "xinfo", "xreadgroup",
+                   "xack", "xgroup|create", "xgroup|createconsumer", "xgroup|setid", "xgroup|delconsumer",
+                   "xgroup|destroy", "xautoclaim", "xclaim", "xpending")
 
 
 class FeedSource(StrEnum):
@@ -54,16 +56,19 @@ def _stop_on_signals() -> threading.Event:
 # ---------------------------------------------------------------- feed
 
 
-def _series(cfg: RunConfig, symbols: list[str] | None) -> list[tuple[str, str]]:
-    """(symbol, timeframe) of every enabled strategy, optionally only `symbols`."""
+def _series(cfg: RunConfig, symbols: list[str] | None, timeframes: list[str] | None = None) -> list[tuple[str, str]]:
+    """(symbol, timeframe) of every enabled strategy, optionally only `symbols` and `timeframes`."""
     found = sorted({(sym, tf) for c in cfg.clients for s in c.strategies if s.enabled
                     for sym in s.symbols for tf in s.timeframes})
-    if symbols:
-        unknown = sorted(set(symbols) - {sym for sym, _ in found})
-        if unknown:
-            raise ConfigError(f"no enabled strategy trades {', '.join(unknown)}; known: "
-                              f"{', '.join(sorted({sym for sym, _ in found}))}", field="--symbols")
-        found = [(sym, tf) for sym, tf in found if sym in symbols]
+    for wanted, i, option, what in ((timeframes, 1, "--timeframes", "uses timeframe"), (symbols, 0, "--symbols",
+                                                                                         "trades")):
+        if wanted:
+            known = sorted({series[i] for series in found})
+            unknown = sorted(set(wanted) - set(known))
+            if unknown:
+                raise ConfigError(f"no enabled strategy {what} {', '.join(unknown)}; known: {', '.join(known)}",
+                                  field=option)
+            found = [series for series in found if series[i] in wanted]
     return found
 
 
@@ -88,14 +93,15 @@ def merged_frames(frames_per_series: list[Iterator], rows_per_frame: int = 1000)
 
 
 def feed_frames(cfg: RunConfig, series: list[tuple[str, str]], source: FeedSource, *, start: datetime | None,
-                bars: int, backfill: int) -> Iterator:
-    """The bars `feed` publishes, merged by time: synthetic from `start` (default: `backfill` bars before
-    now), `bars` per series; files: each series' whole file (rows the reader flagged are skipped)."""
+                bars: int, backfill: int) -> tuple[Iterator, int]:
+    """The bars `feed` publishes, merged by time, and how many: synthetic from `start` (default:
+    `backfill` bars before now), `bars` per series; files: each series' whole file (rows the reader
+    flagged are skipped)."""
     from pathlib import Path
 
     from signalgen.config.models import timeframe_delta
 
-    parts = []
+    parts, total = [], 0
     for symbol, tf in series:
         step = timeframe_delta(tf)
         if source is FeedSource.SYNTHETIC:
@@ -107,14 +113,31 @@ def feed_frames(cfg: RunConfig, series: list[tuple[str, str]], source: FeedSourc
                 epoch = datetime(1970, 1, 1, tzinfo=timezone.utc)
                 origin = epoch + ((now - epoch) // step) * step - backfill * step
             parts.append(iter_synthetic_chunks(symbol, tf, origin, origin + bars * step, cfg.seed, 1000))
+            total += bars
         else:
             import polars as pl
 
             from signalgen.data.files import FilesSource
 
             frame = FilesSource(Path(cfg.root) / cfg.environment.paths.data_dir).load(symbol, tf)
-            parts.append(iter([frame.filter(pl.col("problem").is_null() & pl.col("bar_time").is_not_null())]))
-    return merged_frames(parts)
+            frame = frame.filter(pl.col("problem").is_null() & pl.col("bar_time").is_not_null())
+            parts.append(iter([frame]))
+            total += frame.height
+    return merged_frames(parts), total
+
+
+def duration(text: str, option: str) -> timedelta:
+    """Seconds ("300") or a count of a unit ("5m", "4h", "1d"); ConfigError naming `option` otherwise."""
+    from signalgen.config.models import timeframe_delta
+
+    try:
+        return timedelta(seconds=float(text))
+    except ValueError:
+        pass
+    try:
+        return timeframe_delta(text)
+    except ValueError:
+        raise ConfigError(f"{text!r} is not a duration (seconds, or e.g. 5m, 4h, 1d)", field=option) from None
 
 
 @app.command("feed")
@@ -123,31 +146,74 @@ def feed(env: EnvOpt = Environment.LOCAL_INTEGRATION, root: RootOpt = None,
          speed: Annotated[float, typer.Option(min=0, help="Bar time per real time (1: real time, 0: as fast "
                                                           "as possible).")] = 1.0,
          symbols: Annotated[Optional[list[str]], typer.Option("--symbols", help="Only these symbols (repeatable).")] = None,
+         timeframes: Annotated[Optional[list[str]], typer.Option("--timeframes", help="Only these timeframes "
+                                                                 "(repeatable).")] = None,
          bars: Annotated[int, typer.Option(min=1, help="Synthetic: bars per symbol.")] = 100_000,
          backfill: Annotated[int, typer.Option(min=0, help="Synthetic: start this many bars before now.")] = 500,
          start: Annotated[Optional[datetime], typer.Option(help="Synthetic: first bar's start (UTC).")] = None,
+         max_ahead: Annotated[Optional[str], typer.Option(help="Refuse bars ending more than one bar interval "
+                                                          "plus this after the wall clock (seconds or 5m, 4h, 1d; "
+                                                          "default: messaging.max_ahead_s).")] = None,
          seed: Annotated[Optional[int], typer.Option(help="Seed of synthetic bars.")] = None) -> None:
-    """Publish bars to the environment's market-data streams (docs/streams.md), paced at --speed."""
-    from signalgen.data.redis_bars import publish_bars
+    """Publish bars to the environment's market-data streams (docs/streams.md), paced at --speed.
+
+    Bars from too far in the future are refused (exit 1, listed): once in a stream, Redis would refuse
+    every real bar before them."""
+    from signalgen.data.redis_bars import PublishStats, future_streams, publish_bars
+    from signalgen.errors import DataError
     from signalgen.outputs.redis import StreamKeys, connect
 
     cfg = _load(env, Mode.LIVE, root, seed=seed)
     if start is not None and start.tzinfo is None:
         start = start.replace(tzinfo=timezone.utc)
-    series = _series(cfg, symbols)
     m = cfg.environment.messaging
+    ahead = duration(max_ahead, "--max-ahead") if max_ahead is not None else timedelta(seconds=m.max_ahead_s)
+    series = _series(cfg, symbols, timeframes)
     client = connect(cfg)
+    keys = StreamKeys(m.stream_prefix)
+    blocked = future_streams(client, keys, series, ahead)
+    for (symbol, tf), last in blocked.items():
+        key = keys.bars(symbol, tf)
+        err_console.print(f"{symbol}:{tf}: not published: stream {key} already ends at {last:%Y-%m-%d %H:%M:%S} UTC, "
+                          f"in the future, and Redis refuses every bar before that. Remove the bad entries "
+                          f"(XDEL), then XSETID {key} <the last good id>", highlight=False, markup=False)
+    series = [x for x in series if x not in blocked]
     stop = _stop_on_signals()
     err_console.print(f"feeding {len(series)} series ({', '.join(f'{s}:{t}' for s, t in series)}) at speed {speed:g}",
                       highlight=False)
-    keys = StreamKeys(m.stream_prefix)
-    frames = feed_frames(cfg, series, source, start=start, bars=bars, backfill=backfill)
+    frames, total = feed_frames(cfg, series, source, start=start, bars=bars, backfill=backfill)
     past, rest = split_at(frames, datetime.now(timezone.utc))
-    # bars that already ended go out at once (history for the workers), the rest at --speed
-    first = publish_bars(client, past, keys=keys, maxlen=m.maxlen, speed=0, stop=stop)
-    stats = publish_bars(client, rest, keys=keys, maxlen=m.maxlen, speed=speed, stop=stop)
-    console.print(f"published {first.published + stats.published:,} bars "
-                  f"({first.already_there + stats.already_there:,} already there)", highlight=False)
+    with _progress() as progress:
+        task = progress.add_task("bars", total=total)
+
+        def advance(_bar_time, n: int) -> None:
+            progress.advance(task, n)
+
+        # bars that already ended go out at once (history for the workers), the rest at --speed
+        runs = [publish_bars(client, past, keys=keys, maxlen=m.maxlen, speed=0, stop=stop, max_ahead=ahead,
+                             on_publish=advance),
+                publish_bars(client, rest, keys=keys, maxlen=m.maxlen, speed=speed, stop=stop, max_ahead=ahead,
+                             on_publish=advance)]
+    stats = PublishStats(sum(r.published for r in runs), sum(r.already_there for r in runs),
+                         sum(r.refused for r in runs), [e for r in runs for e in r.refused_examples][:3])
+    console.print(f"published {stats.published:,} bars ({stats.already_there:,} already there)", highlight=False)
+    problems = []
+    if stats.refused:
+        problems.append(f"refused {stats.refused:,} bars ending more than one bar interval + "
+                        f"{ahead.total_seconds():g} s after the wall clock (first: {', '.join(stats.refused_examples)}); --max-ahead allows more")
+    if blocked:
+        problems.append(f"{len(blocked)} series not published, their streams end in the future: "
+                        f"{', '.join(f'{s}:{t}' for s, t in blocked)}")
+    if problems:
+        raise DataError("; ".join(problems))
+
+
+def _progress():
+    """A progress bar on stderr when it is a terminal (nothing otherwise)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress("{task.description}", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), "eta",
+                    TimeRemainingColumn(), console=err_console, disable=not err_console.is_terminal)
 
 
 def split_at(frames: Iterator, cut: datetime) -> tuple[list, Iterator]:
@@ -187,13 +253,25 @@ def client_password(cfg: RunConfig, client_id: str) -> str:
 
 
 def client_connection(cfg: RunConfig, client_id: str):
-    """A Redis client logged in as `client_id`'s ACL user (password from its `redis_password_env`)."""
+    """A Redis client logged in as `client_id`'s ACL user (password from its `redis_password_env`).
+
+    A refused login is a ConfigError naming the client's file and both causes Redis cannot tell apart
+    (it answers WRONGPASS to either): a password other than the one granted, or no such user."""
     from signalgen.outputs.redis import StreamKeys, connect
 
     password = client_password(cfg, client_id)
     user = StreamKeys(cfg.environment.messaging.stream_prefix).acl_user(client_id)
-    return connect(cfg, username=user, password=password, password_field=f"{client_id}: redis_password_env",
-                   socket_timeout=10)
+    try:
+        return connect(cfg, username=user, password=password, password_field="redis_password_env", socket_timeout=10)
+    except ConfigError as exc:
+        if exc.field != "redis_password_env":
+            raise
+        var = cfg.client(client_id).redis_password_env
+        raise ConfigError(f"Redis refused user {user}: either ${var} differs from the password `clients grant` "
+                          f"set, or the user does not exist — Redis keeps users in memory, so a Redis restarted "
+                          f"without an aclfile has lost every grant. Run `clients grant --client {client_id}` "
+                          f"(docs/streams.md, Access control)", file=cfg.files.get(f"client:{client_id}"),
+                          field="redis_password_env") from None
 
 
 def consume_signals(client, key: str, group: str, consumer: str, *, from_start: bool, stop: threading.Event,
@@ -208,8 +286,11 @@ def consume_signals(client, key: str, group: str, consumer: str, *, from_start: 
     import redis
 
     try:
-        client.xgroup_create(key, group, id="0" if from_start else "$", mkstream=True)
+        client.xgroup_create(key, group, id="0" if from_start else "$")
     except redis.ResponseError as exc:
+        if "requires the key to exist" in str(exc):
+            raise SignalgenError(f"stream {key} does not exist yet: `clients grant` and the recorder create it") \
+                from None
         if "BUSYGROUP" not in str(exc):
             raise
         if from_start:
@@ -289,28 +370,38 @@ def consume(client: Annotated[str, typer.Option("--client", "-c", help="Whose si
 # ---------------------------------------------------------------- clients grant
 
 
-def grant_client(cfg: RunConfig, client_id: str) -> str:
+def grant_client(cfg: RunConfig, client_id: str) -> tuple[str, str | None]:
     """Create or reset `client_id`'s Redis ACL user: its password (from the client's
-    `redis_password_env`), its own keys only, read and consumer-group commands only. Returns its URL,
-    password masked."""
-    from signalgen.outputs.redis import StreamKeys, connect, masked_url
+    `redis_password_env`), its own streams only (created now, empty, where missing), read and
+    consumer-group commands only; then `ACL SAVE`, so the user outlives a Redis restart.
+
+    Returns its URL (password masked) and a warning when Redis could not save its users (no aclfile)."""
+    import redis
+
+    from signalgen.outputs.redis import StreamKeys, acl_key_pattern, connect, ensure_streams, masked_url
 
     password = client_password(cfg, client_id)
     m = cfg.environment.messaging
     keys = StreamKeys(m.stream_prefix)
-    user = keys.acl_user(client_id)
-    import redis
-
+    user, streams = keys.acl_user(client_id), keys.client_streams(client_id)
     admin = connect(cfg)
+    commands = CLIENT_COMMANDS + (("select",) if admin.connection_pool.connection_kwargs.get("db") else ())
+    warning = None
     try:
         admin.execute_command("ACL", "SETUSER", user, "reset", "on", f">{password}", "resetchannels",
-                              *(f"~{p}" for p in keys.client_patterns(client_id)), "-@all",
-                              *(f"+{c}" for c in CLIENT_COMMANDS))
+                              *(f"~{acl_key_pattern(k)}" for k in streams), "-@all", *(f"+{c}" for c in commands))
+        ensure_streams(admin, streams)
+        try:
+            admin.execute_command("ACL", "SAVE")
+        except redis.ResponseError as exc:
+            why = "it has no aclfile" if "ACL file" in str(exc) else str(exc)[:200]
+            warning = (f"Redis did not save its users ({why}): {user} is lost when Redis restarts. Start Redis "
+                       f"with an aclfile (docs/streams.md, Access control), or grant again after every restart")
     except redis.RedisError as exc:
-        raise SignalgenError(f"Redis refused to create user {user}: {exc}") from None
+        raise SignalgenError(f"Redis refused to create user {user}: {str(exc)[:200]}") from None
     finally:
         admin.close()
-    return masked_url(m.url, username=user, password=True)
+    return masked_url(m.url, username=user, password=True), warning
 
 
 @clients_app.command("grant")
@@ -319,7 +410,10 @@ def clients_grant(client: Annotated[str, typer.Option("--client", "-c", help="Th
     """Create the client's Redis user, allowed to read only its own signal and rejection streams;
     print its connection URL (password masked)."""
     cfg = _load(env, Mode.LIVE, root)
-    console.print(grant_client(cfg, client), highlight=False, markup=False)
+    url, warning = grant_client(cfg, client)
+    console.print(url, highlight=False, markup=False)
+    if warning:
+        err_console.print(f"warning: {warning}", highlight=False, markup=False)
 
 
 # ---------------------------------------------------------------- recorder
@@ -329,9 +423,11 @@ def clients_grant(client: Annotated[str, typer.Option("--client", "-c", help="Th
 def recorder(env: EnvOpt = Environment.LOCAL_INTEGRATION, root: RootOpt = None, mode: ModeOpt = Mode.LIVE,
              consumer: Annotated[Optional[str], typer.Option(help="Consumer name (default: the host name).")] = None
              ) -> None:
-    """Persist a mode's signals and rejections from the streams into the store, until Ctrl-C.
+    """The decision host of a mode, until Ctrl-C: the workers' decisions on to their clients' streams
+    (as routing says), the QuantConnect files and the store.
 
-    The recorder is the store's only writer; `signals list` reads through it meanwhile."""
+    The recorder is the store's and the clients' streams' only writer; `signals list` reads through it
+    meanwhile."""
     from signalgen.storage import open_store
     from signalgen.storage.recorder import Recorder
 
@@ -343,8 +439,12 @@ def recorder(env: EnvOpt = Environment.LOCAL_INTEGRATION, root: RootOpt = None, 
             rec = Recorder.from_config(cfg, store, consumer=consumer)
             err_console.print(f"recording {len(rec.streams)} streams of mode {mode.value} into {store}",
                               highlight=False)
-            stats = rec.run(stop)
+            try:
+                stats = rec.run(stop)
+            finally:
+                rec.close()
     finally:
         store.close()
     console.print(f"recorded {stats.entries:,} entries: {stats.signals:,} signals, {stats.rejections:,} "
-                  f"rejections, {stats.bar_rejections:,} bar rejections ({stats.bad} skipped)", highlight=False)
+                  f"rejections, {stats.bar_rejections:,} bar rejections ({stats.bad} skipped); "
+                  f"{stats.forwarded:,} written on to the clients' streams", highlight=False)

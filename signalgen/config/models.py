@@ -215,6 +215,9 @@ class RedisMessagingConfig(Frozen):
     password_env: EnvVarName | None = None
     stream_prefix: str = "signalgen"
     maxlen: int = Field(100_000, gt=0)
+    # a bar may end at most one bar interval plus this long after the wall clock: `feed` refuses later
+    # ones, a live worker dead-letters them (one would make Redis refuse every real bar before it)
+    max_ahead_s: float = Field(300.0, ge=0)
 
 
 class PubSubMessagingConfig(Frozen):
@@ -281,6 +284,9 @@ class PathsConfig(Frozen):
     registry_dir: str = "registry"
     data_dir: str = "var/data"
     output_dir: str = "var/out"
+    # the umask of every process (octal): 077 makes what signalgen creates — stores, control store,
+    # logs, streams, CSV files — 0600, and its folders 0700; they hold tenants' signals
+    umask: Annotated[str, StringConstraints(pattern=r"^0?[0-7]{3}$")] = "077"
 
 
 class EnvironmentConfig(Frozen):

@@ -12,13 +12,15 @@ import logging
 import threading
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING
 
 import polars as pl
 
+from signalgen.config.models import timeframe_delta
 from signalgen.data.schema import BAR_SCHEMA
+from signalgen.errors import TransientError
 from signalgen.outputs.redis import SCHEMA_VERSION, StreamKeys, connect, iso, own_connection, redis_module, straight
 
 if TYPE_CHECKING:
@@ -33,11 +35,26 @@ _VALUES = ("open", "high", "low", "close", "volume")
 _FIELDS = ("v", "symbol", "timeframe", "bar_time", *_VALUES)
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _MS = timedelta(milliseconds=1)
+DEADLETTER_MAX_BYTES = 64 * 1024  # a dead letter keeps at most this much of the poison entry's fields
+DEADLETTER_SEEN_S = 30 * 86_400   # how long a dead-lettered id is remembered (one copy per entry meanwhile)
 
 
 def entry_id(bar_time: datetime) -> str:
     """The stream ID of a bar: its end time in epoch milliseconds, sequence 0."""
     return f"{(bar_time - _EPOCH) // _MS}-0"
+
+
+def id_time(eid: bytes | str) -> datetime:
+    """The time of a stream ID's milliseconds."""
+    eid = eid.decode() if isinstance(eid, bytes) else eid
+    return _EPOCH + int(eid.split("-")[0]) * _MS
+
+
+def latest_end(timeframe: str, max_ahead: timedelta, now: datetime | None = None) -> datetime:
+    """The latest bar end a stream accepts now: one bar interval plus `max_ahead` after the wall
+    clock. A later bar is refused (`feed`) or dead-lettered (a live worker): Redis refuses any ID
+    not above a stream's last, so one bar from the future would shut out every real bar before it."""
+    return (now or datetime.now(timezone.utc)) + timeframe_delta(timeframe) + max_ahead
 
 
 def encode_bar(bar: dict) -> dict[str, str]:
@@ -89,6 +106,13 @@ def decode_bar(eid: bytes | str, fields: dict, symbol: str, timeframe: str) -> d
 class PublishStats:
     published: int = 0
     already_there: int = 0  # IDs Redis refused as not above the stream's last: published before
+    refused: int = 0        # bars ending too far after the wall clock (`latest_end`): not published
+    refused_examples: list[str] = field(default_factory=list)  # the first few, "SYMBOL tf bar_time"
+
+    def refuse(self, bar: dict) -> None:
+        self.refused += 1
+        if len(self.refused_examples) < 3:
+            self.refused_examples.append(f"{bar['symbol']} {bar['timeframe']} {iso(bar['bar_time'])}")
 
 
 def _is_duplicate(exc: BaseException) -> bool:
@@ -97,13 +121,14 @@ def _is_duplicate(exc: BaseException) -> bool:
 
 def publish_bars(client: redis_lib.Redis, frames: Iterable[pl.DataFrame], *, keys: StreamKeys,
                  maxlen: int = 100_000, speed: float = 0.0, stop: threading.Event | None = None,
-                 on_publish=None) -> PublishStats:
+                 max_ahead: timedelta | None = None, on_publish=None) -> PublishStats:
     """Publish bars (BAR_SCHEMA frames, any symbols) to their streams, in bar-time order per frame.
 
     `speed` 0 publishes as fast as possible; s > 0 paces bar times at s x real time (one pipeline per
-    bar time). A bar already in its stream is counted, not an error. While Redis is unreachable the
-    same bars are retried with backoff (up to 0.5 s), logged once per outage. `on_publish(bar_time)`
-    is called after each bar time is in Redis.
+    bar time). A bar already in its stream is counted, not an error. With `max_ahead`, a bar ending
+    after `latest_end` when its turn comes is refused and counted, not written. While Redis is
+    unreachable the same bars are retried with backoff (up to 0.5 s), logged once per outage.
+    `on_publish(bar_time, n)` is called after each bar time's `n` bars are handled.
     """
     redis = redis_module()
     stats = PublishStats()
@@ -115,15 +140,21 @@ def publish_bars(client: redis_lib.Redis, frames: Iterable[pl.DataFrame], *, key
         for (bar_time,), group in frame.group_by("bar_time", maintain_order=True):
             if stop is not None and stop.is_set():
                 return stats
+            wait = 0.0
             if speed > 0:
                 if origin is None:
                     origin = (bar_time, time.monotonic())
                 wait = origin[1] + (bar_time - origin[0]).total_seconds() / speed - time.monotonic()
-                if wait > 0 and (stop.wait(wait) if stop is not None else time.sleep(wait)):
-                    return stats
             rows = list(group.iter_rows(named=True))
-            delay, down = 0.05, False
-            while True:
+            if max_ahead is not None:  # judged at their turn, without waiting for the ones refused then
+                due = datetime.now(timezone.utc) + timedelta(seconds=max(wait, 0.0))
+                for bar in [b for b in rows if b["bar_time"] > latest_end(b["timeframe"], max_ahead, due)]:
+                    stats.refuse(bar)
+                    rows.remove(bar)
+            if rows and wait > 0 and (stop.wait(wait) if stop is not None else time.sleep(wait)):
+                return stats
+            delay, down, results = 0.05, False, []
+            while rows:
                 pipe = client.pipeline(transaction=False)
                 for bar in rows:
                     pipe.xadd(keys.bars(bar["symbol"], bar["timeframe"]), encode_bar(bar), id=entry_id(bar["bar_time"]),
@@ -150,22 +181,57 @@ def publish_bars(client: redis_lib.Redis, frames: Iterable[pl.DataFrame], *, key
             if down:
                 log.warning("feed: Redis is back")
             if on_publish is not None:
-                on_publish(bar_time)
+                on_publish(bar_time, group.height)
     return stats
+
+
+def future_streams(client: redis_lib.Redis, keys: StreamKeys, series: list[tuple[str, str]],
+                   max_ahead: timedelta) -> dict[tuple[str, str], datetime]:
+    """The series whose stream already went past `latest_end` (its last ID, kept even when that entry
+    was deleted, is a time from the future), with that time: Redis refuses every bar before it."""
+    redis = redis_module()
+    found = {}
+    for symbol, tf in series:
+        try:
+            last = client.xinfo_stream(keys.bars(symbol, tf))["last-generated-id"]
+        except redis.ResponseError:  # no such stream yet
+            continue
+        if id_time(last) > latest_end(tf, max_ahead):
+            found[(symbol, tf)] = id_time(last)
+    return found
 
 
 # ---------------------------------------------------------------- the live feed
 
 
-def dead_letter(client: redis_lib.Redis, keys: StreamKeys, stream: str, eid: bytes | str, fields: dict,
-                poison: PoisonBar, worker: str, maxlen: int = 100_000) -> None:
-    """Copy a poison entry to `<p>:deadletter:bars` with its reason."""
+# One copy per poison entry however many workers read it: the entry's id joins the seen set of its
+# stream (kept DEADLETTER_SEEN_S after the last addition), and only the worker that added it writes the
+# dead letter. KEYS = seen set, dead-letter stream; ARGV = id, ttl, maxlen, fields...
+DEADLETTER_SCRIPT = """
+if redis.call('SADD', KEYS[1], ARGV[1]) == 0 then return 0 end
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', unpack(ARGV, 4))
+return 1
+"""
+
+
+def dead_letter(client: redis_lib.Redis, keys: StreamKeys, symbol: str, timeframe: str, eid: bytes | str,
+                fields: dict, poison: PoisonBar, worker: str, maxlen: int = 100_000,
+                max_bytes: int = DEADLETTER_MAX_BYTES) -> bool:
+    """Copy a poison entry of `bars(symbol, timeframe)` to `<p>:deadletter:bars` with its reason, unless
+    another reader did (True if this call wrote it). Its original fields (as JSON) are clipped to
+    `max_bytes`; `size` then says how large they were."""
     original = {(k.decode(errors="backslashreplace") if isinstance(k, bytes) else str(k)):
                 (v.decode(errors="backslashreplace") if isinstance(v, bytes) else str(v)) for k, v in fields.items()}
-    client.xadd(keys.deadletter, {"v": SCHEMA_VERSION, "stream": stream,
-                                  "id": eid.decode() if isinstance(eid, bytes) else eid,
-                                  "reason": poison.reason, "detail": poison.detail, "worker": worker,
-                                  "fields": json.dumps(original)}, maxlen=maxlen, approximate=True)
+    text = json.dumps(original)
+    letter = {"v": SCHEMA_VERSION, "stream": keys.bars(symbol, timeframe),
+              "id": eid.decode() if isinstance(eid, bytes) else eid,
+              "reason": poison.reason, "detail": poison.detail, "worker": worker, "fields": text}
+    if len(text.encode()) > max_bytes:
+        letter["fields"] = text.encode()[:max_bytes].decode(errors="ignore")
+        letter["size"] = str(len(text.encode()))
+    args = [letter["id"], DEADLETTER_SEEN_S, maxlen, *(x for item in letter.items() for x in item)]
+    return bool(client.eval(DEADLETTER_SCRIPT, 2, keys.deadletter_seen(symbol, timeframe), keys.deadletter, *args))
 
 
 def live_feed(cfg: RunConfig, spec: WorkerSpec, *, after: datetime | None, stop: threading.Event | None = None,
@@ -175,25 +241,33 @@ def live_feed(cfg: RunConfig, spec: WorkerSpec, *, after: datetime | None, stop:
     First the warm-up: the last `history_bars(spec)` bars at or before `after` (the checkpoint; the
     worker's `emit_from`), then every bar after it, waiting for new ones with XREAD BLOCK until
     `stop` is set. `after` None starts at the stream's first entry. Reads up to `count` entries at a
-    time. A poison entry goes to the dead-letter stream and is skipped. While Redis is unreachable
-    the read is retried with backoff (up to 0.5 s), logged once per outage.
+    time. A poison entry — or a bar ending after `latest_end` (`messaging.max_ahead_s`), which would
+    move the checkpoint into the future — goes to the dead-letter stream (once, whoever reads it
+    first) and is skipped. While Redis is unreachable the read is retried with backoff (up to 0.5 s),
+    logged once per outage.
     """
     from signalgen.modes.engine import history_bars
 
     redis = redis_module()
     m = cfg.environment.messaging
     keys = StreamKeys(m.stream_prefix)
-    r = client if client is not None else connect(cfg, socket_timeout=block_ms / 1000 + 5)
+    r = client if client is not None else connect(cfg, socket_timeout=block_ms / 1000 + 5, down=TransientError)
     key = keys.bars(spec.symbol, spec.timeframe)
+
+    max_ahead = timedelta(seconds=m.max_ahead_s)
 
     def decoded(entries) -> Iterator[dict]:
         for eid, fields in entries:
             try:
-                yield decode_bar(eid, fields, spec.symbol, spec.timeframe)
+                bar = decode_bar(eid, fields, spec.symbol, spec.timeframe)
+                if bar["bar_time"] > latest_end(spec.timeframe, max_ahead):
+                    raise PoisonBar("future", f"bar_time {iso(bar['bar_time'])} is more than {spec.timeframe} + "
+                                              f"{m.max_ahead_s:g} s after the wall clock")
+                yield bar
             except PoisonBar as poison:
                 log.warning("poison bar %s %s: %s", key, eid, poison)
                 try:
-                    dead_letter(r, keys, key, eid, fields, poison, spec.id, m.maxlen)
+                    dead_letter(r, keys, spec.symbol, spec.timeframe, eid, fields, poison, spec.id, m.maxlen)
                 except redis.RedisError as exc:  # the bar is skipped either way
                     log.warning("could not dead-letter %s %s: %s", key, eid, exc)
 

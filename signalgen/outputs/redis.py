@@ -53,7 +53,11 @@ def redis_module():
 
 @dataclass(frozen=True)
 class StreamKeys:
-    """Key names under one `messaging.stream_prefix` (docs/streams.md)."""
+    """Key names under one `messaging.stream_prefix` (docs/streams.md).
+
+    Workers write the `internal` streams, which no client's user may touch; the decision host (the
+    recorder) reads them, and is the only writer of the clients' `signals` / `rejections` streams.
+    """
 
     prefix: str = "signalgen"
 
@@ -64,14 +68,26 @@ class StreamKeys:
     def deadletter(self) -> str:
         return f"{self.prefix}:deadletter:bars"
 
+    def deadletter_seen(self, symbol: str, timeframe: str) -> str:
+        """The set of the ids of `bars(symbol, timeframe)` entries already dead-lettered (one copy each)."""
+        return f"{self.prefix}:deadletter:seen:{symbol}:{timeframe}"
+
     def signals(self, mode: str, client: str) -> str:
         return f"{self.prefix}:{mode}:signals:{client}"
 
     def rejections(self, mode: str, client: str) -> str:
         return f"{self.prefix}:{mode}:rejections:{client}"
 
+    def internal(self, mode: str, kind: str, client: str) -> str:
+        """A worker's decisions of `kind` ("signals" or "rejections") for `client`, before the host."""
+        return f"{self.prefix}:{mode}:internal:{kind}:{client}"
+
     def bar_rejections(self, mode: str) -> str:
-        return f"{self.prefix}:{mode}:bar_rejections"
+        return f"{self.prefix}:{mode}:internal:bar_rejections"
+
+    def forwarded(self, mode: str) -> str:
+        """Hash: internal stream -> the id of its last entry the host wrote to a client's stream."""
+        return f"{self.prefix}:{mode}:internal:forwarded"
 
     def checkpoints(self, mode: str) -> str:
         return f"{self.prefix}:{mode}:checkpoints"
@@ -80,9 +96,35 @@ class StreamKeys:
         """The Redis user of a client (`clients grant`); no ':' so it fits in a URL's user part."""
         return f"{self.prefix}-{client}"
 
-    def client_patterns(self, client: str) -> list[str]:
-        """Key patterns a client's user may touch: its own signal and rejection streams of any mode."""
-        return [f"{self.prefix}:*:signals:{client}", f"{self.prefix}:*:rejections:{client}"]
+    def client_streams(self, client: str, modes: tuple[str, ...] | None = None) -> list[str]:
+        """A client's own streams — its signals and rejections of every mode (or of `modes`): all the
+        keys its user may touch."""
+        from signalgen.config.models import Mode
+
+        return [key(m, client) for m in modes or [m.value for m in Mode] for key in (self.signals, self.rejections)]
+
+
+def acl_key_pattern(key: str) -> str:
+    """`key` as an ACL key pattern that matches it alone (glob characters escaped)."""
+    return "".join("\\" + c if c in "*?[]\\" else c for c in key)
+
+
+# Creates each stream in KEYS that does not exist yet, empty (an entry added and trimmed at once): a
+# client's user may then create consumer groups on its streams but never a key (MKSTREAM finds them).
+ENSURE_STREAMS_SCRIPT = """
+for _, key in ipairs(KEYS) do
+  if redis.call('EXISTS', key) == 0 then
+    redis.call('XADD', key, 'MAXLEN', '0', '*', 'v', '0')
+  end
+end
+return #KEYS
+"""
+
+
+def ensure_streams(client: redis_lib.Redis, keys: list[str]) -> None:
+    """Create the streams among `keys` that do not exist yet (empty); existing ones are untouched."""
+    if keys:
+        client.eval(ENSURE_STREAMS_SCRIPT, len(keys), *keys)
 
 
 # ---------------------------------------------------------------- connections
@@ -90,13 +132,15 @@ class StreamKeys:
 
 def connect(cfg: RunConfig, *, username: str | None = None, password: str | None = None,
             password_field: str = "messaging.password_env", socket_timeout: float = 5.0,
-            check: bool = True) -> redis_lib.Redis:
+            check: bool = True, down: type[SignalgenError] = ConfigError) -> redis_lib.Redis:
     """A client of the environment's Redis, checked with PING unless `check` is false.
 
     The password is `password` if given, else the value of `messaging.password_env`. Anything wrong at
     start — a URL that does not parse, a server that does not answer, a wrong password — is a
-    ConfigError naming the field (exit 2): a worker never loops on a configuration mistake. The
-    client does not retry by itself (retries are the caller's, who knows what is safe to repeat).
+    ConfigError naming the field (exit 2): a worker never loops on a configuration mistake. A server
+    that does not answer raises `down` instead: a worker whose manager already reached Redis passes
+    TransientError (the server is away, not misconfigured: wait for it). The client does not retry
+    by itself (retries are the caller's, who knows what is safe to repeat).
     """
     redis = redis_module()
     from redis.backoff import NoBackoff
@@ -116,7 +160,7 @@ def connect(cfg: RunConfig, *, username: str | None = None, password: str | None
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"not a Redis URL ({exc})", file=file, field="messaging.url") from None
     if check:
-        check_connection(client, cfg, password_field=password_field)
+        check_connection(client, cfg, password_field=password_field, down=down)
     return client
 
 
@@ -141,8 +185,9 @@ def straight(conn, *command):
         raise
 
 
-def check_connection(client: redis_lib.Redis, cfg: RunConfig, *, password_field: str) -> None:
-    """PING; a failure becomes a ConfigError naming the field at fault."""
+def check_connection(client: redis_lib.Redis, cfg: RunConfig, *, password_field: str,
+                     down: type[SignalgenError] = ConfigError) -> None:
+    """PING; a failure becomes a ConfigError naming the field at fault (`down` for no answer)."""
     redis = redis_module()
     file = cfg.files.get("environment")
     try:
@@ -156,8 +201,11 @@ def check_connection(client: redis_lib.Redis, cfg: RunConfig, *, password_field:
         raise ConfigError(f"Redis at {masked_url(cfg.environment.messaging.url)} answered {text!r}", file=file,
                           field="messaging.url") from None
     except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
-        raise ConfigError(f"cannot reach Redis at {masked_url(cfg.environment.messaging.url)} ({exc}); "
-                          "is the URL right and the server running?", file=file, field="messaging.url") from None
+        text = f"cannot reach Redis at {masked_url(cfg.environment.messaging.url)} ({exc})"
+        if down is not ConfigError:
+            raise down(text) from None
+        raise ConfigError(f"{text}; is the URL right and the server running?", file=file,
+                          field="messaging.url") from None
 
 
 def masked_url(url: str, username: str | None = None, password: bool = False) -> str:
@@ -323,7 +371,8 @@ class SinkStats:
 
 
 class RedisSink:
-    """A live worker's sink (modes.worker.Sink): decisions -> the client's signal and rejection streams.
+    """A live worker's sink (modes.worker.Sink): decisions -> the internal streams of its client
+    (`StreamKeys.internal`), each entry with the strategy's `route`; the recorder takes them on.
 
     Each batch is one atomic script call (`SEND_SCRIPT`, as MULTI/EXEC would be): the XADDs of its
     entries and the HSET of the worker's checkpoint, so the checkpoint (`checkpoints`) advances only when Redis has applied the entries, and both land
@@ -358,9 +407,11 @@ class RedisSink:
 
     @classmethod
     def from_config(cls, cfg: RunConfig, **kwargs: Any) -> RedisSink:
-        """The sink of a run's mode on the environment's Redis (checked now: ConfigError if unusable)."""
+        """The sink of a run's mode on the environment's Redis (checked now: ConfigError if misconfigured,
+        TransientError if it does not answer — a worker's manager reached it, so it is away)."""
         m = cfg.environment.messaging
-        return cls(connect(cfg), StreamKeys(m.stream_prefix), cfg.mode.name.value, maxlen=m.maxlen, **kwargs)
+        return cls(connect(cfg, down=TransientError), StreamKeys(m.stream_prefix), cfg.mode.name.value,
+                   maxlen=m.maxlen, **kwargs)
 
     # -- the Sink protocol
 
@@ -369,14 +420,15 @@ class RedisSink:
         if not decisions.bars:
             return
         signals, rejections = decision_entries(decisions)
-        client = spec.client.id
-        entries = [(self.keys.signals(decisions.mode, client), e) for e in signals]
-        entries += [(self.keys.rejections(decisions.mode, client), e) for e in rejections]
+        client, route = spec.client.id, spec.routing.value
+        entries = [(self.keys.internal(decisions.mode, "signals", client), {**e, "route": route}) for e in signals]
+        entries += [(self.keys.internal(decisions.mode, "rejections", client), {**e, "route": route})
+                    for e in rejections]
         last = datetime.fromtimestamp(int(decisions.bar_time_us[-1]) / 1e6, timezone.utc)
         self._submit(_Batch(entries, (spec.id, last)))
 
     def record_bar_rejections(self, rejections: pl.DataFrame, run_id: str) -> None:
-        """Bar rejections go to `<p>:<mode>:bar_rejections` for the recorder (no checkpoint: a replay
+        """Bar rejections go to `<p>:<mode>:internal:bar_rejections` for the recorder (no checkpoint: a replay
         re-sends them and the store's upsert keeps one)."""
         if rejections.height:
             key = self.keys.bar_rejections(self.mode)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import fcntl
 import fnmatch
+import hashlib
 import json
 import logging
 import math
@@ -29,6 +30,7 @@ import multiprocessing
 import os
 import shutil
 import signal
+import stat
 import tempfile
 import threading
 import time
@@ -115,8 +117,8 @@ def select_specs(specs: list[WorkerSpec], names: list[str] | None) -> list[Worke
 
 def decision_host(cfg: RunConfig, store, *, run_id: str, address: str, authkey: bytes, control_path: str):
     """What takes the workers' decisions to the store, by the environment's messaging: with Redis the
-    workers write the clients' streams and the manager hosts the recorder (the store's one writer, a
-    consumer group over those streams: `process.recorder_host`); otherwise the `WriterServer` that
+    workers write internal streams and the manager hosts the recorder (the store's and the clients'
+    streams' one writer, a consumer group over the internal streams: `process.recorder_host`); otherwise the `WriterServer` that
     workers reach at `address`, which also relays their heartbeats into the control store at
     `control_path`. Both: `start()`, `add_clients()` (a reload added clients), `close()`
     (after the workers stopped), `address`, `stats["bars"]`."""
@@ -141,6 +143,25 @@ def default_loader(cfg: RunConfig) -> SpecLoader:
         return new, worker_specs(new)
 
     return load
+
+
+def socket_dir(control_path: str) -> str:
+    """The folder of the manager's writer socket, made empty with mode 0700: one per control store
+    (`/tmp/signalgen-<uid>-<hash of its path>`; short, as AF_UNIX paths are at most 107 bytes), so a
+    manager killed with -9 leaves nothing the next one does not clean up. Call it holding the lock.
+    A path someone else owns, or a symlink, is refused rather than followed."""
+    digest = hashlib.sha256(os.path.abspath(control_path).encode()).hexdigest()[:12]
+    path = os.path.join(tempfile.gettempdir(), f"signalgen-{os.getuid()}-{digest}")
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        pass
+    else:
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+            raise SignalgenError(f"{path} exists and is not a folder of this user's: remove it, then start")
+        shutil.rmtree(path)  # a killed manager's: the lock we hold says it is gone
+    os.mkdir(path, 0o700)
+    return path
 
 
 def _read_pid(path: Path) -> int | None:
@@ -275,7 +296,7 @@ class StrategyProcessManager:
             if self.logfile is not None:
                 log_to_file(self.logfile, max_mb=self.limits.log_max_mb, backups=self.limits.log_backups,
                             only=self.log_only)
-            sock_dir = tempfile.mkdtemp(prefix="signalgen-")  # short: AF_UNIX paths are at most 107 bytes
+            sock_dir = socket_dir(self._control_path)
             held.callback(shutil.rmtree, sock_dir, ignore_errors=True)
             self._ctx = multiprocessing.get_context("forkserver")
             # "__main__" too: otherwise every worker re-imports the manager's main script (for

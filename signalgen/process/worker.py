@@ -9,8 +9,8 @@ that already imported `signalgen.process.preload`); `signalgen.process.worker_cl
    the cores from a burst of workers);
 2. logs to its own rotated file (`args.log_path`);
 3. opens its sink, chosen by the environment's messaging (`open_sink`): with `messaging.type: redis`
-   the client's Redis streams (`RedisSink`: checkpoint in Redis, advanced on EXEC; the manager hosts
-   the recorder), otherwise the manager's writer (`RemoteSink`: hello returns run id and checkpoint);
+   its client's internal Redis streams (`RedisSink`: checkpoint in Redis, advanced with the entries;
+   the manager's recorder takes them on), otherwise the manager's writer (`RemoteSink`: hello returns run id and checkpoint);
 4. feeds its bars after the checkpoint, with the history bars before it for warm-up: mock paced at
    one bar per `mock_bar_interval_s` wall seconds, simulation at the preset's `replay_speed` (0: as
    fast as possible), both from `resume_feed`; live from the market-data stream (`live_feed`,
@@ -48,7 +48,7 @@ from signalgen.config.models import Mode, RunConfig, timeframe_delta
 from signalgen.config.workers import WorkerSpec
 from signalgen.data.validation import validate_bars
 from signalgen.errors import ConfigError, TransientError
-from signalgen.logs import log_to_file
+from signalgen.logs import Outage, log_to_file
 from signalgen.modes.engine import epoch_us, history_bars
 from signalgen.modes.sources import background_priority, bar_chunks, per_bar_feed
 from signalgen.modes.worker import ReplayClock, WallClock, WorkerContext, bar_feed, run_worker
@@ -345,8 +345,8 @@ def configure_worker_logging(log_path: str, cfg: RunConfig) -> None:
 
 def open_sink(args: WorkerArgs):
     """(sink, run id, checkpoint) of this worker. The environment's messaging picks the sink, for
-    every mode: `redis` -> the client's streams (`RedisSink`; checkpoint from the Redis hash, where
-    it advances only when EXEC applied the batch) and the manager runs the recorder; otherwise the
+    every mode: `redis` -> the client's internal streams (`RedisSink`; checkpoint from the Redis hash,
+    where it advances only with the batch's entries) and the manager runs the recorder; otherwise the
     manager's writer server (`RemoteSink`; its hello gives run id and checkpoint). Live mode needs
     Redis: its bars come from the market-data streams. An unusable Redis (URL, password, server) is
     a ConfigError naming the field: exit 2, never a retry loop."""
@@ -365,6 +365,24 @@ def open_sink(args: WorkerArgs):
 
     sink = RemoteSink(args.writer_address, args.authkey, spec)
     return sink, sink.run_id, sink.resume_point
+
+
+def open_sink_waiting(args: WorkerArgs, stop: threading.Event) -> tuple:
+    """`open_sink`, waiting out a sink that is away (TransientError: Redis or the writer not
+    answering) with retries from 0.1 s doubling to 2 s: the worker stays STARTING, heartbeating, and
+    takes its first bar once the sink is back. Stopped meanwhile: the TransientError is raised."""
+    delay, outage = 0.1, Outage(log, f"opening the sink of {args.spec.id}")
+    while True:
+        try:
+            opened = open_sink(args)
+        except TransientError as exc:
+            outage.failed(exc)
+            if stop.wait(delay):
+                raise
+            delay = min(2 * delay, 2.0)
+            continue
+        outage.ok()
+        return opened
 
 
 def close_sink(sink, timeout: float | None) -> None:
@@ -404,7 +422,7 @@ def worker_main(args: WorkerArgs) -> int:
         if cfg.mode.name not in STREAMING_MODES:
             raise ConfigError(f"a worker process streams mock, simulation or live, not {cfg.mode.name.value}",
                               file=cfg.files.get("mode"), field="name")
-        sink, run_id, checkpoint = open_sink(args)
+        sink, run_id, checkpoint = open_sink_waiting(args, stop)
         sink_ref.append(sink)
         emit_from = resume_from(cfg, checkpoint)
         log.info("worker started (pid %d), resuming after %s", os.getpid(), emit_from,

@@ -46,10 +46,12 @@ def reference(cfg, spec, frames) -> tuple[pl.DataFrame, pl.DataFrame]:
     return sink.frames()
 
 
-def streamed(client, mode: str, client_id: str) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """Every entry of a client's signal and rejection streams, decoded, duplicates kept."""
+def streamed(client, mode: str, client_id: str, internal: bool = False) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Every entry of a client's signal and rejection streams (or of the internal streams the workers
+    write for it), decoded, duplicates kept."""
     out = []
-    for key, schema in ((KEYS.signals(mode, client_id), SIGNAL_SCHEMA), (KEYS.rejections(mode, client_id), REJECTION_SCHEMA)):
+    for kind, schema in (("signals", SIGNAL_SCHEMA), ("rejections", REJECTION_SCHEMA)):
+        key = KEYS.internal(mode, kind, client_id) if internal else getattr(KEYS, kind)(mode, client_id)
         out.append(decode_rows([f[b"data"] for _, f in client.xrange(key)], schema))
     return out[0], out[1]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import time
 
 import pytest
@@ -114,5 +115,51 @@ def test_a_wrong_password_is_a_config_error_at_start(tmp_path, registry_dir):
         with pytest.raises(ConfigError) as err:
             connect(load_config("local-integration", "live", root=bare))
         assert err.value.field == "messaging.password_env"
+    finally:
+        server.stop()
+
+
+def test_grants_survive_a_redis_restart_with_an_aclfile(tmp_path, registry_dir):
+    """Redis keeps ACL users in memory only (AOF and RDB do not hold them); `clients grant` saves them
+    to the server's aclfile (ACL SAVE), which a restarted Redis loads."""
+    acl = tmp_path / "redis" / "users.acl"
+    server = RedisServer(tmp_path / "redis", persistent=True, extra=("--aclfile", str(acl)))
+    acl.write_text("")  # Redis refuses to start on a missing aclfile
+    server.start()
+    try:
+        root = make_root(tmp_path, registry_dir, server.url)
+        with_password_envs(root)
+        common = ("--env", "local-integration", "--root", str(root), "--client", "odum")
+        proc = run_cli("clients", "grant", *common, env=PASSWORDS)
+        assert proc.returncode == 0 and "warning" not in proc.stderr, proc.stderr
+        assert "signalgen-odum" in acl.read_text()
+        server.stop(signal.SIGKILL)
+        server.start()
+        proc = run_cli("consume", *common, "--from-start", "--idle-exit", "1", env=PASSWORDS)
+        assert proc.returncode == 0, proc.stderr
+    finally:
+        server.stop()
+
+
+def test_without_an_aclfile_grant_warns_and_a_lost_grant_is_named_as_such(tmp_path, registry_dir):
+    """A Redis without an aclfile cannot keep a grant: `clients grant` says so, and after a restart the
+    consumer's error names the client's file and the lost grant, not local-integration.yaml."""
+    server = RedisServer(tmp_path / "redis", persistent=True).start()
+    try:
+        root = make_root(tmp_path, registry_dir, server.url)
+        with_password_envs(root)
+        common = ("--env", "local-integration", "--root", str(root), "--client", "odum")
+        proc = run_cli("clients", "grant", *common, env=PASSWORDS)
+        assert proc.returncode == 0, proc.stderr
+        assert "warning" in proc.stderr and "aclfile" in proc.stderr and "lost when Redis restarts" in proc.stderr
+        assert run_cli("consume", *common, "--idle-exit", "1", env=PASSWORDS).returncode == 0
+        server.stop(signal.SIGKILL)
+        server.start()
+        proc = run_cli("consume", *common, "--idle-exit", "1", env=PASSWORDS)
+        assert proc.returncode == 2
+        error = " ".join(proc.stderr.split())
+        assert "odum.yaml: redis_password_env" in error and "local-integration.yaml" not in error
+        assert "clients grant --client odum" in error and "aclfile" in error
+        assert PASSWORDS["ODUM_REDIS_PASSWORD"] not in proc.stderr
     finally:
         server.stop()

@@ -44,29 +44,33 @@ def test_feed_worker_consume_recorder(root):
 
     proc = run_cli("clients", "grant", *common, "--client", "odum", env=env)
     assert proc.returncode == 0, proc.stderr
-    proc = run_cli("consume", *common, "--client", "odum", "--from-start", "--format", "json",
-                   "--max", str(outcome.signals), "--idle-exit", "5", env=env)
-    assert proc.returncode == 0, proc.stderr
-    lines = [json.loads(line) for line in proc.stdout.splitlines()]
-    assert len(lines) == outcome.signals
-    assert {x["client_id"] for x in lines} == {"odum"} and {x["mode"] for x in lines} == {"live"}
-    assert len({x["signal_id"] for x in lines}) == len(lines)
-    proc = run_cli("consume", *common, "--client", "odum", "--from-start", "--max", "3", "--idle-exit", "5", env=env)
-    assert proc.returncode == 0 and "odum" in proc.stdout and "momentum_v1" in proc.stdout  # the table
-    # --max reads no further than it prints: the group's next consumer goes on at the 4th signal
-    taken = []
-    for args in (("--from-start", "--max", "3"), ("--max", "2")):
-        proc = run_cli("consume", *common, "--client", "odum", "--group", "paged", *args, "--format", "json",
-                       "--idle-exit", "5", env=env)
-        assert proc.returncode == 0, proc.stderr
-        taken.append([json.loads(line)["signal_id"] for line in proc.stdout.splitlines()])
-    assert [len(t) for t in taken] == [3, 2]
-    assert taken[0] + taken[1] == [x["signal_id"] for x in lines[:5]]
-
+    # the recorder writes the worker's decisions on to odum's streams (and stores them)
     recorder = subprocess.Popen([sys.executable, "strategy_runner.py", "recorder", *common], cwd=REPO,
                                 env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
     try:
+        wait_for(lambda: r.xlen(KEYS.signals("live", "odum")) == outcome.signals, 60, "odum's signals on its stream",
+                 interval=0.2)
+        proc = run_cli("consume", *common, "--client", "odum", "--from-start", "--format", "json",
+                       "--max", str(outcome.signals), "--idle-exit", "5", env=env)
+        assert proc.returncode == 0, proc.stderr
+        lines = [json.loads(line) for line in proc.stdout.splitlines()]
+        assert len(lines) == outcome.signals
+        assert {x["client_id"] for x in lines} == {"odum"} and {x["mode"] for x in lines} == {"live"}
+        assert len({x["signal_id"] for x in lines}) == len(lines)
+        proc = run_cli("consume", *common, "--client", "odum", "--from-start", "--max", "3", "--idle-exit", "5",
+                       env=env)
+        assert proc.returncode == 0 and "odum" in proc.stdout and "momentum_v1" in proc.stdout  # the table
+        # --max reads no further than it prints: the group's next consumer goes on at the 4th signal
+        taken = []
+        for args in (("--from-start", "--max", "3"), ("--max", "2")):
+            proc = run_cli("consume", *common, "--client", "odum", "--group", "paged", *args, "--format", "json",
+                           "--idle-exit", "5", env=env)
+            assert proc.returncode == 0, proc.stderr
+            taken.append([json.loads(line)["signal_id"] for line in proc.stdout.splitlines()])
+        assert [len(t) for t in taken] == [3, 2]
+        assert taken[0] + taken[1] == [x["signal_id"] for x in lines[:5]]
+
         def listed():
             p = run_cli("signals", "list", *common, "--mode", "live", "--client", "odum", "--format", "json",
                         "--limit", "100000")

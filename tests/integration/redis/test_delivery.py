@@ -49,12 +49,13 @@ def check_against_fault_free(cfg, r, frames) -> None:
     spec = next(s for s in worker_specs(cfg) if s.id == WORKER)
     want = reference(cfg, spec, frames)
     assert want[0].height > 50 and want[1].height > 50, want[1]["reasons"].explode().value_counts()
-    assert_same(streamed(r, "live", "odum"), want)
+    assert_same(streamed(r, "live", "odum", internal=True), want)
     store = record_all(cfg)
     try:
         assert_same(stored(store, "odum"), want)
     finally:
         store.close()
+    assert_same(streamed(r, "live", "odum"), want)  # the recorder wrote each on to odum's streams once
 
 
 def test_sigkilled_worker_resumes_from_its_checkpoint(tmp_path, root):

@@ -3,6 +3,7 @@ the recorder (claims, idempotent replays), RedisOutput."""
 
 from __future__ import annotations
 
+import json
 import signal
 import threading
 from datetime import datetime, timezone
@@ -85,7 +86,7 @@ def test_sink_checkpoint_advances_only_when_redis_has_the_entries(tmp_path, regi
         assert read_checkpoints(r, KEYS, "live") == {WORKER: bar_end(ds[-1])}
         sig = pl.concat([d.frames()[0] for d in ds])
         rej = pl.concat([d.frames()[1] for d in ds])
-        assert_same(streamed(r, "live", "odum"), (sig, rej))  # every entry once
+        assert_same(streamed(r, "live", "odum", internal=True), (sig, rej))  # every entry once
         assert r.xlen(KEYS.bar_rejections("live")) == 1
     finally:
         server.stop()
@@ -150,6 +151,28 @@ def test_poison_bars_go_to_the_dead_letter_stream(root):
     assert {e["stream"] for e in letters} == {key} and {e["worker"] for e in letters} == {WORKER}
 
 
+def test_a_poison_entry_is_dead_lettered_once_and_clipped_however_many_workers_read_it(root):
+    from signalgen.data.redis_bars import DEADLETTER_MAX_BYTES
+
+    cfg = load_config("local-integration", "live", root=root)
+    r = connect(cfg)
+    good = pl.concat(bars("SOLUSD", 40))
+    key = KEYS.bars("SOLUSD", "5m")
+    publish_bars(r, [good.head(20)], keys=KEYS)
+    last_ms = int(good["bar_time"][19].timestamp() * 1000)
+    r.xadd(key, {"v": "2", "symbol": "SOLUSD"}, id=f"{last_ms + 1}-0")
+    r.xadd(key, {"v": "1", "symbol": "SOLUSD", "blob": "x" * 1_000_000}, id=f"{last_ms + 2}-0")  # 1 MB
+    publish_bars(r, [good.tail(20)], keys=KEYS)
+    for _ in range(3):  # three workers of the stream (e.g. three clients' strategies on SOLUSD 5m)
+        list(until(live_feed(cfg, spec_of(cfg), after=None, block_ms=100), good["bar_time"][-1]))
+    letters = [{k.decode(): v.decode() for k, v in f.items()} for _, f in r.xrange(KEYS.deadletter)]
+    assert [e["id"] for e in letters] == [f"{last_ms + 1}-0", f"{last_ms + 2}-0"]
+    big = letters[1]
+    assert len(big["fields"].encode()) <= DEADLETTER_MAX_BYTES == 64 * 1024 and int(big["size"]) > 1_000_000
+    assert big["fields"].startswith('{"v": "1", "symbol": "SOLUSD", "blob": "xxx')
+    assert "size" not in letters[0] and json.loads(letters[0]["fields"]) == {"v": "2", "symbol": "SOLUSD"}
+
+
 def test_the_live_feed_reads_the_same_bars_over_resp2_and_resp3(root):
     """live_feed parses XREAD's raw reply itself: a map per stream in RESP3 (redis-py's default), a
     list of [key, entries] pairs in RESP2 (`?protocol=2` in the URL)."""
@@ -186,7 +209,7 @@ def test_recorder_claims_a_crashed_consumers_entries_and_replays_idempotently(ro
     try:
         rec = Recorder.from_config(cfg, store, consumer="second", claim_idle_ms=0, block_ms=10)
         rec.ensure_groups()
-        crashed = r.xreadgroup(RECORDER_GROUP, "first", {KEYS.signals("live", "odum"): ">"}, count=100)
+        crashed = r.xreadgroup(RECORDER_GROUP, "first", {KEYS.internal("live", "signals", "odum"): ">"}, count=100)
         assert len(crashed[0][1]) == 100  # read, never acked: "first" died
         rec.recover()
         while rec.step():
@@ -194,9 +217,10 @@ def test_recorder_claims_a_crashed_consumers_entries_and_replays_idempotently(ro
         assert rec.stats.claimed == 100
         for key in rec.streams:
             assert r.xpending(key, RECORDER_GROUP)["pending"] == 0
-        want = streamed(r, "live", "odum")
+        want = streamed(r, "live", "odum", internal=True)
         first = stored(store, "odum")
         assert_same(first, want)
+        assert_same(streamed(r, "live", "odum"), want)  # written on to odum's streams, once
         assert store.read(ReadQuery(kind="signals", modes=("live",))).height == want[0].height
 
         # replay everything: same rows, none added
@@ -208,6 +232,8 @@ def test_recorder_claims_a_crashed_consumers_entries_and_replays_idempotently(ro
         assert again.stats.entries == rec.stats.entries
         for a, b in zip(stored(store, "odum"), first):
             assert_frame_equal(a, b)
+        assert again.stats.forwarded == 0 and again.stats.replayed == rec.stats.forwarded
+        assert_same(streamed(r, "live", "odum"), want)  # nothing written on twice
     finally:
         store.close()
     with duckdb.connect(str(Path(cfg.root) / cfg.environment.storage.path), read_only=True) as db:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -114,3 +115,38 @@ def test_a_full_disk_spends_no_recovery_attempt_and_the_fleet_resumes_within_5s(
         assert len(times) > 20
         steps = {b - a for a, b in zip(times, times[1:])}
         assert steps == {timedelta(minutes=5)}, steps
+
+
+def modes_under(folder: Path) -> dict[str, int]:
+    return {str(p.relative_to(folder)): p.stat().st_mode & 0o777 for p in [folder, *folder.rglob("*")]
+            if not p.is_symlink() and not p.is_socket()}
+
+
+def test_what_holds_tenants_signals_is_private_and_a_killed_managers_socket_folder_goes(tmp_path: Path,
+                                                                                       managers) -> None:
+    # store, control store, logs, stream and CSV files were 0644; a manager killed with -9 left its
+    # /tmp/signalgen-* socket folder behind for good
+    from tests.unit.process.test_manager import cli
+
+    root = make_root(tmp_path, {"odum": client_yaml("odum", ["BTCUSD"]).replace("internal", "both")})
+    m = start(managers, root)
+    m.wait_states("RUNNING", count=1)
+    until(lambda: list((root / "var").rglob("*.csv")) and list((root / "var").rglob("*.jsonl")), 30,
+          "a CSV file and a stream file")
+    [sock] = re.findall(r"writer serving \d+ checkpoints on (\S+/writer\.sock)", m.output())
+    m.kill()
+    left = Path(sock).parent
+    assert left.exists()  # the killed manager's folder is still there
+    m = start(managers, root)
+    until(lambda: m.output().count("manager started") == 2, 60, m.output)  # the new one holds the lock
+    m.wait_states("RUNNING", count=1)
+    assert cli(root, "stop").returncode == 0
+    m.proc.wait(30)
+    assert not left.exists()  # cleaned up by the next manager of the store (and its own removed at stop)
+    modes = modes_under(root / "var")
+    assert modes, "nothing under var/"
+    wide = {p: oct(mode) for p, mode in modes.items() if mode & 0o077}
+    assert not wide, wide
+    assert {oct(mode) for p, mode in modes.items() if (root / "var" / p).is_dir()} == {"0o700"}
+    for name in ("local-dev/signalgen.duckdb", "local-dev/control.sqlite"):
+        assert modes[name] == 0o600, (name, oct(modes[name]))
