@@ -40,7 +40,7 @@ from typing import Annotated, Any, TypeVar, Union, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from signalgen.config.models import ClientConfig, EnvironmentConfig, Mode, ModePreset, RunConfig
+from signalgen.config.models import SAFE_ID, ClientConfig, EnvironmentConfig, Mode, ModePreset, RunConfig
 from signalgen.errors import ConfigError
 
 M = TypeVar("M", bound=BaseModel)
@@ -59,9 +59,8 @@ _SECRET_KEYS = ("api_key", "api_token", "password", "secret", "token")
 _TRAIN_HINT = "run `python strategy_runner.py models train`"
 # Friendlier words for the id patterns of signalgen.config.models.
 _PATTERN_HELP = {
-    r"^[a-z0-9][a-z0-9_-]{0,62}$": "must be 1-63 characters of lowercase letters, digits, '_' or '-', "
-                                   "starting with a letter or digit (it is used as a file, table and "
-                                   "stream name)",
+    SAFE_ID: "must be 1-63 characters of lowercase letters, digits, '_' or '-', starting with a letter or "
+             "digit (it is used as a file, table and stream name)",
     r"^[A-Z0-9][A-Z0-9._-]{0,31}$": "must be 1-32 characters of uppercase letters, digits, '.', '_' or '-' "
                                     "(e.g. BTCUSD)",
     r"^[A-Z_][A-Z0-9_]{0,127}$": "must be the NAME of an environment variable (uppercase letters, digits "
@@ -394,10 +393,15 @@ def _validate(model: type[M], data: dict, node: yaml.Node | None, path: Path) ->
 
 
 def _resolve(kind: str, value: str | Path, root: Path) -> tuple[Path, str | None]:
-    """A layer given as a name (-> <root>/<kind>/<name>.yaml) or as a path; returns (path, name or None)."""
+    """A layer given as a name (-> <root>/<kind>/<name>.yaml) or as a path; returns (path, name or None).
+
+    A name must be a safe id before a path is built from it."""
     text = str(value)
     if isinstance(value, Path) or "/" in text or os.sep in text or text.endswith((".yaml", ".yml")):
         return Path(value), None
+    if not re.match(SAFE_ID, text):
+        raise ConfigError(f"{kind.rstrip('s')} name {_clip(repr(text))} {_PATTERN_HELP[SAFE_ID]}; or give a "
+                          "path to a YAML file")
     path = root / kind / f"{text}.yaml"
     if not path.is_file():
         known = sorted(p.stem for p in (root / kind).glob("*.yaml"))
@@ -413,22 +417,38 @@ def _check_name(cfg: EnvironmentConfig | ModePreset, name: str | None, node: yam
                           file=str(path), line=_line_of(node, ["name"]), field="name")
 
 
-def _load_layer(kind: str, model: type[EnvironmentConfig] | type[ModePreset], ref: str | Path, root: Path | str):
+def _at_home(env: EnvironmentConfig, data: dict) -> EnvironmentConfig:
+    """The control store and outputs, when the file does not place them, go to the environment's own
+    folder var/<name>/ (the name is a safe id: it cannot climb out of var/)."""
+    home, update = f"var/{env.name}", {}
+    if "path" not in (data.get("control") or {}):
+        update["control"] = env.control.model_copy(update={"path": f"{home}/control.sqlite"})
+    if "output_dir" not in (data.get("paths") or {}):
+        update["paths"] = env.paths.model_copy(update={"output_dir": f"{home}/out"})
+    return env.model_copy(update=update) if update else env
+
+
+def _load_layer(kind: str, model: type[M], ref: str | Path, root: Path | str) -> tuple[M, dict, Path]:
     path, name = _resolve(kind, ref, Path(root))
     data, node = _read_yaml(path)
     cfg = _validate(model, data, node, path)
     _check_name(cfg, name, node, path)
-    return cfg
+    return cfg, data, path
+
+
+def _load_environment(env: str | Path, root: Path | str) -> tuple[EnvironmentConfig, Path]:
+    cfg, data, path = _load_layer("environments", EnvironmentConfig, env, root)
+    return _at_home(cfg, data), path
 
 
 def load_environment(env: str | Path, *, root: Path | str = ".") -> EnvironmentConfig:
     """Load an environment profile by name (`<root>/environments/<env>.yaml`) or path."""
-    return _load_layer("environments", EnvironmentConfig, env, root)
+    return _load_environment(env, root)[0]
 
 
 def load_mode(mode: str | Path, *, root: Path | str = ".") -> ModePreset:
     """Load a mode preset by name (`<root>/modes/<mode>.yaml`) or path."""
-    return _load_layer("modes", ModePreset, mode, root)
+    return _load_layer("modes", ModePreset, mode, root)[0]
 
 
 def _load_client(path: Path) -> tuple[ClientConfig, yaml.Node | None]:
@@ -535,9 +555,8 @@ def load_config(env: str | Path = "local-dev", mode: str | Path = "historical", 
         ConfigError: naming the file, line and dotted field of the first problem found.
     """
     root_path, ov = Path(root), overrides or Overrides()
-    env_path, _ = _resolve("environments", env, root_path)
+    environment, env_path = _load_environment(env, root_path)
     mode_path, _ = _resolve("modes", mode, root_path)
-    environment = load_environment(env, root=root_path)
     preset = load_mode(mode, root=root_path)
 
     registry_dir = root_path / environment.paths.registry_dir

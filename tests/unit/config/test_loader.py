@@ -103,6 +103,34 @@ def test_layers_load_by_path(demo_root: Path) -> None:
     assert cfg.mode.name == Mode.MOCK and cfg.environment.name == "cloud-dev"
 
 
+def test_an_environment_file_anywhere_names_its_own_environment_and_folder(demo_root: Path, tmp_path: Path) -> None:
+    path = tmp_path / "elsewhere" / "blue.yaml"
+    path.parent.mkdir()
+    path.write_text("name: blue\nstorage: {type: duckdb, path: var/blue/signalgen.duckdb}\n"
+                    "messaging: {type: local, path: var/blue/stream}\n")
+    cfg = load_config(path, "mock", root=demo_root)
+    assert cfg.environment.name == "blue" and cfg.files["environment"] == str(path.resolve())
+    # what the file leaves out lives in var/<name>/, never in a folder another environment shares
+    assert (cfg.environment.control.path, cfg.environment.paths.output_dir) == ("var/blue/control.sqlite",
+                                                                                "var/blue/out")
+    assert cfg.environment_ref == str(path.resolve())  # what `reload` and supervisord load again
+    assert load_config(cfg.environment_ref, "mock", root=demo_root) == cfg
+    # a shipped environment is named, so generated commands stay `--env local-dev`
+    assert load_config("local-dev", "mock", root=demo_root).environment_ref == "local-dev"
+    assert load_config(demo_root / "environments/local-dev.yaml", "mock", root=demo_root).environment_ref == "local-dev"
+
+
+@pytest.mark.parametrize("name", ["../../etc", "Blue", "a b", ""])
+def test_an_environment_name_must_be_safe_before_any_path_is_built(demo_root: Path, tmp_path: Path,
+                                                                  name: str) -> None:
+    path = tmp_path / "env.yaml"
+    path.write_text(f"name: {name!r}\nstorage: {{type: duckdb, path: x.duckdb}}\nmessaging: {{type: local, path: s}}\n")
+    err = fails(demo_root, env=path)
+    assert (err.file, err.line, err.field) == (str(path), 1, "name") and "lowercase letters" in str(err)
+    if "/" not in name:  # given as a name, it is refused before environments/<name>.yaml is looked up
+        assert "lowercase letters" in str(fails(demo_root, env=name))
+
+
 def test_only_the_clients_asked_for(demo_root: Path) -> None:
     cfg = load_config(root=demo_root, clients=["odum", "ikenna"])
     assert [c.id for c in cfg.clients] == ["ikenna", "odum"]
