@@ -340,6 +340,8 @@ class RunConfig(Frozen):
     seed: int
     root: str  # folder relative paths resolve against
     files: dict[str, str] = {}  # layer -> file it came from, for messages
+    # environment key (dotted) -> the SIGNALGEN_* variable that set it; not dumped: the values are in `environment`
+    overrides: dict[str, str] = Field(default={}, exclude=True)
     config_hash: str = ""
 
     @property
