@@ -29,7 +29,7 @@ from signalgen.config.loader import _line_of
 from signalgen.config.models import Mode, timeframe_delta
 from signalgen.errors import ConfigError
 
-from .helpers import DEMO_MODELS, copy_demo, edit, line_of, make_registry
+from .helpers import DEMO_MODELS, REPO, copy_demo, edit, line_of, make_registry
 
 ENVS = ("local-dev", "local-integration", "cloud-dev")
 MODES = ("historical", "mock", "simulation", "live")
@@ -81,6 +81,12 @@ def test_demo_clients_match_the_brief(demo_root: Path) -> None:
     assert consensus.aggregation == "majority" and {m.model_id for m in consensus.models} == set(DEMO_MODELS[:4])
     assert reversal.aggregation == "unanimous" and christian.routing_for(reversal) == "internal"
     assert christian.routing_for(consensus) == "both"
+
+
+@pytest.mark.parametrize("client", ["ada", "christian", "ikenna", "odum"])
+def test_every_shipped_client_names_its_redis_password_variable(client: str) -> None:
+    # docs/streams.md: export the variable the client's YAML names, then `clients grant`
+    assert load_client(REPO / "clients" / f"{client}.yaml").redis_password_env == f"{client.upper()}_REDIS_PASSWORD"
 
 
 def test_demo_modes_and_environments(demo_root: Path) -> None:
