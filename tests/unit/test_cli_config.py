@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.roots import REPO, copy_config
 from tests.unit.models.helpers import fresh_registry
 
-REPO = Path(__file__).resolve().parents[2]
 MODELS = ("swing_high", "swing_low", "swing_high_short", "swing_low_short", "daily_high", "daily_low")
 
 
@@ -25,8 +25,7 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
 @pytest.fixture
 def root(tmp_path: Path) -> Path:
     """A copy of the demo configs with the demo's trained registry, fresh by its cards' dates."""
-    for layer in ("clients", "environments", "modes"):
-        shutil.copytree(REPO / layer, tmp_path / layer)
+    copy_config(tmp_path)
     fresh_registry(tmp_path / "registry")
     return tmp_path
 

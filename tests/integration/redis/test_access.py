@@ -169,6 +169,7 @@ def test_without_an_aclfile_grant_warns_and_a_lost_grant_is_named_as_such(tmp_pa
 SHIPPED = ("ada", "christian", "ikenna", "odum")
 
 
+@pytest.mark.shipped_clients
 def test_clients_grant_works_for_every_shipped_client(tmp_path, redis_server, monkeypatch):
     """docs/streams.md tells users to export the variable their client's YAML names, then grant: this
     holds for each shipped client (the test is about those files, so it copies them by name)."""

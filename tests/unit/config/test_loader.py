@@ -83,6 +83,7 @@ def test_demo_clients_match_the_brief(demo_root: Path) -> None:
     assert christian.routing_for(consensus) == "both"
 
 
+@pytest.mark.shipped_clients
 @pytest.mark.parametrize("client", ["ada", "christian", "ikenna", "odum"])
 def test_every_shipped_client_names_its_redis_password_variable(client: str) -> None:
     # docs/streams.md: export the variable the client's YAML names, then `clients grant`
