@@ -91,11 +91,11 @@ def run_mode(cfg: RunConfig, *, progress: bool = False, processes: int = 1) -> R
         store = held.enter_context(closing(open_store(cfg)))
         held.enter_context(store.serve_reads())  # `signals` / `runs` read through this process meanwhile
         store.start_run(RunRecord(run_id=run_id, config_hash=cfg.config_hash, mode=cfg.mode.name.value,
-                                  environment=cfg.environment.name.value, start=cfg.start, end=cfg.end,
+                                  environment=cfg.environment.name, start=cfg.start, end=cfg.end,
                                   started_at=started_at, clients=[c.id for c in cfg.clients]))
         log.info("run started: %s mode, %s environment, %d workers", cfg.mode.name.value,
-                 cfg.environment.name.value, len(specs),
-                 extra={"run_id": run_id, "mode": cfg.mode.name.value, "environment": cfg.environment.name.value,
+                 cfg.environment.name, len(specs),
+                 extra={"run_id": run_id, "mode": cfg.mode.name.value, "environment": cfg.environment.name,
                         "client": ",".join(c.id for c in cfg.clients)})
         try:
             with stop_on_signals(stop) as received:

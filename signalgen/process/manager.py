@@ -139,7 +139,7 @@ def default_loader(cfg: RunConfig) -> SpecLoader:
     def load() -> tuple[RunConfig, list[WorkerSpec]]:
         overrides = Overrides(start=cfg.start, end=cfg.end, seed=cfg.seed, backend=cfg.backend,
                               inference=cfg.inference, data_source=cfg.data_source)
-        new = load_config(cfg.environment.name.value, cfg.mode.name.value, root=cfg.root, overrides=overrides)
+        new = load_config(cfg.environment_ref, cfg.mode.name.value, root=cfg.root, overrides=overrides)
         return new, worker_specs(new)
 
     return load
@@ -343,7 +343,7 @@ class StrategyProcessManager:
 
         cfg, started_at = self.cfg, datetime.now(timezone.utc)
         store.start_run(RunRecord(run_id=self.run_id, config_hash=cfg.config_hash, mode=cfg.mode.name.value,
-                                  environment=cfg.environment.name.value, start=cfg.start, end=cfg.end,
+                                  environment=cfg.environment.name, start=cfg.start, end=cfg.end,
                                   started_at=started_at, clients=[c.id for c in cfg.clients]))
         outcome = {"status": "failed"}
         self._run_outcome = outcome

@@ -129,7 +129,7 @@ def serve_writer(cfg: RunConfig, address: Path, stop: threading.Event | None = N
     authkey = load_authkey(key_path(address))
     with closing(open_store(cfg)) as store, store.serve_reads(), stop_on_signals(stop):
         store.start_run(RunRecord(run_id=run_id, config_hash=cfg.config_hash, mode=cfg.mode.name.value,
-                                  environment=cfg.environment.name.value, start=cfg.start, end=cfg.end,
+                                  environment=cfg.environment.name, start=cfg.start, end=cfg.end,
                                   started_at=started_at, clients=[c.id for c in cfg.clients]))
         server = WriterServer(cfg, store, run_id=run_id, address=str(address), authkey=authkey,
                               control_path=str(control_path_of(cfg)), **STREAMING_WINDOW)
