@@ -69,6 +69,15 @@ def cli(root: Path, *args: str, timeout: float = 120) -> subprocess.CompletedPro
                            "--root", str(root)], cwd=root, capture_output=True, text=True, timeout=timeout, env=env)
 
 
+def start_live(root: Path) -> subprocess.Popen:
+    """`start --mode live` of `root`'s local-integration (mock inference), its output in manager.out."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    with (root / "manager.out").open("ab") as out:
+        return subprocess.Popen([sys.executable, str(REPO / "strategy_runner.py"), "start", "--env",
+                                 "local-integration", "--mode", "live", "--inference", "mock", "--root", str(root)],
+                                cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT)
+
+
 def workers(root: Path) -> dict[str, dict]:
     proc = cli(root, "status", "--output", "json")
     assert proc.returncode in (0, 3), proc.stderr  # 3: a worker in BACKOFF (after the kill), or no manager
@@ -263,11 +272,7 @@ def test_a_client_added_by_reload_is_recorded(live_root: Path, redis_server) -> 
     root = live_root
     bea = (root / "clients" / "bea.yaml").read_text()
     (root / "clients" / "bea.yaml").unlink()
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    with (root / "manager.out").open("ab") as out:
-        manager = subprocess.Popen([sys.executable, str(REPO / "strategy_runner.py"), "start", "--env",
-                                    "local-integration", "--mode", "live", "--inference", "mock", "--root", str(root)],
-                                   cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT)
+    manager = start_live(root)
     try:
         wait_for(lambda: len(w := workers(root)) == 2 and all(x["state"] == "RUNNING" for x in w.values()), 120,
                  "odum's 2 RUNNING live workers", interval=0.5)
