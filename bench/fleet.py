@@ -11,10 +11,11 @@ of 10 symbols each, one strategy of two models, one bar per second per worker) a
 - time from an inserted `strategy_commands` row (pause / resume) to its effect (the process is
   SIGSTOPped / running again) and to the row's result.
 
-Writes the figures and the command to docs/benchmarks.md (section `## Fleet`, between markers).
+Prints the figures; `--write` also puts them and the command into docs/benchmarks.md (section
+`## Fleet`, between markers).
 
-    python bench/fleet.py                    # 500 workers
-    python bench/fleet.py --workers 50 --no-write
+    python bench/fleet.py --write            # 500 workers: the documented run
+    python bench/fleet.py --workers 50
 """
 
 from __future__ import annotations
@@ -326,7 +327,7 @@ def main() -> None:
     parser.add_argument("--start-timeout", type=float, default=300.0)
     parser.add_argument("--heartbeats-only", action="store_true",
                         help="workers only write heartbeats: the supervision's own cost, without the pipeline")
-    parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--write", action="store_true", help="update docs/benchmarks.md with these figures (default: print only)")
     args = parser.parse_args()
     results = []
     for n in args.workers:
@@ -334,7 +335,7 @@ def main() -> None:
                   heartbeats_only=args.heartbeats_only)
         print(json.dumps(r), flush=True)
         results.append(r)
-    if not args.no_write:
+    if args.write:
         write_section(markdown(results, "python bench/fleet.py " + " ".join(sys.argv[1:])))
 
 

@@ -5,10 +5,11 @@
 (b) end to end: 1 year of 1-minute synthetic bars x 10 symbols through one strategy with those two
     models — bars in -> features -> inference -> signals and rejections upserted into DuckDB,
     routed to QuantConnect CSV — measured in a fresh process for its own peak RSS.
-Writes the figures, their ratio and the command to docs/benchmarks.md (between markers).
+Prints the figures and their ratio; `--write` also puts them and the command into docs/benchmarks.md
+(between markers).
 
-    python bench/historical.py                      # the full benchmark (~minutes)
-    python bench/historical.py --days 30 --symbols 2 --no-write   # a quick look
+    python bench/historical.py --write              # the full benchmark (~minutes), documented
+    python bench/historical.py --days 30 --symbols 2   # a quick look
 """
 
 from __future__ import annotations
@@ -154,7 +155,7 @@ def main() -> None:
     ap.add_argument("--chunk-bars", type=int, default=250_000)
     ap.add_argument("--raw-rows", type=int, default=1_000_000)
     ap.add_argument("--repeat", type=int, default=3, help="(raw, end-to-end) pairs; the median is reported")
-    ap.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
+    ap.add_argument("--write", action="store_true", help="update docs/benchmarks.md with these figures (default: print only)")
     args = ap.parse_args()
 
     from signalgen.models.train import train_demo_models
@@ -189,7 +190,7 @@ def main() -> None:
     ratio = ratios[median]
     command = "python bench/historical.py" + "".join(
         f" --{k.replace('_', '-')} {v}" for k, v in vars(args).items()
-        if k != "no_write" and v != ap.get_default(k))
+        if k != "write" and v != ap.get_default(k)) + (" --write" if args.write else "")
     pair_rows = "\n".join(
         f"| {i + 1} | {r['both_rows_per_s']:,.0f} | {run['bars_per_s']:,.0f} | {run['wall_s']:.1f} s | "
         f"{run['main_cpu_s']:.1f} s / {run['cpu_s']:.1f} s | "
@@ -236,7 +237,7 @@ in-flight queues and DuckDB's cache (capped at 512 MB): a range {args.days / sho
 peaked {100 * (e2e['peak_rss_mb'] / short['peak_rss_mb'] - 1):+.0f}% higher.
 {MARK_END}"""
     print(section)
-    if not args.no_write:
+    if args.write:
         print(f"wrote {write_section(section)}")
 
 

@@ -7,10 +7,10 @@
     `--symbols` symbols, one worker each) with `run_mode(cfg, processes=N)`: N forkserver worker
     processes, this process the one writer (DuckDB + QuantConnect CSV) — bars/s over the wall time.
 The ratio (b)/(a) is issue 8's historical target (>= 0.7). Repeated `--repeat` times, alternating.
-Writes the figures and the command to docs/benchmarks.md (between markers) unless `--no-write`.
+Prints the figures; `--write` also puts them and the command into docs/benchmarks.md (between markers).
 
-    python bench/historical_procs.py --days 365 --chunk 250000   # the documented run: 5.26M bars
-    python bench/historical_procs.py --days 5 --symbols 4 --repeat 1 --no-write
+    python bench/historical_procs.py --days 365 --chunk 250000 --write   # the documented run: 5.26M bars
+    python bench/historical_procs.py --days 5 --symbols 4 --repeat 1
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=50_000)
     ap.add_argument("--rows", type=int, default=400_000, help="feature rows per process for the raw figure")
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
+    ap.add_argument("--write", action="store_true", help="update docs/benchmarks.md with these figures (default: print only)")
     a = ap.parse_args()
     from signalgen.modes.parallel import default_processes
 
@@ -111,7 +111,7 @@ def main() -> None:
         shutil.rmtree(base, ignore_errors=True)
     section = markdown(runs, n, a, "python bench/historical_procs.py " + " ".join(sys.argv[1:]))
     print(section)
-    if not a.no_write:
+    if a.write:
         print(f"wrote {write_section(section)}")
 
 

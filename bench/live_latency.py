@@ -27,8 +27,10 @@ deciding: XREAD wake-up, decode, validation, features) and `generated_at` -> arr
 rules, record building, the send (one script call), the consumer's wake-up); `latency_us` is the worker's own
 compute. Every stamp is the same host's wall clock.
 
-    python bench/live_latency.py                         # 100 workers, rates 1,2,5,10 per worker + 1 together
-    python bench/live_latency.py --workers 20 --rates 1,5 --seconds 5 --no-write
+Prints the figures; `--write` also puts them and the command into docs/benchmarks.md (between markers).
+
+    python bench/live_latency.py --write                 # 100 workers, rates 1,2,5,10 per worker + 1 together
+    python bench/live_latency.py --workers 20 --rates 1,5 --seconds 5
 """
 
 from __future__ import annotations
@@ -514,14 +516,14 @@ def main() -> None:
     ap.add_argument("--inference", choices=("local", "mock"), default="local")
     ap.add_argument("--nice", type=int, help="the workers' process.nice (default: local-integration's)")
     ap.add_argument("--start-timeout", type=float, default=600.0)
-    ap.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
+    ap.add_argument("--write", action="store_true", help="update docs/benchmarks.md with these figures (default: print only)")
     args = ap.parse_args()
     args.rates = [float(x) for x in args.rates.split(",")]
     args.together = [float(x) for x in args.together.split(",") if x]
     res = run(args)
     section = report(res, " ".join(["python bench/live_latency.py", *sys.argv[1:]]))
     print(section)
-    if not args.no_write:
+    if args.write:
         write_section(section)
 
 

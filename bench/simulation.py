@@ -6,10 +6,10 @@
     a time — per-bar validation, incremental features, single-row inference, decide — into an
     in-memory sink, so the figure is the worker's own compute, no I/O. The per-bar compute time
     (bar in -> decision out) comes from each decision's `latency_us`.
-Writes the figures and the command to docs/benchmarks.md (between markers).
+Prints the figures; `--write` also puts them and the command into docs/benchmarks.md (between markers).
 
-    python bench/simulation.py               # 3 replays of 20,000 bars
-    python bench/simulation.py --bars 3000 --repeat 1 --no-write
+    python bench/simulation.py --write       # 3 replays of 20,000 bars, documented
+    python bench/simulation.py --bars 3000 --repeat 1
 """
 
 from __future__ import annotations
@@ -200,7 +200,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bars", type=int, default=20_000)
     ap.add_argument("--repeat", type=int, default=3, help="replays; the median is reported, with the range")
-    ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--write", action="store_true", help="update docs/benchmarks.md with these figures (default: print only)")
     args = ap.parse_args()
 
     from signalgen.data.synthetic import synthetic_bars
@@ -235,7 +235,8 @@ def main() -> None:
 
     met = lambda ok: "met" if ok else "missed"  # noqa: E731
     command = "python bench/simulation.py" + "".join(
-        f" --{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "no_write" and v != ap.get_default(k))
+        f" --{k.replace('_', '-')} {v}" for k, v in vars(args).items()
+        if k != "write" and v != ap.get_default(k)) + (" --write" if args.write else "")
     text = "\n".join([
         MARK_BEGIN,
         "## Simulation replay per worker vs the single-row inference floor",
@@ -275,7 +276,7 @@ def main() -> None:
         MARK_END,
     ])
     print(text)
-    if not args.no_write:
+    if args.write:
         write_section(text)
 
 

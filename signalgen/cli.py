@@ -118,7 +118,23 @@ def _time_option(value: str) -> datetime:
 TIME_HELP = "UTC; ISO 8601, today, yesterday, or an age such as 2h, 30m, 7d"
 
 
-EnvOpt = Annotated[Environment, typer.Option("--env", "-e", help="Environment profile (environments/<name>.yaml).")]
+def environment_ref(value: str | Environment | Path) -> Environment | Path:
+    """`--env`: a shipped environment's name, or a path to an environment file (it holds a / or ends in
+    .yaml); the file's `name:` then names the environment."""
+    if isinstance(value, (Environment, Path)):
+        return value
+    if value in set(Environment):
+        return Environment(value)
+    if "/" in value or value.endswith((".yaml", ".yml")):
+        return Path(value)
+    raise typer.BadParameter(f"{value[:200]!r} is not one of {', '.join(Environment)}, nor a path to an "
+                             "environment file (a path holds a '/' or ends in .yaml)")
+
+
+# Environment or Path: typer takes no union, so the annotation names the usual case.
+EnvOpt = Annotated[Environment, typer.Option(
+    "--env", "-e", parser=environment_ref, metavar=f"<{'|'.join(Environment)}|PATH>",
+    help="Environment profile: a name (environments/<name>.yaml) or the path to an environment file.")]
 ModeOpt = Annotated[Mode, typer.Option("--mode", "-m", help="Mode preset (modes/<name>.yaml).")]
 RootOpt = Annotated[Optional[Path], typer.Option(
     "--root", help="Folder holding clients/, environments/, modes/ (default: the nearest one from here up).")]
@@ -147,7 +163,7 @@ def find_root(root: Path | None, cwd: Path | None = None) -> Path:
     raise ConfigError(f"no clients/ in {cwd}; pass --root")
 
 
-def _load(env: Environment, mode: Mode, root: Path, clients=None, strategies=None, start=None, end=None,
+def _load(env: Environment | Path, mode: Mode, root: Path, clients=None, strategies=None, start=None, end=None,
           seed=None, backend=None, inference=None, data_source=None):
     from signalgen.config.loader import Overrides, load_config
 
@@ -316,7 +332,7 @@ def _print_json(data) -> None:
     print(json.dumps(data, indent=2, default=str))
 
 
-def _environment(env: Environment, root: Path | None):
+def _environment(env: Environment | Path, root: Path | None):
     """The environment profile and the project root; configures logging from its log_level."""
     from signalgen.config.loader import load_environment
 
@@ -326,12 +342,12 @@ def _environment(env: Environment, root: Path | None):
     return e, Path(root)
 
 
-def _registry_dir(env: Environment, root: Path | None) -> Path:
+def _registry_dir(env: Environment | Path, root: Path | None) -> Path:
     e, root = _environment(env, root)
     return root / e.paths.registry_dir
 
 
-def _store(env: Environment, root: Path | None):
+def _store(env: Environment | Path, root: Path | None):
     """The environment's signal store, unopened: reads go through a run that holds it."""
     from signalgen.storage import store_for
 

@@ -40,7 +40,7 @@ from typing import Annotated, Any, TypeVar, Union, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from signalgen.config.models import ClientConfig, EnvironmentConfig, Mode, ModePreset, RunConfig
+from signalgen.config.models import SAFE_ID, ClientConfig, EnvironmentConfig, Mode, ModePreset, RunConfig
 from signalgen.errors import ConfigError
 
 M = TypeVar("M", bound=BaseModel)
@@ -55,13 +55,15 @@ MAX_DEPTH = 32
 MAX_NODES = 100_000
 MAX_SCALAR_CHARS = 4096
 MAX_ERRORS = 5
+# Environment values are overridden by SIGNALGEN_<SECTION>__<KEY> variables (env_overrides).
+ENV_PREFIX = "SIGNALGEN_"
+ENV_DELIMITER = "__"
 _SECRET_KEYS = ("api_key", "api_token", "password", "secret", "token")
 _TRAIN_HINT = "run `python strategy_runner.py models train`"
 # Friendlier words for the id patterns of signalgen.config.models.
 _PATTERN_HELP = {
-    r"^[a-z0-9][a-z0-9_-]{0,62}$": "must be 1-63 characters of lowercase letters, digits, '_' or '-', "
-                                   "starting with a letter or digit (it is used as a file, table and "
-                                   "stream name)",
+    SAFE_ID: "must be 1-63 characters of lowercase letters, digits, '_' or '-', starting with a letter or "
+             "digit (it is used as a file, table and stream name)",
     r"^[A-Z0-9][A-Z0-9._-]{0,31}$": "must be 1-32 characters of uppercase letters, digits, '.', '_' or '-' "
                                     "(e.g. BTCUSD)",
     r"^[A-Z_][A-Z0-9_]{0,127}$": "must be the NAME of an environment variable (uppercase letters, digits "
@@ -365,9 +367,12 @@ def _reject_secrets(data: Any, node: yaml.Node | None, path: Path, loc: tuple = 
         _reject_secrets(value, node, path, (*loc, key))
 
 
-def _validate(model: type[M], data: dict, node: yaml.Node | None, path: Path) -> M:
-    """Validate one file's data; every pydantic error becomes a line naming file, line and dotted path."""
+def _validate(model: type[M], data: dict, node: yaml.Node | None, path: Path, overrides: dict | None = None) -> M:
+    """Validate one file's data, with `overrides` (from environment variables) merged over it; every
+    pydantic error becomes a line naming the file, line and dotted path, or the variable that set it."""
     _reject_secrets(data, node, path)
+    if overrides:
+        data = _merged(data, overrides)
     try:
         return model.model_validate(data)
     except ValidationError as exc:
@@ -379,25 +384,103 @@ def _validate(model: type[M], data: dict, node: yaml.Node | None, path: Path) ->
     problems = []
     for i in first:
         loc = _display_loc(data, errors[i]["loc"])
-        problems.append((lines[i], _clip(".".join(map(str, loc)), 120),
+        names = _variables(overrides or {}, loc)
+        where = (", ".join(names), None) if names else (str(path), lines[i] or None)
+        problems.append((*where, _clip(".".join(map(str, loc)), 120) or None,
                          _clip(_message(errors[i], model, errors[i]["loc"]), 300)))
-    (line, field, msg), rest = problems[0], problems[1:]
-    for other_line, other_field, other_msg in rest:
-        extra = ConfigError(other_msg, file=str(path), line=other_line or None, field=other_field or None)
-        msg += f"\n{extra}"
+    (file, line, field, msg), rest = problems[0], problems[1:]
+    for other in rest:
+        msg += f"\n{ConfigError(other[3], file=other[0], line=other[1], field=other[2])}"
     if len(errors) > MAX_ERRORS:
         msg += f"\n{path}: ... and {len(errors) - MAX_ERRORS:,} more problems"
-    raise ConfigError(msg, file=str(path), line=line or None, field=field or None) from None
+    raise ConfigError(msg, file=file, line=line, field=field) from None
+
+
+# ---------------------------------------------------------------- environment variables
+
+
+def _merged(base: dict, over: dict) -> dict:
+    """`base` with `over` merged in, key by key down nested mappings (a mapping replaces a scalar)."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def env_overrides() -> dict:
+    """The environment values set by `SIGNALGEN_<SECTION>__<KEY>` variables, as a nested mapping.
+
+    pydantic-settings reads them: names are case-insensitive, `__` goes one level down, and a whole
+    section may be given as JSON (`SIGNALGEN_PROCESS='{"nice": 5}'`). Values stay as written; the
+    environment's models validate them after they are merged over the YAML, exactly like YAML values.
+    A variable whose section is not an environment key is an error (a typo never falls back to the
+    file), and so is SIGNALGEN_NAME: an environment's name is its file's (`--env PATH` for another).
+    """
+    if not any(var.upper().startswith(ENV_PREFIX) for var in os.environ):
+        return {}
+    from pydantic_settings import EnvSettingsSource, SettingsError
+
+    fields = EnvironmentConfig.model_fields
+    for var in os.environ:
+        head = var.upper()
+        if not head.startswith(ENV_PREFIX) or ENV_DELIMITER not in head[len(ENV_PREFIX):]:
+            continue
+        section = head[len(ENV_PREFIX):].split(ENV_DELIMITER, 1)[0].lower()
+        if section not in fields:
+            close = difflib.get_close_matches(section, list(fields), n=1)
+            raise ConfigError(f"no environment section {_clip(section)!r}"
+                              + (f" (did you mean {ENV_PREFIX}{close[0].upper()}{ENV_DELIMITER}...?)" if close else
+                                 f"; sections: {', '.join(fields)}"), file=_clip(var))
+    try:
+        found = EnvSettingsSource(EnvironmentConfig, case_sensitive=False, env_prefix=ENV_PREFIX,  # type: ignore[arg-type]
+                                  env_nested_delimiter=ENV_DELIMITER)()
+    except SettingsError as exc:  # a section given as JSON that does not parse
+        section = re.search(r'field "(\w+)"', str(exc))
+        raise ConfigError("not a JSON object (a whole section is given as JSON, one key as "
+                          f"{ENV_PREFIX}<SECTION>{ENV_DELIMITER}<KEY>)",
+                          file=_variable((section.group(1),)) if section else None) from None
+    if "name" in found:
+        raise ConfigError("an environment's name comes from its file and cannot be overridden; pass "
+                          "--env PATH to an environment file with its own name", file=f"{ENV_PREFIX}NAME")
+    return found
+
+
+def _variable(loc: Sequence[str | int]) -> str:
+    return ENV_PREFIX + ENV_DELIMITER.join(map(str, loc)).upper()
+
+
+def _leaves(node: dict, loc: tuple = ()) -> list[tuple]:
+    out: list[tuple] = []
+    for key, value in node.items():
+        out += _leaves(value, (*loc, key)) if isinstance(value, dict) else [(*loc, key)]
+    return out
+
+
+def _variables(overrides: dict, loc: Sequence[str | int]) -> list[str]:
+    """The variables that set `loc` or something inside it (an error on a section names each override in it)."""
+    node: Any = overrides
+    for i, part in enumerate(loc):
+        if not isinstance(node, dict) or part not in node:
+            return []
+        if any(var.upper() == _variable(loc[: i + 1]) for var in os.environ):
+            return [_variable(loc[: i + 1])]  # the leaf's own variable, or a section's JSON one
+        node = node[part]
+    return sorted(_variable((*loc, *leaf)) for leaf in _leaves(node)) if isinstance(node, dict) else []
 
 
 # ---------------------------------------------------------------- layers
 
 
 def _resolve(kind: str, value: str | Path, root: Path) -> tuple[Path, str | None]:
-    """A layer given as a name (-> <root>/<kind>/<name>.yaml) or as a path; returns (path, name or None)."""
+    """A layer given as a name (-> <root>/<kind>/<name>.yaml) or as a path; returns (path, name or None).
+
+    A name must be a safe id before a path is built from it."""
     text = str(value)
     if isinstance(value, Path) or "/" in text or os.sep in text or text.endswith((".yaml", ".yml")):
         return Path(value), None
+    if not re.match(SAFE_ID, text):
+        raise ConfigError(f"{kind.rstrip('s')} name {_clip(repr(text))} {_PATTERN_HELP[SAFE_ID]}; or give a "
+                          "path to a YAML file")
     path = root / kind / f"{text}.yaml"
     if not path.is_file():
         known = sorted(p.stem for p in (root / kind).glob("*.yaml"))
@@ -413,22 +496,43 @@ def _check_name(cfg: EnvironmentConfig | ModePreset, name: str | None, node: yam
                           file=str(path), line=_line_of(node, ["name"]), field="name")
 
 
-def _load_layer(kind: str, model: type[EnvironmentConfig] | type[ModePreset], ref: str | Path, root: Path | str):
+def _at_home(env: EnvironmentConfig, data: dict) -> EnvironmentConfig:
+    """The control store and outputs, when neither the file nor a variable places them, go to the
+    environment's own folder var/<name>/ (the name is a safe id: it cannot climb out of var/)."""
+    home, update = f"var/{env.name}", {}
+    if "path" not in (data.get("control") or {}):
+        update["control"] = env.control.model_copy(update={"path": f"{home}/control.sqlite"})
+    if "output_dir" not in (data.get("paths") or {}):
+        update["paths"] = env.paths.model_copy(update={"output_dir": f"{home}/out"})
+    return env.model_copy(update=update) if update else env
+
+
+def _load_layer(kind: str, model: type[M], ref: str | Path, root: Path | str,
+                overrides: dict | None = None) -> tuple[M, dict, Path]:
     path, name = _resolve(kind, ref, Path(root))
     data, node = _read_yaml(path)
-    cfg = _validate(model, data, node, path)
+    cfg = _validate(model, data, node, path, overrides)
     _check_name(cfg, name, node, path)
-    return cfg
+    return cfg, data, path
+
+
+def _load_environment(env: str | Path, root: Path | str) -> tuple[EnvironmentConfig, Path, dict[str, str]]:
+    """(environment, its file, dotted key -> the variable that set it)."""
+    overrides = env_overrides()
+    cfg, data, path = _load_layer("environments", EnvironmentConfig, env, root, overrides)
+    sources = {".".join(loc): _variables(overrides, loc)[0] for loc in _leaves(overrides)}
+    return _at_home(cfg, _merged(data, overrides)), path, sources
 
 
 def load_environment(env: str | Path, *, root: Path | str = ".") -> EnvironmentConfig:
-    """Load an environment profile by name (`<root>/environments/<env>.yaml`) or path."""
-    return _load_layer("environments", EnvironmentConfig, env, root)
+    """Load an environment profile by name (`<root>/environments/<env>.yaml`) or path, with the
+    `SIGNALGEN_<SECTION>__<KEY>` variables set over it (see `env_overrides`)."""
+    return _load_environment(env, root)[0]
 
 
 def load_mode(mode: str | Path, *, root: Path | str = ".") -> ModePreset:
     """Load a mode preset by name (`<root>/modes/<mode>.yaml`) or path."""
-    return _load_layer("modes", ModePreset, mode, root)
+    return _load_layer("modes", ModePreset, mode, root)[0]
 
 
 def _load_client(path: Path) -> tuple[ClientConfig, yaml.Node | None]:
@@ -515,7 +619,8 @@ def _select_strategies(clients: list[ClientConfig], wanted: tuple[str, ...]) -> 
 
 
 def config_hash(cfg: RunConfig) -> str:
-    """sha256 of the canonical JSON of the resolved config, without `files`, `root` and the hash itself."""
+    """sha256 of the canonical JSON of the resolved config, without `files`, `root` and the hash itself
+    (nor `overrides`, which is not dumped: a value set by a variable hashes as if the file held it)."""
     body = cfg.model_dump(mode="json", exclude={"files", "root", "config_hash"})
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
@@ -535,9 +640,8 @@ def load_config(env: str | Path = "local-dev", mode: str | Path = "historical", 
         ConfigError: naming the file, line and dotted field of the first problem found.
     """
     root_path, ov = Path(root), overrides or Overrides()
-    env_path, _ = _resolve("environments", env, root_path)
+    environment, env_path, overridden = _load_environment(env, root_path)
     mode_path, _ = _resolve("modes", mode, root_path)
-    environment = load_environment(env, root=root_path)
     preset = load_mode(mode, root=root_path)
 
     registry_dir = root_path / environment.paths.registry_dir
@@ -568,7 +672,7 @@ def load_config(env: str | Path = "local-dev", mode: str | Path = "historical", 
         environment=environment, mode=preset, clients=loaded, data_source=data_source,
         inference=ov.inference or environment.dependencies.ml_inference, backend=ov.backend or "onnx",
         start=start, end=end, seed=preset.seed if ov.seed is None else ov.seed,
-        root=str(root_path.resolve()), files=files)
+        root=str(root_path.resolve()), files=files, overrides=overridden)
     try:
         cfg = RunConfig(**fields)
     except ValidationError as exc:  # only overrides can be wrong here: every file was validated
@@ -605,6 +709,7 @@ def redacted(cfg: RunConfig) -> dict:
     """JSON-able dict of the resolved config for `config show`.
 
     `*_env` fields show the variable name and whether it is set, never its value; passwords inside
-    URLs (`redis://user:pass@host`) become `***`.
+    URLs (`redis://user:pass@host`) become `***`. `overrides` names the variable behind each value
+    that a `SIGNALGEN_*` variable set.
     """
-    return _redact(cfg.model_dump(mode="json"))
+    return _redact({**cfg.model_dump(mode="json"), "overrides": cfg.overrides})

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from datetime import datetime, timedelta, timezone
 from enum import StrEnum
+from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, model_validator
@@ -21,6 +22,9 @@ class Frozen(BaseModel):
 
 
 class Environment(StrEnum):
+    """The shipped environment profiles (`environments/<name>.yaml`), offered as `--env` choices. An
+    environment file elsewhere carries any safe name (`EnvironmentConfig.name`)."""
+
     LOCAL_DEV = "local-dev"
     LOCAL_INTEGRATION = "local-integration"
     CLOUD_DEV = "cloud-dev"
@@ -290,7 +294,7 @@ class PathsConfig(Frozen):
 
 
 class EnvironmentConfig(Frozen):
-    name: Environment
+    name: SafeId  # names the environment in records and its folder var/<name>/
     storage: StorageConfig
     messaging: MessagingConfig
     dependencies: DependenciesConfig = DependenciesConfig()
@@ -336,7 +340,19 @@ class RunConfig(Frozen):
     seed: int
     root: str  # folder relative paths resolve against
     files: dict[str, str] = {}  # layer -> file it came from, for messages
+    # environment key (dotted) -> the SIGNALGEN_* variable that set it; not dumped: the values are in `environment`
+    overrides: dict[str, str] = Field(default={}, exclude=True)
     config_hash: str = ""
+
+    @property
+    def environment_ref(self) -> str:
+        """What `--env` takes to load this environment again: its name when the file is the shipped
+        `<root>/environments/<name>.yaml`, else the file's path."""
+        path = self.files.get("environment")
+        shipped = Path(self.root) / "environments" / f"{self.environment.name}.yaml"
+        if path is None or (self.environment.name in set(Environment) and Path(path) == shipped):
+            return self.environment.name
+        return path
 
     def client(self, client_id: str) -> ClientConfig:
         for c in self.clients:

@@ -61,7 +61,7 @@ def run_record(cfg: RunConfig, specs: list[WorkerSpec], run_id: str, started_at:
     from signalgen.storage.base import RunRecord
 
     return RunRecord(run_id=run_id, config_hash=cfg.config_hash, mode=cfg.mode.name.value,
-                     environment=cfg.environment.name.value, start=cfg.start, end=cfg.end, started_at=started_at,
+                     environment=cfg.environment.name, start=cfg.start, end=cfg.end, started_at=started_at,
                      clients=[c.id for c in cfg.clients], data_source=cfg.data_source, seed=cfg.seed,
                      data_files=data_files(cfg, specs), config=redacted(cfg))
 
@@ -105,8 +105,8 @@ def run_mode(cfg: RunConfig, *, progress: bool = False, processes: int = 1) -> R
         held.enter_context(store.serve_reads())  # `signals` / `runs` read through this process meanwhile
         store.start_run(run_record(cfg, specs, run_id, started_at))
         log.info("run started: %s mode, %s environment, %d workers", cfg.mode.name.value,
-                 cfg.environment.name.value, len(specs),
-                 extra={"run_id": run_id, "mode": cfg.mode.name.value, "environment": cfg.environment.name.value,
+                 cfg.environment.name, len(specs),
+                 extra={"run_id": run_id, "mode": cfg.mode.name.value, "environment": cfg.environment.name,
                         "client": ",".join(c.id for c in cfg.clients)})
         try:
             with stop_on_signals(stop) as received:

@@ -120,7 +120,7 @@ class BatchRunner:
 
     def run(self, specs: list[WorkerSpec]) -> RunReport:
         cfg, ctx = self.cfg, self.ctx
-        report = RunReport(ctx.run_id, ctx.mode, cfg.environment.name.value, {})
+        report = RunReport(ctx.run_id, ctx.mode, cfg.environment.name, {})
         sink = self.sink
         if self.progress is not None:
             span = cfg.end - cfg.start

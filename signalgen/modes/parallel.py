@@ -81,7 +81,7 @@ class ParallelRunner:
         from signalgen.process.writer_server import WriterServer
 
         cfg, ctx = self.cfg, self.ctx
-        report = RunReport(ctx.run_id, ctx.mode, cfg.environment.name.value, {})
+        report = RunReport(ctx.run_id, ctx.mode, cfg.environment.name, {})
         t0 = time.perf_counter()
         mp = multiprocessing.get_context("forkserver")
         mp.set_forkserver_preload(["signalgen.process.preload"])

@@ -99,6 +99,8 @@ def _daemonize(control: Path, pidfile: Path, logfile: Path) -> None:
     manager's pidfile and logs alone. The manager logs to `logfile` (rotated); what it prints outside
     its log — a crash's traceback — goes to `<logfile stem>.out` beside it, read from where this
     start began."""
+    from signalgen.process.manager import read_pid
+
     running = manager_pid(control)
     if running is not None:
         raise SignalgenError(f"a manager (pid {running}) already runs on {control}; `stop` it first")
@@ -124,19 +126,11 @@ def _daemonize(control: Path, pidfile: Path, logfile: Path) -> None:
                                    + (": " + " | ".join(said) if said else ""))
             error.exit_code = 2 if child.returncode == 2 else 1  # a bad config stays exit 2
             raise error
-        if _pid_in(pidfile) == child.pid:
+        if read_pid(pidfile) == child.pid:
             console.print(f"manager started: pid {child.pid}, log {logfile}", highlight=False, soft_wrap=True)
             return
         time.sleep(0.1)
     raise SignalgenError(f"manager (pid {child.pid}) was not ready within 120 s; see {logfile}")
-
-
-def _pid_in(pidfile: Path) -> int | None:
-    try:
-        text = pidfile.read_text().strip()
-    except OSError:
-        return None
-    return int(text) if text.isdigit() else None
 
 
 @app.command("start")

@@ -42,7 +42,7 @@ def supervisor_config(cfg: RunConfig, specs: list[WorkerSpec], conf_dir: Path, *
     runner = root / "strategy_runner.py"
     if not runner.exists():  # an installed package without the shim: the module entry point
         runner = None
-    env, mode = cfg.environment.name.value, cfg.mode.name.value
+    env, mode = cfg.environment_ref, cfg.mode.name.value
     proc = cfg.environment.process
     logs = conf_dir / "logs"
 
@@ -94,7 +94,7 @@ def deploy_supervisor(env: EnvOpt = Environment.LOCAL_DEV, mode: ModeOpt = Mode.
         raise ConfigError(f"deploy supervisor runs long-lived workers: mode must be one of "
                           f"{', '.join(m.value for m in STREAMING_MODES)}, not {mode.value}", field="--mode")
     cfg = _load(env, mode, root)
-    conf_dir = (out or Path(cfg.root) / "var" / env.value / "supervisor").resolve()
+    conf_dir = (out or Path(cfg.root) / "var" / cfg.environment.name / "supervisor").resolve()
     (conf_dir / "logs").mkdir(parents=True, exist_ok=True)
     path = conf_dir / "supervisord.conf"
     specs = worker_specs(cfg)

@@ -139,7 +139,7 @@ def default_loader(cfg: RunConfig) -> SpecLoader:
     def load() -> tuple[RunConfig, list[WorkerSpec]]:
         overrides = Overrides(start=cfg.start, end=cfg.end, seed=cfg.seed, backend=cfg.backend,
                               inference=cfg.inference, data_source=cfg.data_source)
-        new = load_config(cfg.environment.name.value, cfg.mode.name.value, root=cfg.root, overrides=overrides)
+        new = load_config(cfg.environment_ref, cfg.mode.name.value, root=cfg.root, overrides=overrides)
         return new, worker_specs(new)
 
     return load
@@ -164,7 +164,7 @@ def socket_dir(control_path: str) -> str:
     return path
 
 
-def _read_pid(path: Path) -> int | None:
+def read_pid(path: Path) -> int | None:
     """The pid in a pidfile, or None (missing, empty, not a number)."""
     try:
         text = path.read_text().strip()
@@ -278,7 +278,7 @@ class StrategyProcessManager:
                 self._try(self.control.fail, self._stop_command, f"the manager failed while stopping: {exc!r}")
             raise
         finally:
-            if self.pidfile is not None and _read_pid(self.pidfile) == os.getpid():
+            if self.pidfile is not None and read_pid(self.pidfile) == os.getpid():
                 self.pidfile.unlink(missing_ok=True)
         # answered only now: the writer has drained, the store is closed and the manager's lock
         # released, so whoever waited on `stop` can open the store at once

@@ -62,6 +62,28 @@ def _guarded(method: Callable) -> Callable:
     return call
 
 
+# A read-only descriptor of each control store file per process, for `ControlStore._replaced`'s look at
+# its header — never closed: SQLite locks with POSIX locks, which a process loses on a file when it
+# closes *any* descriptor of that file, so closing one would drop the locks of every connection of
+# the process (the manager holds two stores of one file: its own and the writer's relay)
+_PROBES: dict[tuple[int, int, int], int] = {}
+_PROBES_LOCK = threading.Lock()
+
+
+def _probe_of(path: Path) -> tuple[int, tuple[int, int]]:
+    """(this process's read-only descriptor of the file at `path`, its (device, inode))."""
+    st = os.stat(path)
+    key = (os.getpid(), st.st_dev, st.st_ino)
+    with _PROBES_LOCK:
+        fd = _PROBES.get(key)
+        if fd is None:
+            fd = os.open(path, os.O_RDONLY)
+            st = os.fstat(fd)  # the file opened, should it have been replaced since the stat
+            key = (os.getpid(), st.st_dev, st.st_ino)
+            fd = _PROBES.setdefault(key, fd)
+    return fd, key[1:]
+
+
 def _storage_error(path: Path, exc: sqlite3.Error, doing: str = "") -> StorageError:
     code = (getattr(exc, "sqlite_errorcode", 0) or 0) & 0xFF
     cls = ControlStoreCorrupt if code in _CORRUPT_CODES else StorageError
@@ -229,7 +251,7 @@ class ControlStore:
         self._identity: tuple[int, int] | None = None
         self._checked_at = 0.0
         self._damaged: ControlStoreCorrupt | None = None
-        self._probe: int | None = None  # a read-only descriptor of the file, for `_replaced` (see there)
+        self._probe: int | None = None  # the process's read-only descriptor of the file (`_probe_of`)
 
     @classmethod
     def from_config(cls, cfg: RunConfig) -> ControlStore:
@@ -256,7 +278,7 @@ class ControlStore:
         replaced while in use is reopened (created anew), never written blindly into an unlinked file."""
         if self._pid != os.getpid():  # inherited across a fork: abandon, never close (SQLite's rule)
             self._local, self._connections, self._pid = threading.local(), [], os.getpid()
-            self._lock, self._schema_ready, self._probe = threading.Lock(), False, None
+            self._lock, self._schema_ready, self._probe = threading.Lock(), False, None  # the child opens its own
         if self._damaged is not None:
             raise self._damaged
         local = self._local
@@ -278,9 +300,8 @@ class ControlStore:
         same file but no longer starts as a SQLite database (overwritten in place: this connection's
         pages in the WAL would hide it from us, but not from any new reader).
 
-        The header is read through `_probe`, a descriptor kept open as long as the connections: SQLite
-        locks with POSIX locks, which a process loses on a file when it closes *any* descriptor of it,
-        so opening and closing the file here would let other writers corrupt it."""
+        The header is read through the process's probe descriptor of the file (`_probe_of`), never one
+        opened and closed here: that would drop the process's SQLite locks on the file."""
         now = time.monotonic()
         if now < self._checked_at + IDENTITY_CHECK_S:
             return False
@@ -291,10 +312,7 @@ class ControlStore:
         except OSError:
             identity = None
         if identity == self._identity:
-            try:
-                head = os.pread(self._probe, len(_SQLITE_MAGIC), 0) if self._probe is not None else b""
-            except OSError:  # dropped by another thread meanwhile: that thread saw to it
-                head = b""
+            head = os.pread(self._probe, len(_SQLITE_MAGIC), 0) if self._probe is not None else b""
             if head and head != _SQLITE_MAGIC:  # every thread's calls fail from now on, until quarantine()
                 self._damaged = ControlStoreCorrupt(f"control store {self.path}: file is not a database "
                                                     "(overwritten)")
@@ -305,14 +323,8 @@ class ControlStore:
                 log.debug("control store %s was %s: opening it anew", self.path,
                             "deleted" if identity is None else "replaced")
                 self.generation += 1
-                self._identity, self._schema_ready = identity, False
-                self._drop_probe()  # the old file's: no connection that matters holds locks on it
+                self._identity, self._schema_ready, self._probe = identity, False, None
         return True
-
-    def _drop_probe(self) -> None:
-        if self._probe is not None:
-            os.close(self._probe)
-            self._probe = None
 
     def _connect(self) -> sqlite3.Connection:
         con = None
@@ -335,10 +347,8 @@ class ControlStore:
                             con.execute("ROLLBACK")
                         raise
                     self._schema_ready = True
-                if self._probe is None:
-                    self._probe = os.open(self.path, os.O_RDONLY)
-                st = os.fstat(self._probe)
-                self._identity, self._checked_at = (st.st_dev, st.st_ino), time.monotonic()
+                self._probe, self._identity = _probe_of(self.path)
+                self._checked_at = time.monotonic()
                 self._connections.append(con)
             return con
         except OSError as exc:
@@ -380,8 +390,7 @@ class ControlStore:
             if self._pid == os.getpid():
                 for con in self._connections:
                     con.close()
-                self._drop_probe()  # after the connections: closing it releases this process's locks
-            self._connections, self._local, self._schema_ready = [], threading.local(), False
+            self._connections, self._local, self._schema_ready, self._probe = [], threading.local(), False, None
 
     def __enter__(self) -> ControlStore:
         return self

@@ -1,4 +1,5 @@
-"""Every script in bench/ runs on a tiny setup and reports its figures, leaving docs/benchmarks.md alone.
+"""Every script in bench/ runs on a tiny setup and prints its figures, leaving docs/benchmarks.md alone;
+only `--write` puts them there.
 
 The benchmarks prove the speed and memory targets, so a change that breaks one must fail here, not
 at the next measurement (bench/writer_server.py was once broken for a whole session unnoticed).
@@ -25,16 +26,16 @@ NUMBER = r"[0-9][0-9,]*(?:\.[0-9]+)?"
 
 # script, tiny arguments, a pattern its output must contain (figures measured in the run)
 RUNS = [
-    ("simulation.py", ["--bars", "2000", "--repeat", "1", "--no-write"],
+    ("simulation.py", ["--bars", "2000", "--repeat", "1"],
      rf"\(b\) replay of one worker.*\*\*{NUMBER} \({NUMBER}-{NUMBER}\) bars/s\*\*"),
-    ("historical.py", ["--days", "2", "--symbols", "2", "--raw-rows", "20000", "--chunk-bars", "2000", "--repeat", "1",
-                       "--no-write"], rf"\*\*ratio \(b\) / \(a\)\*\* \| \*\*{NUMBER}\*\*"),
-    ("historical_procs.py", ["--days", "2", "--symbols", "2", "--rows", "20000", "--chunk", "2000", "--repeat", "1",
-                             "--no-write"], rf"\*\*Ratio \(median\): {NUMBER}\*\*.*{NUMBER} µs of CPU per bar"),
+    ("historical.py", ["--days", "2", "--symbols", "2", "--raw-rows", "20000", "--chunk-bars", "2000", "--repeat", "1"],
+     rf"\*\*ratio \(b\) / \(a\)\*\* \| \*\*{NUMBER}\*\*"),
+    ("historical_procs.py", ["--days", "2", "--symbols", "2", "--rows", "20000", "--chunk", "2000", "--repeat", "1"],
+     rf"\*\*Ratio \(median\): {NUMBER}\*\*.*{NUMBER} µs of CPU per bar"),
     ("writer_server.py", ["--workers", "2", "--bars", "100", "--rate", "50"],
      rf"paced 2 workers x 100 one-bar batches.*: {NUMBER} decisions/s; ack p50 {NUMBER} ms"),
     ("store_write.py", ["20000", "5000"], rf"replayed +20,000 rows in {NUMBER} s .*{NUMBER} rows/s"),
-    ("live_latency.py", ["--workers", "10", "--rates", "1", "--seconds", "2", "--no-write"],
+    ("live_latency.py", ["--workers", "10", "--rates", "1", "--seconds", "2"],
      rf"p50 \*\*{NUMBER} ms\*\*[\s\S]*\| 1 \| 10 \({NUMBER}\) \| {NUMBER} \| {NUMBER} ms \| {NUMBER} ms"
      rf"[\s\S]*\| 1, together \| 10 \({NUMBER}\) \| {NUMBER} \| {NUMBER} ms \| {NUMBER} ms"),
 ]
@@ -44,9 +45,9 @@ def _digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _run(script: str, args: list[str]) -> str:
+def _run(script: str, args: list[str], root: Path = REPO) -> str:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    done = subprocess.run([sys.executable, str(REPO / "bench" / script), *args], cwd=REPO, env=env,
+    done = subprocess.run([sys.executable, str(root / "bench" / script), *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, f"bench/{script} exited {done.returncode}:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
     return done.stdout
@@ -64,9 +65,28 @@ def test_a_benchmark_runs_and_reports_its_figures(script: str, args: list[str], 
 
 def test_the_fleet_benchmark_brings_a_small_fleet_up_and_down() -> None:
     before = _digest(DOC)
-    out = _run("fleet.py", ["--workers", "4", "--window", "5", "--settle", "1", "--repeats", "1", "--no-write"])
+    out = _run("fleet.py", ["--workers", "4", "--window", "5", "--settle", "1", "--repeats", "1"])
     result = json.loads(out.strip().splitlines()[-1])
     assert result["workers"] == 4 and result["all_running_s"] is not None
     assert result["exit_code"] == 0 and result["bars_per_s"] > 0 and result["uss_mb"]["median"] > 0
     assert len(result["kill9_to_running_s"]) == 1 and result["command_to_effect_s"][0] is not None
     assert _digest(DOC) == before
+
+
+def test_write_puts_the_figures_and_the_command_into_the_doc(tmp_path: Path) -> None:
+    # a copy of bench/ writes the copy of the doc beside it (a script's doc is <its root>/docs/benchmarks.md)
+    shutil.copytree(REPO / "bench", tmp_path / "bench", ignore=shutil.ignore_patterns("__pycache__"))
+    (tmp_path / "registry").symlink_to(REPO / "registry")
+    (tmp_path / "docs").mkdir()
+    shutil.copy(DOC, tmp_path / "docs" / "benchmarks.md")
+    before = _digest(DOC)
+    _run("simulation.py", ["--bars", "2000", "--repeat", "1", "--write"], root=tmp_path)
+    written = (tmp_path / "docs" / "benchmarks.md").read_text()
+    assert "Command: `python bench/simulation.py --bars 2000 --repeat 1 --write` — run on" in written
+    assert written != DOC.read_text() and _digest(DOC) == before
+
+
+def test_every_recorded_command_carries_write() -> None:
+    """A section's command, run again, must rewrite that section: so it carries --write."""
+    commands = re.findall(r"^Command: `(python bench/[^`]+)`", DOC.read_text(), flags=re.M)
+    assert len(commands) >= 5 and [c for c in commands if not c.endswith(" --write")] == []

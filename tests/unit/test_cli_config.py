@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.roots import REPO, copy_config
 from tests.unit.models.helpers import fresh_registry
 
-REPO = Path(__file__).resolve().parents[2]
 MODELS = ("swing_high", "swing_low", "swing_high_short", "swing_low_short", "daily_high", "daily_low")
 
 
@@ -25,8 +25,7 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
 @pytest.fixture
 def root(tmp_path: Path) -> Path:
     """A copy of the demo configs with the demo's trained registry, fresh by its cards' dates."""
-    for layer in ("clients", "environments", "modes"):
-        shutil.copytree(REPO / layer, tmp_path / layer)
+    copy_config(tmp_path)
     fresh_registry(tmp_path / "registry")
     return tmp_path
 
@@ -134,3 +133,56 @@ def test_the_workers_table_fits_80_columns_and_wide_shows_the_rest(tmp_path: Pat
     wide = run_cli("config", "validate", "--root", str(tmp_path), "--wide", env={"COLUMNS": "80"}).stdout
     assert wide.splitlines()[1].split() == ["worker", "models", "routing", "aggregation", "exposure", "budget"]
     assert "majority" in wide and "0.500" in wide
+
+
+def _blue(root: Path) -> Path:
+    """An environment file outside environments/, with its own name and no control or output paths."""
+    path = root / "elsewhere" / "blue.yaml"
+    path.parent.mkdir()
+    env = (root / "environments" / "local-dev.yaml").read_text()
+    kept = [line for line in env.splitlines() if "control.sqlite" not in line and "output_dir" not in line]
+    path.write_text("\n".join(kept).replace("name: local-dev", "name: blue").replace("var/local-dev", "var/blue"))
+    return path
+
+
+def test_every_command_that_takes_env_takes_a_path(root: Path) -> None:
+    from signalgen.process import cli as process_cli, deploy, worker_cli  # noqa: F401  (they add their commands)
+    from signalgen import streams_cli  # noqa: F401
+    from signalgen.cli import app
+    from typer.main import get_command
+
+    def commands(group, prefix=()):
+        for name, command in getattr(group, "commands", {}).items():
+            yield from commands(command, (*prefix, name)) if hasattr(command, "commands") else [((*prefix, name), command)]
+
+    takes_env = {path: next((p for p in command.params if "--env" in p.opts), None)
+                 for path, command in commands(get_command(app))}
+    takes_env = {path: p for path, p in takes_env.items() if p is not None}
+    assert len(takes_env) >= 25 and ("deploy", "supervisor") in takes_env and ("feed",) in takes_env
+    assert [path for path, p in takes_env.items() if "PATH" not in (p.metavar or "")] == []
+
+    blue = _blue(root)
+    run = ("run", "--mode", "mock", "--client", "odum", "--start", "2025-01-01", "--end", "2025-01-01T06:00",
+           "--no-progress")
+    for args in (("config", "validate"), ("config", "show", "--mode", "mock"), run, ("runs", "list"),
+                 ("signals", "list"), ("models", "list"), ("deploy", "supervisor", "--mode", "mock")):
+        proc = run_cli(*args, "--root", str(root), "--env", str(blue))
+        assert proc.returncode == 0, (args, proc.stdout + proc.stderr)
+    assert "name: blue" in run_cli("config", "show", "--root", str(root), "--env", str(blue)).stdout
+    assert (root / "var" / "blue" / "signalgen.duckdb").is_file()
+    # `status` reads the control store of var/blue/ (exit 3: no manager runs), and supervisord's
+    # programs load the same file
+    status = run_cli("status", "--root", str(root), "--env", str(blue))
+    assert status.returncode == 3 and "Traceback" not in status.stderr
+    assert str(root / "var" / "blue" / "control.sqlite") in " ".join(status.stdout.split())
+    conf = (root / "var" / "blue" / "supervisor" / "supervisord.conf").read_text()
+    assert f" writer --env {blue} --mode mock" in conf
+
+
+def test_env_shows_its_choices_and_refuses_anything_else(root: Path) -> None:
+    help_text = " ".join(run_cli("status", "--help").stdout.split())
+    assert "local-dev|local-integration|cloud-dev|PATH" in help_text.replace(" ", "").replace("││", "")
+    proc = run_cli("status", "--root", str(root), "--env", "staging")
+    assert proc.returncode == 2 and "not one of local-dev, local-integration, cloud-dev" in " ".join(proc.stderr.split())
+    proc = run_cli("status", "--root", str(root), "--env", str(root / "nowhere.yaml"))
+    assert proc.returncode == 2 and "file not found" in proc.stderr and "Traceback" not in proc.stderr

@@ -15,13 +15,14 @@ from signalgen import __version__
 from signalgen.logs import KeyValueFormatter
 from signalgen.storage.duckdb import DuckDBStore
 from tests.unit.storage.reads_fixtures import RUN_ID, fill_store
+from tests.roots import copy_config
 from tests.unit.test_cli_signals import REPO, cli
 
 
 @pytest.fixture
 def root(tmp_path: Path) -> Path:
-    for layer in ("clients", "environments", "modes", "registry"):
-        shutil.copytree(REPO / layer, tmp_path / layer)
+    copy_config(tmp_path)
+    shutil.copytree(REPO / "registry", tmp_path / "registry")
     return tmp_path
 
 

@@ -18,9 +18,9 @@ import polars as pl
 import pytest
 
 from signalgen.storage.duckdb import DuckDBStore
+from tests.roots import REPO, copy_config
 from tests.unit.storage.reads_fixtures import RUN_ID, fill_store, hold_and_serve
 
-REPO = Path(__file__).resolve().parents[2]
 
 
 def cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
@@ -31,9 +31,7 @@ def cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
 
 @pytest.fixture
 def root(tmp_path: Path) -> Path:
-    for layer in ("clients", "environments", "modes"):
-        shutil.copytree(REPO / layer, tmp_path / layer)
-    return tmp_path
+    return copy_config(tmp_path)
 
 
 def db_of(root: Path) -> Path:

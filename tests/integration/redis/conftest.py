@@ -3,16 +3,15 @@ demo models (mock inference only needs their cards)."""
 
 from __future__ import annotations
 
-import shutil
 from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
 
 from tests.integration.redis.servers import REDIS_SERVER, RedisServer
+from tests.roots import REPO, copy_config  # noqa: F401 - REPO: the redis tests import it from here
 
 pytest.importorskip("redis", reason="the redis extra is not installed")
-REPO = Path(__file__).resolve().parents[3]
 
 if REDIS_SERVER is None:  # pragma: no cover
     pytest.skip("redis-server is not on PATH", allow_module_level=True)
@@ -37,10 +36,8 @@ def registry_dir(tmp_path_factory) -> Path:
 def make_root(tmp_path: Path, registry_dir: Path, url: str, password_env: str | None = None) -> Path:
     """A private copy of the demo configs (without ada) with local-integration's Redis at `url`."""
     root = tmp_path / "root"
-    for folder in ("clients", "environments", "modes"):
-        shutil.copytree(REPO / folder, root / folder)
+    copy_config(root, ["christian", "ikenna", "odum"])  # not ada: its daily models are not trained here
     (root / "registry").symlink_to(registry_dir)
-    (root / "clients" / "ada.yaml").unlink()  # the daily demo needs the daily models: not trained here
     env = root / "environments" / "local-integration.yaml"
     text = env.read_text().replace("url: redis://127.0.0.1:6379/0", f"url: {url}")
     # the tests' bars are in 2030, after the session's models were trained: accept them (`max_ahead_s`)

@@ -98,12 +98,6 @@ def context(cfg) -> WorkerContext:
                          "run-live", LIVE_START, seed=cfg.seed)
 
 
-def with_password_envs(root) -> None:
-    for client, var in (("odum", "ODUM_REDIS_PASSWORD"), ("christian", "CHRISTIAN_REDIS_PASSWORD")):
-        path = root / "clients" / f"{client}.yaml"
-        path.write_text(path.read_text().replace("\nstrategies:", f"\nredis_password_env: {var}\nstrategies:", 1))
-
-
 def run_cli(*args: str, env: dict | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "strategy_runner.py", *args], cwd=REPO, capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})}, timeout=timeout)

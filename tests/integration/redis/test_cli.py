@@ -16,14 +16,13 @@ from signalgen.config.loader import load_config
 from signalgen.data.redis_bars import live_feed
 from signalgen.modes.worker import ReplayClock, run_worker
 from signalgen.outputs.redis import RedisSink, connect
-from tests.integration.redis.helpers import KEYS, REPO, context, run_cli, spec_of, wait_for, with_password_envs
+from tests.integration.redis.helpers import KEYS, REPO, context, run_cli, spec_of, wait_for
 from tests.integration.redis.workers import until
 
 pytestmark = pytest.mark.integration  # real redis-servers these tests start
 
 
 def test_feed_worker_consume_recorder(root):
-    with_password_envs(root)
     env = {"ODUM_REDIS_PASSWORD": "odum-pw-1", "CHRISTIAN_REDIS_PASSWORD": "christian-pw-2"}
     common = ("--env", "local-integration", "--root", str(root))
     proc = run_cli("feed", *common, "--source", "synthetic", "--speed", "0", "--symbols", "SOLUSD",

@@ -69,6 +69,15 @@ def cli(root: Path, *args: str, timeout: float = 120) -> subprocess.CompletedPro
                            "--root", str(root)], cwd=root, capture_output=True, text=True, timeout=timeout, env=env)
 
 
+def start_live(root: Path) -> subprocess.Popen:
+    """`start --mode live` of `root`'s local-integration (mock inference), its output in manager.out."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    with (root / "manager.out").open("ab") as out:
+        return subprocess.Popen([sys.executable, str(REPO / "strategy_runner.py"), "start", "--env",
+                                 "local-integration", "--mode", "live", "--inference", "mock", "--root", str(root)],
+                                cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT)
+
+
 def workers(root: Path) -> dict[str, dict]:
     proc = cli(root, "status", "--output", "json")
     assert proc.returncode in (0, 3), proc.stderr  # 3: a worker in BACKOFF (after the kill), or no manager
@@ -208,7 +217,9 @@ def test_start_live_feed_consume_kill_and_stop(live_root: Path, redis_server) ->
 
 
 def test_a_bad_redis_url_or_password_is_exit_2_naming_the_field(live_root: Path, tmp_path: Path) -> None:
-    """`start` (the recorder connects first) and a live worker process alone: exit 2, never a retry loop."""
+    """`start` (the recorder connects first): exit 2, never a retry loop. A live worker process alone,
+    whose Redis does not answer, waits for it (a transient failure: its manager reached Redis), and
+    leaves when asked."""
     import multiprocessing
 
     from signalgen.config.workers import worker_specs
@@ -241,9 +252,13 @@ def test_a_bad_redis_url_or_password_is_exit_2_naming_the_field(live_root: Path,
                       log_path=str(log), heartbeat_interval_s=0.2, run_id="r")
     worker = multiprocessing.get_context("fork").Process(target=worker_process, args=(args,))
     worker.start()
-    worker.join(60)
-    assert worker.exitcode == 2
-    assert "messaging.url" in log.read_text() and "cannot reach Redis" in log.read_text()
+    wait_for(lambda: log.exists() and "cannot reach Redis" in log.read_text(), 30, "the worker waiting for Redis")
+    worker.join(3)
+    assert worker.exitcode is None  # waiting, not FATAL (it exited 2 before: a server away is no config error)
+    assert log.read_text().count("cannot reach Redis") == 1  # one line for the outage, not one per retry
+    os.kill(worker.pid, signal.SIGTERM)
+    worker.join(30)
+    assert worker.exitcode == 75  # TransientError: stopped while the sink was away
 
 
 def test_a_client_added_by_reload_is_recorded(live_root: Path, redis_server) -> None:
@@ -257,11 +272,7 @@ def test_a_client_added_by_reload_is_recorded(live_root: Path, redis_server) -> 
     root = live_root
     bea = (root / "clients" / "bea.yaml").read_text()
     (root / "clients" / "bea.yaml").unlink()
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    with (root / "manager.out").open("ab") as out:
-        manager = subprocess.Popen([sys.executable, str(REPO / "strategy_runner.py"), "start", "--env",
-                                    "local-integration", "--mode", "live", "--inference", "mock", "--root", str(root)],
-                                   cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT)
+    manager = start_live(root)
     try:
         wait_for(lambda: len(w := workers(root)) == 2 and all(x["state"] == "RUNNING" for x in w.values()), 120,
                  "odum's 2 RUNNING live workers", interval=0.5)

@@ -5,16 +5,14 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.integration.redis.helpers import REPO, wait_for
+from tests.integration.redis.helpers import wait_for
 from tests.integration.redis.servers import RedisServer
-from tests.integration.redis.test_live_start import ODUM_SOL, live_root, workers  # noqa: F401 (fixture)
+from tests.integration.redis.test_live_start import ODUM_SOL, live_root, start_live, workers  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.integration
 
@@ -22,11 +20,7 @@ pytestmark = pytest.mark.integration
 def test_a_worker_restarted_while_redis_is_down_waits_for_it(live_root: Path, redis_server) -> None:
     # it exited 2 ("cannot reach Redis ... is the URL right?") and went FATAL under every policy
     root = live_root
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    with (root / "manager.out").open("ab") as out:
-        manager = subprocess.Popen([sys.executable, str(REPO / "strategy_runner.py"), "start", "--env",
-                                    "local-integration", "--mode", "live", "--inference", "mock", "--root", str(root)],
-                                   cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT)
+    manager = start_live(root)
     try:
         wait_for(lambda: len(w := workers(root)) == 4 and all(x["state"] == "RUNNING" for x in w.values()), 120,
                  "4 RUNNING live workers", interval=0.5)

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[3]
+from tests.roots import REPO, copy_config
+
+__all__ = ["REPO", "copy_demo", "edit", "line_of", "make_registry"]
 DEMO_MODELS = ("swing_high", "swing_low", "swing_high_short", "swing_low_short", "daily_high", "daily_low")
 
 
@@ -18,8 +19,7 @@ def make_registry(folder: Path, model_ids=DEMO_MODELS) -> None:
 
 
 def copy_demo(root: Path) -> Path:
-    for layer in ("clients", "environments", "modes"):
-        shutil.copytree(REPO / layer, root / layer)
+    copy_config(root)
     make_registry(root / "registry")
     return root
 

@@ -29,7 +29,7 @@ from signalgen.config.loader import _line_of
 from signalgen.config.models import Mode, timeframe_delta
 from signalgen.errors import ConfigError
 
-from .helpers import DEMO_MODELS, copy_demo, edit, line_of, make_registry
+from .helpers import DEMO_MODELS, REPO, copy_demo, edit, line_of, make_registry
 
 ENVS = ("local-dev", "local-integration", "cloud-dev")
 MODES = ("historical", "mock", "simulation", "live")
@@ -83,6 +83,13 @@ def test_demo_clients_match_the_brief(demo_root: Path) -> None:
     assert christian.routing_for(consensus) == "both"
 
 
+@pytest.mark.shipped_clients
+@pytest.mark.parametrize("client", ["ada", "christian", "ikenna", "odum"])
+def test_every_shipped_client_names_its_redis_password_variable(client: str) -> None:
+    # docs/streams.md: export the variable the client's YAML names, then `clients grant`
+    assert load_client(REPO / "clients" / f"{client}.yaml").redis_password_env == f"{client.upper()}_REDIS_PASSWORD"
+
+
 def test_demo_modes_and_environments(demo_root: Path) -> None:
     hist = load_mode("historical", root=demo_root)
     assert (hist.start, hist.end, hist.seed, hist.chunk_bars) == (
@@ -101,6 +108,34 @@ def test_layers_load_by_path(demo_root: Path) -> None:
     cfg = load_config(demo_root / "environments" / "cloud-dev.yaml", str(demo_root / "modes" / "mock.yaml"),
                       root=demo_root)
     assert cfg.mode.name == Mode.MOCK and cfg.environment.name == "cloud-dev"
+
+
+def test_an_environment_file_anywhere_names_its_own_environment_and_folder(demo_root: Path, tmp_path: Path) -> None:
+    path = tmp_path / "elsewhere" / "blue.yaml"
+    path.parent.mkdir()
+    path.write_text("name: blue\nstorage: {type: duckdb, path: var/blue/signalgen.duckdb}\n"
+                    "messaging: {type: local, path: var/blue/stream}\n")
+    cfg = load_config(path, "mock", root=demo_root)
+    assert cfg.environment.name == "blue" and cfg.files["environment"] == str(path.resolve())
+    # what the file leaves out lives in var/<name>/, never in a folder another environment shares
+    assert (cfg.environment.control.path, cfg.environment.paths.output_dir) == ("var/blue/control.sqlite",
+                                                                                "var/blue/out")
+    assert cfg.environment_ref == str(path.resolve())  # what `reload` and supervisord load again
+    assert load_config(cfg.environment_ref, "mock", root=demo_root) == cfg
+    # a shipped environment is named, so generated commands stay `--env local-dev`
+    assert load_config("local-dev", "mock", root=demo_root).environment_ref == "local-dev"
+    assert load_config(demo_root / "environments/local-dev.yaml", "mock", root=demo_root).environment_ref == "local-dev"
+
+
+@pytest.mark.parametrize("name", ["../../etc", "Blue", "a b", ""])
+def test_an_environment_name_must_be_safe_before_any_path_is_built(demo_root: Path, tmp_path: Path,
+                                                                  name: str) -> None:
+    path = tmp_path / "env.yaml"
+    path.write_text(f"name: {name!r}\nstorage: {{type: duckdb, path: x.duckdb}}\nmessaging: {{type: local, path: s}}\n")
+    err = fails(demo_root, env=path)
+    assert (err.file, err.line, err.field) == (str(path), 1, "name") and "lowercase letters" in str(err)
+    if "/" not in name:  # given as a name, it is refused before environments/<name>.yaml is looked up
+        assert "lowercase letters" in str(fails(demo_root, env=name))
 
 
 def test_only_the_clients_asked_for(demo_root: Path) -> None:

@@ -14,7 +14,8 @@ from .helpers import edit, line_of
 
 DEFAULTS = {"heartbeat_interval_s": 2.0, "heartbeat_threshold_s": 30.0, "max_errors_per_minute": 10,
             "max_recovery_attempts": 5, "backoff_initial_s": 1.0, "backoff_max_s": 60.0, "stop_timeout_s": 10.0,
-            "resource_sample_s": 5.0, "mock_bar_interval_s": 1.0, "memory_mb": 1024, "cpu": 1.0, "nice": 0}
+            "resource_sample_s": 5.0, "mock_bar_interval_s": 1.0, "memory_mb": 1024, "cpu": 1.0, "nice": 0,
+            "log_max_mb": 10.0, "log_backups": 5}
 
 
 def test_defaults_are_the_contract() -> None:

@@ -24,6 +24,8 @@ from signalgen.errors import ConfigError
 from signalgen.models.registry import sha256
 from signalgen.modes import run_mode
 
+from tests.roots import copy_config
+
 from .helpers import fresh_registry
 
 REPO = Path(__file__).resolve().parents[3]
@@ -117,11 +119,7 @@ def registry(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def root(tmp_path: Path, registry: Path) -> Path:
-    for layer in ("environments", "modes"):
-        shutil.copytree(REPO / layer, tmp_path / layer)
-    (tmp_path / "clients").mkdir()
-    for client in CLIENTS:
-        shutil.copy(REPO / "clients" / f"{client}.yaml", tmp_path / "clients")
+    copy_config(tmp_path, CLIENTS)
     shutil.copytree(registry, tmp_path / "registry")
     return tmp_path
 

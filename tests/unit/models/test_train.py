@@ -217,6 +217,7 @@ def test_daily_split_purges_weekends_too(weekday):
     assert bars_after >= 5  # the last train label's 5 bars all lie before validation
 
 
+@pytest.mark.shipped_clients  # the committed models must serve the shipped ada.yaml
 def test_daily_models_reproduce_the_registered_versions(tmp_path):
     """The committed registry/daily_* models are what `models train` builds, and they are healthy
     for the ada client's strategy (1d, features in order, AUC above chance, age within its limit)."""

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import shutil
 from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
 
 from signalgen.models.train import train_daily_models, train_demo_models
+from tests.roots import REPO, copy_config  # noqa: F401 - REPO: test_recorder imports it from here
 
-REPO = Path(__file__).resolve().parents[3]
 
 
 @pytest.fixture(scope="session")
@@ -25,7 +24,6 @@ def registry_dir(tmp_path_factory) -> Path:
 @pytest.fixture
 def root(tmp_path: Path, registry_dir: Path) -> Path:
     """A private copy of the demo configs whose var/ output lands in tmp_path."""
-    for folder in ("clients", "environments", "modes"):
-        shutil.copytree(REPO / folder, tmp_path / folder)
+    copy_config(tmp_path)
     (tmp_path / "registry").symlink_to(registry_dir)
     return tmp_path

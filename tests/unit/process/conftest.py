@@ -27,8 +27,8 @@ from signalgen.process.worker import WorkerArgs, worker_process
 from signalgen.process.writer_server import WriterServer
 from signalgen.storage import open_store
 from tests.polling import wait_for  # noqa: F401 - the process tests import it from here
+from tests.roots import REPO, copy_config
 
-REPO = Path(__file__).resolve().parents[3]
 START = datetime(2025, 1, 1, tzinfo=timezone.utc)
 STORE = Path("var/local-dev/signalgen.duckdb")
 # what differs between two runs of the same decisions: who ran them, how fast, in which mode
@@ -40,11 +40,7 @@ def make_root(base: Path, clients: tuple[str, ...] = ("christian",), **process) 
     committed model registry; `process` overrides local-dev's process settings."""
     root = base / "root"
     root.mkdir(parents=True)
-    for folder in ("environments", "modes"):
-        shutil.copytree(REPO / folder, root / folder)
-    (root / "clients").mkdir()
-    for client in clients:
-        shutil.copy(REPO / "clients" / f"{client}.yaml", root / "clients")
+    copy_config(root, clients)
     (root / "registry").symlink_to(REPO / "registry")
     env_file = root / "environments" / "local-dev.yaml"
     env = yaml.safe_load(env_file.read_text())

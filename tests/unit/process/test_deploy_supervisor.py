@@ -5,7 +5,6 @@ store ends with exactly the decisions of an uninterrupted batch run over the sam
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -18,18 +17,15 @@ import yaml
 
 from signalgen.process.deploy import program_name
 from tests.polling import wait_for
+from tests.roots import REPO, copy_config
 
-REPO = Path(__file__).resolve().parents[3]
 BIN = Path(sys.executable).parent
 WORKERS = ("odum.momentum_v1.BTCUSD.5m", "odum.momentum_v1.SOLUSD.5m")
 BARS = 144  # 12 hours of 5m bars, one per 0.05 s: ~7 s per worker
 
 
 def make_root(path: Path) -> Path:
-    for folder in ("environments", "modes"):
-        shutil.copytree(REPO / folder, path / folder)
-    (path / "clients").mkdir()
-    shutil.copy(REPO / "clients/odum.yaml", path / "clients/odum.yaml")
+    copy_config(path, ["odum"])
     (path / "registry").symlink_to(REPO / "registry")
     env = yaml.safe_load((path / "environments/local-dev.yaml").read_text())
     env["process"] |= {"mock_bar_interval_s": 0.05, "heartbeat_interval_s": 0.2, "heartbeat_threshold_s": 5.0,

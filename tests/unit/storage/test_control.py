@@ -337,3 +337,23 @@ def test_iso_and_epoch_round_trip() -> None:
     assert iso(datetime(2025, 1, 1, 12)) == "2025-01-01T12:00:00.000Z"  # naive means UTC
     assert epoch("2025-01-01T12:00:00.500Z") == datetime(2025, 1, 1, 12, tzinfo=timezone.utc).timestamp() + 0.5
     assert epoch(iso(1_700_000_000.123)) == pytest.approx(1_700_000_000.123, abs=1e-3)
+
+
+def test_checking_the_file_keeps_this_processs_sqlite_locks(tmp_path: Path) -> None:
+    # the check of the file's header opened and closed it: closing any descriptor of a file drops the
+    # process's POSIX locks on it, SQLite's included, so another process closing its connection took
+    # itself for the last one, checkpointed and deleted the WAL under the manager ('database disk
+    # image is malformed', unanswered commands)
+    path = tmp_path / "control.sqlite"
+    mine, other_store = ControlStore(path), ControlStore(path)
+    mine.event(None, "kept", "in the WAL")
+    other_store.pending()
+    other_store._checked_at = 0.0
+    assert other_store._replaced() is False  # a look at the file by another store of this process
+    other_store.close()
+    code = f"import sqlite3; c = sqlite3.connect({str(path)!r}); c.execute('SELECT count(*) FROM events'); c.close()"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=30)
+    assert Path(f"{path}-wal").exists()  # this process still holds the store open: nobody deletes its WAL
+    mine.event(None, "after", "another process came and went")
+    assert [e["kind"] for e in mine.events()] == ["kept", "after"]
+    mine.close()
