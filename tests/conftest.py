@@ -30,7 +30,10 @@ sys.addaudithook(_audit)
 
 
 @pytest.fixture(autouse=True)
-def _no_working_tree_clients(request: pytest.FixtureRequest):
+def _no_working_tree_clients(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    # pytest empties the session's temporary folder on first use (rmtree opens each entry by its bare
+    # name relative to a folder descriptor, a copied root's "clients" too): before the watch begins
+    tmp_path_factory.getbasetemp()
     reads.clear()
     yield
     if reads and request.node.get_closest_marker("shipped_clients") is None:

@@ -60,11 +60,12 @@ def open_store(cfg: RunConfig) -> SignalStore:
 def storage_error(path: Path | str, exc: BaseException) -> StorageError:
     """One line naming the path and the OS reason: `cannot write <path>: <reason>`.
 
-    `exc` is an OSError (its filename and strerror win) or a DuckDB error, whose text names the
-    file it failed on in quotes and ends in the OS reason ("...: No space left on device").
+    `exc` is an OSError (its filename and strerror win) or a DuckDB error or an OSError without an
+    errno (polars writing to a file object), whose text names the file it failed on in quotes and
+    ends in the OS reason ("...: No space left on device").
     """
-    if isinstance(exc, OSError):
-        where, reason = exc.filename or path, exc.strerror or type(exc).__name__
+    if isinstance(exc, OSError) and exc.strerror:
+        where, reason = exc.filename or path, exc.strerror
     else:
         text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         quoted = _QUOTED.search(text)

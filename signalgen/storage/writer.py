@@ -225,11 +225,17 @@ class SignalWriter:
 
     def close(self) -> None:
         """Flush, then stop the writer thread and close every output."""
+        failed: list[Exception] = []
         try:
             self.flush()
         finally:
             self._queue.put(None)
             self._writer.join()
-            for out in self._outputs.values():
-                out.close()
+            for out in self._outputs.values():  # every one, however many fail: none is left open
+                try:
+                    out.close()
+                except Exception as exc:  # noqa: BLE001 - raised below, unless flush's error is on its way
+                    failed.append(exc)
             self._outputs.clear()
+        if failed:
+            raise failed[0]

@@ -92,13 +92,15 @@ def logger_restored():
 
 
 @pytest.mark.parametrize(("status", "code"), [("ok", 0), ("failed", 1)])
-def test_run_exits_1_after_the_summary_when_a_worker_failed(monkeypatch, logger_restored, status: str,
+def test_run_exits_1_after_the_summary_when_a_worker_failed(monkeypatch, logger_restored, tmp_path, status: str,
                                                              code: int) -> None:
     import signalgen.modes
     from signalgen import cli
+    from tests.roots import REPO, copy_config
 
     # run_mode is ours (not a library); the CLI's job is to print the report and map its status
     monkeypatch.setattr(signalgen.modes, "run_mode", lambda cfg, **_options: big_report(status))
-    result = CliRunner().invoke(cli.app, ["run", "--output", "json"])
+    (copy_config(tmp_path) / "registry").symlink_to(REPO / "registry")
+    result = CliRunner().invoke(cli.app, ["run", "--output", "json", "--root", str(tmp_path)])
     assert result.exit_code == code, result.output
     assert json.loads(result.stdout)["status"] == status

@@ -19,7 +19,7 @@ import polars as pl
 import pytest
 
 from signalgen.config.loader import Overrides, load_config
-from signalgen.errors import SignalgenError, StorageError
+from signalgen.errors import SignalgenError, StorageError, TransientError
 from signalgen.models.train import train_demo_models
 from signalgen.modes import run_mode
 from signalgen.modes.engine import Decisions, strategy_params
@@ -125,6 +125,24 @@ def _writer(root, store):
     outputs = {(c.id, d): ListOutput(c.id) for c in cfg.clients for s in c.strategies
                for d in DESTINATIONS[c.routing_for(s)]}
     return SignalWriter(store, outputs, mode="historical"), outputs, worker_specs(cfg)
+
+
+def test_close_closes_every_output_when_one_fails(root):
+    # the first output that failed to close left the others open: on a full disk a failed run kept
+    # its stream files open (umount: target is busy)
+    from signalgen.storage.duckdb import DuckDBStore
+
+    class BrokenClose(ListOutput):
+        def close(self) -> None:
+            raise TransientError("cannot close: simulated")
+
+    outputs = {("a", "internal"): BrokenClose("a"), ("b", "internal"): ListOutput("b"),
+               ("c", "quantconnect"): ListOutput("c")}
+    with DuckDBStore(root / "w.duckdb") as store:
+        writer = SignalWriter(store, outputs, mode="historical")
+        with pytest.raises(TransientError, match="cannot close"):
+            writer.close()
+    assert outputs[("b", "internal")].closed and outputs[("c", "quantconnect")].closed
 
 
 def test_the_checkpoint_advances_only_after_the_store_and_every_output_confirm(root):
@@ -437,7 +455,8 @@ def test_full_disk(root):
     with small_disk(root / "var/local-dev", 4096):
         _run(root)
         before = _mode_rows(root, "historical")
-        filler = fill(root / "var/local-dev", leave_bytes=16 << 10)
+        # room for the run's own record (its config snapshot is ~7 KB), not for its decisions
+        filler = fill(root / "var/local-dev", leave_bytes=64 << 10)
         try:
             _fails_cleanly(root, before, "var/local-dev/", "No space left on device")
         finally:

@@ -11,12 +11,13 @@ from signalgen.outputs.base import Output
 from tests.unit.outputs.factories import signal_frame
 
 
-def _redis_cfg():
-    from pathlib import Path
-
+def _redis_cfg(root):
     from signalgen.config.loader import load_config
+    from tests.roots import REPO, copy_config
 
-    return load_config("local-integration", "historical", root=Path(__file__).resolve().parents[3])
+    copy_config(root, ("ikenna",))
+    (root / "registry").symlink_to(REPO / "registry")  # the committed models: the loader checks ids
+    return load_config("local-integration", "historical", root=root)
 
 
 def test_every_alias_names_an_output(tmp_path):
@@ -24,7 +25,7 @@ def test_every_alias_names_an_output(tmp_path):
         "quantconnect": output_class("quantconnect")(tmp_path, "ikenna", "historical"),
         "local": output_class("local")(tmp_path, "ikenna", "historical"),
         "memory": output_class("memory")("ikenna"),
-        "redis": output_class("redis").from_config(_redis_cfg(), "ikenna"),  # connects only on open()
+        "redis": output_class("redis").from_config(_redis_cfg(tmp_path / "root"), "ikenna"),  # connects on open()
     }
     assert set(made) == set(OUTPUTS)
     assert all(isinstance(o, Output) for o in made.values())
