@@ -268,7 +268,7 @@ def test_manager_and_worker_logs_rotate_at_the_configured_size(tmp_path: Path, m
     # manager.log grew without bound (a plain FileHandler); worker logs kept 3 files, not configurable
     from tests.unit.process.test_manager import cli, gone
 
-    root = make_root(tmp_path, {"odum": COMMENTED}, log_max_mb=0.004, log_backups=2)
+    root = make_root(tmp_path, {"odum": COMMENTED}, log_max_mb=0.001, log_backups=2)
     logs = root / "var" / "local-dev" / "logs"
     assert cli(root, "start", "--inference", "mock", "--daemon").returncode == 0
     pid = int((root / "var" / "local-dev" / "manager.pid").read_text())
@@ -285,4 +285,4 @@ def test_manager_and_worker_logs_rotate_at_the_configured_size(tmp_path: Path, m
         until(lambda: gone(pid), 30, "the manager gone")
     assert (logs / "manager.log.2").exists() and not (logs / "manager.log.3").exists()
     for path in [logs / "manager.log", logs / "manager.log.1", *logs.glob(f"{ODUM_BTC}.log*")]:
-        assert path.stat().st_size <= 0.004 * 2**20 + 1000, path
+        assert path.stat().st_size <= 0.001 * 2**20 + 1000, path
