@@ -282,7 +282,7 @@ def run(args) -> dict:
     import redis
 
     from signalgen.data.redis_bars import encode_bar, entry_id
-    from signalgen.outputs.redis import StreamKeys
+    from signalgen.brokers.redis import StreamKeys
     from tests.integration.redis.servers import RedisServer
 
     keys = StreamKeys("signalgen")

@@ -131,7 +131,8 @@ def stages(root: Path) -> dict[str, float]:
     from signalgen.config.loader import load_config
     from signalgen.config.workers import worker_specs
     from signalgen.data.validation import BarValidator
-    from signalgen.modes.engine import BarPreparer, WorkerEngine, history_bars
+    from signalgen.modes.engine import BarPreparer, WorkerEngine
+    from signalgen.config.workers import history_bars
     from signalgen.modes.sources import bar_chunks
     from signalgen.models.registry import ModelRegistry
     from signalgen.modes.worker import bar_feed
@@ -172,7 +173,7 @@ def replay(root: Path, batching: bool = False) -> dict:
     (per-bar decisions joined into 4,096-bar batches for the writer) over a writer that only holds them."""
     from signalgen.config.loader import load_config
     from signalgen.config.workers import worker_specs
-    from signalgen.modes.engine import history_bars
+    from signalgen.config.workers import history_bars
     from signalgen.modes.simulation import BatchingSink
     from signalgen.modes.sources import bar_chunks
     from signalgen.modes.worker import MemorySink, ReplayClock, WorkerContext, bar_feed, run_worker

@@ -36,7 +36,7 @@ START = datetime(2025, 1, 1, tzinfo=timezone.utc)
 
 def sender(cfg, spec, address: str, authkey: bytes, rate: float, go, results) -> None:
     """One worker process: compute its decisions, wait for `go`, send them (paced if rate > 0)."""
-    from signalgen.modes.engine import history_bars
+    from signalgen.config.workers import history_bars
     from signalgen.modes.sources import bar_chunks
     from signalgen.modes.worker import MemorySink, ReplayClock, WorkerContext, bar_feed, run_worker
     from signalgen.process.writer_server import RemoteSink

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import logging.handlers
-import os
 import time
 from pathlib import Path
 

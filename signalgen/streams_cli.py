@@ -161,7 +161,7 @@ def feed(env: EnvOpt = Environment.LOCAL_INTEGRATION, root: RootOpt = None,
     every real bar before them."""
     from signalgen.data.redis_bars import PublishStats, future_streams, publish_bars
     from signalgen.errors import DataError
-    from signalgen.outputs.redis import StreamKeys, connect
+    from signalgen.brokers.redis import StreamKeys, connect
 
     cfg = _load(env, Mode.LIVE, root, seed=seed)
     if start is not None and start.tzinfo is None:
@@ -257,7 +257,7 @@ def client_connection(cfg: RunConfig, client_id: str):
 
     A refused login is a ConfigError naming the client's file and both causes Redis cannot tell apart
     (it answers WRONGPASS to either): a password other than the one granted, or no such user."""
-    from signalgen.outputs.redis import StreamKeys, connect
+    from signalgen.brokers.redis import StreamKeys, connect
 
     password = client_password(cfg, client_id)
     user = StreamKeys(cfg.environment.messaging.stream_prefix).acl_user(client_id)
@@ -346,7 +346,8 @@ def consume(client: Annotated[str, typer.Option("--client", "-c", help="Whose si
             idle_exit: Annotated[Optional[float], typer.Option(help="Exit after this many seconds without a "
                                                                "signal.")] = None) -> None:
     """Print a client's signals as they arrive, read with that client's credentials and consumer group."""
-    from signalgen.outputs.redis import StreamKeys, decode_rows
+    from signalgen.brokers.codec import decode_rows
+    from signalgen.brokers.redis import StreamKeys
     from signalgen.report import records_table
     from signalgen.signals.types import SIGNAL_SCHEMA
 
@@ -378,7 +379,7 @@ def grant_client(cfg: RunConfig, client_id: str) -> tuple[str, str | None]:
     Returns its URL (password masked) and a warning when Redis could not save its users (no aclfile)."""
     import redis
 
-    from signalgen.outputs.redis import StreamKeys, acl_key_pattern, connect, ensure_streams, masked_url
+    from signalgen.brokers.redis import StreamKeys, acl_key_pattern, connect, ensure_streams, masked_url
 
     password = client_password(cfg, client_id)
     m = cfg.environment.messaging

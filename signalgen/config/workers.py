@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 
 from signalgen.config.models import ClientConfig, Routing, RunConfig, StrategyConfig
+from signalgen.features.spec import WARMUP_BARS
 
 
 @dataclass(frozen=True)
@@ -79,3 +80,7 @@ def worker_specs(cfg: RunConfig) -> list[WorkerSpec]:
             own = client.model_copy(update={"strategies": [strategy]})
             specs.append(WorkerSpec(own, strategy, sym, tf, budget, run))
     return specs
+
+def history_bars(spec: WorkerSpec) -> int:
+    """Bars of history a batch needs before its first candidate: features' warm-up + the lookback window."""
+    return WARMUP_BARS + max(m.lookback_window for m in spec.strategy.models)

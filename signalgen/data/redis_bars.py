@@ -21,7 +21,8 @@ import polars as pl
 from signalgen.config.models import timeframe_delta
 from signalgen.data.schema import BAR_SCHEMA
 from signalgen.errors import TransientError
-from signalgen.outputs.redis import SCHEMA_VERSION, StreamKeys, connect, iso, own_connection, redis_module, straight
+from signalgen.brokers.codec import SCHEMA_VERSION, iso
+from signalgen.brokers.redis import StreamKeys, connect, own_connection, redis_module, straight
 
 if TYPE_CHECKING:
     import redis as redis_lib
@@ -246,7 +247,7 @@ def live_feed(cfg: RunConfig, spec: WorkerSpec, *, after: datetime | None, stop:
     first) and is skipped. While Redis is unreachable the read is retried with backoff (up to 0.5 s),
     logged once per outage.
     """
-    from signalgen.modes.engine import history_bars
+    from signalgen.config.workers import history_bars
 
     redis = redis_module()
     m = cfg.environment.messaging

@@ -23,7 +23,7 @@ from signalgen.config.models import RunConfig, timeframe_delta
 from signalgen.config.workers import WorkerSpec
 from signalgen.errors import ConfigError, SignalgenError
 from signalgen.modes.base import RunReport, peak_rss_mb
-from signalgen.modes.engine import Decisions
+from signalgen.signals.records import Decisions
 from signalgen.modes.sources import chunk_feed, prefetched
 from signalgen.modes.worker import Clock, ReplayClock, Sink, WorkerContext, run_worker
 from signalgen.storage.writer import SignalWriter

@@ -15,7 +15,7 @@ from datetime import datetime
 from signalgen.config.models import RunConfig
 from signalgen.config.workers import WorkerSpec
 from signalgen.modes.batch import BatchRunner
-from signalgen.modes.engine import Decisions
+from signalgen.signals.records import Decisions
 from signalgen.modes.sources import per_bar_feed
 from signalgen.modes.worker import ReplayClock
 from signalgen.storage.writer import SignalWriter

@@ -67,7 +67,7 @@ def data_files(cfg: RunConfig, specs: Iterable[WorkerSpec]) -> dict[str, str] | 
 def chunk_feed(cfg: RunConfig, spec: WorkerSpec, chunk_bars: int | None = None) -> Iterator[ValidatedBars]:
     """A worker's bars for `run_worker` in validated chunks (historical, mock): first the history —
     the last `history_bars(spec)` valid bars at or before cfg.start, context only — then the range."""
-    from signalgen.modes.engine import history_bars
+    from signalgen.config.workers import history_bars
 
     need = history_bars(spec)
     chunks = validate_chunks(bar_chunks(cfg, spec.symbol, spec.timeframe, chunk_bars or cfg.mode.chunk_bars,
@@ -80,7 +80,7 @@ def chunk_feed(cfg: RunConfig, spec: WorkerSpec, chunk_bars: int | None = None) 
 def per_bar_feed(cfg: RunConfig, spec: WorkerSpec) -> Iterator[dict]:
     """A worker's bars for `run_worker` one at a time (simulation, streaming): the valid history bars,
     then every raw bar of the range (run_worker validates them bar by bar)."""
-    from signalgen.modes.engine import history_bars
+    from signalgen.config.workers import history_bars
 
     need = history_bars(spec)
     frames = bar_chunks(cfg, spec.symbol, spec.timeframe, cfg.mode.chunk_bars, history=need)

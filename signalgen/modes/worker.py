@@ -35,7 +35,8 @@ import numpy as np
 import polars as pl
 
 from signalgen.data.validation import BarValidator, ValidatedBars, validate_bars
-from signalgen.modes.engine import BarPreparer, Decisions, WorkerEngine, epoch_us
+from signalgen.modes.engine import BarPreparer, WorkerEngine
+from signalgen.signals.records import Decisions, epoch_us
 from signalgen.models.registry import ModelRegistry
 from signalgen.config.workers import WorkerSpec
 

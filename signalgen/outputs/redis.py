@@ -1,334 +1,36 @@
-"""Redis Streams: key names, connections, and the signal side (`RedisSink` for live workers,
-`RedisOutput` for the SignalWriter). Layout and contract: docs/streams.md.
-
-`redis` is imported lazily, here and in `data/redis_bars.py` and `storage/recorder.py`, so only runs
-that use Redis need `pip install 'signalgen[redis]'`.
+"""Redis Streams, the signal side: `RedisSink` (a live worker's sink) and `RedisOutput` (a batch
+output of the SignalWriter). Key names, connections and the entry codec are the broker's
+(`signalgen.brokers.redis`, `signalgen.brokers.codec`). Layout and contract: docs/streams.md.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
-import json
 import logging
-import math
-import os
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Self
-from urllib.parse import quote, urlsplit, urlunsplit
 
 import polars as pl
 
-from signalgen.errors import ConfigError, SignalgenError, StorageError, TransientError
+from signalgen.brokers.codec import SCHEMA_VERSION, decision_entries, iso, json_lines, signal_entries
+from signalgen.brokers.redis import StreamKeys, connect, own_connection, redis_module, straight
+from signalgen.errors import SignalgenError, StorageError, TransientError
 from signalgen.outputs import client_batch
 from signalgen.outputs.base import Output
-from signalgen.signals.types import REJECTION_SCHEMA, SIGNAL_SCHEMA, stream_rows
+from signalgen.signals.types import stream_rows
 
 if TYPE_CHECKING:
     import redis as redis_lib
 
     from signalgen.config.models import RunConfig
     from signalgen.config.workers import WorkerSpec
-    from signalgen.modes.engine import Decisions
+    from signalgen.signals.records import Decisions
 
 log = logging.getLogger(__name__)
-
-SCHEMA_VERSION = "1"
-ISO_UTC = "%Y-%m-%dT%H:%M:%S%.6fZ"  # as the local stream (outputs/local.py)
-RECORDER_GROUP = "recorder"
-
-
-def redis_module():
-    """The redis package, or ImportError telling how to install it."""
-    try:
-        import redis
-    except ImportError as exc:  # pragma: no cover - the dev extra installs it
-        raise ImportError("Redis messaging needs the redis package: pip install 'signalgen[redis]'") from exc
-    return redis
-
-
-@dataclass(frozen=True)
-class StreamKeys:
-    """Key names under one `messaging.stream_prefix` (docs/streams.md).
-
-    Workers write the `internal` streams, which no client's user may touch; the decision host (the
-    recorder) reads them, and is the only writer of the clients' `signals` / `rejections` streams.
-    """
-
-    prefix: str = "signalgen"
-
-    def bars(self, symbol: str, timeframe: str) -> str:
-        return f"{self.prefix}:bars:{symbol}:{timeframe}"
-
-    @property
-    def deadletter(self) -> str:
-        return f"{self.prefix}:deadletter:bars"
-
-    def deadletter_seen(self, symbol: str, timeframe: str) -> str:
-        """The set of the ids of `bars(symbol, timeframe)` entries already dead-lettered (one copy each)."""
-        return f"{self.prefix}:deadletter:seen:{symbol}:{timeframe}"
-
-    def signals(self, mode: str, client: str) -> str:
-        return f"{self.prefix}:{mode}:signals:{client}"
-
-    def rejections(self, mode: str, client: str) -> str:
-        return f"{self.prefix}:{mode}:rejections:{client}"
-
-    def internal(self, mode: str, kind: str, client: str) -> str:
-        """A worker's decisions of `kind` ("signals" or "rejections") for `client`, before the host."""
-        return f"{self.prefix}:{mode}:internal:{kind}:{client}"
-
-    def bar_rejections(self, mode: str) -> str:
-        return f"{self.prefix}:{mode}:internal:bar_rejections"
-
-    def forwarded(self, mode: str) -> str:
-        """Hash: internal stream -> the id of its last entry the host wrote to a client's stream."""
-        return f"{self.prefix}:{mode}:internal:forwarded"
-
-    def checkpoints(self, mode: str) -> str:
-        return f"{self.prefix}:{mode}:checkpoints"
-
-    def acl_user(self, client: str) -> str:
-        """The Redis user of a client (`clients grant`); no ':' so it fits in a URL's user part."""
-        return f"{self.prefix}-{client}"
-
-    def client_streams(self, client: str, modes: tuple[str, ...] | None = None) -> list[str]:
-        """A client's own streams — its signals and rejections of every mode (or of `modes`): all the
-        keys its user may touch."""
-        from signalgen.config.models import Mode
-
-        return [key(m, client) for m in modes or [m.value for m in Mode] for key in (self.signals, self.rejections)]
-
-
-def acl_key_pattern(key: str) -> str:
-    """`key` as an ACL key pattern that matches it alone (glob characters escaped)."""
-    return "".join("\\" + c if c in "*?[]\\" else c for c in key)
-
-
-# Creates each stream in KEYS that does not exist yet, empty (an entry added and trimmed at once): a
-# client's user may then create consumer groups on its streams but never a key (MKSTREAM finds them).
-ENSURE_STREAMS_SCRIPT = """
-for _, key in ipairs(KEYS) do
-  if redis.call('EXISTS', key) == 0 then
-    redis.call('XADD', key, 'MAXLEN', '0', '*', 'v', '0')
-  end
-end
-return #KEYS
-"""
-
-
-def ensure_streams(client: redis_lib.Redis, keys: list[str]) -> None:
-    """Create the streams among `keys` that do not exist yet (empty); existing ones are untouched."""
-    if keys:
-        client.eval(ENSURE_STREAMS_SCRIPT, len(keys), *keys)
-
-
-# ---------------------------------------------------------------- connections
-
-
-def connect(cfg: RunConfig, *, username: str | None = None, password: str | None = None,
-            password_field: str = "messaging.password_env", socket_timeout: float = 5.0,
-            check: bool = True, down: type[SignalgenError] = ConfigError) -> redis_lib.Redis:
-    """A client of the environment's Redis, checked with PING unless `check` is false.
-
-    The password is `password` if given, else the value of `messaging.password_env`. Anything wrong at
-    start — a URL that does not parse, a server that does not answer, a wrong password — is a
-    ConfigError naming the field (exit 2): a worker never loops on a configuration mistake. A server
-    that does not answer raises `down` instead: a worker whose manager already reached Redis passes
-    TransientError (the server is away, not misconfigured: wait for it). The client does not retry
-    by itself (retries are the caller's, who knows what is safe to repeat).
-    """
-    redis = redis_module()
-    from redis.backoff import NoBackoff
-    from redis.retry import Retry
-
-    m = cfg.environment.messaging
-    file = cfg.files.get("environment")
-    if m.type != "redis":
-        raise ConfigError(f"messaging type {m.type!r} is not redis", file=file, field="messaging.type")
-    if password is None and m.password_env:
-        password = os.environ.get(m.password_env)
-        if password is None:
-            raise ConfigError(f"environment variable {m.password_env} is not set", file=file, field=password_field)
-    try:
-        client = redis.Redis.from_url(m.url, username=username, password=password, socket_timeout=socket_timeout,
-                                      socket_connect_timeout=min(socket_timeout, 2.0), retry=Retry(NoBackoff(), 0))
-    except (ValueError, TypeError) as exc:
-        raise ConfigError(f"not a Redis URL ({exc})", file=file, field="messaging.url") from None
-    if check:
-        check_connection(client, cfg, password_field=password_field, down=down)
-    return client
-
-
-def own_connection(client: redis_lib.Redis):
-    """A connection with `client`'s settings, outside its pool, connected by its first command and
-    again by the first after a `disconnect()`: for a hot command sent `straight`."""
-    pool = client.connection_pool
-    return pool.connection_class(**pool.connection_kwargs)
-
-
-def straight(conn, *command):
-    """`command` on `conn` and its raw reply, without the client's command layer (connection checkout,
-    retry wrapper, reply callbacks): ~70 -> ~40 us of CPU per XREAD in process, more on the cold core
-    a live bar finds. A lost or timed-out connection is dropped before the error goes up, so a late
-    reply can never answer the next command; the next call reconnects."""
-    redis = redis_module()
-    try:
-        conn.send_command(*command)
-        return conn.read_response()
-    except (redis.ConnectionError, redis.TimeoutError):
-        conn.disconnect()
-        raise
-
-
-def check_connection(client: redis_lib.Redis, cfg: RunConfig, *, password_field: str,
-                     down: type[SignalgenError] = ConfigError) -> None:
-    """PING; a failure becomes a ConfigError naming the field at fault (`down` for no answer)."""
-    redis = redis_module()
-    file = cfg.files.get("environment")
-    try:
-        client.ping()
-    except redis.AuthenticationError as exc:
-        raise ConfigError(f"Redis refused the password ({exc})", file=file, field=password_field) from None
-    except redis.ResponseError as exc:  # e.g. AUTH without a configured password, NOAUTH
-        text = str(exc)
-        if "AUTH" in text.upper() or "PASSWORD" in text.upper():
-            raise ConfigError(f"Redis refused the login ({text})", file=file, field=password_field) from None
-        raise ConfigError(f"Redis at {masked_url(cfg.environment.messaging.url)} answered {text!r}", file=file,
-                          field="messaging.url") from None
-    except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
-        text = f"cannot reach Redis at {masked_url(cfg.environment.messaging.url)} ({exc})"
-        if down is not ConfigError:
-            raise down(text) from None
-        raise ConfigError(f"{text}; is the URL right and the server running?", file=file,
-                          field="messaging.url") from None
-
-
-def masked_url(url: str, username: str | None = None, password: bool = False) -> str:
-    """`url` with `username` set (if given) and any password shown as ***."""
-    parts = urlsplit(url)
-    user = username if username is not None else parts.username
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    auth = ""
-    if user:
-        auth = quote(user, safe="") + (":***" if password or parts.password else "") + "@"
-    elif password or parts.password:
-        auth = ":***@"
-    return urlunsplit((parts.scheme, auth + host, parts.path, parts.query, parts.fragment))
-
-
-# ---------------------------------------------------------------- entries
-
-
-def _wire(df: pl.DataFrame) -> pl.DataFrame:
-    return df.with_columns(pl.col(c).dt.convert_time_zone("UTC").dt.to_string(ISO_UTC)
-                           for c, t in df.schema.items() if isinstance(t, pl.Datetime))
-
-
-def json_lines(df: pl.DataFrame) -> list[bytes]:
-    """Each row as one JSON object (datetimes ISO-8601 UTC), the format of the local stream's lines."""
-    if not df.height:
-        return []
-    buf = io.BytesIO()
-    _wire(df).write_ndjson(buf)
-    return buf.getvalue().splitlines()
-
-
-def decode_rows(lines: list[bytes], schema: pl.Schema) -> pl.DataFrame:
-    """JSON objects (as `json_lines` writes them) back into a frame of `schema`, bit for bit."""
-    if not lines:
-        return schema.to_frame()
-    wire = pl.Schema({c: (pl.String if isinstance(t, pl.Datetime) else pl.Int64 if t in (pl.Int8, pl.Int32) else t)
-                      for c, t in schema.items()})
-    df = pl.read_ndjson(io.BytesIO(b"\n".join(lines) + b"\n"), schema=wire)
-    return df.with_columns(pl.col(c).str.to_datetime(ISO_UTC, time_unit="us", time_zone="UTC")
-                           for c, t in schema.items() if isinstance(t, pl.Datetime)).cast(schema)
-
-
-def record_entries(df: pl.DataFrame, id_column: str) -> list[dict[str, bytes | str]]:
-    """Stream entries of signal or rejection rows: `v`, `id`, `data` (docs/streams.md)."""
-    return [{"v": SCHEMA_VERSION, "id": i, "data": line} for i, line in zip(df[id_column], json_lines(df))]
-
-
-def signal_entries(signals: pl.DataFrame) -> list[dict[str, bytes | str]]:
-    """Entries of a client's signal stream with each signal's `revision` and `retracted` in `data`
-    (STREAM_SCHEMA rows, as the store's `Written.stream` returns them; plain signals are first
-    deliveries). What `RedisOutput` sends, and what a writer of the clients' streams (the recorder)
-    sends after its store write (docs/streams.md, "Revisions and retractions")."""
-    return record_entries(stream_rows(signals), "signal_id")
-
-
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
-SMALL_BATCH = 64  # up to this many bars, records are built without polars (a live bar: ~30 us, not ~1.5 ms)
-
-
-def _iso_us(us: int) -> str:
-    return (_EPOCH + timedelta(microseconds=us)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-@dataclass(frozen=True)
-class _Layout:
-    """Where a record schema keeps its times, its floats and its model outputs (by column index)."""
-
-    names: tuple[str, ...]
-    times: tuple[int, ...]
-    floats: tuple[int, ...]
-    models: int
-
-    @classmethod
-    def of(cls, schema: pl.Schema) -> _Layout:
-        types = list(schema.values())
-        return cls(tuple(schema.names()), tuple(i for i, t in enumerate(types) if isinstance(t, pl.Datetime)),
-                   tuple(i for i, t in enumerate(types) if t == pl.Float64), schema.names().index("models"))
-
-
-_SIGNAL_LAYOUT, _REJECTION_LAYOUT = _Layout.of(SIGNAL_SCHEMA), _Layout.of(REJECTION_SCHEMA)
-
-
-def _row_entries(rows: list[tuple], layout: _Layout) -> list[dict]:
-    """Stream entries of `Records` rows (SIGNAL_SCHEMA or REJECTION_SCHEMA columns, times as epoch
-    microseconds): the JSON `json_lines` writes for the same rows — floats by `repr`, NaN as null."""
-    entries = []
-    for row in rows:
-        values = list(row)
-        for i in layout.times:
-            values[i] = _iso_us(values[i])
-        for i in layout.floats:
-            if not math.isfinite(values[i]):
-                values[i] = None
-        for m in values[layout.models]:
-            if m["output"] is not None and not math.isfinite(m["output"]):
-                m["output"] = None
-        record = dict(zip(layout.names, values))
-        entries.append({"v": SCHEMA_VERSION, "id": row[0], "data": json.dumps(record, separators=(",", ":"))})
-    return entries
-
-
-def decision_entries(decisions: Decisions) -> tuple[list[dict], list[dict]]:
-    """(signal entries, rejection entries) of one batch: `record_entries(decisions.frames())`, built from
-    `Decisions.records()` in plain Python for a small batch (a live bar) — the same records, decoded bit
-    for bit (tests/integration/redis/test_streams.py) — and through polars for a large one."""
-    if decisions.bars > SMALL_BATCH:
-        signals, rejections = decisions.frames()
-        return record_entries(signals, "signal_id"), record_entries(rejections, "rejection_id")
-    records = decisions.records()
-    return _row_entries(records.signals, _SIGNAL_LAYOUT), _row_entries(records.rejections, _REJECTION_LAYOUT)
-
-
-def iso(t: datetime) -> str:
-    return t.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def read_checkpoints(client: redis_lib.Redis, keys: StreamKeys, mode: str) -> dict[str, datetime]:
-    """Worker id -> last bar time durably in the streams (the `<p>:<mode>:checkpoints` hash)."""
-    return {k.decode(): datetime.fromisoformat(v.decode()) for k, v in client.hgetall(keys.checkpoints(mode)).items()}
-
 
 # ---------------------------------------------------------------- the worker's sink
 

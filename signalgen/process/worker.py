@@ -49,7 +49,8 @@ from signalgen.config.workers import WorkerSpec
 from signalgen.data.validation import validate_bars
 from signalgen.errors import ConfigError, TransientError
 from signalgen.logs import Outage, log_to_file
-from signalgen.modes.engine import epoch_us, history_bars
+from signalgen.signals.records import epoch_us
+from signalgen.config.workers import history_bars
 from signalgen.modes.sources import background_priority, bar_chunks, per_bar_feed
 from signalgen.modes.worker import ReplayClock, WallClock, WorkerContext, bar_feed, run_worker
 from signalgen.process.states import CONFIG_ERROR_EXIT, TRANSIENT_EXIT, State

@@ -61,7 +61,7 @@ from signalgen.storage.base import SignalStore
 from signalgen.storage.writer import SignalWriter
 
 if TYPE_CHECKING:
-    from signalgen.modes.engine import Records
+    from signalgen.signals.records import Records
 
 log = logging.getLogger(__name__)
 
@@ -634,7 +634,7 @@ def host_outcome(stats: dict, started_at: datetime, status: str) -> dict:
 def _joined(parts: list) -> Frames | Records:
     """One worker's batches of a group as one item: rows stay rows (the writer builds one frame for
     the group's rows), anything else becomes one Frames."""
-    from signalgen.modes.engine import Records  # imported on first use: keeps the manager's start light
+    from signalgen.signals.records import Records  # imported on first use: keeps the manager's start light
 
     if all(isinstance(p, Records) for p in parts):
         return Records.join(parts)
@@ -848,7 +848,7 @@ class RemoteSink:
             return
         if not self._pending and not (final and self._bar_rejections):
             return
-        from signalgen.modes.engine import SMALL_BATCH, Decisions, Records  # the worker has it loaded
+        from signalgen.signals.records import SMALL_BATCH, Decisions, Records  # the worker has it loaded
 
         if self._pending_bars > SMALL_BATCH:
             records: Frames | Records = Frames(*Decisions.concat(self._pending).frames())

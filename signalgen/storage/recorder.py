@@ -31,9 +31,8 @@ import polars as pl
 from signalgen.config.models import Routing
 from signalgen.data.schema import BAR_REJECTION_SCHEMA
 from signalgen.outputs import DESTINATIONS, build_output
-from signalgen.outputs.redis import (
-    RECORDER_GROUP, SCHEMA_VERSION, StreamKeys, connect, decode_rows, ensure_streams, redis_module,
-)
+from signalgen.brokers.codec import SCHEMA_VERSION, decode_rows
+from signalgen.brokers.redis import RECORDER_GROUP, StreamKeys, connect, ensure_streams, redis_module
 from signalgen.signals.types import REJECTION_SCHEMA, SIGNAL_SCHEMA
 
 if TYPE_CHECKING:

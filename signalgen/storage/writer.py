@@ -26,7 +26,7 @@ from signalgen.outputs.base import Output
 from signalgen.storage.base import SignalStore
 
 if TYPE_CHECKING:
-    from signalgen.modes.engine import Decisions, Records
+    from signalgen.signals.records import Decisions
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +132,7 @@ class SignalWriter:
             self._queue.put((self._write_group, (list(items),)))
 
     def _write_group(self, items: list[tuple[WorkerSpec, Decisions]]) -> None:
-        from signalgen.modes.engine import Records
+        from signalgen.signals.records import Records
 
         # batches sent as plain rows (streaming workers: a bar or a few) become ONE frame for the
         # whole group, not one per batch (~0.3 ms of polars each); the others keep their frames

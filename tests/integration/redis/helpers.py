@@ -18,7 +18,8 @@ from signalgen.config.loader import LIVE_START
 from signalgen.config.workers import worker_specs
 from signalgen.data.synthetic import iter_synthetic_chunks
 from signalgen.modes.worker import MemorySink, ReplayClock, WorkerContext, bar_feed, run_worker
-from signalgen.outputs.redis import StreamKeys, decode_rows
+from signalgen.brokers.codec import decode_rows
+from signalgen.brokers.redis import StreamKeys
 from signalgen.signals.types import REJECTION_SCHEMA, SIGNAL_SCHEMA
 from signalgen.storage.reads import ReadQuery
 from tests.integration.redis.workers import STARTED

@@ -15,7 +15,8 @@ import pytest
 from signalgen.config.loader import load_config
 from signalgen.data.redis_bars import live_feed
 from signalgen.modes.worker import ReplayClock, run_worker
-from signalgen.outputs.redis import RedisSink, connect
+from signalgen.brokers.redis import connect
+from signalgen.outputs.redis import RedisSink
 from tests.integration.redis.helpers import KEYS, REPO, context, run_cli, spec_of, wait_for
 from tests.integration.redis.workers import until
 

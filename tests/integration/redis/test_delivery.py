@@ -14,7 +14,7 @@ import pytest
 from signalgen.config.loader import load_config
 from signalgen.config.workers import worker_specs
 from signalgen.data.redis_bars import publish_bars
-from signalgen.outputs.redis import connect
+from signalgen.brokers.redis import connect
 from signalgen.storage import open_store
 from signalgen.storage.recorder import Recorder
 from tests.integration.redis.conftest import make_root

@@ -13,7 +13,7 @@ from signalgen.config.loader import load_config
 from signalgen.data.redis_bars import encode_bar, entry_id, live_feed, publish_bars
 from signalgen.data.synthetic import synthetic_bars
 from signalgen.modes.worker import MemorySink, ReplayClock, run_worker
-from signalgen.outputs.redis import connect
+from signalgen.brokers.redis import connect
 from tests.integration.redis.helpers import KEYS, context, run_cli, spec_of, wait_for
 
 pytestmark = pytest.mark.integration  # a private redis-server per test

@@ -22,7 +22,7 @@ import yaml
 from polars.testing import assert_frame_equal
 
 from signalgen.config.loader import load_config
-from signalgen.outputs.redis import connect
+from signalgen.brokers.redis import connect
 from tests.integration.redis.helpers import KEYS, REPO, streamed, wait_for
 
 pytestmark = pytest.mark.integration  # a private redis-server, a manager and its worker processes

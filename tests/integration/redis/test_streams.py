@@ -19,7 +19,9 @@ from signalgen.config.loader import load_config
 from signalgen.data.redis_bars import live_feed, publish_bars
 from signalgen.modes.worker import MemorySink, ReplayClock, bar_feed, run_worker
 from signalgen.data.schema import BAR_REJECTION_SCHEMA
-from signalgen.outputs.redis import RECORDER_GROUP, RedisOutput, RedisSink, connect, decode_rows, read_checkpoints
+from signalgen.brokers.codec import decode_rows
+from signalgen.brokers.redis import RECORDER_GROUP, connect, read_checkpoints
+from signalgen.outputs.redis import RedisOutput, RedisSink
 from signalgen.signals.types import SIGNAL_SCHEMA
 from signalgen.storage import open_store
 from signalgen.storage.reads import ReadQuery
@@ -299,8 +301,8 @@ def test_redis_output_writes_a_clients_signals_of_its_mode(root):
 
 
 def test_small_batches_are_encoded_without_polars_into_the_same_records(root):
-    from signalgen.modes.engine import Decisions
-    from signalgen.outputs.redis import SMALL_BATCH, decision_entries
+    from signalgen.signals.records import SMALL_BATCH, Decisions
+    from signalgen.brokers.codec import decision_entries
     from signalgen.signals.types import REJECTION_SCHEMA
 
     ds = batches(load_config("local-integration", "live", root=root), 400)
@@ -323,8 +325,8 @@ def test_small_batches_write_non_finite_numbers_as_null_as_polars_does(root):
 
     import numpy as np
 
-    from signalgen.modes.engine import Decisions
-    from signalgen.outputs.redis import decision_entries, record_entries
+    from signalgen.signals.records import SMALL_BATCH, Decisions
+    from signalgen.brokers.codec import decision_entries, record_entries
 
     ds = Decisions.concat(batches(load_config("local-integration", "live", root=root), 200)[-8:])
     n = ds.bars

@@ -18,7 +18,8 @@ import yaml
 from signalgen.config.loader import load_config
 from signalgen.config.workers import worker_specs
 from signalgen.modes.worker import MemorySink, ReplayClock, bar_feed, run_worker
-from signalgen.outputs.redis import RECORDER_GROUP, RedisSink, connect
+from signalgen.brokers.redis import RECORDER_GROUP, connect
+from signalgen.outputs.redis import RedisSink
 from signalgen.storage import open_store
 from signalgen.storage.recorder import Recorder
 from signalgen.streams_cli import client_connection, grant_client

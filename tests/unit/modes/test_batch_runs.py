@@ -120,7 +120,7 @@ def test_a_later_start_gives_the_decisions_of_an_earlier_one_on_synthetic_bars(r
 def test_every_worker_of_a_symbol_reads_the_same_synthetic_bars(root):
     """Before: ETHUSD's bars of ikenna's and christian's workers shared no close (each series was anchored
     at its own worker's history start, which depends on the strategy's lookback)."""
-    from signalgen.modes.engine import history_bars
+    from signalgen.config.workers import history_bars
     from signalgen.modes.sources import chunk_feed
 
     cfg = synthetic_config(root, EARLY)

@@ -22,7 +22,8 @@ from signalgen.config.loader import Overrides, load_config
 from signalgen.errors import SignalgenError, StorageError, TransientError
 from signalgen.models.train import train_demo_models
 from signalgen.modes import run_mode
-from signalgen.modes.engine import Decisions, strategy_params
+from signalgen.modes.engine import strategy_params
+from signalgen.signals.records import Decisions
 from signalgen.models.registry import ModelRegistry
 from signalgen.outputs import DESTINATIONS
 from signalgen.outputs.memory import ListOutput
@@ -222,7 +223,9 @@ def test_outputs_are_built_by_the_registry_for_the_run_mode_and_refused_when_una
     from signalgen.outputs import build_output
     from signalgen.outputs.local import LocalStreamOutput
     from signalgen.outputs.quantconnect import QuantConnectCsvOutput
-    from signalgen.outputs.redis import RedisOutput, connect, decode_rows
+    from signalgen.brokers.codec import decode_rows
+    from signalgen.brokers.redis import connect
+    from signalgen.outputs.redis import RedisOutput
     from signalgen.signals.types import SIGNAL_SCHEMA
 
     cfg = load_config("local-dev", "mock", root=root, overrides=Overrides(start=START))
@@ -257,7 +260,9 @@ def test_the_batch_redis_output_sends_revisions_and_retractions(root, private_re
     """Entries carry `revision` and `retracted` in `data` (docs/streams.md); plain signals go out as
     first deliveries. Before: a correction and a withdrawal were indistinguishable from the first copy."""
     from signalgen.config.models import RedisMessagingConfig
-    from signalgen.outputs.redis import RedisOutput, connect, decode_rows
+    from signalgen.brokers.codec import decode_rows
+    from signalgen.brokers.redis import connect
+    from signalgen.outputs.redis import RedisOutput
     from signalgen.signals.types import STREAM_SCHEMA, stream_rows
 
     cfg = _with_messaging(load_config("local-dev", "mock", root=root, overrides=Overrides(start=START)),
@@ -279,7 +284,8 @@ def test_the_batch_redis_output_sends_revisions_and_retractions(root, private_re
 def test_a_historical_run_in_local_integration_writes_only_its_own_mode_streams(root, private_redis):
     """Batch modes route internal signals to Redis in local-integration: `<p>:historical:signals:<client>`
     only (modes are namespaces), carrying exactly the signals the store holds for those clients."""
-    from signalgen.outputs.redis import connect, decode_rows
+    from signalgen.brokers.codec import decode_rows
+    from signalgen.brokers.redis import connect
     from signalgen.signals.types import SIGNAL_SCHEMA
 
     env = root / "environments" / "local-integration.yaml"

@@ -13,7 +13,7 @@ from polars.testing import assert_frame_equal
 from signalgen.config.workers import worker_specs
 from signalgen.errors import SignalgenError
 from signalgen.outputs import DESTINATIONS
-from signalgen.modes.engine import Decisions, Records
+from signalgen.signals.records import Decisions, Records
 from signalgen.modes.worker import MemorySink, ReplayClock, bar_feed, run_worker
 from signalgen.signals.types import REJECTION_SCHEMA, SIGNAL_SCHEMA
 from tests.unit.modes.test_worker_equivalence import config, context, raw

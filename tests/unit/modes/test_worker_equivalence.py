@@ -14,7 +14,7 @@ from polars.testing import assert_frame_equal
 from signalgen.config.loader import Overrides, load_config
 from signalgen.data.sample import import_sample
 from signalgen.data.synthetic import synthetic_bars
-from signalgen.modes.engine import history_bars
+from signalgen.config.workers import history_bars
 from signalgen.modes.sources import bar_chunks, chunk_feed
 from signalgen.modes.worker import MemorySink, ReplayClock, WorkerContext, bar_feed, run_worker
 from signalgen.config.workers import worker_specs

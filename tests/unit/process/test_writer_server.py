@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from signalgen.data.validation import validate_bars
 from signalgen.errors import ConfigError, TransientError
 from signalgen.modes import run_mode
-from signalgen.modes.engine import history_bars
+from signalgen.config.workers import history_bars
 from signalgen.modes.sources import bar_chunks
 from signalgen.modes.worker import ReplayClock, WorkerContext, bar_feed, run_worker
 from signalgen.process.writer_server import RemoteSink
@@ -190,7 +190,7 @@ def test_a_worker_stopped_in_the_middle_of_a_message_holds_up_no_other(tmp_path,
     acked; the first one's rest arrives later and its batch is acked too."""
     import pickle
 
-    from signalgen.modes.engine import Records
+    from signalgen.signals.records import Records
 
     fleet = Fleet(config(make_root(tmp_path), "simulation", END), short_dir / "w.sock", commit_interval_s=0.05)
     first, second = list(fleet.specs.values())[:2]
