@@ -39,7 +39,7 @@ def sender(cfg, spec, address: str, authkey: bytes, rate: float, go, results) ->
     from signalgen.config.workers import history_bars
     from signalgen.modes.sources import bar_chunks
     from signalgen.modes.worker import MemorySink, ReplayClock, WorkerContext, bar_feed, run_worker
-    from signalgen.process.writer_server import RemoteSink
+    from signalgen.transports.local import RemoteSink
 
     sink = RemoteSink(address, authkey, spec)
     # the one-bar batches a streaming worker records: the per-bar path into memory, sent later
@@ -65,7 +65,7 @@ def sender(cfg, spec, address: str, authkey: bytes, rate: float, go, results) ->
 def run(workers: int, bars: int, rate: float, base: Path) -> dict:
     from signalgen.config.loader import Overrides, load_config
     from signalgen.config.workers import worker_specs
-    from signalgen.process.writer_server import WriterServer
+    from signalgen.transports.local import WriterServer
     from signalgen.storage import open_store
 
     root = base / f"root-{rate}"

@@ -6,6 +6,8 @@ The CLI maps them to exit codes in one place (`signalgen.cli`).
 from __future__ import annotations
 
 import errno
+import re
+from pathlib import Path
 
 
 class SignalgenError(Exception):
@@ -79,3 +81,22 @@ def is_transient(exc: BaseException | None) -> bool:
             return True
         exc = exc.__cause__ or exc.__context__
     return False
+
+
+_QUOTED = re.compile(r'"([^"]{1,500})"')
+
+
+def storage_error(path: Path | str, exc: BaseException) -> StorageError:
+    """One line naming the path and the OS reason: `cannot write <path>: <reason>`.
+
+    `exc` is an OSError (its filename and strerror win) or a DuckDB error or an OSError without an
+    errno (polars writing to a file object), whose text names the file it failed on in quotes and
+    ends in the OS reason ("...: No space left on device").
+    """
+    if isinstance(exc, OSError) and exc.strerror:
+        where, reason = exc.filename or path, exc.strerror
+    else:
+        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        quoted = _QUOTED.search(text)
+        where, reason = (quoted.group(1) if quoted else path), text.rsplit(": ", 1)[-1]
+    return StorageError(f"cannot write {where}: {reason[:200]}")

@@ -86,7 +86,7 @@ def run_mode(cfg: RunConfig, *, progress: bool = False, processes: int = 1) -> R
     not be read (`report.failures`; the other workers complete) or the run itself failed; "stopped"
     after SIGINT / SIGTERM, which flushes the work done and raises RunStopped.
     """
-    from signalgen.config.preflight import run_refusals
+    from signalgen.modes.preflight import run_refusals
     from signalgen.modes.batch import BatchRunner
     from signalgen.modes.simulation import SimulationRunner
     from signalgen.storage import open_store

@@ -45,7 +45,7 @@ def run_specs(cfg: RunConfig, specs: list[WorkerSpec], ctx: WorkerContext, addre
     as (index, "ok" | "failed" | "config", outcome or reason)."""
     from signalgen.modes.sources import chunk_feed, prefetched
     from signalgen.modes.worker import run_worker
-    from signalgen.process.writer_server import RemoteSink
+    from signalgen.transports.local import RemoteSink
 
     while (i := tasks.get()) is not None:
         spec = specs[i]
@@ -78,7 +78,7 @@ class ParallelRunner:
                                  emit_from=cfg.start, seed=cfg.seed)
 
     def run(self, specs: list[WorkerSpec]) -> RunReport:
-        from signalgen.process.writer_server import WriterServer
+        from signalgen.transports.local import WriterServer
 
         cfg, ctx = self.cfg, self.ctx
         report = RunReport(ctx.run_id, ctx.mode, cfg.environment.name, {})

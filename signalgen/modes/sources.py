@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import os
 import queue
 import threading
 from collections.abc import Iterable, Iterator
-from contextlib import suppress
 from datetime import datetime
 from pathlib import Path
 from typing import TypeVar
 
 import polars as pl
 
+from signalgen.threads import background_priority
 from signalgen.config.models import RunConfig, timeframe_delta
 from signalgen.config.workers import WorkerSpec
 from signalgen.data.validation import ValidatedBars, validate_bars, validate_chunks
@@ -103,13 +102,6 @@ def _cut_at(chunks: Iterator[pl.DataFrame], start: datetime) -> Iterator[pl.Data
         yield pl.concat(head) if head else pl.DataFrame(schema=BAR_SCHEMA)
     yield from chunks
 
-
-def background_priority(increment: int = 10) -> None:
-    """Lower the calling thread's CPU priority (Linux nice is per thread), so helper threads use spare
-    cores and never starve the thread that runs the models. A no-op where unsupported."""
-    tid = threading.get_native_id()
-    with suppress(AttributeError, OSError):
-        os.setpriority(os.PRIO_PROCESS, tid, min(os.getpriority(os.PRIO_PROCESS, tid) + increment, 19))
 
 
 def prefetched(items: Iterator[T], depth: int = 1) -> Iterator[T]:

@@ -25,7 +25,7 @@ from signalgen.config.models import RunConfig
 from signalgen.outputs import client_batch
 from signalgen.outputs.base import Output
 from signalgen.signals.types import SIGNAL_SCHEMA, STREAM_SCHEMA, VOLATILE, stream_rows
-from signalgen.storage import storage_error
+from signalgen.errors import storage_error
 
 ISO_UTC = "%Y-%m-%dT%H:%M:%S%.6fZ"
 _TIMES = ("bar_time", "generated_at")

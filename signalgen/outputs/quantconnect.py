@@ -22,7 +22,7 @@ from signalgen.config.models import RunConfig
 from signalgen.outputs import client_batch
 from signalgen.outputs.base import Output
 from signalgen.signals.types import SIGNAL_SCHEMA
-from signalgen.storage import storage_error
+from signalgen.errors import storage_error
 
 CSV_COLUMNS = ("time", "symbol", "direction", "confidence", "magnitude", "weight", "period", "signal_id", "mode")
 _SAFE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")  # the config's SafeId: safe as a folder name

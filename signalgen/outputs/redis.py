@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -153,9 +154,10 @@ class RedisSink:
         with self._cond:
             return self._buffered
 
-    def flush(self, timeout: float = 30.0) -> dict[str, datetime]:
-        """Wait until every batch is in Redis; the checkpoints. TransientError if still buffered at `timeout`."""
-        deadline = time.monotonic() + timeout
+    def flush(self, timeout: float | None = 30.0) -> dict[str, datetime]:
+        """Wait until every batch is in Redis (`timeout` None: as long as it takes); the checkpoints.
+        TransientError if still buffered at `timeout`."""
+        deadline = time.monotonic() + (math.inf if timeout is None else timeout)
         with self._cond:
             while self._pending and self._error is None:
                 left = deadline - time.monotonic()
@@ -165,17 +167,22 @@ class RedisSink:
             self._raise_error()
             return dict(self._checkpoints)
 
-    def close(self, timeout: float = 30.0) -> None:
+    def close(self, timeout: float | None = 30.0) -> None:
         """Flush (up to `timeout`), stop the sender, close the connection."""
         try:
             self.flush(timeout)
         finally:
-            with self._cond:
-                self._closing = True
-                self._cond.notify_all()
-            self._sender.join(timeout=5)
-            self._conn.disconnect()
-            self.client.close()
+            self.abort()
+
+    def abort(self) -> None:
+        """Stop the sender and close the connection without waiting: batches not yet in Redis are the
+        next start's (it resumes after the checkpoint Redis holds)."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        self._sender.join(timeout=5)
+        self._conn.disconnect()
+        self.client.close()
 
     # -- sending
 

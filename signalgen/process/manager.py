@@ -116,20 +116,16 @@ def select_specs(specs: list[WorkerSpec], names: list[str] | None) -> list[Worke
 
 
 def decision_host(cfg: RunConfig, store, *, run_id: str, address: str, authkey: bytes, control_path: str):
-    """What takes the workers' decisions to the store, by the environment's messaging: with Redis the
-    workers write internal streams and the manager hosts the recorder (the store's and the clients'
-    streams' one writer, a consumer group over the internal streams: `process.recorder_host`); otherwise the `WriterServer` that
-    workers reach at `address`, which also relays their heartbeats into the control store at
-    `control_path`. Both: `start()`, `add_clients()` (a reload added clients), `close()`
-    (after the workers stopped), `address`, `stats["bars"]`."""
-    if cfg.environment.messaging.type == "redis":
-        from signalgen.process.recorder_host import RecorderHost
+    """What takes the workers' decisions to the store: the environment's transport's decision host
+    (`signalgen.transports`): with Redis the recorder (the store's and the clients' streams' one
+    writer, a consumer group over the internal streams), with `local` the `WriterServer` that workers
+    reach at `address`, which also relays their heartbeats into the control store at `control_path`.
+    Both: `start()`, `add_clients()` (a reload added clients), `close()` (after the workers stopped),
+    `address`, `stats["bars"]`."""
+    from signalgen.transports import transport_for
 
-        return RecorderHost(cfg, store, run_id=run_id)
-    from signalgen.process.writer_server import STREAMING_WINDOW, WriterServer
-
-    return WriterServer(cfg, store, run_id=run_id, address=address, authkey=authkey, control_path=control_path,
-                        **STREAMING_WINDOW)
+    return transport_for(cfg.environment, cfg.files.get("environment")).decision_host(
+        cfg, store, run_id=run_id, address=address, authkey=authkey, control_path=control_path)
 
 
 def default_loader(cfg: RunConfig) -> SpecLoader:
@@ -339,7 +335,7 @@ class StrategyProcessManager:
         """The manager's run in the store's `runs` (status `stopped` after a clean stop, else `failed`)."""
         from signalgen.modes import run_record
 
-        from signalgen.process.writer_server import host_outcome
+        from signalgen.transports.local import host_outcome
 
         started_at = datetime.now(timezone.utc)
         store.start_run(run_record(self.cfg, self.specs, self.run_id, started_at))

@@ -1,20 +1,21 @@
 """The worker process: one client x strategy x symbol x timeframe, streaming in mock, simulation or live mode.
 
 `worker_process(args)` is the multiprocessing target the manager starts (in a forkserver child
-that already imported `signalgen.process.preload`); `signalgen.process.worker_cli` runs the same
+that already imported `signalgen.process.preload`); `signalgen.cli.worker` runs the same
 `worker_main` in the foreground for supervisord. A worker:
 
 1. dies with its parent: PR_SET_PDEATHSIG(SIGKILL), and a thread that watches the parent's pid;
    runs `process.nice` steps nicer than the manager (above 0, Redis, consumers and the manager win
    the cores from a burst of workers);
 2. logs to its own rotated file (`args.log_path`);
-3. opens its sink, chosen by the environment's messaging (`open_sink`): with `messaging.type: redis`
-   its client's internal Redis streams (`RedisSink`: checkpoint in Redis, advanced with the entries;
-   the manager's recorder takes them on), otherwise the manager's writer (`RemoteSink`: hello returns run id and checkpoint);
+3. opens its sink from the environment's transport (`open_sink`, `signalgen.transports`): with
+   `messaging.type: redis` its client's internal Redis streams (`RedisSink`: checkpoint in Redis,
+   advanced with the entries; the manager's recorder takes them on), with `local` the manager's
+   writer (`RemoteSink`: hello returns run id and checkpoint);
 4. feeds its bars after the checkpoint, with the history bars before it for warm-up: mock paced at
    one bar per `mock_bar_interval_s` wall seconds, simulation at the preset's `replay_speed` (0: as
-   fast as possible), both from `resume_feed`; live from the market-data stream (`live_feed`,
-   XREAD BLOCK) on the wall clock (`WallClock`: late bars are `stale_data`). The mode changes
+   fast as possible), both from `resume_feed`; live from the transport's market-data feed (`Transport.live_feed`;
+   Redis: XREAD BLOCK) on the wall clock (`WallClock`: late bars are `stale_data`). The mode changes
    only feed, clock and sink: the loop is the same;
 5. runs the one worker loop (`modes.worker.run_worker`) into the sink, writing heartbeats to the
    control store every `heartbeat_interval_s`, through the writer's connection when it relays them
@@ -31,7 +32,6 @@ from __future__ import annotations
 import ctypes
 import logging
 import logging.handlers
-import math
 import os
 import signal
 import sys
@@ -51,10 +51,13 @@ from signalgen.errors import ConfigError, TransientError
 from signalgen.logs import Outage, log_to_file
 from signalgen.signals.records import epoch_us
 from signalgen.config.workers import history_bars
-from signalgen.modes.sources import background_priority, bar_chunks, per_bar_feed
+from signalgen.threads import background_priority
+from signalgen.modes import new_run_id
+from signalgen.modes.sources import bar_chunks, per_bar_feed
 from signalgen.modes.worker import ReplayClock, WallClock, WorkerContext, bar_feed, run_worker
 from signalgen.process.states import CONFIG_ERROR_EXIT, TRANSIENT_EXIT, State
 from signalgen.storage.control import ControlStore, now_iso
+from signalgen.transports import transport_for
 
 log = logging.getLogger(__name__)
 
@@ -345,27 +348,13 @@ def configure_worker_logging(log_path: str, cfg: RunConfig) -> None:
 
 
 def open_sink(args: WorkerArgs):
-    """(sink, run id, checkpoint) of this worker. The environment's messaging picks the sink, for
-    every mode: `redis` -> the client's internal streams (`RedisSink`; checkpoint from the Redis hash,
-    where it advances only with the batch's entries) and the manager runs the recorder; otherwise the
-    manager's writer server (`RemoteSink`; its hello gives run id and checkpoint). Live mode needs
-    Redis: its bars come from the market-data streams. An unusable Redis (URL, password, server) is
-    a ConfigError naming the field: exit 2, never a retry loop."""
+    """(sink, run id, checkpoint) of this worker, from the environment's transport, for every mode
+    (`signalgen.transports`): the manager's writer server over local IPC, or a broker. A run id is
+    made here for a worker started without one (by supervisord), where the transport has none."""
     cfg, spec = args.cfg, args.spec
-    if cfg.environment.messaging.type == "redis":
-        from signalgen.modes import new_run_id
-        from signalgen.outputs.redis import RedisSink
-
-        sink = RedisSink.from_config(cfg)
-        return sink, args.run_id or new_run_id(datetime.now(timezone.utc)), sink.resume_point(spec.id)
-    if cfg.mode.name is Mode.LIVE:
-        raise ConfigError(f"live mode reads bars from Redis streams: messaging.type must be redis, not "
-                          f"{cfg.environment.messaging.type}", file=cfg.files.get("environment"),
-                          field="messaging.type")
-    from signalgen.process.writer_server import RemoteSink
-
-    sink = RemoteSink(args.writer_address, args.authkey, spec)
-    return sink, sink.run_id, sink.resume_point
+    return transport_for(cfg.environment, cfg.files.get("environment")).open_sink(
+        cfg, spec, run_id=args.run_id or new_run_id(datetime.now(timezone.utc)), writer_address=args.writer_address,
+        authkey=args.authkey)
 
 
 def open_sink_waiting(args: WorkerArgs, stop: threading.Event) -> tuple:
@@ -384,16 +373,6 @@ def open_sink_waiting(args: WorkerArgs, stop: threading.Event) -> tuple:
             continue
         outage.ok()
         return opened
-
-
-def close_sink(sink, timeout: float | None) -> None:
-    """Wait until the sink holds everything (`timeout` None: as long as it takes), then close it."""
-    from signalgen.outputs.redis import RedisSink
-
-    if isinstance(sink, RedisSink):
-        sink.close(timeout=math.inf if timeout is None else timeout)
-    else:
-        sink.close(timeout=timeout)
 
 
 def worker_main(args: WorkerArgs) -> int:
@@ -434,9 +413,8 @@ def worker_main(args: WorkerArgs) -> int:
                             run_id=run_id, emit_from=emit_from, seed=cfg.seed)
         live = cfg.mode.name is Mode.LIVE
         if live:
-            from signalgen.data.redis_bars import live_feed
-
-            bars, clock = live_feed(cfg, spec, after=checkpoint, stop=stop), WallClock()
+            transport = transport_for(cfg.environment, cfg.files.get("environment"))
+            bars, clock = transport.live_feed(cfg, spec, after=checkpoint, stop=stop), WallClock()
         else:
             bars = resume_feed(cfg, spec, emit_from)
             clock = PacedClock(replay_speed(cfg, spec), epoch_us(emit_from), sleep=stop.wait)
@@ -462,7 +440,7 @@ def worker_main(args: WorkerArgs) -> int:
             log.warning("%s", problem, extra=fields)
         with counts.lock:
             counts.state = State.STOPPING
-        close_sink(sink, cfg.environment.process.stop_timeout_s if stop.is_set() else None)
+        sink.close(timeout=cfg.environment.process.stop_timeout_s if stop.is_set() else None)
         with counts.lock:
             counts.checkpoint = sink.checkpoints.get(spec.id, counts.checkpoint)
             counts.state = State.STOPPED if outcome.stopped or stop.is_set() else State.EXITED
@@ -480,8 +458,8 @@ def worker_main(args: WorkerArgs) -> int:
         log.exception("worker failed: %s", exc, extra=fields)
         code = 1
     finally:
-        if sink is not None and hasattr(sink, "abort"):
-            sink.abort()  # the writer's connection; a RedisSink's unsent batches are the next start's
+        if sink is not None:
+            sink.abort()  # a no-op after close; otherwise what is unconfirmed is the next start's
         if code != 0:  # the process ends by itself; what follows is the manager's to decide (FATAL: known)
             with counts.lock:
                 counts.state = State.FATAL if code == CONFIG_ERROR_EXIT else State.EXITED

@@ -1,17 +1,15 @@
 """Signal stores: one protocol (`base.SignalStore`), one backend per file, chosen by the
-environment's `storage.type` and imported only when chosen; and the one rule for reporting a store
-or output that cannot be written."""
+environment's `storage.type` and imported only when chosen."""
 
 from __future__ import annotations
 
 import importlib
 import logging
-import re
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from signalgen.errors import ConfigError, StorageError
+from signalgen.errors import ConfigError
 
 if TYPE_CHECKING:
     from signalgen.config.models import EnvironmentConfig, RunConfig
@@ -22,8 +20,6 @@ log = logging.getLogger(__name__)
 STORES: dict[str, str] = {
     "duckdb": "signalgen.storage.duckdb:DuckDBStore",
 }
-
-_QUOTED = re.compile(r'"([^"]{1,500})"')
 
 
 def store_class(environment: EnvironmentConfig, file: str | None = None) -> type[SignalStore]:
@@ -55,19 +51,3 @@ def open_store(cfg: RunConfig) -> SignalStore:
         store.close()
         raise
     return store
-
-
-def storage_error(path: Path | str, exc: BaseException) -> StorageError:
-    """One line naming the path and the OS reason: `cannot write <path>: <reason>`.
-
-    `exc` is an OSError (its filename and strerror win) or a DuckDB error or an OSError without an
-    errno (polars writing to a file object), whose text names the file it failed on in quotes and
-    ends in the OS reason ("...: No space left on device").
-    """
-    if isinstance(exc, OSError) and exc.strerror:
-        where, reason = exc.filename or path, exc.strerror
-    else:
-        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        quoted = _QUOTED.search(text)
-        where, reason = (quoted.group(1) if quoted else path), text.rsplit(": ", 1)[-1]
-    return StorageError(f"cannot write {where}: {reason[:200]}")

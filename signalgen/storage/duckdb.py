@@ -45,7 +45,7 @@ import pyarrow as pa
 from signalgen.config.models import EnvironmentConfig
 from signalgen.errors import StorageError, TransientError
 from signalgen.signals.types import REJECTION_SCHEMA, SIGNAL_SCHEMA, STREAM_SCHEMA, VOLATILE, stream_rows
-from signalgen.storage import storage_error
+from signalgen.errors import storage_error
 from signalgen.storage.base import (DECISION_ID, DECISION_KEY, FINISH_FIELDS, RUN_SCHEMA, TABLES, RunRecord,
                                     Written, conform)
 from signalgen.storage.reads import COLUMNS, ID_COLUMN, ReadQuery

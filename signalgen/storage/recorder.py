@@ -374,7 +374,7 @@ class Recorder:
     def _commit_loop(self, committing: queue.Queue) -> None:
         """The store thread: commits the gathers handed over (those waiting together, in one go) until
         None. After a failure it drops the rest (they stay pending in Redis) until `run()` is restarted."""
-        from signalgen.modes.sources import background_priority  # the helper lives with the other threads
+        from signalgen.threads import background_priority
 
         background_priority()
         while True:

@@ -92,7 +92,7 @@ class SignalWriter:
                 self._outputs[key] = out
 
     def _write_loop(self) -> None:
-        from signalgen.modes.sources import background_priority  # the helper lives with the other threads
+        from signalgen.threads import background_priority
 
         background_priority()
         while (item := self._queue.get()) is not None:

@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
-from signalgen.cli import parse_time
+from signalgen.cli.app import parse_time
 
 NOW = datetime(2026, 3, 4, 15, 30, 12, tzinfo=UTC)
 

@@ -325,7 +325,7 @@ def test_small_batches_write_non_finite_numbers_as_null_as_polars_does(root):
 
     import numpy as np
 
-    from signalgen.signals.records import SMALL_BATCH, Decisions
+    from signalgen.signals.records import Decisions
     from signalgen.brokers.codec import decision_entries, record_entries
 
     ds = Decisions.concat(batches(load_config("local-integration", "live", root=root), 200)[-8:])

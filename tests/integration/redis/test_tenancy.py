@@ -22,7 +22,7 @@ from signalgen.brokers.redis import RECORDER_GROUP, connect
 from signalgen.outputs.redis import RedisSink
 from signalgen.storage import open_store
 from signalgen.storage.recorder import Recorder
-from signalgen.streams_cli import client_connection, grant_client
+from signalgen.cli.streams import client_connection, grant_client
 from tests.integration.redis.conftest import make_root
 from tests.integration.redis.helpers import KEYS, assert_same, bars, context, stored, streamed, wait_for
 
@@ -287,7 +287,7 @@ def test_the_manager_hands_the_gil_over_every_half_millisecond_while_it_hosts_th
     bars/s (bench/live_latency.py, docs/streams.md)."""
     import sys
 
-    from signalgen.process.recorder_host import RecorderHost
+    from signalgen.transports.redis import RecorderHost
 
     default = sys.getswitchinterval()
     store = open_store(cfg)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from signalgen.config.loader import Overrides, load_config
-from signalgen.config.preflight import data_problems, option_problems, path_problems, run_refusals
+from signalgen.modes.preflight import data_problems, option_problems, path_problems, run_refusals
 
 from .helpers import edit
 

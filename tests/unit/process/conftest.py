@@ -24,7 +24,7 @@ from signalgen.config.loader import Overrides, load_config
 from signalgen.config.models import RunConfig
 from signalgen.config.workers import WorkerSpec, worker_specs
 from signalgen.process.worker import WorkerArgs, worker_process
-from signalgen.process.writer_server import WriterServer
+from signalgen.transports.local import WriterServer
 from signalgen.storage import open_store
 from tests.polling import wait_for  # noqa: F401 - the process tests import it from here
 from tests.roots import REPO, copy_config

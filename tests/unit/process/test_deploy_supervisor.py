@@ -15,7 +15,7 @@ import duckdb
 import pytest
 import yaml
 
-from signalgen.process.deploy import program_name
+from signalgen.cli.deploy import program_name
 from tests.polling import wait_for
 from tests.roots import REPO, copy_config
 

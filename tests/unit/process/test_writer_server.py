@@ -23,7 +23,7 @@ from signalgen.modes import run_mode
 from signalgen.config.workers import history_bars
 from signalgen.modes.sources import bar_chunks
 from signalgen.modes.worker import ReplayClock, WorkerContext, bar_feed, run_worker
-from signalgen.process.writer_server import RemoteSink
+from signalgen.transports.local import RemoteSink
 
 from .conftest import Fleet, config, make_root, stored, wait_for
 
@@ -72,7 +72,7 @@ def test_a_failed_commit_acks_nothing_and_the_worker_resumes_from_its_old_checkp
     try:
         spec = next(iter(fleet.specs.values()))
         first = RemoteSink(fleet.address, fleet.authkey, spec)
-        assert first.resume_point is None and first.run_id == "test-run"
+        assert first.resume_point(spec.id) is None and first.run_id == "test-run"
         _replay(fleet, spec, first, stop_after=50)
         good = first.flush(timeout=30)[spec.id]
         first.close()
@@ -82,7 +82,7 @@ def test_a_failed_commit_acks_nothing_and_the_worker_resumes_from_its_old_checkp
         monkeypatch.setattr(fleet.store, "write_decisions",
                             lambda *a: (_ for _ in ()).throw(OSError("disk full (injected)")))
         second = RemoteSink(fleet.address, fleet.authkey, spec)
-        assert second.resume_point == good
+        assert second.resume_point(spec.id) == good
         with pytest.raises(TransientError, match="disk full"):
             _replay(fleet, spec, second)
             second.flush(timeout=30)
@@ -93,7 +93,7 @@ def test_a_failed_commit_acks_nothing_and_the_worker_resumes_from_its_old_checkp
         # the store works again: a new incarnation resumes after the old checkpoint and completes
         monkeypatch.setattr(fleet.store, "write_decisions", original)
         third = RemoteSink(fleet.address, fleet.authkey, spec)
-        assert third.resume_point == good
+        assert third.resume_point(spec.id) == good
         _replay(fleet, spec, third)
         assert third.flush(timeout=30) == {spec.id: END}
         third.close()
@@ -167,7 +167,7 @@ def test_one_reader_serves_every_connection_a_silent_or_replaced_one_holds_up_no
         assert fleet.server.stats["groups"] == 1  # the reader woke the commit thread once for the group
 
         again = RemoteSink(fleet.address, fleet.authkey, specs[0], connect_timeout_s=5)
-        assert again.resume_point == sinks[0].checkpoints[specs[0].id]
+        assert again.resume_point(specs[0].id) == sinks[0].checkpoints[specs[0].id]
         with pytest.raises(TransientError):  # the old connection was ended by the writer
             deadline = time.monotonic() + 10
             while time.monotonic() < deadline:
@@ -220,7 +220,7 @@ def test_a_worker_stopped_in_the_middle_of_a_message_holds_up_no_other(tmp_path,
 def test_inbound_cuts_messages_from_any_split_of_the_stream(sizes, cuts, big_header):
     """The reader's framing: messages of any size, the stream split at any points, the long header
     form (-1, then an 8-byte length) included, come out whole and in order; a closed peer is EOF."""
-    from signalgen.process.writer_server import _Inbound
+    from signalgen.transports.local import _Inbound
 
     messages = [bytes([i % 251]) * n for i, n in enumerate(sizes)]
     stream = b"".join((struct.pack("!i", -1) + struct.pack("!Q", len(m)) if big_header else struct.pack("!i", len(m)))
@@ -260,7 +260,7 @@ def test_frames_travel_as_arrow_ipc_and_arrive_equal():
     import polars as pl
     from polars.testing import assert_frame_equal
 
-    from signalgen.process.writer_server import Frames
+    from signalgen.transports.local import Frames
     from tests.unit.outputs.factories import rejection_frame, signal_frame
 
     for frames in (Frames(signal_frame(70), rejection_frame(90)), Frames(signal_frame(0), rejection_frame(3))):

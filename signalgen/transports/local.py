@@ -1,5 +1,6 @@
-"""The writer of a fleet of worker processes: the one process that holds the signal store and the
-CSV / stream outputs, serving workers over local IPC (docs/writer.md).
+"""The local transport (`messaging.type: local`): the writer of a fleet of worker processes, the one
+process that holds the signal store and the CSV / stream outputs, serving workers over local IPC
+(docs/writer.md). `LocalTransport` at the end is what the registry hands out.
 
 DuckDB allows one writing process per file, so worker processes never open it: each hands its
 decisions to the `WriterServer` through a `RemoteSink` (a `modes.worker.Sink`), over an AF_UNIX
@@ -734,9 +735,9 @@ class RemoteSink:
             self._conn.close()
             raise ConfigError(f"writer at {address} refused worker {spec.id}: {reply[1]}")
         self.run_id: str = reply[1]["run_id"]
-        self.resume_point: datetime | None = reply[1]["checkpoint"]
+        self._resume: datetime | None = reply[1]["checkpoint"]
         self.relays_heartbeats: bool = bool(reply[1].get("heartbeats"))
-        self._checkpoint = self.resume_point
+        self._checkpoint = self._resume
         self._answers = select.poll()  # one poll object for the connection (Connection.poll builds a selector per call)
         self._answers.register(self._conn.fileno(), select.POLLIN)
         self._lock = threading.Lock()       # state and sending (the worker's loop and its heartbeat thread)
@@ -791,6 +792,12 @@ class RemoteSink:
             except (OSError, ValueError):
                 return False
             return True
+
+    def resume_point(self, worker_id: str) -> datetime | None:
+        """The checkpoint the writer's welcome gave (where this worker resumes)."""
+        if worker_id != self.spec.id:
+            raise ValueError(f"this sink is {self.spec.id}'s, not {worker_id}'s")
+        return self._resume
 
     # ----------------------------------------------------------------------------- flush / close
 
@@ -915,3 +922,32 @@ def _connect(address: str, authkey: bytes, timeout: float) -> Connection:
             raise ConfigError(f"writer at {address} rejected this worker's key (wrong key file?)") from exc
         time.sleep(delay)
         delay = min(delay * 2, 1.0)
+
+
+class LocalTransport:
+    """Workers hand their decisions to the manager's `WriterServer` over local IPC; no market data
+    travels here, so live mode needs another transport (Redis)."""
+
+    name, live, host_program = "local", False, "writer"
+
+    def open_sink(self, cfg: RunConfig, spec: WorkerSpec, *, run_id: str, writer_address: str,
+                  authkey: bytes) -> tuple[RemoteSink, str, datetime | None]:
+        if not self.live and cfg.mode.name.value == "live":
+            raise self.no_live_feed(cfg)
+        sink = RemoteSink(writer_address, authkey, spec)
+        return sink, sink.run_id, sink.resume_point(spec.id)
+
+    def decision_host(self, cfg: RunConfig, store: SignalStore, *, run_id: str, address: str, authkey: bytes,
+                      control_path: str) -> WriterServer:
+        return WriterServer(cfg, store, run_id=run_id, address=address, authkey=authkey, control_path=control_path,
+                            **STREAMING_WINDOW)
+
+    def live_feed(self, cfg: RunConfig, spec: WorkerSpec, *, after, stop):
+        raise self.no_live_feed(cfg)
+
+    @staticmethod
+    def no_live_feed(cfg: RunConfig) -> ConfigError:
+        return ConfigError(f"live mode reads bars from a broker, and messaging.type "
+                           f"{cfg.environment.messaging.type} carries none: use an environment with Redis, "
+                           "such as --env local-integration", file=cfg.files.get("environment"),
+                           field="messaging.type")

@@ -1,4 +1,4 @@
-"""Stream commands (feed, consume, clients grant, recorder): registered on signalgen.cli.app.
+"""Stream commands (feed, consume, clients grant, recorder): registered on signalgen.cli.app.app.
 
 Redis Streams layout and contract: docs/streams.md. Commands stay thin: load config, call one
 function, print.
@@ -20,7 +20,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from signalgen.cli import EnvOpt, ModeOpt, RootOpt, _load, app, console, err_console
+from signalgen.cli.app import EnvOpt, ModeOpt, RootOpt, _load, app, console, err_console
 from signalgen.config.models import Environment, Mode, RunConfig
 from signalgen.errors import ConfigError, SignalgenError
 

@@ -1,9 +1,9 @@
-"""Worker-process commands (worker, writer): registered on signalgen.cli.app.
+"""Worker-process commands (worker, writer): registered on signalgen.cli.app.app.
 
 What supervisord runs (`deploy supervisor`): one `writer` program, which holds the signal store and
 the outputs, and one `worker --id <id>` program per worker, which reach the writer over its socket.
 
-Socket and key: by default the writer listens on `<folder of the DuckDB file>/writer-<mode>.sock`
+Socket and key: by default the writer listens on `<folder of the control store>/writer-<mode>.sock`
 (`--writer` / `--address` to choose another path; a Unix socket path has at most 107 bytes). Its
 key is the file `<socket>.key`: 32 random bytes (hex), created 0600 by whichever of writer or worker
 starts first, read by the others; a key file readable by group or others is refused. The key
@@ -22,7 +22,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from signalgen.cli import EnvOpt, ModeOpt, RootOpt, _load, app, console
+from signalgen.cli.app import EnvOpt, ModeOpt, RootOpt, _load, app, console
 from signalgen.config.models import Environment, Mode, RunConfig
 from signalgen.errors import ConfigError
 from signalgen.storage.control import control_path_of
@@ -32,14 +32,13 @@ KEY_BYTES = 32
 WorkerIdOpt = Annotated[str, typer.Option("--id", help="Worker id: client.strategy.symbol.timeframe "
                                           "(`config validate` lists them).")]
 SocketOpt = Annotated[Optional[Path], typer.Option(help="The writer's socket (default: "
-                                                   "<folder of the DuckDB file>/writer-<mode>.sock).")]
+                                                   "<folder of the control store>/writer-<mode>.sock).")]
 
 
 def default_address(cfg: RunConfig) -> Path:
-    """The writer's socket: beside the store file it guards (one writer per store and mode)."""
-    storage_path = getattr(cfg.environment.storage, "path", None)
-    folder = (Path(cfg.root) / storage_path).parent if storage_path else control_path_of(cfg).parent
-    return folder / f"writer-{cfg.mode.name.value}.sock"
+    """The writer's socket, beside the environment's control store (one writer per environment and
+    mode), whatever the signal store is."""
+    return control_path_of(cfg).parent / f"writer-{cfg.mode.name.value}.sock"
 
 
 def key_path(address: Path | str) -> Path:
@@ -120,7 +119,7 @@ def serve_writer(cfg: RunConfig, address: Path, stop: threading.Event | None = N
 
     from signalgen.config.workers import worker_specs
     from signalgen.modes import new_run_id, run_record, stop_on_signals
-    from signalgen.process.writer_server import STREAMING_WINDOW, WriterServer, host_outcome
+    from signalgen.transports.local import STREAMING_WINDOW, WriterServer, host_outcome
     from signalgen.storage import open_store
 
     stop = stop or threading.Event()

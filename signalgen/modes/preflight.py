@@ -126,9 +126,9 @@ def _unwritable(path: Path) -> Path | None:
 def path_problems(cfg: RunConfig) -> list[str]:
     """Store, output and stream folders this run would have to create or write but cannot."""
     env, root = cfg.environment, Path(cfg.root)
-    targets = [("storage.path", (root / env.storage.path).parent) if env.storage.type == "duckdb" else None,
+    targets = [("storage.path", (root / env.storage.path).parent) if getattr(env.storage, "path", None) else None,
                ("paths.output_dir", root / env.paths.output_dir),
-               ("messaging.path", root / env.messaging.path) if env.messaging.type == "local" else None]
+               ("messaging.path", root / env.messaging.path) if getattr(env.messaging, "path", None) else None]
     out = []
     for field, path in filter(None, targets):
         blocker = _unwritable(path)

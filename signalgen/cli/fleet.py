@@ -1,4 +1,4 @@
-"""Manager commands (start, stop, status, ...): registered on signalgen.cli.app.
+"""Manager commands (start, stop, status, ...): registered on signalgen.cli.app.app.
 
 `start` runs the StrategyProcessManager (in the foreground, or detached with --daemon). Every other
 command talks to a running manager only through the control store: `status`, `events`, `monitor` and
@@ -22,7 +22,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from signalgen.cli import (TIME_HELP, EnvOpt, InferenceOpt, ModeOpt, Output, OutputOpt, RootOpt, SeedOpt, WideOpt,
+from signalgen.cli.app import (TIME_HELP, EnvOpt, InferenceOpt, ModeOpt, Output, OutputOpt, RootOpt, SeedOpt, WideOpt,
                            _environment, _load, _time_option, app, console, err_console, show)
 from signalgen.config.models import Environment, Mode
 from signalgen.errors import ConfigError, SignalgenError
@@ -159,8 +159,10 @@ def start(names: Annotated[Optional[list[str]], typer.Argument(
         raise ConfigError(f"start runs streaming workers: --mode mock or simulation (or live, with Redis), "
                           f"not {mode.value} (use `run` for historical)", field="--mode")
     if mode is Mode.LIVE:  # refused here, before any worker starts (each would go FATAL on its own)
+        from signalgen.transports import transport_for
+
         e, _ = _environment(env, root)
-        if e.messaging.type != "redis":
+        if not transport_for(e).live:
             raise ConfigError(f"live mode reads bars from a broker, and environment {e.name} has none "
                               f"(messaging.type {e.messaging.type}): use an environment with Redis, such as "
                               "--env local-integration", field="messaging.type")

@@ -18,9 +18,10 @@ from typing import Annotated, Optional
 
 import typer
 
-from signalgen.cli import EnvOpt, ModeOpt, RootOpt, _load, app, console
+from signalgen.cli.app import EnvOpt, ModeOpt, RootOpt, _load, app, console
 from signalgen.config.models import Environment, Mode, RunConfig
 from signalgen.config.workers import WorkerSpec, worker_specs
+from signalgen.transports import transport_for
 
 deploy_app = typer.Typer(help="Write deployment configurations (supervisord).", no_args_is_help=True)
 app.add_typer(deploy_app, name="deploy")
@@ -69,7 +70,7 @@ def supervisor_config(cfg: RunConfig, specs: list[WorkerSpec], conf_dir: Path, *
 
     # the one writer of the store: the writer server (workers hand it their decisions over local IPC),
     # or with Redis messaging the recorder (workers write to the streams, it stores what they carry)
-    host = "recorder" if cfg.environment.messaging.type == "redis" else "writer"
+    host = transport_for(cfg.environment).host_program
     lines += program(host, command(host), 10)
     names = []
     for spec in specs:
@@ -99,6 +100,6 @@ def deploy_supervisor(env: EnvOpt = Environment.LOCAL_DEV, mode: ModeOpt = Mode.
     path = conf_dir / "supervisord.conf"
     specs = worker_specs(cfg)
     path.write_text(supervisor_config(cfg, specs, conf_dir))
-    host = "recorder" if cfg.environment.messaging.type == "redis" else "writer"
+    host = transport_for(cfg.environment).host_program
     console.print(f"wrote {path}: {host} + {len(specs)} worker programs\n"
                   f"start: supervisord -c {path}\nstatus: supervisorctl -c {path} status", highlight=False)

@@ -1,6 +1,8 @@
-"""The manager's decision host when workers write Redis streams (`messaging.type: redis`).
+"""The Redis transport (`messaging.type: redis`): workers write Redis streams, the manager hosts the
+recorder, live workers read the market-data streams. `RedisTransport` at the end is what the
+registry hands out; below, the manager's decision host.
 
-Workers then send their decisions to internal streams (`outputs.redis.RedisSink`), and the recorder
+Workers send their decisions to internal streams (`outputs.redis.RedisSink`), and the recorder
 (`storage.recorder.Recorder`: consumer group `recorder` over every configured client's internal
 streams of the run's mode, and its bar rejections) writes them on to the clients' streams, to the
 QuantConnect files and to the store, whose one writer it is. The manager runs it on a thread beside
@@ -16,7 +18,11 @@ import threading
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from datetime import datetime
+
     from signalgen.config.models import RunConfig
+    from signalgen.config.workers import WorkerSpec
+    from signalgen.outputs.redis import RedisSink
     from signalgen.storage.base import SignalStore
 
 log = logging.getLogger(__name__)
@@ -101,3 +107,27 @@ class RecorderHost:
                  "clients' streams", s.entries, s.signals, s.rejections, s.bar_rejections, s.forwarded,
                  extra={"run_id": self.run_id})
 
+
+class RedisTransport:
+    """Workers write internal streams (`outputs.redis.RedisSink`, checkpoints in a Redis hash that
+    advances only with the batch's entries); the manager hosts the recorder; live bars come from the
+    market-data streams (`data.redis_bars.live_feed`). An unusable Redis (URL, password, server) is a
+    ConfigError naming the field: exit 2, never a retry loop."""
+
+    name, live, host_program = "redis", True, "recorder"
+
+    def open_sink(self, cfg: RunConfig, spec: WorkerSpec, *, run_id: str, writer_address: str,
+                  authkey: bytes) -> tuple[RedisSink, str, datetime | None]:
+        from signalgen.outputs.redis import RedisSink
+
+        sink = RedisSink.from_config(cfg)
+        return sink, run_id, sink.resume_point(spec.id)
+
+    def decision_host(self, cfg: RunConfig, store: SignalStore, *, run_id: str, address: str, authkey: bytes,
+                      control_path: str) -> RecorderHost:
+        return RecorderHost(cfg, store, run_id=run_id)
+
+    def live_feed(self, cfg: RunConfig, spec: WorkerSpec, *, after: datetime | None, stop: threading.Event):
+        from signalgen.data.redis_bars import live_feed
+
+        return live_feed(cfg, spec, after=after, stop=stop)

@@ -1,0 +1,86 @@
+"""What a messaging backend supplies (`Transport`), and the shapes its parts share.
+
+A transport is chosen by the environment's `messaging.type` (`signalgen.transports.TRANSPORTS`) and
+gives, in one place, everything the fleet needs of its backend:
+- `open_sink`: a worker process's streaming sink (`StreamSink`), its run id and its checkpoint;
+- `decision_host`: what the manager runs to take the workers' decisions to the store and on to the
+  clients, routing applied (`DecisionHost`: the writer server, or a recorder);
+- `live_feed`: a live worker's bars, where the backend carries market data (`live`);
+- `host_program`: the command a deployment runs for the decision host (`strategy_runner.py writer`).
+Its batch output (a run's `internal` destination) is the output of the same name in
+`signalgen.outputs.OUTPUTS`.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+
+import polars as pl
+
+if TYPE_CHECKING:
+    from signalgen.config.models import RunConfig
+    from signalgen.config.workers import WorkerSpec
+    from signalgen.signals.records import Decisions
+    from signalgen.storage.base import SignalStore
+
+
+class StreamSink(Protocol):
+    """A worker process's sink: the one worker loop's `Sink`, plus what a long-lived worker needs."""
+
+    def record(self, spec: WorkerSpec, decisions: Decisions) -> None: ...
+
+    def record_bar_rejections(self, rejections: pl.DataFrame, run_id: str) -> None: ...
+
+    @property
+    def checkpoints(self) -> dict[str, datetime]: ...
+
+    def resume_point(self, worker_id: str) -> datetime | None:
+        """Where the worker resumes: the last bar time the store (or the broker) holds of it."""
+
+    def flush(self, timeout: float | None = None) -> dict[str, datetime]:
+        """Wait until everything recorded is held durably (None: as long as it takes); the
+        checkpoints. TransientError when the backend did not confirm within `timeout`."""
+
+    def close(self, timeout: float | None = None) -> None:
+        """`flush`, then release the connection (also when flush raised)."""
+
+    def abort(self) -> None:
+        """Release the connection without waiting: what is unconfirmed is the next start's to resend."""
+
+
+class DecisionHost(Protocol):
+    """What the manager runs beside its workers: the store's one writer and the clients' streams'."""
+
+    address: str  # what workers connect to ("" when they reach a broker instead)
+
+    @property
+    def stats(self) -> dict[str, int]: ...  # "bars" at least: signals + rejections + bad bars stored
+
+    def start(self) -> None: ...
+
+    def add_clients(self, clients: Any) -> None:
+        """A reload added clients: take their decisions too."""
+
+    def close(self) -> None:
+        """After the workers stopped: store what they sent, then release everything."""
+
+
+class Transport(Protocol):
+    name: ClassVar[str]          # the `messaging.type` it serves
+    live: ClassVar[bool]         # it carries market-data bars, so live workers can run on it
+    host_program: ClassVar[str]  # the decision host's command in a deployment (supervisord)
+
+    def open_sink(self, cfg: RunConfig, spec: WorkerSpec, *, run_id: str, writer_address: str,
+                  authkey: bytes) -> tuple[StreamSink, str, datetime | None]:
+        """(sink, run id, checkpoint) of a worker process. `run_id` is used where the backend has no
+        run of its own; TransientError while the backend is away (the worker waits)."""
+
+    def decision_host(self, cfg: RunConfig, store: SignalStore, *, run_id: str, address: str, authkey: bytes,
+                      control_path: str) -> DecisionHost: ...
+
+    def live_feed(self, cfg: RunConfig, spec: WorkerSpec, *, after: datetime | None,
+                  stop: threading.Event) -> Iterator[dict]:
+        """A live worker's bars (BAR_SCHEMA dicts), the warm-up history first."""
