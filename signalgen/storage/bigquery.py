@@ -51,7 +51,7 @@ from signalgen.config.models import EnvironmentConfig
 from signalgen.errors import SignalgenError, StorageError, TransientError
 from signalgen.signals.types import REJECTION_SCHEMA, SIGNAL_SCHEMA, STREAM_SCHEMA, VOLATILE, stream_rows
 from signalgen.storage import storage_error
-from signalgen.storage.base import (DECISION_ID, DECISION_KEY, FINISH_FIELDS, RUN_JSON, RUN_SCHEMA, TABLES,
+from signalgen.storage.base import (DECISION_ID, DECISION_KEY, FINISH_FIELDS, RUN_SCHEMA, TABLES,
                                     RunRecord, Written, fill_run, owner_gone, prepare, run_owner)
 from signalgen.storage.reads import COLUMNS, ReadQuery
 
