@@ -580,7 +580,7 @@ def build_sql(query: ReadQuery) -> tuple[str, list[Any]]:
     order = "DESC" if query.newest else "ASC"
     sql += f" ORDER BY {time_col} {order}"
     if query.kind != "runs":
-        sql += f", client_id, strategy_id, symbol, timeframe {order}"
+        sql += f", client_id, strategy_id, symbol, timeframe, mode {order}"  # mode: the same bar in two modes
     if query.limit is not None:
         sql += f" LIMIT {int(query.limit)}"
     return sql, params
