@@ -534,10 +534,13 @@ class BigQueryStore:
 
     # ------------------------------------------------------------ reads
 
+    def _datasets(self) -> set[str]:
+        with self._errors(f"{self.project}.{self.prefix}_*", "read"):
+            return {d.dataset_id for d in self.client.list_datasets(retry=self._retry, timeout=self.timeout_s)}
+
     def _client_datasets(self, clients: Sequence[str]) -> list[str]:
         """The client datasets a read covers: the named clients' that exist, else every one."""
-        with self._errors(f"{self.project}.{self.prefix}_*", "read"):
-            have = {d.dataset_id for d in self.client.list_datasets(retry=self._retry, timeout=self.timeout_s)}
+        have = self._datasets()
         if clients:
             return sorted(have & {self.dataset(c) for c in clients})
         return sorted(d for d in have if d.startswith(f"{self.prefix}_") and d != self.system)
@@ -575,6 +578,8 @@ class BigQueryStore:
         them: same columns, types and order. Opened or not: any process reads BigQuery."""
         if query.kind == "runs":
             schema = RUN_SCHEMA
+            if not self._opened and self.system not in self._datasets():  # a store nobody has written yet
+                return pl.DataFrame(schema=schema)
             source = f"`{self._table(self.system, 'runs')}`"
         else:
             schema = pl.Schema({c: (SIGNAL_SCHEMA if query.kind == "signals" else REJECTION_SCHEMA)[c]

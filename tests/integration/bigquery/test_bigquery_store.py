@@ -85,3 +85,16 @@ def test_an_unreachable_service_is_a_transient_error():
     with pytest.raises(TransientError, match=r"BigQuery cannot write signalgen-dev\.x_system now") as e:
         store.open()
     assert is_transient(e.value)
+
+
+def test_what_counts_as_transient():
+    from google.api_core import exceptions as gexc
+
+    from signalgen.storage.bigquery import is_transient as bq_transient
+
+    for exc in (gexc.ServiceUnavailable("down"), gexc.InternalServerError("oops"), gexc.TooManyRequests("slow down"),
+                gexc.GatewayTimeout("late"), gexc.RetryError("gave up", ConnectionRefusedError()),
+                gexc.BadRequest("Transaction is aborted due to concurrent update"), TimeoutError()):
+        assert bq_transient(exc), exc
+    for exc in (gexc.NotFound("no table"), gexc.BadRequest("Syntax error"), gexc.Forbidden("Access Denied")):
+        assert not bq_transient(exc), exc

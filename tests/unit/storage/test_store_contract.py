@@ -183,6 +183,16 @@ def test_an_unopened_store_refuses_writes(make_store):
         make_store().write_signals(signal_frame(1))
 
 
+def test_a_store_nobody_has_written_reads_empty(make_store, backend):
+    if backend == "duckdb":  # a file must exist to be read: its first holder makes it
+        with make_store():
+            pass
+    store = make_store()
+    for kind, schema in (("runs", RUN_SCHEMA), ("signals", SIGNAL_SCHEMA), ("rejections", REJECTION_SCHEMA)):
+        assert store.read(ReadQuery(kind=kind)).schema == schema
+        assert store.read(ReadQuery(kind=kind)).is_empty()
+
+
 def test_a_mock_write_leaves_historical_rows_alone(store):
     hist_s, hist_r = signal_frame(20), rejection_frame(20, start=START + timedelta(days=1))
     store.write_decisions(hist_s, hist_r)
