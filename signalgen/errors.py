@@ -87,16 +87,21 @@ _QUOTED = re.compile(r'"([^"]{1,500})"')
 
 
 def storage_error(path: Path | str, exc: BaseException) -> StorageError:
-    """One line naming the path and the OS reason: `cannot write <path>: <reason>`.
+    """One line naming the path and the reason: `cannot write <path>: <reason>`.
 
-    `exc` is an OSError (its filename and strerror win) or a DuckDB error or an OSError without an
-    errno (polars writing to a file object), whose text names the file it failed on in quotes and
-    ends in the OS reason ("...: No space left on device").
+    `exc` is an OSError (its filename and strerror win); an error of a library that keeps no errno
+    (DuckDB, polars writing to a file object), whose text names the file it failed on in quotes and
+    ends in the OS reason ("...: No space left on device"); or any other error (a cloud API's, with
+    its own message: `message` where it has one), whose first line is the reason and `path` where.
     """
     if isinstance(exc, OSError) and exc.strerror:
         where, reason = exc.filename or path, exc.strerror
     else:
-        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        text = (getattr(exc, "message", None) or str(exc)).strip()
+        text = text.splitlines()[0] if text else type(exc).__name__
         quoted = _QUOTED.search(text)
-        where, reason = (quoted.group(1) if quoted else path), text.rsplit(": ", 1)[-1]
+        if quoted or isinstance(exc, OSError):
+            where, reason = (quoted.group(1) if quoted else path), text.rsplit(": ", 1)[-1]
+        else:
+            where, reason = path, text
     return StorageError(f"cannot write {where}: {reason[:200]}")

@@ -335,7 +335,7 @@ def run_detail(row: dict[str, Any]) -> Group:
         if isinstance(v, list):
             v = ", ".join(map(str, v))
         t.add_row(k, "not recorded" if v is None and k in _PROVENANCE else "" if v is None
-                  else str(v) if k == "seed" else f"{v:,}" if isinstance(v, int)
+                  else str(v) if k in ("seed", "pid") else f"{v:,}" if isinstance(v, int)
                   else f"{v:,.2f}" if isinstance(v, float) else str(v))
     if "config" in row:  # a store from before provenance was kept has no such column
         t.add_row("config", "not recorded" if config is None

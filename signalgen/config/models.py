@@ -206,6 +206,9 @@ class BigQueryStorageConfig(Frozen):
     project: str
     dataset_prefix: str = "signalgen"  # one dataset per client: <prefix>_<client>
     location: str = "US"
+    # http://host:port of an emulator; else $BIGQUERY_EMULATOR_HOST (host:port), else BigQuery itself
+    # with Application Default Credentials
+    api_endpoint: str | None = None
 
 
 class LocalMessagingConfig(Frozen):

@@ -19,6 +19,7 @@ log = logging.getLogger(__name__)
 
 STORES: dict[str, str] = {
     "duckdb": "signalgen.storage.duckdb:DuckDBStore",
+    "bigquery": "signalgen.storage.bigquery:BigQueryStore",
 }
 
 
@@ -40,8 +41,9 @@ def store_for(environment: EnvironmentConfig, root: Path | str, file: str | None
 
 
 def open_store(cfg: RunConfig) -> SignalStore:
-    """The environment's store, opened for writing; runs a killed process left without a status are
-    marked 'abandoned' (holding the store proves their writer is gone)."""
+    """The environment's store, opened for writing; runs whose writer is gone (`base.owner_gone`: a
+    process of this host that died, or for a store with one holder a run without an owner) are
+    marked 'abandoned'."""
     store = store_for(cfg.environment, cfg.root, cfg.files.get("environment"))
     store.open()
     try:

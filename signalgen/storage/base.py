@@ -1,4 +1,4 @@
-"""The signal store protocol and the records every backend keeps (DuckDB now, BigQuery next).
+"""The signal store protocol and the records every backend keeps (DuckDB, BigQuery).
 
 The tables are defined here as polars schemas with their upsert keys, so each backend maps them to
 its own types; nothing outside a backend's file knows its query language.
@@ -6,6 +6,8 @@ its own types; nothing outside a backend's file knows its query language.
 
 from __future__ import annotations
 
+import os
+import socket
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, fields
 from datetime import datetime
@@ -78,10 +80,62 @@ RUN_SCHEMA = pl.Schema({
     "peak_rss_mb": pl.Float64, "rejections_by_reason": pl.String,  # JSON object: reason -> candidates
     # provenance (RunRecord), last: a store from before it gets these columns appended, empty
     "data_source": pl.String, "seed": pl.Int64, "data_files": pl.String, "config": pl.String,
+    # the run's owner, recorded by start_run (OWNER_FIELDS): who may still be writing it
+    "host": pl.String, "pid": pl.Int64,
 })
 RUN_JSON = ("rejections_by_reason", "data_files", "config")  # columns holding JSON text
 RUN_COLUMNS = tuple(RUN_SCHEMA.names())
-FINISH_FIELDS = tuple(c for c in RUN_COLUMNS if c not in {f.name for f in fields(RunRecord)})
+OWNER_FIELDS = ("host", "pid")
+FINISH_FIELDS = tuple(c for c in RUN_COLUMNS if c not in {f.name for f in fields(RunRecord)} | set(OWNER_FIELDS))
+
+
+def run_owner() -> dict[str, Any]:
+    """The owner `start_run` records: this host's name and this process's id."""
+    return {"host": socket.gethostname(), "pid": os.getpid()}
+
+
+def owner_gone(host: str | None, pid: int | None, started_at: datetime | None, *, ownerless: bool) -> bool:
+    """Whether the process that recorded an unfinished run is surely gone: it ran on this host and its
+    pid is not alive, or is alive but younger than the run (the pid was reused, as a restarted
+    container's pid 1 is). A run of another host is never judged from here. A run without an owner
+    (recorded before owners were) counts as gone when `ownerless` (a store with one holder)."""
+    if host is None or pid is None:
+        return ownerless
+    if host != socket.gethostname():
+        return False
+    import psutil
+
+    try:
+        created = psutil.Process(pid).create_time()
+    except (psutil.NoSuchProcess, psutil.ZombieProcess, ValueError):
+        return True
+    except psutil.AccessDenied:  # alive, someone else's
+        return False
+    return started_at is not None and created > started_at.timestamp() + 1.0
+
+
+def prepare(table: str, df: pl.DataFrame) -> pl.DataFrame:
+    """`df` conformed to `table`'s schema, one row per upsert key: the last row wins within a batch
+    too, as it would across batches."""
+    schema, key = TABLES[table]
+    df = conform(df, schema, table)
+    # (Every key holds bar_time: distinct bar times, the usual one-worker chunk, spare the costlier
+    # check of the whole key.)
+    if (df.height and df["bar_time"].n_unique() < df.height
+            and df.select(pl.struct(key).is_duplicated().any()).item()):
+        df = df.unique(subset=list(key), keep="last", maintain_order=True)
+    return df
+
+
+def fill_run(df: pl.DataFrame, run_id: str | None, mode: str | None) -> pl.DataFrame:
+    """Bar rejections with `run_id` and `mode` columns, filled from the arguments when the frame has
+    none; a mode is required, so a run of one mode never replaces another mode's bar rejections."""
+    for name, value in (("run_id", run_id), ("mode", mode)):
+        if name not in df.columns:
+            if value is None:
+                raise ValueError(f"bar rejections need a {name} column or the {name} argument")
+            df = df.with_columns(pl.lit(value, pl.String).alias(name))
+    return df
 
 
 def conform(df: pl.DataFrame, schema: pl.Schema, what: str) -> pl.DataFrame:
@@ -133,13 +187,15 @@ class SignalStore(Protocol):
     def checkpoints(self, mode: str) -> dict[str, datetime]:
         """Worker id -> checkpoint of every worker that has one in `mode` (modes are namespaces)."""
 
-    def start_run(self, run: RunRecord) -> None: ...
+    def start_run(self, run: RunRecord) -> None:
+        """Record a run's start and its owner (`run_owner`), replacing any earlier row of its run_id."""
 
     def finish_run(self, run_id: str, **values: Any) -> None:
         """Record a run's outcome: any of FINISH_FIELDS."""
 
     def abandon_stale_runs(self, now: datetime) -> list[str]:
-        """Mark runs left without a status by a killed writer as 'abandoned'; their ids."""
+        """Mark runs left without a status by a writer that is gone (`owner_gone`) as 'abandoned'
+        (finished_at = `now`); their ids, sorted."""
 
     def read(self, query: ReadQuery) -> pl.DataFrame:
         """Rows matching `query` (reads.COLUMNS, or RUN_SCHEMA for runs). Works opened or not: an

@@ -47,7 +47,7 @@ from signalgen.errors import StorageError, TransientError
 from signalgen.signals.types import REJECTION_SCHEMA, SIGNAL_SCHEMA, STREAM_SCHEMA, VOLATILE, stream_rows
 from signalgen.errors import storage_error
 from signalgen.storage.base import (DECISION_ID, DECISION_KEY, FINISH_FIELDS, RUN_SCHEMA, TABLES, RunRecord,
-                                    Written, conform)
+                                    Written, fill_run, owner_gone, prepare, run_owner)
 from signalgen.storage.reads import COLUMNS, ID_COLUMN, ReadQuery
 
 
@@ -231,12 +231,7 @@ class DuckDBStore:
         `run_id` and `mode` fill those columns when the frame has none; a mode is required, so a
         run of one mode never replaces another mode's bar rejections.
         """
-        for name, value in (("run_id", run_id), ("mode", mode)):
-            if name not in df.columns:
-                if value is None:
-                    raise ValueError(f"bar rejections need a {name} column or the {name} argument")
-                df = df.with_columns(pl.lit(value, pl.String).alias(name))
-        return self._upsert("bar_rejections", df)
+        return self._upsert("bar_rejections", fill_run(df, run_id, mode))
 
     def write_decisions(self, signals: pl.DataFrame, rejections: pl.DataFrame) -> Written:
         """Make one batch of decisions the current ones of their bars, in one transaction.
@@ -247,7 +242,7 @@ class DuckDBStore:
         `superseded_<table>` for audit. Rows of other modes are never touched. Revisions and
         retractions as `SignalStore.write_decisions` says (`_revise`).
         """
-        batches = {t: self._prepare(t, df) for t, df in (("signals", signals), ("rejections", rejections))}
+        batches = {t: prepare(t, df) for t, df in (("signals", signals), ("rejections", rejections))}
         keys = pl.concat([df.select(*DECISION_KEY, pl.col(DECISION_ID[t]).alias("id"), "run_id",
                                     pl.lit(t == "signals").alias("is_signal")) for t, df in batches.items()])
         stream = stream_rows(batches["signals"])  # a fresh range: every signal new
@@ -364,16 +359,6 @@ class DuckDBStore:
                     f"WHERE s.{id_col} = t.{id_col} AND s.mode = t.mode)", params)
             self.con.execute(f"DELETE FROM {table} t USING _keys b WHERE {match}", params)
 
-    def _prepare(self, table: str, df: pl.DataFrame) -> pl.DataFrame:
-        schema, key = TABLES[table]
-        df = conform(df, schema, table)
-        # Last row wins within a batch too, as it would across batches. (Every key holds bar_time:
-        # distinct bar times, the usual one-worker chunk, spare the costlier check of the whole key.)
-        if (df.height and df["bar_time"].n_unique() < df.height
-                and df.select(pl.struct(key).is_duplicated().any()).item()):
-            df = df.unique(subset=list(key), keep="last", maintain_order=True)
-        return df
-
     def _upsert(self, table: str, df: pl.DataFrame) -> int:
         """Replace the rows of `table` with the batch's keys by the batch.
 
@@ -381,7 +366,7 @@ class DuckDBStore:
         DuckDB skips row groups outside it (zone maps) and a long run's upserts stay O(batch), not
         O(table).
         """
-        df = self._prepare(table, df)
+        df = prepare(table, df)
         if df.is_empty():
             return 0
         match = " AND ".join(f"t.{_q(k)} IS NOT DISTINCT FROM b.{_q(k)}" for k in TABLES[table][1])
@@ -427,10 +412,11 @@ class DuckDBStore:
     # ------------------------------------------------------------ runs
 
     def start_run(self, run: RunRecord) -> None:
-        """Record a run's start (replacing any earlier row with the same run_id)."""
-        names = [f.name for f in fields(RunRecord)]
+        """Record a run's start and its owner (replacing any earlier row with the same run_id)."""
+        record = {**{f.name: getattr(run, f.name) for f in fields(RunRecord)}, **run_owner()}
+        names = list(record)
         values = [json.dumps(v, sort_keys=True) if isinstance(v, Mapping) else v  # data_files, config
-                  for v in (getattr(run, n) for n in names)]
+                  for v in record.values()]
         values[names.index("clients")] = list(run.clients)
         with self._transaction():
             self.con.execute("DELETE FROM runs WHERE run_id = ?", [run.run_id])
@@ -454,15 +440,20 @@ class DuckDBStore:
             raise KeyError(f"run {run_id!r} was never started in {self.path}")
 
     def abandon_stale_runs(self, now: datetime) -> list[str]:
-        """Mark every run still without a status as 'abandoned' (finished_at = `now`); their ids.
+        """Mark the runs still without a status whose owner is gone as 'abandoned' (finished_at =
+        `now`); their ids.
 
-        Call it right after open(): DuckDB's file lock means no other writer is alive, so a run
-        without a status was killed (or lost its store) before it could record its outcome.
+        A run without an owner (recorded before owners were) counts as gone: DuckDB's file lock
+        means this store is the file's one holder, so its writer is no longer writing. A run of a
+        live process of this host (this one, holding the store again) is left alone.
         """
         with self._transaction():
-            rows = self.con.execute("UPDATE runs SET status = 'abandoned', finished_at = ? "
-                                    "WHERE status IS NULL RETURNING run_id", [now]).fetchall()
-        return sorted(r[0] for r in rows)
+            open_runs = self.con.execute("SELECT run_id, host, pid, started_at FROM runs WHERE status IS NULL")
+            gone = [r[0] for r in open_runs.fetchall() if owner_gone(*r[1:], ownerless=True)]
+            if gone:
+                self.con.execute("UPDATE runs SET status = 'abandoned', finished_at = ? "
+                                 "WHERE list_contains(?, run_id)", [now, gone])
+        return sorted(gone)
 
     # ------------------------------------------------------------ checkpoints
 
@@ -589,7 +580,7 @@ def build_sql(query: ReadQuery) -> tuple[str, list[Any]]:
     order = "DESC" if query.newest else "ASC"
     sql += f" ORDER BY {time_col} {order}"
     if query.kind != "runs":
-        sql += f", client_id, strategy_id, symbol, timeframe {order}"
+        sql += f", client_id, strategy_id, symbol, timeframe, mode {order}"  # mode: the same bar in two modes
     if query.limit is not None:
         sql += f" LIMIT {int(query.limit)}"
     return sql, params
