@@ -1,0 +1,1 @@
+"""Message brokers: the low layer that talks to Redis and Google Pub/Sub."""
