@@ -632,7 +632,11 @@ class Subscriber:
       `handler_failed`.
     - Watchdog: a streaming pull can go silent. If its future ends, or nothing arrived for
       `watchdog_s` while `expect()` says messages are due, the pull is restarted on a new client
-      (a new connection: the old one may be the silent part).
+      (a new connection: the old one may be the silent part); while restarts bring nothing, the
+      allowance doubles, up to 8 x `watchdog_s`.
+    - The subscriptions are ordered: the library hands the handler the next message of an
+      ordering key (a worker) only once the previous one is acked or nacked. A caller that acks
+      after a commit therefore receives one message per worker per commit.
     """
 
     def __init__(self, project: str, subscription: str, handler: Callable[[Received], None], *,
@@ -676,24 +680,29 @@ class Subscriber:
 
     def _pull(self) -> None:
         pubsub_v1 = pubsub_module()
-        self._client = pubsub_v1.SubscriberClient()
+        self._client = pubsub_v1.SubscriberClient(transport=_own_transport())
         flow = pubsub_v1.types.FlowControl(max_messages=self.max_messages, max_bytes=self.max_bytes)
         self._last = time.monotonic()
         self._future = self._client.subscribe(subscription_path(self.project, self.subscription), self._on_message,
                                               flow_control=flow)
 
     def _watch(self) -> None:
+        allowance, last = self.watchdog_s, self._last
         while not self._stopped.wait(min(1.0, self.watchdog_s / 4)):
+            if self._last != last:  # something arrived since the last restart
+                allowance, last = self.watchdog_s, self._last
             if self._future.done():
                 reason = f"streaming pull ended ({self._future.exception()!r})"
-            elif time.monotonic() - self._last > self.watchdog_s and self.expect():
-                reason = f"nothing received for {self.watchdog_s:g} s"
+            elif time.monotonic() - self._last > allowance and self.expect():
+                reason = f"nothing received for {allowance:g} s"
+                allowance = min(allowance * 2, 8 * self.watchdog_s)  # a restart that did not help: wait longer
             else:
                 continue
             log.warning("pubsub %s: %s; restarting the pull", self.subscription, reason)
             old = (self._future, self._client)
             threading.Thread(target=_close_pull, args=old, daemon=True).start()  # may hang on a dead link
             self._pull()
+            last = self._last
             self.stats.restarts += 1
             self.stats.last_restart_reason = reason
 
@@ -758,6 +767,23 @@ class Subscriber:
             return
         self.stats.dead_lettered += 1
         received.ack()
+
+
+def _own_transport():
+    """A subscriber transport on a connection of its own. gRPC shares one TCP connection among the
+    channels of a process that have the same target and arguments (its global subchannel pool), so
+    a new client alone would restart a pull on the very connection that went silent."""
+    import grpc
+    from google.pubsub_v1.services.subscriber.transports import SubscriberGrpcTransport
+
+    options = [("grpc.use_local_subchannel_pool", 1), ("grpc.max_send_message_length", -1),
+               ("grpc.max_receive_message_length", -1), ("grpc.keepalive_time_ms", 30000)]
+    host = os.environ.get("PUBSUB_EMULATOR_HOST")
+    if host:
+        channel = grpc.insecure_channel(host, options=options)
+    else:  # Application Default Credentials, as the library's own channel
+        channel = SubscriberGrpcTransport.create_channel("pubsub.googleapis.com:443", options=options)
+    return SubscriberGrpcTransport(channel=channel)
 
 
 def _close_pull(future, client) -> None:

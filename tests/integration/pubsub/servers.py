@@ -96,6 +96,19 @@ class Proxy:
             for _, _, frozen in self._conns:
                 frozen.set()
 
+    def drop_frozen(self) -> None:
+        """Close the frozen connections, as the peers' keepalive would end a dead link at last."""
+        with self._lock:
+            frozen = [c for c in self._conns if c[2].is_set()]
+            self._conns = [c for c in self._conns if not c[2].is_set()]
+        for a, b, _ in frozen:
+            for s in (a, b):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                s.close()
+
     def close(self) -> None:
         self.cut()
         self.server.close()
