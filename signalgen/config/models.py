@@ -228,9 +228,20 @@ class RedisMessagingConfig(Frozen):
 
 
 class PubSubMessagingConfig(Frozen):
+    """Google Pub/Sub (cloud-dev); names and behaviour in signalgen/brokers/pubsub.py."""
+
     type: Literal["pubsub"]
     project: str
-    topic_prefix: str = "signalgen"
+    topic_prefix: SafeId = "signalgen"  # part of every topic and subscription name
+    # a publisher holds at most this many unconfirmed messages / bytes; a full publisher blocks the
+    # worker (backpressure); a subscriber leases at most as many at once
+    max_outstanding_messages: int = Field(1000, ge=1)
+    max_outstanding_bytes: int = Field(10 * 2**20, ge=2**16)
+    ack_deadline_s: int = Field(60, ge=10, le=600)  # of every subscription: unacked this long -> redelivered
+    # deliveries of a message whose handling fails before it goes to its subscription's dead-letter topic
+    max_delivery_attempts: int = Field(5, ge=5, le=100)
+    # a streaming pull that delivered nothing this long while messages are expected is restarted
+    watchdog_s: float = Field(120.0, gt=0)
 
 
 StorageConfig = Annotated[DuckDBStorageConfig | BigQueryStorageConfig, Field(discriminator="type")]
