@@ -179,9 +179,10 @@ def ensure_topic(publisher, project: str, topic: str) -> None:
 
 
 def ensure_subscription(publisher, subscriber, project: str, topic: str, subscription: str, *,
-                        ack_deadline_s: int = 60, max_delivery_attempts: int = 5) -> None:
-    """Create `topic`, `subscription` on it (message ordering on, `ack_deadline_s`, dead-letter
-    policy) and its dead-letter topic with that topic's subscription, each unless it exists.
+                        ack_deadline_s: int = 60, max_delivery_attempts: int = 5, ordered: bool = True) -> None:
+    """Create `topic`, `subscription` on it (message ordering on unless `ordered` is False,
+    `ack_deadline_s`, dead-letter policy) and its dead-letter topic with that topic's subscription,
+    each unless it exists.
 
     An existing subscription is left as it is (Pub/Sub cannot turn ordering on afterwards).
     """
@@ -196,7 +197,7 @@ def ensure_subscription(publisher, subscriber, project: str, topic: str, subscri
         {"name": subscription_path(project, dead), "topic": topic_path(project, dead),
          "ack_deadline_seconds": ack_deadline_s},
         {"name": subscription_path(project, subscription), "topic": topic_path(project, topic),
-         "ack_deadline_seconds": ack_deadline_s, "enable_message_ordering": True,
+         "ack_deadline_seconds": ack_deadline_s, "enable_message_ordering": ordered,
          "dead_letter_policy": {"dead_letter_topic": topic_path(project, dead),
                                 "max_delivery_attempts": max_delivery_attempts}},
     ]
@@ -210,7 +211,8 @@ def ensure_subscription(publisher, subscriber, project: str, topic: str, subscri
 def ensure_client(m: PubSubMessagingConfig, client: str, modes: tuple[str, ...] | None = None) -> list[str]:
     """Every topic and subscription of `client` in `modes` (default: all): the internal topics with
     the decision host's subscriptions, the client's topics with the client's. Idempotent. Returns
-    the subscriptions."""
+    the subscriptions. The decision host's are not ordered: it stores by key, whatever the order, and
+    an ordered subscription would hand it one message per worker per commit."""
     pubsub_v1 = pubsub_module()
     names = TopicNames(m.topic_prefix)
     publisher, subscriber = pubsub_v1.PublisherClient(), pubsub_v1.SubscriberClient()
@@ -222,7 +224,7 @@ def ensure_client(m: PubSubMessagingConfig, client: str, modes: tuple[str, ...] 
             for topic, consumer in pairs:
                 sub = names.subscription(topic, consumer)
                 ensure_subscription(publisher, subscriber, m.project, topic, sub, ack_deadline_s=m.ack_deadline_s,
-                                    max_delivery_attempts=m.max_delivery_attempts)
+                                    max_delivery_attempts=m.max_delivery_attempts, ordered=consumer != RECORDER_GROUP)
                 done.append(sub)
     finally:
         subscriber.close()

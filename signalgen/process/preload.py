@@ -22,7 +22,7 @@ SIGNALGEN = ("signalgen.config.loader", "signalgen.config.workers", "signalgen.d
              "signalgen.features.incremental", "signalgen.models.backends", "signalgen.models.registry",
              "signalgen.signals.pipeline", "signalgen.modes.engine", "signalgen.modes.sources",
              "signalgen.modes.worker", "signalgen.storage.control", "signalgen.transports", "signalgen.transports.local",
-             "signalgen.transports.redis",
+             "signalgen.transports.redis", "signalgen.brokers.pubsub", "signalgen.transports.pubsub",
              "signalgen.process.worker", "signalgen.logs",
              # live workers' sink and feed (redis itself is imported lazily, under OPTIONAL); a mock or
              # simulation worker touches the sink module when it closes

@@ -58,6 +58,7 @@ from signalgen.modes.worker import ReplayClock, WallClock, WorkerContext, bar_fe
 from signalgen.process.states import CONFIG_ERROR_EXIT, TRANSIENT_EXIT, State
 from signalgen.storage.control import ControlStore, now_iso
 from signalgen.transports import transport_for
+from signalgen.transports.base import Transport
 
 log = logging.getLogger(__name__)
 
@@ -347,24 +348,23 @@ def configure_worker_logging(log_path: str, cfg: RunConfig) -> None:
                 only=True)
 
 
-def open_sink(args: WorkerArgs):
+def open_sink(args: WorkerArgs, transport: Transport):
     """(sink, run id, checkpoint) of this worker, from the environment's transport, for every mode
     (`signalgen.transports`): the manager's writer server over local IPC, or a broker. A run id is
     made here for a worker started without one (by supervisord), where the transport has none."""
-    cfg, spec = args.cfg, args.spec
-    return transport_for(cfg.environment, cfg.files.get("environment")).open_sink(
-        cfg, spec, run_id=args.run_id or new_run_id(datetime.now(timezone.utc)), writer_address=args.writer_address,
-        authkey=args.authkey)
+    return transport.open_sink(args.cfg, args.spec, run_id=args.run_id or new_run_id(datetime.now(timezone.utc)),
+                               writer_address=args.writer_address, authkey=args.authkey,
+                               control_path=args.control_path)
 
 
-def open_sink_waiting(args: WorkerArgs, stop: threading.Event) -> tuple:
-    """`open_sink`, waiting out a sink that is away (TransientError: Redis or the writer not
+def open_sink_waiting(args: WorkerArgs, transport: Transport, stop: threading.Event) -> tuple:
+    """`open_sink`, waiting out a sink that is away (TransientError: a broker or the writer not
     answering) with retries from 0.1 s doubling to 2 s: the worker stays STARTING, heartbeating, and
     takes its first bar once the sink is back. Stopped meanwhile: the TransientError is raised."""
     delay, outage = 0.1, Outage(log, f"opening the sink of {args.spec.id}")
     while True:
         try:
-            opened = open_sink(args)
+            opened = open_sink(args, transport)
         except TransientError as exc:
             outage.failed(exc)
             if stop.wait(delay):
@@ -402,7 +402,8 @@ def worker_main(args: WorkerArgs) -> int:
         if cfg.mode.name not in STREAMING_MODES:
             raise ConfigError(f"a worker process streams mock, simulation or live, not {cfg.mode.name.value}",
                               file=cfg.files.get("mode"), field="name")
-        sink, run_id, checkpoint = open_sink_waiting(args, stop)
+        transport = transport_for(cfg.environment, cfg.files.get("environment"))  # one per worker: its sink and feed
+        sink, run_id, checkpoint = open_sink_waiting(args, transport, stop)
         sink_ref.append(sink)
         emit_from = resume_from(cfg, checkpoint)
         log.info("worker started (pid %d), resuming after %s", os.getpid(), emit_from,
@@ -413,7 +414,6 @@ def worker_main(args: WorkerArgs) -> int:
                             run_id=run_id, emit_from=emit_from, seed=cfg.seed)
         live = cfg.mode.name is Mode.LIVE
         if live:
-            transport = transport_for(cfg.environment, cfg.files.get("environment"))
             bars, clock = transport.live_feed(cfg, spec, after=checkpoint, stop=stop), WallClock()
         else:
             bars = resume_feed(cfg, spec, emit_from)

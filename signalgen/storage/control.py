@@ -146,6 +146,14 @@ CREATE INDEX IF NOT EXISTS resources_worker_ts ON resources (worker_id, ts);
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY AUTOINCREMENT, ts TEXT NOT NULL, worker_id TEXT, kind TEXT NOT NULL, detail TEXT
 );
+CREATE TABLE IF NOT EXISTS worker_state (  -- a worker's own durable state where its broker keeps none (Pub/Sub)
+    mode        TEXT NOT NULL,
+    worker_id   TEXT NOT NULL,
+    checkpoint  TEXT NOT NULL,              -- the last bar whose decisions the broker confirmed (ISO, us)
+    warmup      TEXT,                       -- JSON lines of the bars before it that its features need
+    updated_at  TEXT NOT NULL,
+    PRIMARY KEY (mode, worker_id)
+);
 CREATE TABLE IF NOT EXISTS managers (       -- the manager holding this store's lock: its last beat
     pid INTEGER PRIMARY KEY, run_id TEXT, started_at TEXT NOT NULL, ts TEXT NOT NULL
 );
@@ -516,6 +524,30 @@ class ControlStore:
             beat["ready"] = bool(beat["ready"])
             out[beat["worker_id"]] = beat
         return out
+
+    # ---------------------------------------------------------------- a worker's own state
+
+    @_guarded
+    def save_worker_state(self, mode: str, worker_id: str, checkpoint: datetime,
+                          warmup: list[bytes] | None = None) -> None:
+        """Advance a worker's checkpoint in `mode` (never backwards), with the bars its features need
+        before it (`warmup`, JSON lines) when given: one statement, so both move together."""
+        point = checkpoint.astimezone(timezone.utc).isoformat(timespec="microseconds")
+        lines = None if warmup is None else b"\n".join(warmup).decode()
+        self.con.execute(
+            "INSERT INTO worker_state (mode, worker_id, checkpoint, warmup, updated_at) VALUES (?, ?, ?, ?, ?) "
+            "ON CONFLICT (mode, worker_id) DO UPDATE SET checkpoint = excluded.checkpoint, "
+            "warmup = COALESCE(excluded.warmup, worker_state.warmup), updated_at = excluded.updated_at "
+            "WHERE excluded.checkpoint >= worker_state.checkpoint", (mode, worker_id, point, lines, now_iso()))
+
+    @_guarded
+    def worker_state(self, mode: str, worker_id: str) -> tuple[datetime, list[bytes]] | None:
+        """(checkpoint, warm-up bars as JSON lines) of a worker in `mode`, or None."""
+        row = self.con.execute("SELECT checkpoint, warmup FROM worker_state WHERE mode = ? AND worker_id = ?",
+                               (mode, worker_id)).fetchone()
+        if row is None:
+            return None
+        return datetime.fromisoformat(row[0]), [line.encode() for line in (row[1] or "").splitlines() if line]
 
     # ---------------------------------------------------------------- resources and events
 

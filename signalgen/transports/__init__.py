@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 TRANSPORTS: dict[str, str] = {
     "local": "signalgen.transports.local:LocalTransport",
     "redis": "signalgen.transports.redis:RedisTransport",
+    "pubsub": "signalgen.transports.pubsub:PubSubTransport",
 }
 
 

@@ -73,10 +73,11 @@ class Transport(Protocol):
     live: ClassVar[bool]         # it carries market-data bars, so live workers can run on it
     host_program: ClassVar[str]  # the decision host's command in a deployment (supervisord)
 
-    def open_sink(self, cfg: RunConfig, spec: WorkerSpec, *, run_id: str, writer_address: str,
-                  authkey: bytes) -> tuple[StreamSink, str, datetime | None]:
+    def open_sink(self, cfg: RunConfig, spec: WorkerSpec, *, run_id: str, writer_address: str, authkey: bytes,
+                  control_path: str) -> tuple[StreamSink, str, datetime | None]:
         """(sink, run id, checkpoint) of a worker process. `run_id` is used where the backend has no
-        run of its own; TransientError while the backend is away (the worker waits)."""
+        run of its own; the control store at `control_path` keeps a worker's state where the backend
+        keeps none. TransientError while the backend is away (the worker waits)."""
 
     def decision_host(self, cfg: RunConfig, store: SignalStore, *, run_id: str, address: str, authkey: bytes,
                       control_path: str) -> DecisionHost: ...

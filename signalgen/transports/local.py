@@ -930,8 +930,8 @@ class LocalTransport:
 
     name, live, host_program = "local", False, "writer"
 
-    def open_sink(self, cfg: RunConfig, spec: WorkerSpec, *, run_id: str, writer_address: str,
-                  authkey: bytes) -> tuple[RemoteSink, str, datetime | None]:
+    def open_sink(self, cfg: RunConfig, spec: WorkerSpec, *, run_id: str, writer_address: str, authkey: bytes,
+                  control_path: str) -> tuple[RemoteSink, str, datetime | None]:
         if not self.live and cfg.mode.name.value == "live":
             raise self.no_live_feed(cfg)
         sink = RemoteSink(writer_address, authkey, spec)

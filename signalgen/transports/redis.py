@@ -116,8 +116,8 @@ class RedisTransport:
 
     name, live, host_program = "redis", True, "recorder"
 
-    def open_sink(self, cfg: RunConfig, spec: WorkerSpec, *, run_id: str, writer_address: str,
-                  authkey: bytes) -> tuple[RedisSink, str, datetime | None]:
+    def open_sink(self, cfg: RunConfig, spec: WorkerSpec, *, run_id: str, writer_address: str, authkey: bytes,
+                  control_path: str) -> tuple[RedisSink, str, datetime | None]:
         from signalgen.outputs.redis import RedisSink
 
         sink = RedisSink.from_config(cfg)

@@ -1,0 +1,352 @@
+"""The Pub/Sub transport (`messaging.type: pubsub`, cloud-dev): workers publish to internal topics, the
+manager hosts a recorder that stores them (BigQuery, or any store) and publishes them on to the
+clients' topics as routing says; live workers read their bars from a subscription of their own.
+Names and the wire: `signalgen/brokers/pubsub.py`; the design: docs/cloud.md.
+
+Durable worker state. Pub/Sub keeps no checkpoint and cannot replay what was acked, so a worker keeps
+its own in the control store (`ControlStore.save_worker_state`, per mode and worker):
+- its checkpoint, the last bar whose decisions Pub/Sub confirmed (the sink saves it);
+- for live workers, the bars before it that its features need (`history_bars`), saved by the feed
+  with the checkpoint, in one statement, before the feed acks those bars.
+A restarted live worker warms up on that snapshot plus whatever Pub/Sub redelivers up to its
+checkpoint (bars it had not acked yet), then decides the bars after it: exactly the decisions of a
+worker that never stopped (tests/integration/pubsub/test_transport.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator
+from datetime import datetime
+from typing import TYPE_CHECKING
+
+import polars as pl
+
+from signalgen.config.workers import history_bars, worker_specs
+from signalgen.errors import SignalgenError
+from signalgen.storage.control import ControlStore
+
+if TYPE_CHECKING:
+    from signalgen.brokers.pubsub import Publisher, Received
+    from signalgen.config.models import RunConfig
+    from signalgen.config.workers import WorkerSpec
+    from signalgen.signals.records import Decisions
+    from signalgen.storage.base import SignalStore
+
+log = logging.getLogger(__name__)
+
+SAVE_EVERY_S = 0.5   # a sink saves its confirmed checkpoint at most this often (and at every flush)
+GATHER_S = 1.0       # the recorder stores what arrived within this long in one write
+PULL_WAIT_S = 0.5    # a live worker's pull returns after this long without bars (to ack and check stop)
+
+
+class PubSubSink:
+    """A worker's sink: its decisions to its client's internal topics (`Publisher`: ordered by worker,
+    bounded, confirmed before the checkpoint moves); the checkpoint to the control store."""
+
+    def __init__(self, cfg: RunConfig, spec: WorkerSpec, control: ControlStore) -> None:
+        from signalgen.brokers.pubsub import Publisher, TopicNames
+
+        self.spec, self.mode, self.control = spec, cfg.mode.name.value, control
+        names = TopicNames(cfg.environment.messaging.topic_prefix)
+        self.bar_rejection_topic = names.internal(self.mode, "bar_rejections", spec.client.id)
+        self.publisher: Publisher = Publisher.from_config(cfg, spec.client.id)
+        self._saved: datetime | None = None
+        self._saved_at = 0.0
+
+    def record(self, spec: WorkerSpec, decisions: Decisions) -> None:
+        self.publisher.publish_decisions(spec, decisions)
+        self._save(force=False)
+
+    def record_bar_rejections(self, rejections: pl.DataFrame, run_id: str) -> None:
+        from signalgen.brokers.pubsub import bar_rejection_messages
+
+        for message in bar_rejection_messages(self.spec, self.mode, rejections, run_id):
+            self.publisher.publish(self.bar_rejection_topic, message)
+
+    @property
+    def checkpoints(self) -> dict[str, datetime]:
+        return self.publisher.checkpoints
+
+    def confirmed(self) -> datetime | None:
+        """The last bar whose decisions Pub/Sub confirmed (all before it too)."""
+        return self.publisher.checkpoints.get(self.spec.id)
+
+    def resume_point(self, worker_id: str) -> datetime | None:
+        state = self.control.worker_state(self.mode, worker_id)
+        return None if state is None else state[0]
+
+    def flush(self, timeout: float | None = None) -> dict[str, datetime]:
+        checkpoints = self.publisher.confirm(math.inf if timeout is None else timeout)
+        self._save(force=True)
+        return checkpoints
+
+    def close(self, timeout: float | None = None) -> None:
+        try:
+            self.flush(timeout)
+        finally:
+            self.abort()
+
+    def abort(self) -> None:
+        self.publisher.abort()
+
+    def _save(self, *, force: bool) -> None:
+        point = self.confirmed()
+        if point is not None and point != self._saved and (force or time.monotonic() - self._saved_at >= SAVE_EVERY_S):
+            self.control.save_worker_state(self.mode, self.spec.id, point)
+            self._saved, self._saved_at = point, time.monotonic()
+
+
+class LiveBars:
+    """A live worker's bars from its own subscription on `<p>.bars.<symbol>.<timeframe>`: the warm-up
+    first (the saved snapshot, then redelivered bars up to the checkpoint), then every newer bar, in
+    order. A bar is acked only once the sink's confirmed checkpoint covers it and the checkpoint with
+    the warm-up bars before it is saved; a poison message goes to the dead-letter topic with its
+    reason, as on Redis."""
+
+    def __init__(self, cfg: RunConfig, spec: WorkerSpec, sink: PubSubSink, *, after: datetime | None,
+                 stop: threading.Event) -> None:
+        from signalgen.brokers.pubsub import BarPull, ensure_bar_subscription
+
+        self.spec, self.sink, self.after, self.stop = spec, sink, after, stop
+        self.mode = cfg.mode.name.value
+        subscription = ensure_bar_subscription(cfg, spec.id, spec.symbol, spec.timeframe)
+        self.pull = BarPull(cfg.environment.messaging.project, subscription)
+        self.need = history_bars(spec)
+        self._recent: deque[tuple[datetime, bytes]] = deque(maxlen=self.need)  # bars yielded, as JSON
+        self._unacked: list[tuple[datetime, str]] = []                          # (bar time, ack id)
+        self._acked_to: datetime | None = None
+
+    def __iter__(self) -> Iterator[dict]:
+        from signalgen.brokers.pubsub import bar_message, decode_bar
+
+        last: datetime | None = None
+        state = self.sink.control.worker_state(self.mode, self.spec.id)
+        for line in (state[1] if state is not None else []):
+            bar = decode_bar(line)
+            if last is None or bar["bar_time"] > last:
+                last = bar["bar_time"]
+                self._recent.append((last, line))
+                yield bar
+        try:
+            while not self.stop.is_set():
+                self._ack_confirmed()
+                for bar, ack_id, problem in self.pull.pull(256, PULL_WAIT_S):
+                    if problem is not None:
+                        self.pull.dead_letter(ack_id, problem)
+                        continue
+                    self._unacked.append((bar["bar_time"], ack_id))
+                    if last is not None and bar["bar_time"] <= last:
+                        continue  # a redelivery of a bar already taken: acked with it
+                    last = bar["bar_time"]
+                    self._recent.append((last, bar_message(bar).data))
+                    yield bar
+        finally:
+            self.pull.close()
+
+    def _ack_confirmed(self) -> None:
+        """Save (checkpoint, warm-up) and ack the bars the sink's confirmed checkpoint covers."""
+        point = self.sink.confirmed()
+        if point is None or not self._unacked or (self._acked_to is not None and point <= self._acked_to):
+            return
+        covered = [ack for t, ack in self._unacked if t <= point]
+        if not covered:
+            return
+        warmup = [line for t, line in self._recent if t <= point]
+        self.sink.control.save_worker_state(self.mode, self.spec.id, point, warmup)
+        self.pull.ack(covered)
+        self._unacked = [(t, ack) for t, ack in self._unacked if t > point]
+        self._acked_to = point
+
+
+class PubSubTransport:
+    """Workers publish to Pub/Sub (`PubSubSink`); the manager hosts the `PubSubRecorder`; live workers
+    pull bars (`LiveBars`). One instance serves one worker process (its feed finds its sink)."""
+
+    name, live, host_program = "pubsub", True, "recorder"
+
+    def __init__(self) -> None:
+        self._sink: PubSubSink | None = None
+
+    def open_sink(self, cfg: RunConfig, spec: WorkerSpec, *, run_id: str, writer_address: str, authkey: bytes,
+                  control_path: str) -> tuple[PubSubSink, str, datetime | None]:
+        self._sink = PubSubSink(cfg, spec, ControlStore(control_path))
+        return self._sink, run_id, self._sink.resume_point(spec.id)
+
+    def decision_host(self, cfg: RunConfig, store: SignalStore, *, run_id: str, address: str, authkey: bytes,
+                      control_path: str) -> PubSubRecorder:
+        return PubSubRecorder(cfg, store, run_id=run_id)
+
+    def live_feed(self, cfg: RunConfig, spec: WorkerSpec, *, after: datetime | None,
+                  stop: threading.Event) -> Iterator[dict]:
+        if self._sink is None:
+            raise RuntimeError("open_sink first: a live worker acks its bars by its sink's checkpoint")
+        return iter(LiveBars(cfg, spec, self._sink, after=after, stop=stop))
+
+
+class PubSubRecorder:
+    """The decision host on Pub/Sub: one subscription per internal topic of every client of the mode
+    (`<topic>.recorder`, unordered), gathered for GATHER_S and stored in one write through a
+    `SignalWriter` — which routes each client's signals, with the revisions and retractions the store
+    returned, to its outputs (the client's topic, the QuantConnect files) — then the rejections to the
+    clients' rejection topics, then acked. A failed write nacks the gather: Pub/Sub redelivers it and
+    the store's upsert makes the replay harmless; subscribers drop copies already acked (by id)."""
+
+    address = ""  # workers reach Pub/Sub, not the manager
+
+    def __init__(self, cfg: RunConfig, store: SignalStore, *, run_id: str) -> None:
+        from signalgen.storage.writer import SignalWriter
+
+        self.cfg, self.store, self.run_id, self.mode = cfg, store, run_id, cfg.mode.name.value
+        self.writer = SignalWriter.from_config(cfg, store)
+        self.specs = {(s.client.id, s.strategy.id): s for s in worker_specs(cfg)}
+        self.counts = {"signals": 0, "rejections": 0, "bar_rejections": 0, "messages": 0, "writes": 0}
+        self._held: list[Received] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._subscribers: dict[str, object] = {}
+        self._publishers: dict[str, Publisher] = {}
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name="pubsub-recorder", daemon=True)
+        self._clients = sorted({c.id for c in cfg.clients})
+
+    @property
+    def stats(self) -> dict[str, int]:
+        c = self.counts
+        return {"bars": c["signals"] + c["rejections"] + c["bar_rejections"], **c}
+
+    def start(self) -> None:
+        self.add_clients(self._clients)
+        self._thread.start()
+
+    def add_clients(self, clients) -> None:
+        """Also take these clients' decisions (a reload added them; their specs come with the reload's
+        config through `specs_from`)."""
+        from signalgen.brokers.pubsub import RECORDER_GROUP, Subscriber, TopicNames, ensure_client
+
+        m = self.cfg.environment.messaging
+        names = TopicNames(m.topic_prefix)
+        for client in clients:
+            client = getattr(client, "id", client)
+            ensure_client(m, client, (self.mode,))
+            for topic in names.internal_topics(self.mode, client):
+                if topic not in self._subscribers:
+                    self._subscribers[topic] = Subscriber.from_config(
+                        self.cfg, names.subscription(topic, RECORDER_GROUP), self._take).start()
+
+    def _take(self, received: Received) -> None:
+        with self._lock:
+            self._held.append(received)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(GATHER_S):
+            self.commit()
+
+    def commit(self) -> None:
+        """Store what is held (one write), deliver it, ack it; on failure nack it (redelivered)."""
+        with self._lock:
+            held, self._held = self._held, []
+        if not held:
+            return
+        try:
+            self._write(held)
+        except Exception as exc:  # noqa: BLE001 - redelivered by Pub/Sub; the loop goes on
+            log.warning("pubsub recorder: storing %d messages failed (they will be redelivered): %s", len(held),
+                        str(exc)[:300])
+            self._error = exc
+            for message in held:
+                message.nack()
+            return
+        for message in held:
+            message.ack()
+        self._error = None
+
+    def _write(self, held: list[Received]) -> None:
+        from signalgen.brokers.codec import decode_rows
+        from signalgen.data.schema import BAR_REJECTION_SCHEMA
+        from signalgen.signals.types import REJECTION_SCHEMA, SIGNAL_SCHEMA
+        from signalgen.transports.local import Frames
+
+        lines: dict[tuple[str, str, str], list[bytes]] = {}
+        for message in held:
+            kind = _kind(message)
+            key = (kind, message.attributes.get("client_id", ""), message.attributes.get("strategy_id", ""))
+            lines.setdefault(key, []).append(message.data)
+        items, bar_rejections = [], []
+        for (kind, client, strategy), part in lines.items():
+            spec = self.specs.get((client, strategy))
+            if spec is None:
+                log.warning("pubsub recorder: %d %s of unknown strategy %s.%s skipped", len(part), kind,
+                            client[:64], strategy[:64])
+                continue
+            if kind == "bar_rejections":
+                bar_rejections.append(decode_rows(part, pl.Schema({**BAR_REJECTION_SCHEMA, "run_id": pl.String})))
+            elif kind == "signals":
+                items.append((spec, Frames(decode_rows(part, SIGNAL_SCHEMA), pl.DataFrame(schema=REJECTION_SCHEMA))))
+            else:
+                items.append((spec, Frames(pl.DataFrame(schema=SIGNAL_SCHEMA), decode_rows(part, REJECTION_SCHEMA))))
+        self.writer.record_group(items)
+        for frame in bar_rejections:
+            self.writer.record_bar_rejections(frame, self.run_id)
+        self.writer.flush()
+        self._publish_rejections([(spec, f.rejections) for spec, f in items if f.rejections.height])
+        counts = self.counts
+        counts["signals"] += sum(f.signals.height for _, f in items)
+        counts["rejections"] += sum(f.rejections.height for _, f in items)
+        counts["bar_rejections"] += sum(f.height for f in bar_rejections)
+        counts["messages"] += len(held)
+        counts["writes"] += 1
+
+    def _publish_rejections(self, parts: list[tuple[WorkerSpec, pl.DataFrame]]) -> None:
+        """A client's rejected candidates on `<p>.<mode>.rejections.<client>` (routed `internal`)."""
+        from signalgen.brokers.codec import record_entries
+        from signalgen.brokers.pubsub import Publisher, record_message
+        from signalgen.outputs import DESTINATIONS
+
+        for spec, rejections in parts:
+            if "internal" not in DESTINATIONS[spec.routing]:
+                continue
+            publisher = self._publishers.get(spec.client.id)
+            if publisher is None:
+                publisher = self._publishers[spec.client.id] = Publisher.from_config(self.cfg, spec.client.id)
+            topic = publisher.names.rejections(self.mode, spec.client.id)
+            for entry in record_entries(rejections, "rejection_id"):
+                publisher.publish(topic, record_message("rejections", entry))
+        for publisher in self._publishers.values():
+            publisher.confirm()
+
+    def close(self) -> None:
+        """After the workers stopped: store what is still arriving (until GATHER_S passes with nothing
+        new), then stop the subscriptions and close the writer and publishers."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        quiet_since = time.monotonic()
+        while time.monotonic() - quiet_since < 2 * GATHER_S:
+            with self._lock:
+                busy = bool(self._held)
+            if busy:
+                self.commit()
+                quiet_since = time.monotonic()
+            time.sleep(0.1)
+        errors: list[BaseException] = []
+        for subscriber in self._subscribers.values():
+            subscriber.stop()
+        self.commit()
+        for closing in [*(p.close for p in self._publishers.values()), self.writer.close]:
+            try:
+                closing()
+            except Exception as exc:  # noqa: BLE001 - every one is closed; the first error is raised
+                errors.append(exc)
+        if errors:
+            raise errors[0] if isinstance(errors[0], SignalgenError) else SignalgenError(str(errors[0]))
+
+
+def _kind(message: Received) -> str:
+    if "signal_id" in message.attributes:
+        return "signals"
+    return "rejections" if "rejection_id" in message.attributes else "bar_rejections"
