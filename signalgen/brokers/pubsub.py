@@ -384,12 +384,17 @@ class Publisher:
 
     # -- what a worker's sink calls
 
-    def publish_decisions(self, spec: WorkerSpec, decisions: Decisions) -> None:
+    def publish_decisions(self, spec: WorkerSpec, decisions: Decisions, *, ordered: bool = True) -> None:
         """Publish one batch to the internal topics; the worker's checkpoint (its last bar) becomes
-        durable when `confirm()` has seen every message of it confirmed."""
+        durable when `confirm()` has seen every message of it confirmed. `ordered` False publishes
+        without an ordering key: a subscriber then gets a worker's messages without waiting for each
+        ack (with a key, the emulator and the client library hand the next message of a key only after
+        the previous one is acked, even on an unordered subscription)."""
         if not decisions.bars:
             return
         for kind, message in decision_messages(spec, decisions):
+            if not ordered:
+                message = Message(message.data, message.attributes, "")
             self.publish(self.names.internal(self.mode, kind, self.client_id), message)
         last = datetime.fromtimestamp(int(decisions.bar_time_us[-1]) / 1e6, timezone.utc)
         with self._cond:

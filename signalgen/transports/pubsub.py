@@ -59,14 +59,16 @@ class PubSubSink:
         self._saved_at = 0.0
 
     def record(self, spec: WorkerSpec, decisions: Decisions) -> None:
-        self.publisher.publish_decisions(spec, decisions)
+        # unordered: the recorder stores by key whatever the order, and acks only after its store
+        # write — with ordering keys it would get one message per worker per write
+        self.publisher.publish_decisions(spec, decisions, ordered=False)
         self._save(force=False)
 
     def record_bar_rejections(self, rejections: pl.DataFrame, run_id: str) -> None:
-        from signalgen.brokers.pubsub import bar_rejection_messages
+        from signalgen.brokers.pubsub import Message, bar_rejection_messages
 
         for message in bar_rejection_messages(self.spec, self.mode, rejections, run_id):
-            self.publisher.publish(self.bar_rejection_topic, message)
+            self.publisher.publish(self.bar_rejection_topic, Message(message.data, message.attributes, ""))
 
     @property
     def checkpoints(self) -> dict[str, datetime]:

@@ -4,6 +4,10 @@ runs (run id, generation time, compute latency)."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import time
 from contextlib import nullcontext
 
 import polars as pl
@@ -14,11 +18,12 @@ from signalgen.config.loader import load_environment
 from signalgen.storage import store_for
 from signalgen.storage.reads import ReadQuery
 from tests.integration.cloud.conftest import cli, cloud_dev
+from tests.roots import REPO
 
 pytestmark = pytest.mark.integration  # the Pub/Sub and BigQuery emulators
 
 PER_RUN = ["run_id", "generated_at", "latency_us"]
-RANGE = ("--start", "2025-01-01", "--end", "2025-01-03")
+RANGE = ("--start", "2025-01-01", "--end", "2025-01-03")  # = the simulation preset's range
 
 
 def decisions(cloud: dict, env: str, kind: str, client: str) -> pl.DataFrame:
@@ -38,3 +43,44 @@ def test_historical_on_cloud_dev_stores_what_local_dev_stores(cloud, client):
         local, cloud_rows = (decisions(cloud, env, kind, client) for env in ("local-dev", "cloud-dev"))
         assert local.height > 0
         assert_frame_equal(cloud_rows, local)
+
+
+def start(cloud: dict, mode: str, *clients: str) -> subprocess.Popen:
+    """`start --env cloud-dev --mode <mode>` of `clients` (mock inference off: the real models), in the
+    background; its output in <root>/manager.out."""
+    env = {**os.environ, **cloud["vars"], "PYTHONPATH": str(REPO)}
+    out = (cloud["root"] / "manager.out").open("ab")
+    return subprocess.Popen([sys.executable, str(REPO / "strategy_runner.py"), "start", *clients, "--env", "cloud-dev",
+                             "--mode", mode, "--root", str(cloud["root"])], cwd=cloud["root"], env=env, stdout=out,
+                            stderr=subprocess.STDOUT)
+
+
+def wait_for(what, timeout: float, message: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = what()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout} s: {message}")
+
+
+def test_a_simulation_fleet_on_cloud_dev_decides_what_historical_decides(cloud):
+    """Worker processes publish to Pub/Sub, the manager's recorder stores in BigQuery: the stored
+    decisions equal a local-dev historical run over the same bars (simulation = historical)."""
+    done = cli(cloud, "run", "--env", "local-dev", "--mode", "historical", "--client", "ikenna", *RANGE)
+    assert done.returncode == 0, done.stderr[-2000:]
+    want = {kind: decisions(cloud, "local-dev", kind, "ikenna").drop("mode") for kind in ("signals", "rejections")}
+    manager = start(cloud, "simulation", "ikenna")
+    try:
+        wait_for(lambda: all(decisions(cloud, "cloud-dev", kind, "ikenna").height >= want[kind].height
+                             for kind in want), 240, "the fleet's decisions in BigQuery")
+    finally:
+        stopped = cli(cloud, "stop", "--env", "cloud-dev")
+        manager.wait(timeout=120)
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+    assert manager.returncode == 0, (cloud["root"] / "manager.out").read_text()[-3000:]
+    for kind, rows in want.items():
+        got = decisions(cloud, "cloud-dev", kind, "ikenna")
+        assert set(got["mode"]) == {"simulation"}
+        assert_frame_equal(got.drop("mode"), rows)
