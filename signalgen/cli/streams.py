@@ -7,12 +7,9 @@ function, print.
 from __future__ import annotations
 
 import heapq
-import os
 import signal
-import socket
 import sys
 import threading
-from collections import OrderedDict
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from enum import StrEnum
@@ -22,18 +19,10 @@ import typer
 
 from signalgen.cli.app import EnvOpt, ModeOpt, RootOpt, _load, app, console, err_console
 from signalgen.config.models import Environment, Mode, RunConfig
-from signalgen.errors import ConfigError, SignalgenError
+from signalgen.errors import ConfigError
 
 clients_app = typer.Typer(help="Per-client access to the environment's streams.", no_args_is_help=True)
 app.add_typer(clients_app, name="clients")
-
-# what a client's Redis user may run: reads and consumer-group bookkeeping on its own keys, nothing else
-# (SELECT only when the environment's database is not 0: in another database XGROUP CREATE ... MKSTREAM
-# could create its streams' names)
-CLIENT_COMMANDS = ("ping", "client|setname", "xread", "xrange", "xrevrange", "xlen", "xinfo", "xreadgroup",
-                   "xack", "xgroup|create", "xgroup|createconsumer", "xgroup|setid", "xgroup|delconsumer",
-                   "xgroup|destroy", "xautoclaim", "xclaim", "xpending")
-
 
 class FeedSource(StrEnum):
     SYNTHETIC = "synthetic"
@@ -159,24 +148,20 @@ def feed(env: EnvOpt = Environment.LOCAL_INTEGRATION, root: RootOpt = None,
 
     Bars from too far in the future are refused (exit 1, listed): once in a stream, Redis would refuse
     every real bar before them."""
-    from signalgen.data.redis_bars import PublishStats, future_streams, publish_bars
+    from signalgen.data.redis_bars import PublishStats
     from signalgen.errors import DataError
-    from signalgen.brokers.redis import StreamKeys, connect
+    from signalgen.transports import transport_for
 
     cfg = _load(env, Mode.LIVE, root, seed=seed)
+    transport = transport_for(cfg.environment, cfg.files.get("environment"))
     if start is not None and start.tzinfo is None:
         start = start.replace(tzinfo=timezone.utc)
     m = cfg.environment.messaging
     ahead = duration(max_ahead, "--max-ahead") if max_ahead is not None else timedelta(seconds=m.max_ahead_s)
     series = _series(cfg, symbols, timeframes)
-    client = connect(cfg)
-    keys = StreamKeys(m.stream_prefix)
-    blocked = future_streams(client, keys, series, ahead)
-    for (symbol, tf), last in blocked.items():
-        key = keys.bars(symbol, tf)
-        err_console.print(f"{symbol}:{tf}: not published: stream {key} already ends at {last:%Y-%m-%d %H:%M:%S} UTC, "
-                          f"in the future, and Redis refuses every bar before that. Remove the bad entries "
-                          f"(XDEL), then XSETID {key} <the last good id>", highlight=False, markup=False)
+    blocked = transport.blocked_series(cfg, series, ahead)
+    for (symbol, tf), why in blocked.items():
+        err_console.print(f"{symbol}:{tf}: not published: {why}", highlight=False, markup=False)
     series = [x for x in series if x not in blocked]
     stop = _stop_on_signals()
     err_console.print(f"feeding {len(series)} series ({', '.join(f'{s}:{t}' for s, t in series)}) at speed {speed:g}",
@@ -190,10 +175,8 @@ def feed(env: EnvOpt = Environment.LOCAL_INTEGRATION, root: RootOpt = None,
             progress.advance(task, n)
 
         # bars that already ended go out at once (history for the workers), the rest at --speed
-        runs = [publish_bars(client, past, keys=keys, maxlen=m.maxlen, speed=0, stop=stop, max_ahead=ahead,
-                             on_publish=advance),
-                publish_bars(client, rest, keys=keys, maxlen=m.maxlen, speed=speed, stop=stop, max_ahead=ahead,
-                             on_publish=advance)]
+        runs = [transport.publish_bars(cfg, past, speed=0, stop=stop, max_ahead=ahead, on_publish=advance),
+                transport.publish_bars(cfg, rest, speed=speed, stop=stop, max_ahead=ahead, on_publish=advance)]
     stats = PublishStats(sum(r.published for r in runs), sum(r.already_there for r in runs),
                          sum(r.refused for r in runs), [e for r in runs for e in r.refused_examples][:3])
     console.print(f"published {stats.published:,} bars ({stats.already_there:,} already there)", highlight=False)
@@ -233,105 +216,6 @@ def split_at(frames: Iterator, cut: datetime) -> tuple[list, Iterator]:
 # ---------------------------------------------------------------- consume
 
 
-def client_password(cfg: RunConfig, client_id: str) -> str:
-    """`client_id`'s Redis password, from the environment variable its YAML names
-    (`redis_password_env`); ConfigError naming the client file and field when there is none."""
-    try:
-        client = cfg.client(client_id)
-    except KeyError:
-        raise ConfigError(f"no client {client_id!r}; known: {', '.join(c.id for c in cfg.clients)}",
-                          field="--client") from None
-    file = cfg.files.get(f"client:{client_id}")
-    if not client.redis_password_env:
-        raise ConfigError("needs redis_password_env (the environment variable holding this client's Redis "
-                          "password)", file=file, field="redis_password_env")
-    password = os.environ.get(client.redis_password_env)
-    if not password:
-        raise ConfigError(f"environment variable {client.redis_password_env} is not set", file=file,
-                          field="redis_password_env")
-    return password
-
-
-def client_connection(cfg: RunConfig, client_id: str):
-    """A Redis client logged in as `client_id`'s ACL user (password from its `redis_password_env`).
-
-    A refused login is a ConfigError naming the client's file and both causes Redis cannot tell apart
-    (it answers WRONGPASS to either): a password other than the one granted, or no such user."""
-    from signalgen.brokers.redis import StreamKeys, connect
-
-    password = client_password(cfg, client_id)
-    user = StreamKeys(cfg.environment.messaging.stream_prefix).acl_user(client_id)
-    try:
-        return connect(cfg, username=user, password=password, password_field="redis_password_env", socket_timeout=10)
-    except ConfigError as exc:
-        if exc.field != "redis_password_env":
-            raise
-        var = cfg.client(client_id).redis_password_env
-        raise ConfigError(f"Redis refused user {user}: either ${var} differs from the password `clients grant` "
-                          f"set, or the user does not exist — Redis keeps users in memory, so a Redis restarted "
-                          f"without an aclfile has lost every grant. Run `clients grant --client {client_id}` "
-                          f"(docs/streams.md, Access control)", file=cfg.files.get(f"client:{client_id}"),
-                          field="redis_password_env") from None
-
-
-def consume_signals(client, key: str, group: str, consumer: str, *, from_start: bool, stop: threading.Event,
-                    on_batch, limit: int | None = None, idle_exit_s: float | None = None,
-                    claim_idle_ms: int = 60_000) -> int:
-    """Read `key` with consumer group `group` until `stop` (or `limit` signals, or `idle_exit_s` without
-    any): own pending entries first, then other consumers' idle ones (XAUTOCLAIM), then new ones.
-    `on_batch(lines)` gets each batch's new signals (JSON lines), deduped by signal id; entries are acked
-    after it returns. Returns the signals handled."""
-    import time
-
-    import redis
-
-    try:
-        client.xgroup_create(key, group, id="0" if from_start else "$")
-    except redis.ResponseError as exc:
-        if "requires the key to exist" in str(exc):
-            raise SignalgenError(f"stream {key} does not exist yet: `clients grant` and the recorder create it") \
-                from None
-        if "BUSYGROUP" not in str(exc):
-            raise
-        if from_start:
-            client.xgroup_setid(key, group, "0")
-    seen: OrderedDict[str, None] = OrderedDict()
-    done, last_entry = 0, time.monotonic()
-
-    def handle(entries) -> int:
-        lines = []
-        for _, fields in entries:
-            sid = (fields.get(b"id") or b"").decode()
-            if fields and sid not in seen:
-                seen[sid] = None
-                lines.append(fields[b"data"])
-                if len(seen) > 100_000:  # bounded: ids older than that are not re-delivered in practice
-                    seen.popitem(last=False)
-        if lines:
-            on_batch(lines)
-        if entries:
-            client.xack(key, group, *[eid for eid, _ in entries])
-        return len(lines)
-
-    def count(most: int) -> int:  # never read more than the limit leaves: no signal past it is acked
-        return most if limit is None else max(1, min(most, limit - done))
-
-    own = client.xreadgroup(group, consumer, {key: "0"}, count=count(1000))
-    for _, entries in own or ():
-        done += handle(entries)
-    if limit is None or done < limit:
-        _, claimed, *_ = client.xautoclaim(key, group, consumer, claim_idle_ms, start_id="0-0", count=count(1000))
-        done += handle(claimed)
-    while not stop.is_set() and (limit is None or done < limit):
-        reply = client.xreadgroup(group, consumer, {key: ">"}, count=count(100), block=500)
-        for _, entries in reply or ():
-            done += handle(entries)
-            last_entry = time.monotonic()
-        if idle_exit_s is not None and time.monotonic() - last_entry > idle_exit_s:
-            break
-    return done
-
-
 @app.command("consume")
 def consume(client: Annotated[str, typer.Option("--client", "-c", help="Whose signals (with that client's "
                                                                      "Redis credentials).")],
@@ -347,13 +231,11 @@ def consume(client: Annotated[str, typer.Option("--client", "-c", help="Whose si
                                                                "signal.")] = None) -> None:
     """Print a client's signals as they arrive, read with that client's credentials and consumer group."""
     from signalgen.brokers.codec import decode_rows
-    from signalgen.brokers.redis import StreamKeys
     from signalgen.report import records_table
     from signalgen.signals.types import SIGNAL_SCHEMA
+    from signalgen.transports import transport_for
 
     cfg = _load(env, mode, root)
-    r = client_connection(cfg, client)
-    key = StreamKeys(cfg.environment.messaging.stream_prefix).signals(mode.value, client)
     first = [True]
 
     def show(lines: list[bytes]) -> None:
@@ -364,55 +246,25 @@ def consume(client: Annotated[str, typer.Option("--client", "-c", help="Whose si
             console.print(records_table(decode_rows(lines, SIGNAL_SCHEMA), "signals", show_header=first[0]))
             first[0] = False
 
-    consume_signals(r, key, group or client, consumer or socket.gethostname(), from_start=from_start,
-                    stop=_stop_on_signals(), on_batch=show, limit=limit, idle_exit_s=idle_exit)
+    transport_for(cfg.environment, cfg.files.get("environment")).consume(
+        cfg, client, mode.value, from_start=from_start, group=group, consumer=consumer, stop=_stop_on_signals(),
+        on_batch=show, limit=limit, idle_exit_s=idle_exit)
 
 
 # ---------------------------------------------------------------- clients grant
 
 
-def grant_client(cfg: RunConfig, client_id: str) -> tuple[str, str | None]:
-    """Create or reset `client_id`'s Redis ACL user: its password (from the client's
-    `redis_password_env`), its own streams only (created now, empty, where missing), read and
-    consumer-group commands only; then `ACL SAVE`, so the user outlives a Redis restart.
-
-    Returns its URL (password masked) and a warning when Redis could not save its users (no aclfile)."""
-    import redis
-
-    from signalgen.brokers.redis import StreamKeys, acl_key_pattern, connect, ensure_streams, masked_url
-
-    password = client_password(cfg, client_id)
-    m = cfg.environment.messaging
-    keys = StreamKeys(m.stream_prefix)
-    user, streams = keys.acl_user(client_id), keys.client_streams(client_id)
-    admin = connect(cfg)
-    commands = CLIENT_COMMANDS + (("select",) if admin.connection_pool.connection_kwargs.get("db") else ())
-    warning = None
-    try:
-        admin.execute_command("ACL", "SETUSER", user, "reset", "on", f">{password}", "resetchannels",
-                              *(f"~{acl_key_pattern(k)}" for k in streams), "-@all", *(f"+{c}" for c in commands))
-        ensure_streams(admin, streams)
-        try:
-            admin.execute_command("ACL", "SAVE")
-        except redis.ResponseError as exc:
-            why = "it has no aclfile" if "ACL file" in str(exc) else str(exc)[:200]
-            warning = (f"Redis did not save its users ({why}): {user} is lost when Redis restarts. Start Redis "
-                       f"with an aclfile (docs/streams.md, Access control), or grant again after every restart")
-    except redis.RedisError as exc:
-        raise SignalgenError(f"Redis refused to create user {user}: {str(exc)[:200]}") from None
-    finally:
-        admin.close()
-    return masked_url(m.url, username=user, password=True), warning
-
-
 @clients_app.command("grant")
 def clients_grant(client: Annotated[str, typer.Option("--client", "-c", help="The client to grant.")],
                   env: EnvOpt = Environment.LOCAL_INTEGRATION, root: RootOpt = None) -> None:
-    """Create the client's Redis user, allowed to read only its own signal and rejection streams;
-    print its connection URL (password masked)."""
+    """Give the client access to its own signals and rejections only. Redis: create its ACL user and
+    print its connection URL (password masked). Pub/Sub: create its subscriptions and print the IAM
+    bindings it needs, as JSON for gcloud (docs/cloud.md)."""
+    from signalgen.transports import transport_for
+
     cfg = _load(env, Mode.LIVE, root)
-    url, warning = grant_client(cfg, client)
-    console.print(url, highlight=False, markup=False)
+    text, warning = transport_for(cfg.environment, cfg.files.get("environment")).grant(cfg, client)
+    console.print(text, highlight=False, markup=False, soft_wrap=True)
     if warning:
         err_console.print(f"warning: {warning}", highlight=False, markup=False)
 

@@ -242,6 +242,8 @@ class PubSubMessagingConfig(Frozen):
     max_delivery_attempts: int = Field(5, ge=5, le=100)
     # a streaming pull that delivered nothing this long while messages are expected is restarted
     watchdog_s: float = Field(120.0, gt=0)
+    # a bar may end at most one bar interval plus this long after the wall clock (`feed` refuses later ones)
+    max_ahead_s: float = Field(300.0, ge=0)
 
 
 StorageConfig = Annotated[DuckDBStorageConfig | BigQueryStorageConfig, Field(discriminator="type")]

@@ -6,7 +6,8 @@ gives, in one place, everything the fleet needs of its backend:
 - `decision_host`: what the manager runs to take the workers' decisions to the store and on to the
   clients, routing applied (`DecisionHost`: the writer server, or a recorder);
 - `live_feed`: a live worker's bars, where the backend carries market data (`live`);
-- `host_program`: the command a deployment runs for the decision host (`strategy_runner.py writer`).
+- `host_program`: the command a deployment runs for the decision host (`strategy_runner.py writer`);
+- what the stream commands do: `feed` (`blocked_series`, `publish_bars`), `consume`, `clients grant`.
 Its batch output (a run's `internal` destination) is the output of the same name in
 `signalgen.outputs.OUTPUTS`.
 """
@@ -14,8 +15,8 @@ Its batch output (a run's `internal` destination) is the output of the same name
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
-from datetime import datetime
+from collections.abc import Callable, Iterable, Iterator
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import polars as pl
@@ -23,6 +24,7 @@ import polars as pl
 if TYPE_CHECKING:
     from signalgen.config.models import RunConfig
     from signalgen.config.workers import WorkerSpec
+    from signalgen.data.redis_bars import PublishStats
     from signalgen.signals.records import Decisions
     from signalgen.storage.base import SignalStore
 
@@ -85,3 +87,22 @@ class Transport(Protocol):
     def live_feed(self, cfg: RunConfig, spec: WorkerSpec, *, after: datetime | None,
                   stop: threading.Event) -> Iterator[dict]:
         """A live worker's bars (BAR_SCHEMA dicts), the warm-up history first."""
+
+    # -- the stream commands: feed, consume, clients grant
+
+    def blocked_series(self, cfg: RunConfig, series: list[tuple[str, str]],
+                       max_ahead: timedelta) -> dict[tuple[str, str], str]:
+        """(symbol, timeframe) series `feed` must skip, each with why and what to do."""
+
+    def publish_bars(self, cfg: RunConfig, frames: Iterable[pl.DataFrame], *, speed: float, stop: threading.Event,
+                     max_ahead: timedelta, on_publish: Callable | None = None) -> PublishStats:
+        """Publish market-data bars paced at `speed` (0: at once), refusing bars from the future."""
+
+    def consume(self, cfg: RunConfig, client_id: str, mode: str, *, from_start: bool, group: str | None,
+                consumer: str | None, stop: threading.Event, on_batch: Callable[[list[bytes]], None],
+                limit: int | None = None, idle_exit_s: float | None = None) -> int:
+        """Read a client's signals as that client would (its own credentials and subscription or
+        group), handing each batch's JSON lines to `on_batch`, acked after it returns; the count."""
+
+    def grant(self, cfg: RunConfig, client_id: str) -> tuple[str, str | None]:
+        """Give a client access to its own signals only: (what to print, a warning or None)."""

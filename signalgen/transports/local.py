@@ -945,6 +945,21 @@ class LocalTransport:
     def live_feed(self, cfg: RunConfig, spec: WorkerSpec, *, after, stop):
         raise self.no_live_feed(cfg)
 
+    def blocked_series(self, cfg: RunConfig, series, max_ahead):
+        raise self.no_live_feed(cfg)
+
+    def publish_bars(self, cfg: RunConfig, frames, **_):
+        raise self.no_live_feed(cfg)
+
+    def consume(self, cfg: RunConfig, client_id: str, mode: str, **_) -> int:
+        raise ConfigError(f"messaging.type local keeps each client's stream in a file: read "
+                          f"{cfg.environment.messaging.path}/{mode}/{client_id}.jsonl", field="messaging.type",
+                          file=cfg.files.get("environment"))
+
+    def grant(self, cfg: RunConfig, client_id: str):
+        raise ConfigError("messaging.type local has no client access to grant (its streams are files)",
+                          field="messaging.type", file=cfg.files.get("environment"))
+
     @staticmethod
     def no_live_feed(cfg: RunConfig) -> ConfigError:
         return ConfigError(f"live mode reads bars from a broker, and messaging.type "

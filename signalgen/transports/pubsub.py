@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 import polars as pl
 
 from signalgen.config.workers import history_bars, worker_specs
-from signalgen.errors import SignalgenError
+from signalgen.errors import ConfigError, SignalgenError
 from signalgen.storage.control import ControlStore
 
 if TYPE_CHECKING:
@@ -188,6 +188,40 @@ class PubSubTransport:
         if self._sink is None:
             raise RuntimeError("open_sink first: a live worker acks its bars by its sink's checkpoint")
         return iter(LiveBars(cfg, spec, self._sink, after=after, stop=stop))
+
+    def blocked_series(self, cfg: RunConfig, series, max_ahead) -> dict:
+        return {}  # a topic takes bars in any order: no bar can block the ones before it
+
+    def publish_bars(self, cfg: RunConfig, frames, *, speed: float, stop: threading.Event, max_ahead,
+                     on_publish=None):
+        from signalgen.brokers.pubsub import publish_bars
+
+        return publish_bars(cfg, frames, speed=speed, stop=stop, max_ahead=max_ahead, on_publish=on_publish)
+
+    def consume(self, cfg: RunConfig, client_id: str, mode: str, *, from_start: bool, group: str | None,
+                consumer: str | None, stop: threading.Event, on_batch, limit: int | None = None,
+                idle_exit_s: float | None = None) -> int:
+        """Through the client's own subscription `<p>.<mode>.signals.<client>.<group or client>`."""
+        from signalgen.brokers.pubsub import consume_signals
+
+        return consume_signals(cfg, client_id, mode, consumer=group, from_start=from_start, stop=stop,
+                               on_batch=on_batch, limit=limit, idle_exit_s=idle_exit_s)
+
+    def grant(self, cfg: RunConfig, client_id: str) -> tuple[str, None]:
+        """Create the client's topics and subscriptions (every mode), then the IAM bindings it needs —
+        subscriber on its own subscriptions, dataViewer on its own dataset — as JSON for gcloud. The
+        emulator has no IAM: there, isolation holds by name (docs/cloud.md)."""
+        import json
+
+        from signalgen.brokers.pubsub import ensure_client, iam_bindings
+
+        try:
+            cfg.client(client_id)
+        except KeyError:
+            raise ConfigError(f"no client {client_id!r}; known: {', '.join(c.id for c in cfg.clients)}",
+                              field="--client") from None
+        ensure_client(cfg.environment.messaging, client_id)
+        return json.dumps(iam_bindings(cfg, client_id), indent=2), None
 
 
 class PubSubRecorder:

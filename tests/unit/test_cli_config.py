@@ -50,10 +50,8 @@ def test_validate_json(root: Path) -> None:
 
 @pytest.mark.parametrize(("args", "words"), [
     # approved before (exit 0), then `run` refused them: exit 2 (environment) or 1 (mode)
-    (("--env", "cloud-dev"), "messaging type 'pubsub' is not available in this release"),
     (("--mode", "live"), "live mode runs under the process manager, not `run`: `start --mode live --env "
                          "local-integration` (Redis)"),
-    (("--env", "cloud-dev"), "storage type 'bigquery' is not available in this release"),
 ])
 def test_validate_finds_what_run_refuses(root: Path, args: tuple[str, ...], words: str) -> None:
     proc = run_cli("config", "validate", "--root", str(root), *args)
@@ -61,6 +59,13 @@ def test_validate_finds_what_run_refuses(root: Path, args: tuple[str, ...], word
     assert "Traceback" not in proc.stderr and "workers" in proc.stdout  # the table, then the problems
     assert words in " ".join(proc.stdout.split())
     assert "problem(s)" in proc.stderr
+
+
+def test_validate_accepts_cloud_dev(root: Path) -> None:
+    """BigQuery storage and Pub/Sub messaging have backends (issue 17): nothing to refuse."""
+    proc = run_cli("config", "validate", "--root", str(root), "--env", "cloud-dev")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "ok: 4 clients, 12 workers" in proc.stdout and "problem" not in proc.stdout
 
 
 def test_validate_accepts_redis_messaging_in_local_integration(root: Path) -> None:

@@ -14,7 +14,7 @@ from signalgen.config.loader import load_config
 from signalgen.errors import ConfigError, TransientError
 from signalgen.brokers.redis import connect
 from signalgen.outputs.redis import RedisSink
-from signalgen.cli.streams import client_connection, grant_client
+from signalgen.transports.redis import client_connection, grant_client
 from tests.integration.redis.conftest import REPO, make_root
 from tests.integration.redis.helpers import KEYS, run_cli
 from tests.integration.redis.servers import RedisServer

@@ -22,7 +22,7 @@ from signalgen.brokers.redis import RECORDER_GROUP, connect
 from signalgen.outputs.redis import RedisSink
 from signalgen.storage import open_store
 from signalgen.storage.recorder import Recorder
-from signalgen.cli.streams import client_connection, grant_client
+from signalgen.transports.redis import client_connection, grant_client
 from tests.integration.redis.conftest import make_root
 from tests.integration.redis.helpers import KEYS, assert_same, bars, context, stored, streamed, wait_for
 
