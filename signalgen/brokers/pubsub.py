@@ -36,6 +36,7 @@ import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -504,6 +505,15 @@ class Publisher:
         try:
             future = self._client.publish(topic_path(self.project, topic), m.data, ordering_key=m.ordering_key,
                                           retry=None, timeout=self.attempt_timeout_s, **m.attributes)
+        except AssertionError as exc:
+            # google-cloud-pubsub's race: a batch of this key has just failed (status ERROR) and its
+            # sequencer is not paused yet; a publish in between trips the library's assert ("Publish after
+            # stop() or publish error."). Not a refusal: a failed attempt, retried as any other.
+            with self._cond:
+                key.inflight -= 1
+                self._failed(topic, key, exc)
+                self._cond.notify_all()
+            return
         except Exception as exc:  # refused before sending: too large, stopped client
             with self._cond:
                 key.inflight -= 1
@@ -529,18 +539,23 @@ class Publisher:
                     log.warning("pubsub publishing recovered after %.1f s", self.stats.last_outage_s)
                     self._down_since = None
             else:
-                self.stats.failed += 1
-                if not key.paused:
-                    key.paused = True
-                    self._paused += 1
-                    self.stats.max_paused_keys = max(self.stats.max_paused_keys, self._paused)
-                if self._down_since is None:
-                    self._down_since = time.monotonic()
-                    self.stats.outages += 1
-                    log.warning("pubsub publish to %s failed (%s): retrying in order", topic, exc)
+                self._failed(topic, key, exc)
                 if _permanent(exc) and self._error is None:
                     self._error = StorageError(f"Pub/Sub refused publishing to {topic}: {exc}")
             self._cond.notify_all()
+
+    def _failed(self, topic: str, key: _Key, exc: BaseException) -> None:
+        """An attempt of `key` failed: pause the key until the resumer publishes its queue again. Called
+        with the lock held."""
+        self.stats.failed += 1
+        if not key.paused:
+            key.paused = True
+            self._paused += 1
+            self.stats.max_paused_keys = max(self.stats.max_paused_keys, self._paused)
+        if self._down_since is None:
+            self._down_since = time.monotonic()
+            self.stats.outages += 1
+            log.warning("pubsub publish to %s failed (%s): retrying in order", topic, exc)
 
     def _resume_loop(self) -> None:
         """Publish the messages of paused keys again, in order, once each key's attempts are done."""
@@ -930,8 +945,13 @@ def publish_bars(cfg: RunConfig, frames: Iterable[pl.DataFrame], *, speed: float
     origin: tuple[datetime, float] | None = None
 
     def send(topic: str, message: Message):
-        return client.publish(topic_path(m.project, topic), message.data, ordering_key=message.ordering_key,
-                              retry=None, timeout=ATTEMPT_TIMEOUT_S, **message.attributes)
+        try:
+            return client.publish(topic_path(m.project, topic), message.data, ordering_key=message.ordering_key,
+                                  retry=None, timeout=ATTEMPT_TIMEOUT_S, **message.attributes)
+        except AssertionError as exc:  # the library's race after a failed batch (see Publisher._send): retried
+            failed = Future()
+            failed.set_exception(exc)
+            return failed
 
     def settle() -> bool:
         """Wait for every bar in flight; publish the failed ones again until they are confirmed
@@ -958,7 +978,10 @@ def publish_bars(cfg: RunConfig, frames: Iterable[pl.DataFrame], *, speed: float
                 time.sleep(delay)
             delay = min(delay * 2, 0.5)
             for topic, key in dict.fromkeys((t, msg.ordering_key) for t, msg, _ in failed):
-                client.resume_publish(topic_path(m.project, topic), key)  # a failure paused the key
+                try:
+                    client.resume_publish(topic_path(m.project, topic), key)  # a failure paused the key
+                except RuntimeError:  # not paused (yet): the next attempt fails and comes back here
+                    pass
             pending = [(t, msg, send(t, msg)) for t, msg, _ in failed]  # per key: the failed suffix, in order
         if down:
             log.warning("feed: Pub/Sub is back")
