@@ -1163,11 +1163,14 @@ class Pull:
             self._call(self._client.modify_ack_deadline, {"subscription": self.path, "ack_ids": ids[i:i + 1000],
                                                           "ack_deadline_seconds": seconds})
 
-    def dead_letter(self, ack_id: str, reason: str, detail: str = "") -> None:
+    def dead_letter(self, ack_id: str, reason: str | PoisonMessage, detail: str = "") -> None:
         """Publish a copy of a held message to `<subscription>.deadletter` with `reason` and `detail` in its
-        attributes (and the subscription, message id and delivery attempt), then ack it. If that publish
-        fails the message is nacked (Pub/Sub's own dead-letter policy forwards it after the last
-        attempt) and TransientError raised."""
+        attributes (and the subscription, message id and delivery attempt), then ack it. `reason` may be
+        the `PoisonMessage` a pull returned (its reason and detail are used). If that publish fails the
+        message is nacked (Pub/Sub's own dead-letter policy forwards it after the last attempt) and
+        TransientError raised."""
+        if isinstance(reason, PoisonMessage):
+            reason, detail = reason.reason, detail or reason.detail
         received = self._held[ack_id]
         message = received.message
         if self._dead_publisher is None:
@@ -1224,7 +1227,7 @@ class BarPull(Pull):
 
     `pull(max_messages, timeout_s)` returns `Pulled(bar, ack_id, problem)` in delivery order (per
     series in bar order, see `Pull`); the caller acks a bar only once its decision is confirmed, and
-    dead-letters a poison one (`dead_letter(ack_id, problem.reason, problem.detail)`). With `symbol`
+    dead-letters a poison one (`dead_letter(ack_id, problem)`). With `symbol`
     and `timeframe`, a bar of another series is poison too. A bar already handled (at or before the
     worker's checkpoint: delivery is at least once, and a feed re-run publishes copies) is the
     caller's to skip and ack.

@@ -201,7 +201,9 @@ def test_a_poison_bar_is_returned_with_its_problem_and_dead_lettered(emulator_ho
     by = {(p.problem.reason if p.problem else None): p for p in got}
     assert set(by) == {"undecodable", "unknown_symbol", None} and by[None].bar == bar
     for p in got:
-        if p.problem:
+        if p.problem and p.problem.reason == "undecodable":
+            reader.dead_letter(p.ack_id, p.problem)  # the problem as it came (transports/pubsub.LiveBars)
+        elif p.problem:
             reader.dead_letter(p.ack_id, p.problem.reason, p.problem.detail)
         else:
             reader.ack([p.ack_id])
@@ -210,6 +212,7 @@ def test_a_poison_bar_is_returned_with_its_problem_and_dead_lettered(emulator_ho
     reasons = {r[1]["reason"]: r for r in letters.received}
     assert set(reasons) == {"undecodable", "unknown_symbol"}
     assert reasons["undecodable"][0] == b"garbage" and reasons["undecodable"][1]["subscription"] == sub
+    assert reasons["undecodable"][1]["detail"].startswith("not JSON")
     assert reader.held == 0 and reader.pull(10, timeout_s=2) == []
     reader.close()
     admin.close()
