@@ -9,7 +9,7 @@ The layout mirrors the Redis streams (docs/streams.md) with `.` for `:`. `<p>` i
 | --- | --- | --- |
 | `<p>.<mode>.internal.<kind>.<client>` (kind: signals, rejections, bar_rejections) | workers | `<topic>.recorder` (the decision host) |
 | `<p>.<mode>.signals.<client>`, `<p>.<mode>.rejections.<client>` | the decision host | `<topic>.<client>` (the client) |
-| `<p>.bars.<symbol>.<timeframe>` | the bar feed | `<topic>.<consumer>` (live workers) |
+| `<p>.bars.<symbol>.<timeframe>` | the bar feed (`publish_bars`) | `<topic>.<worker id>` (each live worker: `ensure_bar_subscription`) |
 | `<subscription>.deadletter` (topic and its one subscription) | Pub/Sub, `Received.dead_letter` | operators |
 
 Isolation is by topic and subscription name only: the emulator ignores subscription filters and
@@ -26,6 +26,7 @@ be used in another process than the one that created it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -34,14 +35,15 @@ import sys
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any
+from datetime import datetime, timedelta, timezone
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from signalgen.config.models import SAFE_ID, Mode, timeframe_delta
 from signalgen.errors import StorageError, TransientError
-from signalgen.brokers.codec import SCHEMA_VERSION, decision_entries, json_lines
+from signalgen.brokers.codec import SCHEMA_VERSION, decision_entries, iso, json_lines
 from signalgen.brokers.redis import RECORDER_GROUP
 
 if TYPE_CHECKING:
@@ -508,6 +510,15 @@ class Publisher:
         try:
             future = self._client.publish(topic_path(self.project, topic), m.data, ordering_key=m.ordering_key,
                                           retry=None, timeout=self.attempt_timeout_s, **m.attributes)
+        except AssertionError as exc:
+            # google-cloud-pubsub's race: a batch of this key has just failed (status ERROR) and its
+            # sequencer is not paused yet; a publish in between trips the library's assert ("Publish after
+            # stop() or publish error."). Not a refusal: a failed attempt, retried as any other.
+            with self._cond:
+                key.inflight -= 1
+                self._failed(topic, key, exc)
+                self._cond.notify_all()
+            return
         except Exception as exc:  # refused before sending: too large, stopped client
             with self._cond:
                 key.inflight -= 1
@@ -533,18 +544,23 @@ class Publisher:
                     log.warning("pubsub publishing recovered after %.1f s", self.stats.last_outage_s)
                     self._down_since = None
             else:
-                self.stats.failed += 1
-                if not key.paused:
-                    key.paused = True
-                    self._paused += 1
-                    self.stats.max_paused_keys = max(self.stats.max_paused_keys, self._paused)
-                if self._down_since is None:
-                    self._down_since = time.monotonic()
-                    self.stats.outages += 1
-                    log.warning("pubsub publish to %s failed (%s): retrying in order", topic, exc)
+                self._failed(topic, key, exc)
                 if _permanent(exc) and self._error is None:
                     self._error = StorageError(f"Pub/Sub refused publishing to {topic}: {exc}")
             self._cond.notify_all()
+
+    def _failed(self, topic: str, key: _Key, exc: BaseException) -> None:
+        """An attempt of `key` failed: pause the key until the resumer publishes its queue again. Called
+        with the lock held."""
+        self.stats.failed += 1
+        if not key.paused:
+            key.paused = True
+            self._paused += 1
+            self.stats.max_paused_keys = max(self.stats.max_paused_keys, self._paused)
+        if self._down_since is None:
+            self._down_since = time.monotonic()
+            self.stats.outages += 1
+            log.warning("pubsub publish to %s failed (%s): retrying in order", topic, exc)
 
     def _resume_loop(self) -> None:
         """Publish the messages of paused keys again, in order, once each key's attempts are done."""
@@ -803,6 +819,560 @@ def _close_pull(future, client) -> None:
             pass
     if client is not None:
         client.close()
+
+
+# ---------------------------------------------------------------- bars
+
+# BAR_SCHEMA's columns (signalgen/data/schema.py; brokers sit below data and may not import it: a
+# test checks the two agree)
+BAR_COLUMNS = ("symbol", "timeframe", "bar_time", "open", "high", "low", "close", "volume")
+_BAR_VALUES = BAR_COLUMNS[3:]
+_BAR_FIELDS = ("v", *BAR_COLUMNS)
+BAR_ATTRIBUTES = ("v", "symbol", "timeframe", "bar_time")
+PUBLISH_WINDOW = 1000  # bars handed to the library before `publish_bars` waits for their confirmation
+
+
+class PoisonMessage(ValueError):
+    """A message that is not what its topic carries; `reason` is a short code as the Redis dead
+    letters use (`undecodable`, `wrong_schema`, `unknown_symbol`, `wrong_timeframe`)."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        self.reason, self.detail = reason, detail[:200]
+        super().__init__(f"{reason}: {self.detail}")
+
+
+def bar_fields(bar: dict) -> dict[str, str]:
+    """A BAR_SCHEMA row as the Redis bar entry's fields (data/redis_bars.encode_bar, which brokers may
+    not import): strings, `bar_time` ISO-8601 UTC with microseconds, floats by `repr` (exact round trip)."""
+    return {"v": SCHEMA_VERSION, "symbol": bar["symbol"], "timeframe": bar["timeframe"],
+            "bar_time": iso(bar["bar_time"]), **{c: repr(float(bar[c])) for c in _BAR_VALUES}}
+
+
+def bar_message(bar: dict) -> Message:
+    """One bar (a BAR_SCHEMA row) as a message of `<p>.bars.<symbol>.<timeframe>`: its data is the Redis
+    entry's fields as one JSON object, its attributes `v`, `symbol`, `timeframe`, `bar_time`, its
+    ordering key `<symbol>.<timeframe>` (one series: delivered in bar order)."""
+    fields = bar_fields(bar)
+    data = json.dumps(fields, separators=(",", ":")).encode()
+    return Message(data, {k: fields[k] for k in BAR_ATTRIBUTES}, f"{fields['symbol']}.{fields['timeframe']}")
+
+
+def decode_bar(data: bytes, symbol: str | None = None, timeframe: str | None = None) -> dict:
+    """A bar message's data -> a BAR_SCHEMA row (dict). PoisonMessage (a ValueError) naming the problem
+    for anything else; with `symbol` / `timeframe`, also for a bar of another series than the topic's.
+    Prices may be JSON strings (as we publish them) or numbers (another publisher's)."""
+    try:
+        f = json.loads(data)
+    except UnicodeDecodeError as exc:
+        raise PoisonMessage("undecodable", f"not UTF-8: {exc}") from None
+    except ValueError as exc:
+        raise PoisonMessage("undecodable", f"not JSON: {exc}") from None
+    if not isinstance(f, dict):
+        raise PoisonMessage("undecodable", f"not a JSON object but {type(f).__name__}")
+    if f.get("v") != SCHEMA_VERSION:
+        raise PoisonMessage("wrong_schema", f"schema version {f.get('v')!r}, expected {SCHEMA_VERSION!r}")
+    missing = [k for k in _BAR_FIELDS if k not in f]
+    if missing:
+        raise PoisonMessage("wrong_schema", f"missing fields {missing}")
+    if symbol is not None and f["symbol"] != symbol:
+        raise PoisonMessage("unknown_symbol", f"symbol {f['symbol']!r} on the topic of {symbol}")
+    if timeframe is not None and f["timeframe"] != timeframe:
+        raise PoisonMessage("wrong_timeframe", f"timeframe {f['timeframe']!r} on the topic of {timeframe}")
+    if not isinstance(f["symbol"], str) or not isinstance(f["timeframe"], str):
+        raise PoisonMessage("wrong_schema", "symbol and timeframe must be strings")
+    try:
+        if not isinstance(f["bar_time"], str):
+            raise ValueError(f"bar_time {f['bar_time']!r} is not a string")
+        t = datetime.fromisoformat(f["bar_time"])
+        t = t.replace(tzinfo=timezone.utc) if t.tzinfo is None else t.astimezone(timezone.utc)
+        values = {}
+        for c in _BAR_VALUES:
+            if isinstance(f[c], bool) or not isinstance(f[c], str | int | float):
+                raise ValueError(f"{c} {f[c]!r} is not a number")
+            values[c] = float(f[c])
+    except ValueError as exc:
+        raise PoisonMessage("undecodable", str(exc)) from None
+    return {"symbol": f["symbol"], "timeframe": f["timeframe"], "bar_time": t, **values}
+
+
+@dataclass
+class PublishStats:
+    """What `publish_bars` did; the fields of data/redis_bars.PublishStats (which brokers may not import)."""
+
+    published: int = 0
+    already_there: int = 0  # always 0 on Pub/Sub: a topic keeps no ids, so a bar published again is a copy
+    refused: int = 0        # bars ending too far after the wall clock (`latest_end`): not published
+    refused_examples: list[str] = field(default_factory=list)  # the first few, "SYMBOL tf bar_time"
+
+    def refuse(self, bar: dict) -> None:
+        self.refused += 1
+        if len(self.refused_examples) < 3:
+            self.refused_examples.append(f"{bar['symbol']} {bar['timeframe']} {iso(bar['bar_time'])}")
+
+
+def latest_end(timeframe: str, max_ahead: timedelta, now: datetime | None = None) -> datetime:
+    """The latest bar end published now: one bar interval plus `max_ahead` after the wall clock (as
+    data/redis_bars.latest_end). A later bar would carry a live worker's checkpoint into the future."""
+    return (now or datetime.now(timezone.utc)) + timeframe_delta(timeframe) + max_ahead
+
+
+def publish_bars(cfg: RunConfig, frames: Iterable[pl.DataFrame], *, speed: float = 0.0,
+                 stop: threading.Event | None = None, max_ahead: timedelta | None = None,
+                 on_publish: Callable[[datetime, int], None] | None = None,
+                 window: int = PUBLISH_WINDOW) -> PublishStats:
+    """Publish bars (BAR_SCHEMA frames, any symbols) to `<p>.bars.<symbol>.<timeframe>`, in bar-time
+    order per frame, as data/redis_bars.publish_bars does to Redis.
+
+    `speed` 0 publishes as fast as possible; s > 0 paces bar times at s x real time. With `max_ahead`,
+    a bar ending after `latest_end` when its turn comes is refused and counted, not published. Topics
+    are created when missing. Each series has its ordering key, so its bars are delivered in order.
+    Returns only when every bar published is confirmed by Pub/Sub (`published` counts confirmed
+    bars): up to `window` bars are in flight, and all are confirmed before a paced wait. A failed
+    publish is retried, in order, with backoff (up to 0.5 s), logged once per outage; a permanent
+    refusal raises StorageError. `on_publish(bar_time, n)` is called once a bar time's `n` bars are
+    confirmed.
+
+    Unlike a Redis stream a topic keeps nothing for a subscription created later, and knows no ids:
+    a bar published again is delivered again (readers skip bars at or before their checkpoint).
+    """
+    import polars as pl
+
+    assert_not_preloading()
+    pubsub_v1 = pubsub_module()
+    from google.cloud.pubsub_v1 import types
+
+    m = cfg.environment.messaging
+    names, stats = TopicNames(m.topic_prefix), PublishStats()
+    client = pubsub_v1.PublisherClient(batch_settings=types.BatchSettings(max_latency=0.002),
+                                       publisher_options=types.PublisherOptions(enable_message_ordering=True))
+    topics: set[str] = set()
+    inflight: list[tuple[datetime, list[tuple[str, Message, Any]]]] = []
+    origin: tuple[datetime, float] | None = None
+
+    def send(topic: str, message: Message):
+        try:
+            return client.publish(topic_path(m.project, topic), message.data, ordering_key=message.ordering_key,
+                                  retry=None, timeout=ATTEMPT_TIMEOUT_S, **message.attributes)
+        except AssertionError as exc:  # the library's race after a failed batch (see Publisher._send): retried
+            failed = Future()
+            failed.set_exception(exc)
+            return failed
+
+    def settle() -> bool:
+        """Wait for every bar in flight; publish the failed ones again until they are confirmed
+        (False if `stop` came first)."""
+        pending = [(topic, msg, fut) for _, items in inflight for topic, msg, fut in items]
+        delay, down = 0.05, False
+        while True:
+            failed = []
+            for topic, msg, fut in pending:
+                try:
+                    fut.result()
+                except Exception as exc:  # noqa: BLE001 - sorted into permanent and retried below
+                    if _permanent(exc):
+                        raise StorageError(f"Pub/Sub refused a bar for {topic}: {exc}") from exc
+                    failed.append((topic, msg, exc))
+            if not failed:
+                break
+            if not down:
+                down = True
+                log.warning("feed: Pub/Sub publish failed (%s); retrying in order", failed[0][2])
+            if stop is not None and stop.wait(delay):
+                return False
+            if stop is None:
+                time.sleep(delay)
+            delay = min(delay * 2, 0.5)
+            for topic, key in dict.fromkeys((t, msg.ordering_key) for t, msg, _ in failed):
+                try:
+                    client.resume_publish(topic_path(m.project, topic), key)  # a failure paused the key
+                except RuntimeError:  # not paused (yet): the next attempt fails and comes back here
+                    pass
+            pending = [(t, msg, send(t, msg)) for t, msg, _ in failed]  # per key: the failed suffix, in order
+        if down:
+            log.warning("feed: Pub/Sub is back")
+        for bar_time, items in inflight:
+            stats.published += len(items)
+            if on_publish is not None:
+                on_publish(bar_time, len(items))
+        inflight.clear()
+        return True
+
+    try:
+        for frame in frames:
+            if not frame.height:
+                continue
+            frame = frame.select(BAR_COLUMNS).sort("bar_time", maintain_order=True)
+            for (bar_time,), group in frame.group_by("bar_time", maintain_order=True):
+                if stop is not None and stop.is_set():
+                    settle()
+                    return stats
+                wait = 0.0
+                if speed > 0:
+                    if origin is None:
+                        origin = (bar_time, time.monotonic())
+                    wait = origin[1] + (bar_time - origin[0]).total_seconds() / speed - time.monotonic()
+                rows = list(group.iter_rows(named=True))
+                if max_ahead is not None:  # judged at their turn, without waiting for the ones refused then
+                    due = datetime.now(timezone.utc) + timedelta(seconds=max(wait, 0.0))
+                    for bar in [b for b in rows if b["bar_time"] > latest_end(b["timeframe"], max_ahead, due)]:
+                        stats.refuse(bar)
+                        rows.remove(bar)
+                if rows and wait > 0:
+                    if not settle():
+                        return stats
+                    wait = origin[1] + (bar_time - origin[0]).total_seconds() / speed - time.monotonic()
+                    if wait > 0 and (stop.wait(wait) if stop is not None else time.sleep(wait)):
+                        return stats
+                items = []
+                for bar in rows:
+                    topic = names.bars(bar["symbol"], bar["timeframe"])
+                    if topic not in topics:
+                        _admin(ensure_topic, client, m.project, topic)
+                        topics.add(topic)
+                    message = bar_message(bar)
+                    items.append((topic, message, send(topic, message)))
+                if items:
+                    inflight.append((bar_time, items))
+                if sum(len(i) for _, i in inflight) >= window or (speed > 0 and inflight):
+                    if not settle():
+                        return stats
+        settle()
+        return stats
+    finally:
+        client.transport.close()
+
+
+def _admin(call: Callable, *args: Any, **kwargs: Any) -> Any:
+    """An admin call (create a topic or subscription): TransientError while Pub/Sub is unreachable,
+    StorageError for a refusal."""
+    from google.api_core import exceptions as gexc
+
+    try:
+        return call(*args, **kwargs)
+    except (gexc.ServiceUnavailable, gexc.DeadlineExceeded, gexc.RetryError, gexc.InternalServerError,
+            gexc.TooManyRequests) as exc:
+        raise TransientError(f"Pub/Sub unreachable: {exc}") from exc
+    except gexc.GoogleAPICallError as exc:
+        raise StorageError(f"Pub/Sub refused: {exc}") from exc
+
+
+# ---------------------------------------------------------------- a live worker's bars
+
+
+def bar_subscription(prefix: str, worker_id: str, symbol: str, timeframe: str) -> str:
+    """The subscription of worker `worker_id` on its bar topic: `<p>.bars.<symbol>.<timeframe>.<worker id>`
+    (its dots kept). When that is not a valid id — too long for its dead-letter topic
+    (`<subscription>.deadletter`) to fit Pub/Sub's 255 characters, or holding a character Pub/Sub
+    refuses — it is `<p>.bars.<symbol>.<timeframe>.w<first 16 hex digits of sha256(worker id)>`:
+    stable for a worker, distinct for distinct workers in practice (64 bits)."""
+    topic = TopicNames(prefix).bars(symbol, timeframe)
+    name = f"{topic}.{worker_id}"
+    if isinstance(worker_id, str) and worker_id and _RESOURCE.match(name) and _RESOURCE.match(f"{name}.{DEADLETTER}"):
+        return name
+    return _name(topic, "w" + hashlib.sha256(str(worker_id).encode()).hexdigest()[:16])
+
+
+def ensure_bar_subscription(cfg: RunConfig, worker_id: str, symbol: str, timeframe: str) -> str:
+    """Create (unless it exists) the bar topic of (`symbol`, `timeframe`) and worker `worker_id`'s own
+    subscription on it (`bar_subscription`): message ordering on, `messaging.ack_deadline_s`, and a
+    dead-letter topic with its subscription after `messaging.max_delivery_attempts`. Returns its id.
+
+    A topic keeps nothing for a subscription made later: create it before bars are published for
+    the worker (at `start`), and warm up from the bar archive, not from the topic."""
+    m = cfg.environment.messaging
+    pubsub_v1 = pubsub_module()
+    assert_not_preloading()
+    topic, sub = TopicNames(m.topic_prefix).bars(symbol, timeframe), bar_subscription(m.topic_prefix, worker_id,
+                                                                                       symbol, timeframe)
+    publisher, subscriber = pubsub_v1.PublisherClient(), pubsub_v1.SubscriberClient()
+    try:
+        _admin(ensure_subscription, publisher, subscriber, m.project, topic, sub, ack_deadline_s=m.ack_deadline_s,
+               max_delivery_attempts=m.max_delivery_attempts)
+    finally:
+        subscriber.close()
+        publisher.transport.close()
+    return sub
+
+
+class Pulled(NamedTuple):
+    """One message of a synchronous pull: the decoded bar (None if poison), its ack id, and the
+    problem (a PoisonMessage with `reason` and `detail`; None for a good bar)."""
+
+    bar: dict | None
+    ack_id: str
+    problem: PoisonMessage | None
+
+
+class Pull:
+    """Synchronous pull (`SubscriberClient.pull` / `acknowledge`) on one subscription, holding the ack
+    id of every message it returned until the caller settles it: `ack` once it is handled (a live
+    worker: once its decision is confirmed), `nack` to have it again, `dead_letter` for poison.
+
+    Ordering (measured on the emulator; Pub/Sub documents the same): on a subscription with message
+    ordering, one pull returns, per ordering key, a run of consecutive messages in order, and no
+    later message of that key comes before every message returned is acked (or its ack deadline
+    passes, or it is nacked: then that message and the later ones come again, in order). So a reader
+    that holds ack ids until its work is confirmed receives each series in order, a run at a time.
+    Closing a client does not release its messages on Pub/Sub's side: `close()` nacks what it holds,
+    so they are redelivered at once rather than after the ack deadline.
+    """
+
+    def __init__(self, project: str, subscription: str) -> None:
+        assert_not_preloading()
+        pubsub_v1 = pubsub_module()
+        self.project, self.subscription = project, subscription
+        self.path = subscription_path(project, subscription)
+        self.deadletter_topic = deadletter(subscription)
+        self._client = pubsub_v1.SubscriberClient()
+        self._dead_publisher = None
+        self._held: dict[str, Any] = {}  # ack id -> the library's ReceivedMessage
+
+    def pull_raw(self, max_messages: int = 100, timeout_s: float = 5.0) -> list:
+        """Up to `max_messages` ReceivedMessages, waiting up to about `timeout_s` for the first ([] if none
+        came). TransientError while Pub/Sub is unreachable; NotFound if the subscription does not exist."""
+        from google.api_core import exceptions as gexc
+
+        try:
+            response = self._client.pull(request={"subscription": self.path, "max_messages": max_messages},
+                                         retry=None, timeout=timeout_s)
+        except gexc.DeadlineExceeded:
+            return []
+        except gexc.NotFound:
+            raise
+        except (gexc.ServiceUnavailable, gexc.InternalServerError, gexc.TooManyRequests, gexc.Aborted,
+                gexc.Unknown) as exc:
+            raise TransientError(f"Pub/Sub pull on {self.subscription}: {exc}") from exc
+        except gexc.GoogleAPICallError as exc:
+            raise StorageError(f"Pub/Sub refused a pull on {self.subscription}: {exc}") from exc
+        for received in response.received_messages:
+            self._held[received.ack_id] = received
+        return list(response.received_messages)
+
+    @property
+    def held(self) -> int:
+        """Messages returned and not settled yet."""
+        return len(self._held)
+
+    def ack(self, ack_ids: Iterable[str]) -> None:
+        """Acknowledge: Pub/Sub will not deliver these messages again (within its at-least-once)."""
+        self._settle(list(ack_ids), ack=True)
+
+    def nack(self, ack_ids: Iterable[str] | None = None) -> None:
+        """Give messages back (default: every one held): redelivered at once, in order per key."""
+        self._settle(list(self._held) if ack_ids is None else list(ack_ids), ack=False)
+
+    def extend(self, ack_ids: Iterable[str], seconds: int) -> None:
+        """Keep messages `seconds` longer before Pub/Sub redelivers them (a slow handling)."""
+        ids = list(ack_ids)
+        for i in range(0, len(ids), 1000):
+            self._call(self._client.modify_ack_deadline, {"subscription": self.path, "ack_ids": ids[i:i + 1000],
+                                                          "ack_deadline_seconds": seconds})
+
+    def dead_letter(self, ack_id: str, reason: str | PoisonMessage, detail: str = "") -> None:
+        """Publish a copy of a held message to `<subscription>.deadletter` with `reason` and `detail` in its
+        attributes (and the subscription, message id and delivery attempt), then ack it. `reason` may be
+        the `PoisonMessage` a pull returned (its reason and detail are used). If that publish fails the
+        message is nacked (Pub/Sub's own dead-letter policy forwards it after the last attempt) and
+        TransientError raised."""
+        if isinstance(reason, PoisonMessage):
+            reason, detail = reason.reason, detail or reason.detail
+        received = self._held[ack_id]
+        message = received.message
+        if self._dead_publisher is None:
+            self._dead_publisher = pubsub_module().PublisherClient()
+        attributes = {**dict(message.attributes), "reason": reason, "detail": detail[:1000],
+                      "subscription": self.subscription, "message_id": message.message_id,
+                      "delivery_attempt": str(received.delivery_attempt or 0)}
+        try:
+            self._dead_publisher.publish(topic_path(self.project, self.deadletter_topic), message.data,
+                                         **attributes).result(timeout=ATTEMPT_TIMEOUT_S)
+        except Exception as exc:
+            self.nack([ack_id])
+            raise TransientError(f"cannot dead-letter message {message.message_id} of {self.subscription}: "
+                                 f"{exc}") from exc
+        self.ack([ack_id])
+
+    def close(self) -> None:
+        """Nack what is held (redelivered at once to the next reader), then close the connections."""
+        try:
+            if self._held:
+                self.nack()
+        except (TransientError, StorageError) as exc:  # unreachable: they come back after the ack deadline
+            log.warning("pubsub %s: could not give back %d messages (%s)", self.subscription, len(self._held), exc)
+        finally:
+            self._client.close()
+            if self._dead_publisher is not None:
+                self._dead_publisher.transport.close()
+
+    def _settle(self, ids: list[str], ack: bool) -> None:
+        for i in range(0, len(ids), 1000):  # Pub/Sub takes at most a few thousand ids a request
+            chunk = ids[i:i + 1000]
+            if ack:
+                self._call(self._client.acknowledge, {"subscription": self.path, "ack_ids": chunk})
+            else:
+                self._call(self._client.modify_ack_deadline, {"subscription": self.path, "ack_ids": chunk,
+                                                              "ack_deadline_seconds": 0})
+            for a in chunk:
+                self._held.pop(a, None)
+
+    def _call(self, method: Callable, request: dict) -> None:
+        from google.api_core import exceptions as gexc
+
+        try:
+            method(request=request, timeout=ATTEMPT_TIMEOUT_S)
+        except (gexc.ServiceUnavailable, gexc.DeadlineExceeded, gexc.RetryError, gexc.InternalServerError,
+                gexc.TooManyRequests, gexc.Aborted, gexc.Unknown) as exc:
+            raise TransientError(f"Pub/Sub {method.__name__} on {self.subscription}: {exc}") from exc
+        except gexc.GoogleAPICallError as exc:
+            raise StorageError(f"Pub/Sub refused {method.__name__} on {self.subscription}: {exc}") from exc
+
+
+class BarPull(Pull):
+    """A live worker's bars by synchronous pull on its subscription (`ensure_bar_subscription`).
+
+    `pull(max_messages, timeout_s)` returns `Pulled(bar, ack_id, problem)` in delivery order (per
+    series in bar order, see `Pull`); the caller acks a bar only once its decision is confirmed, and
+    dead-letters a poison one (`dead_letter(ack_id, problem)`). With `symbol`
+    and `timeframe`, a bar of another series is poison too. A bar already handled (at or before the
+    worker's checkpoint: delivery is at least once, and a feed re-run publishes copies) is the
+    caller's to skip and ack.
+    """
+
+    def __init__(self, project: str, subscription: str, symbol: str | None = None,
+                 timeframe: str | None = None) -> None:
+        super().__init__(project, subscription)
+        self.symbol, self.timeframe = symbol, timeframe
+
+    @classmethod
+    def for_worker(cls, cfg: RunConfig, worker_id: str, symbol: str, timeframe: str) -> BarPull:
+        """The worker's subscription, created if missing, read with its series checked."""
+        sub = ensure_bar_subscription(cfg, worker_id, symbol, timeframe)
+        return cls(cfg.environment.messaging.project, sub, symbol, timeframe)
+
+    def pull(self, max_messages: int = 100, timeout_s: float = 5.0) -> list[Pulled]:
+        out = []
+        for received in self.pull_raw(max_messages, timeout_s):
+            try:
+                out.append(Pulled(decode_bar(received.message.data, self.symbol, self.timeframe), received.ack_id,
+                                  None))
+            except PoisonMessage as problem:
+                out.append(Pulled(None, received.ack_id, problem))
+        return out
+
+
+# ---------------------------------------------------------------- a client's consumer
+
+
+def consume_signals(cfg: RunConfig, client: str, mode: str, *, consumer: str | None = None, from_start: bool = False,
+                    stop: threading.Event, on_batch: Callable[[list[bytes]], None], limit: int | None = None,
+                    idle_exit_s: float | None = None, pull_timeout_s: float = 2.0, batch: int = 100) -> int:
+    """Read `client`'s signals of `mode` from its subscription `<p>.<mode>.signals.<client>.<consumer or
+    client>` (created, with its dead-letter topic, if missing) until `stop`, `limit` signals, or
+    `idle_exit_s` without a message. Returns the signals handed to `on_batch`.
+
+    `on_batch(lines)` gets each pull's new entries as JSON lines (the message data, docs/streams.md),
+    retractions included (`"retracted": true`: the signal is withdrawn); the messages are acked only
+    after it returns (if it raises, they are nacked and the error propagates). Per `signal_id` only
+    an entry whose `revision` is above the one in effect is handed on: a copy (at least once) or a
+    late, older revision is acked and skipped; within one pull only the highest revision of a signal
+    is handed on. A message that is not a signal entry is dead-lettered (`undecodable`,
+    `wrong_schema`). No more messages are pulled than `limit` leaves, so nothing past it is acked.
+
+    `from_start`: Pub/Sub keeps no history to replay. A subscription holds what was published since it
+    was created and is not acked yet (`clients grant` creates the client's, so its backlog starts
+    then; Pub/Sub keeps it 7 days). Whatever `from_start` says, that backlog comes first, as an
+    existing Redis consumer group resumes; a subscription created by this call starts empty. Nothing
+    acked can be read again (Redis' `--from-start` rewinds its group; here `seek` would be needed,
+    which the emulator lacks).
+    """
+    m = cfg.environment.messaging
+    names = TopicNames(m.topic_prefix)
+    topic = names.signals(mode, client)
+    sub = names.subscription(topic, consumer or client)
+    if from_start:
+        log.info("pubsub %s: reading its backlog (what it holds unacked since it was created)", sub)
+    reader = Pull(m.project, sub)
+    held: OrderedDict[str, int] = OrderedDict()  # signal_id -> revision in effect
+    done, last = 0, time.monotonic()
+    try:
+        while not stop.is_set() and (limit is None or done < limit):
+            want = batch if limit is None else max(1, min(batch, limit - done))
+            try:
+                got = reader.pull_raw(want, pull_timeout_s)
+            except _not_found() as exc:
+                log.info("pubsub %s does not exist (%s): creating it; it holds what is published from now on",
+                         sub, exc.message)
+                _ensure_consumer(m, topic, sub)
+                continue
+            if not got:
+                if idle_exit_s is not None and time.monotonic() - last > idle_exit_s:
+                    break
+                continue
+            last = time.monotonic()
+            lines: list[bytes | None] = []
+            where: dict[str, int] = {}
+            prior: dict[str, int | None] = {}  # what `held` said before this pull, restored if on_batch fails
+            settled = []
+            for received in got:
+                message = received.message
+                try:
+                    record = json.loads(message.data)
+                    if not isinstance(record, dict) or not isinstance(record.get("signal_id"), str):
+                        raise ValueError("not a signal entry (a JSON object with a signal_id)")
+                    revision = int(record.get("revision", 0))
+                except (ValueError, TypeError) as exc:
+                    reader.dead_letter(received.ack_id, "undecodable", str(exc))
+                    continue
+                if message.attributes.get("v") != SCHEMA_VERSION:
+                    reader.dead_letter(received.ack_id, "wrong_schema", f"v={message.attributes.get('v')!r}")
+                    continue
+                settled.append(received.ack_id)
+                sid = record["signal_id"]
+                if revision <= held.get(sid, -1):
+                    continue
+                prior.setdefault(sid, held.get(sid))
+                held[sid] = revision
+                held.move_to_end(sid)
+                if len(held) > 100_000:  # bounded: a copy older than that is not redelivered in practice
+                    held.popitem(last=False)
+                if sid in where:
+                    lines[where[sid]] = None  # an older revision of the same pull: only the newest goes on
+                where[sid] = len(lines)
+                lines.append(bytes(message.data))
+            out = [line for line in lines if line is not None]
+            if out:
+                try:
+                    on_batch(out)
+                except BaseException:
+                    for sid, revision in prior.items():  # not handled: the redelivered copies must not be skipped
+                        if revision is None:
+                            held.pop(sid, None)
+                        else:
+                            held[sid] = revision
+                    reader.nack(settled)
+                    raise
+            reader.ack(settled)
+            done += len(out)
+    finally:
+        reader.close()
+    return done
+
+
+def _not_found():
+    from google.api_core.exceptions import NotFound
+
+    return NotFound
+
+
+def _ensure_consumer(m: PubSubMessagingConfig, topic: str, subscription: str) -> None:
+    pubsub_v1 = pubsub_module()
+    publisher, subscriber = pubsub_v1.PublisherClient(), pubsub_v1.SubscriberClient()
+    try:
+        _admin(ensure_subscription, publisher, subscriber, m.project, topic, subscription,
+               ack_deadline_s=m.ack_deadline_s, max_delivery_attempts=m.max_delivery_attempts)
+    finally:
+        subscriber.close()
+        publisher.transport.close()
 
 
 # ---------------------------------------------------------------- IAM

@@ -24,6 +24,7 @@ OUTPUTS: dict[str, str] = {
     "local": "signalgen.outputs.local:LocalStreamOutput",
     "memory": "signalgen.outputs.memory:ListOutput",
     "redis": "signalgen.outputs.redis:RedisOutput",
+    "pubsub": "signalgen.outputs.pubsub:PubSubOutput",
 }
 
 
