@@ -281,7 +281,8 @@ def pct(values: list[float], q: float) -> float:
 def run(args) -> dict:
     import redis
 
-    from signalgen.data.redis_bars import encode_bar, entry_id
+    from signalgen.brokers.codec import encode_bar
+    from signalgen.data.redis_bars import entry_id
     from signalgen.brokers.redis import StreamKeys
     from tests.integration.redis.servers import RedisServer
 

@@ -1,4 +1,5 @@
-"""The entry codec every stream shares (Redis entries, Pub/Sub messages, the local JSON-lines file).
+"""The entry codec every stream shares (Redis entries, Pub/Sub messages, the local JSON-lines file),
+and the bar entry's fields with what publishing bars counts (`PublishStats`) on either broker.
 
 A signal or rejection travels as `{"v": SCHEMA_VERSION, "id": <its id>, "data": <one JSON object>}`:
 the object is the record's row with datetimes as ISO-8601 UTC (docs/streams.md). `decision_entries`
@@ -11,11 +12,12 @@ from __future__ import annotations
 import io
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 
 import polars as pl
 
+from signalgen.config.models import timeframe_delta
 from signalgen.signals.records import _EPOCH, SMALL_BATCH, Decisions
 from signalgen.signals.types import REJECTION_SCHEMA, SIGNAL_SCHEMA, stream_rows
 
@@ -116,3 +118,35 @@ def decision_entries(decisions: Decisions) -> tuple[list[dict], list[dict]]:
 
 def iso(t: datetime) -> str:
     return t.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+# ---------------------------------------------------------------- bars
+
+
+BAR_VALUES = ("open", "high", "low", "close", "volume")
+
+
+def latest_end(timeframe: str, max_ahead: timedelta, now: datetime | None = None) -> datetime:
+    """The latest bar end a stream accepts now: one bar interval plus `max_ahead` after the wall
+    clock. A later bar is refused (`feed`) or dead-lettered (a live worker): Redis refuses any ID
+    not above a stream's last, so one bar from the future would shut out every real bar before it."""
+    return (now or datetime.now(timezone.utc)) + timeframe_delta(timeframe) + max_ahead
+
+
+def encode_bar(bar: dict) -> dict[str, str]:
+    """A BAR_SCHEMA row as entry fields: strings, floats by `repr` (exact round trip)."""
+    return {"v": SCHEMA_VERSION, "symbol": bar["symbol"], "timeframe": bar["timeframe"],
+            "bar_time": iso(bar["bar_time"]), **{c: repr(float(bar[c])) for c in BAR_VALUES}}
+
+
+@dataclass
+class PublishStats:
+    published: int = 0
+    already_there: int = 0  # IDs Redis refused as not above the stream's last: published before
+    refused: int = 0        # bars ending too far after the wall clock (`latest_end`): not published
+    refused_examples: list[str] = field(default_factory=list)  # the first few, "SYMBOL tf bar_time"
+
+    def refuse(self, bar: dict) -> None:
+        self.refused += 1
+        if len(self.refused_examples) < 3:
+            self.refused_examples.append(f"{bar['symbol']} {bar['timeframe']} {iso(bar['bar_time'])}")

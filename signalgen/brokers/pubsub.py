@@ -43,7 +43,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from signalgen.config.models import SAFE_ID, Mode, timeframe_delta
 from signalgen.errors import StorageError, TransientError
-from signalgen.brokers.codec import SCHEMA_VERSION, decision_entries, iso, json_lines
+from signalgen.brokers.codec import (SCHEMA_VERSION, PublishStats, decision_entries, encode_bar, json_lines,
+                                     latest_end)
 from signalgen.brokers.redis import RECORDER_GROUP
 
 if TYPE_CHECKING:
@@ -841,18 +842,11 @@ class PoisonMessage(ValueError):
         super().__init__(f"{reason}: {self.detail}")
 
 
-def bar_fields(bar: dict) -> dict[str, str]:
-    """A BAR_SCHEMA row as the Redis bar entry's fields (data/redis_bars.encode_bar, which brokers may
-    not import): strings, `bar_time` ISO-8601 UTC with microseconds, floats by `repr` (exact round trip)."""
-    return {"v": SCHEMA_VERSION, "symbol": bar["symbol"], "timeframe": bar["timeframe"],
-            "bar_time": iso(bar["bar_time"]), **{c: repr(float(bar[c])) for c in _BAR_VALUES}}
-
-
 def bar_message(bar: dict) -> Message:
     """One bar (a BAR_SCHEMA row) as a message of `<p>.bars.<symbol>.<timeframe>`: its data is the Redis
     entry's fields as one JSON object, its attributes `v`, `symbol`, `timeframe`, `bar_time`, its
     ordering key `<symbol>.<timeframe>` (one series: delivered in bar order)."""
-    fields = bar_fields(bar)
+    fields = encode_bar(bar)
     data = json.dumps(fields, separators=(",", ":")).encode()
     return Message(data, {k: fields[k] for k in BAR_ATTRIBUTES}, f"{fields['symbol']}.{fields['timeframe']}")
 
@@ -895,27 +889,6 @@ def decode_bar(data: bytes, symbol: str | None = None, timeframe: str | None = N
     return {"symbol": f["symbol"], "timeframe": f["timeframe"], "bar_time": t, **values}
 
 
-@dataclass
-class PublishStats:
-    """What `publish_bars` did; the fields of data/redis_bars.PublishStats (which brokers may not import)."""
-
-    published: int = 0
-    already_there: int = 0  # always 0 on Pub/Sub: a topic keeps no ids, so a bar published again is a copy
-    refused: int = 0        # bars ending too far after the wall clock (`latest_end`): not published
-    refused_examples: list[str] = field(default_factory=list)  # the first few, "SYMBOL tf bar_time"
-
-    def refuse(self, bar: dict) -> None:
-        self.refused += 1
-        if len(self.refused_examples) < 3:
-            self.refused_examples.append(f"{bar['symbol']} {bar['timeframe']} {iso(bar['bar_time'])}")
-
-
-def latest_end(timeframe: str, max_ahead: timedelta, now: datetime | None = None) -> datetime:
-    """The latest bar end published now: one bar interval plus `max_ahead` after the wall clock (as
-    data/redis_bars.latest_end). A later bar would carry a live worker's checkpoint into the future."""
-    return (now or datetime.now(timezone.utc)) + timeframe_delta(timeframe) + max_ahead
-
-
 def publish_bars(cfg: RunConfig, frames: Iterable[pl.DataFrame], *, speed: float = 0.0,
                  stop: threading.Event | None = None, max_ahead: timedelta | None = None,
                  on_publish: Callable[[datetime, int], None] | None = None,
@@ -935,7 +908,6 @@ def publish_bars(cfg: RunConfig, frames: Iterable[pl.DataFrame], *, speed: float
     Unlike a Redis stream a topic keeps nothing for a subscription created later, and knows no ids:
     a bar published again is delivered again (readers skip bars at or before their checkpoint).
     """
-    import polars as pl
 
     assert_not_preloading()
     pubsub_v1 = pubsub_module()

@@ -148,7 +148,7 @@ def feed(env: EnvOpt = Environment.LOCAL_INTEGRATION, root: RootOpt = None,
 
     Bars from too far in the future are refused (exit 1, listed): once in a stream, Redis would refuse
     every real bar before them."""
-    from signalgen.data.redis_bars import PublishStats
+    from signalgen.brokers.codec import PublishStats
     from signalgen.errors import DataError
     from signalgen.transports import transport_for
 

@@ -12,16 +12,14 @@ import logging
 import threading
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING
 
 import polars as pl
 
-from signalgen.config.models import timeframe_delta
 from signalgen.data.schema import BAR_SCHEMA
 from signalgen.errors import TransientError
-from signalgen.brokers.codec import SCHEMA_VERSION, iso
+from signalgen.brokers.codec import BAR_VALUES, SCHEMA_VERSION, PublishStats, encode_bar, iso, latest_end
 from signalgen.brokers.redis import StreamKeys, connect, own_connection, redis_module, straight
 
 if TYPE_CHECKING:
@@ -32,8 +30,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_VALUES = ("open", "high", "low", "close", "volume")
-_FIELDS = ("v", "symbol", "timeframe", "bar_time", *_VALUES)
+_FIELDS = ("v", "symbol", "timeframe", "bar_time", *BAR_VALUES)
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _MS = timedelta(milliseconds=1)
 DEADLETTER_MAX_BYTES = 64 * 1024  # a dead letter keeps at most this much of the poison entry's fields
@@ -49,19 +46,6 @@ def id_time(eid: bytes | str) -> datetime:
     """The time of a stream ID's milliseconds."""
     eid = eid.decode() if isinstance(eid, bytes) else eid
     return _EPOCH + int(eid.split("-")[0]) * _MS
-
-
-def latest_end(timeframe: str, max_ahead: timedelta, now: datetime | None = None) -> datetime:
-    """The latest bar end a stream accepts now: one bar interval plus `max_ahead` after the wall
-    clock. A later bar is refused (`feed`) or dead-lettered (a live worker): Redis refuses any ID
-    not above a stream's last, so one bar from the future would shut out every real bar before it."""
-    return (now or datetime.now(timezone.utc)) + timeframe_delta(timeframe) + max_ahead
-
-
-def encode_bar(bar: dict) -> dict[str, str]:
-    """A BAR_SCHEMA row as entry fields: strings, floats by `repr` (exact round trip)."""
-    return {"v": SCHEMA_VERSION, "symbol": bar["symbol"], "timeframe": bar["timeframe"],
-            "bar_time": iso(bar["bar_time"]), **{c: repr(float(bar[c])) for c in _VALUES}}
 
 
 class PoisonBar(ValueError):
@@ -92,7 +76,7 @@ def decode_bar(eid: bytes | str, fields: dict, symbol: str, timeframe: str) -> d
     try:
         t = datetime.fromisoformat(f["bar_time"])
         t = t.replace(tzinfo=timezone.utc) if t.tzinfo is None else t.astimezone(timezone.utc)
-        values = {c: float(f[c]) for c in _VALUES}
+        values = {c: float(f[c]) for c in BAR_VALUES}
     except ValueError as exc:
         raise PoisonBar("undecodable", str(exc)) from None
     if entry_id(t) != eid:
@@ -101,19 +85,6 @@ def decode_bar(eid: bytes | str, fields: dict, symbol: str, timeframe: str) -> d
 
 
 # ---------------------------------------------------------------- publishing
-
-
-@dataclass
-class PublishStats:
-    published: int = 0
-    already_there: int = 0  # IDs Redis refused as not above the stream's last: published before
-    refused: int = 0        # bars ending too far after the wall clock (`latest_end`): not published
-    refused_examples: list[str] = field(default_factory=list)  # the first few, "SYMBOL tf bar_time"
-
-    def refuse(self, bar: dict) -> None:
-        self.refused += 1
-        if len(self.refused_examples) < 3:
-            self.refused_examples.append(f"{bar['symbol']} {bar['timeframe']} {iso(bar['bar_time'])}")
 
 
 def _is_duplicate(exc: BaseException) -> bool:

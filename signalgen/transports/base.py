@@ -24,7 +24,7 @@ import polars as pl
 if TYPE_CHECKING:
     from signalgen.config.models import RunConfig
     from signalgen.config.workers import WorkerSpec
-    from signalgen.data.redis_bars import PublishStats
+    from signalgen.brokers.codec import PublishStats
     from signalgen.signals.records import Decisions
     from signalgen.storage.base import SignalStore
 

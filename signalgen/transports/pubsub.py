@@ -112,12 +112,11 @@ class LiveBars:
 
     def __init__(self, cfg: RunConfig, spec: WorkerSpec, sink: PubSubSink, *, after: datetime | None,
                  stop: threading.Event) -> None:
-        from signalgen.brokers.pubsub import BarPull, ensure_bar_subscription
+        from signalgen.brokers.pubsub import BarPull
 
         self.spec, self.sink, self.after, self.stop = spec, sink, after, stop
         self.mode = cfg.mode.name.value
-        subscription = ensure_bar_subscription(cfg, spec.id, spec.symbol, spec.timeframe)
-        self.pull = BarPull(cfg.environment.messaging.project, subscription)
+        self.pull = BarPull.for_worker(cfg, spec.id, spec.symbol, spec.timeframe)  # the subscription, made if missing
         self.need = history_bars(spec)
         self._recent: deque[tuple[datetime, bytes]] = deque(maxlen=self.need)  # bars yielded, as JSON
         self._unacked: list[tuple[datetime, str]] = []                          # (bar time, ack id)
@@ -129,7 +128,7 @@ class LiveBars:
         last: datetime | None = None
         state = self.sink.control.worker_state(self.mode, self.spec.id)
         for line in (state[1] if state is not None else []):
-            bar = decode_bar(line)
+            bar = decode_bar(line, self.spec.symbol, self.spec.timeframe)
             if last is None or bar["bar_time"] > last:
                 last = bar["bar_time"]
                 self._recent.append((last, line))

@@ -26,12 +26,12 @@ PER_RUN = ["run_id", "generated_at", "latency_us"]
 RANGE = ("--start", "2025-01-01", "--end", "2025-01-03")  # = the simulation preset's range
 
 
-def decisions(cloud: dict, env: str, kind: str, client: str) -> pl.DataFrame:
+def decisions(cloud: dict, env: str, kind: str, client: str, drop: list[str] = PER_RUN) -> pl.DataFrame:
     with cloud_dev(cloud) if env == "cloud-dev" else nullcontext():
         environment = load_environment(env, root=cloud["root"])
     df = store_for(environment, cloud["root"]).read(ReadQuery(kind=kind, clients=(client,)))
     key = "signal_id" if kind == "signals" else "rejection_id"
-    return df.drop([c for c in PER_RUN if c in df.columns]).sort(key)
+    return df.drop([c for c in drop if c in df.columns]).sort(key)
 
 
 @pytest.mark.parametrize("client", ["ikenna", "odum"])

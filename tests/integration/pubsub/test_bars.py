@@ -14,7 +14,7 @@ import pytest
 
 from signalgen.brokers.pubsub import (BAR_COLUMNS, BarPull, PoisonMessage, bar_message, bar_subscription,
                                       decode_bar, deadletter, ensure_bar_subscription, publish_bars, topic_path)
-from signalgen.data.redis_bars import encode_bar
+from signalgen.brokers.codec import encode_bar
 from signalgen.data.schema import BAR_SCHEMA
 from tests.integration.pubsub.helpers import Admin, Collector
 from tests.integration.pubsub.servers import PROJECT

@@ -10,7 +10,8 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from signalgen.config.loader import load_config
-from signalgen.data.redis_bars import encode_bar, entry_id, live_feed, publish_bars
+from signalgen.brokers.codec import encode_bar
+from signalgen.data.redis_bars import entry_id, live_feed, publish_bars
 from signalgen.data.synthetic import synthetic_bars
 from signalgen.modes.worker import MemorySink, ReplayClock, run_worker
 from signalgen.brokers.redis import connect

@@ -11,13 +11,14 @@ from signalgen.outputs.base import Output
 from tests.unit.outputs.factories import signal_frame
 
 
-def _redis_cfg(root):
+def _cfg(root, env: str = "local-integration"):
     from signalgen.config.loader import load_config
     from tests.roots import REPO, copy_config
 
-    copy_config(root, ("ikenna",))
-    (root / "registry").symlink_to(REPO / "registry")  # the committed models: the loader checks ids
-    return load_config("local-integration", "historical", root=root)
+    if not root.exists():
+        copy_config(root, ("ikenna",))
+        (root / "registry").symlink_to(REPO / "registry")  # the committed models: the loader checks ids
+    return load_config(env, "historical", root=root)
 
 
 def test_every_alias_names_an_output(tmp_path):
@@ -25,14 +26,15 @@ def test_every_alias_names_an_output(tmp_path):
         "quantconnect": output_class("quantconnect")(tmp_path, "ikenna", "historical"),
         "local": output_class("local")(tmp_path, "ikenna", "historical"),
         "memory": output_class("memory")("ikenna"),
-        "redis": output_class("redis").from_config(_redis_cfg(tmp_path / "root"), "ikenna"),  # connects on open()
+        "redis": output_class("redis").from_config(_cfg(tmp_path / "root"), "ikenna"),  # connects on open()
+        "pubsub": output_class("pubsub").from_config(_cfg(tmp_path / "root", "cloud-dev"), "ikenna"),  # ditto
     }
     assert set(made) == set(OUTPUTS)
     assert all(isinstance(o, Output) for o in made.values())
 
 
 def test_unknown_alias_is_a_config_error():
-    with pytest.raises(ConfigError, match="unknown output 'kafka'.*local, memory, quantconnect"):
+    with pytest.raises(ConfigError, match="unknown output .kafka.*local, memory, pubsub, quantconnect"):
         output_class("kafka")
 
 
