@@ -40,7 +40,7 @@ RUNS = [
      rf"[\s\S]*\| 1, together \| 10 \({NUMBER}\) \| {NUMBER} \| {NUMBER} ms \| {NUMBER} ms"),
     ("cloud.py", ["--messages", "20", "--rate", "50", "--days", "1", "--workers", "3", "--bars", "6", "--settle", "1",
                   "--train-days", "5"],
-     rf"\(a\) worker: .*\| \*\*{NUMBER}\*\* / {NUMBER} \|[\s\S]*\*\*Ratio BigQuery / DuckDB: {NUMBER}\*\*"
+     rf"\(a\) worker: .*\| \*\*{NUMBER}\*\* / {NUMBER} \|[\s\S]*\*\*Ratio BigQuery / DuckDB, per wall second: {NUMBER}\*\*"
      rf"[\s\S]*\| {NUMBER} \({NUMBER}\) \| 3 \| [\s\S]*\*\*Ratio cloud-dev / Redis: {NUMBER}\*\*"),
 ]
 
