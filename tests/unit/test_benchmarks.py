@@ -38,7 +38,28 @@ RUNS = [
     ("live_latency.py", ["--workers", "10", "--rates", "1", "--seconds", "2"],
      rf"p50 \*\*{NUMBER} ms\*\*[\s\S]*\| 1 \| 10 \({NUMBER}\) \| {NUMBER} \| {NUMBER} ms \| {NUMBER} ms"
      rf"[\s\S]*\| 1, together \| 10 \({NUMBER}\) \| {NUMBER} \| {NUMBER} ms \| {NUMBER} ms"),
+    ("cloud.py", ["--messages", "20", "--rate", "50", "--days", "1", "--workers", "3", "--bars", "6", "--settle", "1",
+                  "--train-days", "5"],
+     rf"\(a\) worker: .*\| \*\*{NUMBER}\*\* / {NUMBER} \|[\s\S]*\*\*Ratio BigQuery / DuckDB, per wall second: {NUMBER}\*\*"
+     rf"[\s\S]*\| {NUMBER} \({NUMBER}\) \| 3 \| [\s\S]*\*\*Ratio cloud-dev / Redis: {NUMBER}\*\*"),
 ]
+
+
+def _cloud_emulators() -> None:
+    """bench/cloud.py starts the Pub/Sub emulator and bqemulator itself: build bqemulator's venv if it is
+    missing (as the BigQuery tests do); skip, saying why, only where one cannot exist here."""
+    pytest.importorskip("google.cloud.pubsub_v1", reason="the gcp extra is not installed")
+    from tests.integration.bigquery.servers import BQEMULATOR, VENV
+    from tests.integration.pubsub.servers import EMULATOR
+
+    if not EMULATOR.exists():
+        pytest.skip(f"the Pub/Sub emulator is not installed ({EMULATOR}: package google-cloud-cli-pubsub-emulator)")
+    if not BQEMULATOR.exists():
+        built = subprocess.run([str(REPO / "scripts" / "bqemulator-venv")], capture_output=True, text=True,
+                               env={**os.environ, "SIGNALGEN_BQEMULATOR_VENV": str(VENV)}, timeout=900)
+        if built.returncode != 0 or not BQEMULATOR.exists():
+            pytest.skip(f"no BigQuery emulator at {BQEMULATOR}, and scripts/bqemulator-venv could not build it: "
+                        f"{(built.stderr or built.stdout)[-300:]}")
 
 
 def _digest(path: Path) -> str:
@@ -55,8 +76,10 @@ def _run(script: str, args: list[str], root: Path = REPO) -> str:
 
 @pytest.mark.parametrize(("script", "args", "expected"), RUNS, ids=[r[0] for r in RUNS])
 def test_a_benchmark_runs_and_reports_its_figures(script: str, args: list[str], expected: str) -> None:
-    if script == "live_latency.py" and shutil.which("redis-server") is None:
-        pytest.skip("bench/live_latency.py starts its own redis-server, which is not installed here")
+    if script in ("live_latency.py", "cloud.py") and shutil.which("redis-server") is None:
+        pytest.skip(f"bench/{script} starts its own redis-server, which is not installed here")
+    if script == "cloud.py":
+        _cloud_emulators()
     before = _digest(DOC)
     out = _run(script, args)
     assert re.search(expected, out), f"bench/{script} did not report its figures:\n{out[-3000:]}"
