@@ -40,7 +40,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SAVE_EVERY_S = 0.5   # a sink saves its confirmed checkpoint at most this often (and at every flush)
-GATHER_S = 1.0       # the recorder stores what arrived within this long in one write
+GATHER_S = 1.0       # the recorder stores what arrived within this long in one write ...
+GATHER_FACTOR, GATHER_MAX_S = 2.0, 10.0  # ... or twice its last write's duration, up to 10 s (BigQuery's
+                                         # load jobs: docs/cloud.md, "Quotas")
 PULL_WAIT_S = 0.5    # a live worker's pull returns after this long without bars (to ack and check stop)
 
 
@@ -247,6 +249,7 @@ class PubSubRecorder:
         self._publishers: dict[str, Publisher] = {}
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._loop, name="pubsub-recorder", daemon=True)
+        self._last_write_s = 0.0
         self._clients = sorted({c.id for c in cfg.clients})
 
     @property
@@ -277,8 +280,12 @@ class PubSubRecorder:
         with self._lock:
             self._held.append(received)
 
+    def gather_s(self) -> float:
+        """How long the recorder gathers before a write: a slow store gets fewer, larger writes."""
+        return min(max(GATHER_S, GATHER_FACTOR * self._last_write_s), GATHER_MAX_S)
+
     def _loop(self) -> None:
-        while not self._stop.wait(GATHER_S):
+        while not self._stop.wait(self.gather_s()):
             self.commit()
 
     def commit(self) -> None:
@@ -287,8 +294,10 @@ class PubSubRecorder:
             held, self._held = self._held, []
         if not held:
             return
+        started = time.monotonic()
         try:
             self._write(held)
+            self._last_write_s = time.monotonic() - started
         except Exception as exc:  # noqa: BLE001 - redelivered by Pub/Sub; the loop goes on
             log.warning("pubsub recorder: storing %d messages failed (they will be redelivered): %s", len(held),
                         str(exc)[:300])
