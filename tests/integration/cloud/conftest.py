@@ -31,6 +31,17 @@ def pubsub_host(tmp_path_factory) -> str:
     server.stop()
 
 
+@pytest.fixture
+def redis_url(tmp_path: Path) -> str:
+    """A private redis-server of this test (started on a free port, stopped by PID)."""
+    pytest.importorskip("redis", reason="the redis extra is not installed")
+    from tests.integration.redis.servers import RedisServer
+
+    server = RedisServer(tmp_path / "redis").start()
+    yield server.url
+    server.stop()
+
+
 @pytest.fixture(scope="session")
 def models(tmp_path_factory) -> Path:
     from signalgen.models.train import train_demo_models

@@ -12,7 +12,7 @@ import os
 import signal
 import subprocess
 import sys
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import polars as pl
@@ -52,8 +52,8 @@ def live_root(cloud: dict) -> Path:
     return root
 
 
-def workers(root: Path) -> dict:
-    with ControlStore(root / "var" / "cloud-dev" / "control.sqlite") as control:
+def workers(root: Path, env: str = "cloud-dev") -> dict:
+    with ControlStore(root / "var" / env / "control.sqlite") as control:
         return {i["id"]: i for i in control.instances()}
 
 
@@ -143,3 +143,52 @@ def test_live_on_cloud_dev_feed_consume_kill_and_stop(cloud):
     got = comparable.select(keep).sort("bar_time")
     want = hist.filter(pl.col("symbol") == "SOLUSD").join(got.select("bar_time"), on="bar_time").select(keep).sort("bar_time")
     assert_frame_equal(got, want)
+
+
+def test_live_on_cloud_dev_decides_what_live_on_local_integration_decides(cloud, redis_url):
+    """The same bars fed to a cloud-dev fleet (Pub/Sub, BigQuery) and a local-integration fleet (Redis,
+    DuckDB) at once: every decision is the same, column for column (bars an hour ahead of the clock,
+    so no bar's staleness depends on when either fleet decided it)."""
+    root = live_root(cloud)
+    env_file = root / "environments" / "local-integration.yaml"
+    li = yaml.safe_load(env_file.read_text())
+    li["messaging"]["url"], li["messaging"]["max_ahead_s"] = redis_url, 86_400.0
+    li["process"] = {**li["process"], **FAST}
+    env_file.write_text(yaml.safe_dump(li, sort_keys=False))
+    env = {**os.environ, **cloud["vars"], "PYTHONPATH": str(REPO)}
+    plain = {**os.environ, "PYTHONPATH": str(REPO)}  # SIGNALGEN_* variables would apply to local-integration too
+    start = (datetime.now(timezone.utc) + timedelta(hours=1)).replace(minute=0, second=0, microsecond=0)
+    managers = {}
+    try:
+        for name, variables in (("cloud-dev", env), ("local-integration", plain)):
+            with (root / f"{name}.out").open("ab") as out:
+                managers[name] = subprocess.Popen(
+                    [sys.executable, str(REPO / "strategy_runner.py"), "start", "--env", name, "--mode", "live",
+                     "--inference", "mock", "--root", str(root)], cwd=root, env=variables, stdout=out,
+                    stderr=subprocess.STDOUT)
+        for name in managers:
+            wait_for(lambda n=name: len(w := workers(root, n)) == 2 and all(x["state"] == "RUNNING" for x in w.values()),
+                     120, f"2 RUNNING workers on {name}")
+        for name, variables in (("cloud-dev", env), ("local-integration", plain)):
+            fed = subprocess.run([sys.executable, str(REPO / "strategy_runner.py"), "feed", "--env", name, "--root",
+                                  str(root), "--source", "synthetic", "--speed", "0", "--start", start.isoformat(),
+                                  "--bars", "150", "--backfill", "0"], cwd=root, env=variables, capture_output=True,
+                                 text=True, timeout=300)
+            assert fed.returncode == 0, fed.stderr[-2000:]
+            assert "published 300 bars" in fed.stdout, fed.stdout
+        wait_for(lambda: all(sum(decisions(cloud, name, k, "odum").height for k in ("signals", "rejections")) >= 300
+                             for name in managers), 180, "every bar decided on both")
+        for name, variables in (("cloud-dev", env), ("local-integration", plain)):
+            stopped = subprocess.run([sys.executable, str(REPO / "strategy_runner.py"), "stop", "--env", name, "--root",
+                                      str(root)], cwd=root, env=variables, capture_output=True, text=True, timeout=120)
+            assert stopped.returncode == 0, stopped.stderr
+            assert managers[name].wait(timeout=120) == 0
+    finally:
+        for p in managers.values():
+            if p.poll() is None:
+                p.kill()
+    for kind in ("signals", "rejections"):
+        cloud_rows, redis_rows = (decisions(cloud, name, kind, "odum") for name in ("cloud-dev", "local-integration"))
+        assert set(cloud_rows["mode"]) == {"live"}
+        assert_frame_equal(cloud_rows, redis_rows)
+    assert decisions(cloud, "cloud-dev", "signals", "odum").height > 3, "too few signals to prove anything"

@@ -22,7 +22,11 @@ def test_redis_messaging_is_accepted_in_local_integration(demo_root: Path) -> No
     assert run_refusals(cfg) == []
 
 
-def test_messaging_without_a_backend_is_refused_only_when_a_strategy_routes_internal(demo_root: Path) -> None:
+def test_messaging_without_a_backend_is_refused_only_when_a_strategy_routes_internal(demo_root: Path,
+                                                                                     monkeypatch) -> None:
+    from signalgen.outputs import OUTPUTS
+
+    monkeypatch.delitem(OUTPUTS, "pubsub")  # a release without the Pub/Sub output
     cfg = load_config("cloud-dev", "historical", root=demo_root)
     [problem] = [p for p in run_refusals(cfg) if "messaging.type" in p]
     assert problem.startswith(f"{demo_root.resolve()}/environments/cloud-dev.yaml: messaging.type:")
