@@ -167,6 +167,8 @@ def status_table(rows: list[dict], title: str, *, wide: bool = False) -> Group:
     parts: list[Any] = [Text(title), _table(None, shown, cells, numbers=numbers)]
     if not wide:
         parts += [Text(f"  {r['worker']}: {clip(r['reason'])}") for r in rows if r["reason"] not in ("", "ready")]
+    parts += [Text(f"  {r['worker']}: {r['paused_keys']} Pub/Sub ordering key(s) paused, publishing retried")
+              for r in rows if r.get("paused_keys")]
     return Group(*parts)
 
 

@@ -354,6 +354,7 @@ def status_rows(store, manager: str = "running", manager_started: float | None =
             "last_heartbeat_s": round(now - _epoch(beat["ts"]), 1) if beat.get("ts") else None,
             "last_bar_time": beat.get("last_bar_time"), "checkpoint": beat.get("checkpoint"),
             "signals": beat.get("signals"), "rejections": beat.get("rejections"), "errors": beat.get("errors"),
+            "paused_keys": beat.get("paused_keys") or 0,
             "restarts": inst.get("restarts"), "exit_code": inst.get("exit_code"), "reason": reason,
         })
     return rows

@@ -143,6 +143,8 @@ class RedisSink:
         with self._cond:
             return dict(self._checkpoints)
 
+    paused_keys = 0  # no ordering keys to pause here (StreamSink)
+
     def resume_point(self, worker_id: str) -> datetime | None:
         """The worker's checkpoint as Redis holds it (where a restarted worker resumes)."""
         raw = self.client.hget(self.keys.checkpoints(self.mode), worker_id)

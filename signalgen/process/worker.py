@@ -227,7 +227,8 @@ class Heartbeat:
             last_bar = None if c.last_bar_us is None else datetime.fromtimestamp(c.last_bar_us / 1e6, timezone.utc)
             fields = dict(pid=os.getpid(), state=c.state, last_bar_time=_iso(last_bar),
                           checkpoint=_iso(c.checkpoint), signals=c.signals, rejections=c.rejections,
-                          errors=c.errors, ready=c.ready, ts=now_iso())
+                          errors=c.errors, ready=c.ready, ts=now_iso(),
+                          paused_keys=0 if sink is None else sink.paused_keys)
         if sink is not None and getattr(sink, "send_heartbeat", None) and sink.send_heartbeat(fields):
             return
         if self._store is None:

@@ -105,7 +105,7 @@ _NOW_SQL = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')"
 INSTANCE_COLUMNS = ("id", "client", "strategy", "symbol", "timeframe", "mode", "config_hash", "state", "pid",
                     "started_at", "state_since", "restarts", "failures", "exit_code", "reason", "updated_at")
 HEARTBEAT_COLUMNS = ("worker_id", "pid", "state", "last_bar_time", "checkpoint", "signals", "rejections",
-                     "errors", "ready", "ts")
+                     "errors", "ready", "ts", "paused_keys")
 _TIME_FIELDS = {"started_at", "state_since", "updated_at", "last_bar_time", "checkpoint", "ts",
                 "created_at", "processed_at"}
 
@@ -137,7 +137,8 @@ CREATE TABLE IF NOT EXISTS heartbeats (
     pid           INTEGER, state TEXT, last_bar_time TEXT, checkpoint TEXT,
     signals       INTEGER NOT NULL DEFAULT 0, rejections INTEGER NOT NULL DEFAULT 0,
     errors        INTEGER NOT NULL DEFAULT 0, ready INTEGER NOT NULL DEFAULT 0,
-    ts            TEXT NOT NULL
+    ts            TEXT NOT NULL,
+    paused_keys   INTEGER NOT NULL DEFAULT 0    -- Pub/Sub ordering keys whose publishing waits for a retry
 );
 CREATE TABLE IF NOT EXISTS resources (
     worker_id TEXT NOT NULL, ts TEXT NOT NULL, cpu_percent REAL, rss_mb REAL, uss_mb REAL
@@ -161,6 +162,14 @@ PRAGMA user_version = {SCHEMA_VERSION};
 """
 
 
+def _migrations(con: sqlite3.Connection) -> str:
+    """Statements that bring a store made by an earlier release up to SCHEMA (columns it lacks)."""
+    have = {row[1] for row in con.execute("PRAGMA table_info(heartbeats)")}
+    if have and "paused_keys" not in have:
+        return "ALTER TABLE heartbeats ADD COLUMN paused_keys INTEGER NOT NULL DEFAULT 0;\n"
+    return ""
+
+
 def iso(value: float | datetime) -> str:
     """Epoch seconds or a datetime -> the store's text form, `2026-11-26T15:20:11.123Z` (naive = UTC)."""
     if isinstance(value, datetime):
@@ -182,16 +191,16 @@ def now_iso() -> str:
 
 _HEARTBEAT_UPSERT = (
     "INSERT INTO heartbeats (worker_id, pid, state, last_bar_time, checkpoint, signals, rejections, errors, ready, "
-    "ts) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (worker_id) DO UPDATE SET pid = excluded.pid, "
-    "state = excluded.state, last_bar_time = excluded.last_bar_time, checkpoint = excluded.checkpoint, "
-    "signals = excluded.signals, rejections = excluded.rejections, errors = excluded.errors, "
-    "ready = excluded.ready, ts = excluded.ts")
+    "ts, paused_keys) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (worker_id) DO UPDATE SET "
+    "pid = excluded.pid, state = excluded.state, last_bar_time = excluded.last_bar_time, "
+    "checkpoint = excluded.checkpoint, signals = excluded.signals, rejections = excluded.rejections, "
+    "errors = excluded.errors, ready = excluded.ready, ts = excluded.ts, paused_keys = excluded.paused_keys")
 
 
 def _heartbeat_row(worker_id: str, pid: int, state: str, last_bar_time: Any, checkpoint: Any, signals: int,
-                   rejections: int, errors: int, ready: bool, ts: str | None = None) -> tuple:
+                   rejections: int, errors: int, ready: bool, ts: str | None = None, paused_keys: int = 0) -> tuple:
     return (worker_id, pid, str(state), _time_value(last_bar_time), _time_value(checkpoint), signals, rejections,
-            errors, int(bool(ready)), ts or now_iso())
+            errors, int(bool(ready)), ts or now_iso(), int(paused_keys))
 
 
 def control_path_of(cfg: RunConfig) -> Path:
@@ -349,7 +358,7 @@ class ControlStore:
             with self._lock:
                 if not self._schema_ready:
                     try:  # executescript() would commit an open transaction first: the script holds its own
-                        con.executescript(f"BEGIN IMMEDIATE;\n{SCHEMA}\nCOMMIT;")
+                        con.executescript(f"BEGIN IMMEDIATE;\n{SCHEMA}\n{_migrations(con)}COMMIT;")
                     except BaseException:
                         if con.in_transaction:
                             con.execute("ROLLBACK")
@@ -500,10 +509,10 @@ class ControlStore:
     @_guarded
     def heartbeat(self, worker_id: str, *, pid: int, state: str, last_bar_time: datetime | str | None,
                   checkpoint: datetime | str | None, signals: int, rejections: int, errors: int,
-                  ready: bool, ts: str | None = None) -> None:
+                  ready: bool, ts: str | None = None, paused_keys: int = 0) -> None:
         """Upsert this worker's heartbeat, `ts` now unless given (one autocommit statement: cheap, lock-safe)."""
         self.con.execute(_HEARTBEAT_UPSERT, _heartbeat_row(worker_id, pid, state, last_bar_time, checkpoint, signals,
-                                                          rejections, errors, ready, ts))
+                                                          rejections, errors, ready, ts, paused_keys))
 
     @_guarded
     def relay_heartbeats(self, beats: dict[str, dict]) -> None:

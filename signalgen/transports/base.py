@@ -42,6 +42,10 @@ class StreamSink(Protocol):
     def resume_point(self, worker_id: str) -> datetime | None:
         """Where the worker resumes: the last bar time the store (or the broker) holds of it."""
 
+    @property
+    def paused_keys(self) -> int:
+        """Ordering keys whose publishing failed and waits for a retry (Pub/Sub; 0 elsewhere)."""
+
     def flush(self, timeout: float | None = None) -> dict[str, datetime]:
         """Wait until everything recorded is held durably (None: as long as it takes); the
         checkpoints. TransientError when the backend did not confirm within `timeout`."""

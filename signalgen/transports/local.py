@@ -793,6 +793,8 @@ class RemoteSink:
                 return False
             return True
 
+    paused_keys = 0  # no ordering keys to pause here (StreamSink)
+
     def resume_point(self, worker_id: str) -> datetime | None:
         """The checkpoint the writer's welcome gave (where this worker resumes)."""
         if worker_id != self.spec.id:

@@ -80,6 +80,10 @@ class PubSubSink:
         """The last bar whose decisions Pub/Sub confirmed (all before it too)."""
         return self.publisher.checkpoints.get(self.spec.id)
 
+    @property
+    def paused_keys(self) -> int:
+        return self.publisher.paused_keys
+
     def resume_point(self, worker_id: str) -> datetime | None:
         state = self.control.worker_state(self.mode, worker_id)
         return None if state is None else state[0]

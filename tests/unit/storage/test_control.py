@@ -252,7 +252,7 @@ def test_heartbeat_is_an_upsert_with_times_as_text(tmp_path: Path) -> None:
     beat = store.heartbeats()["w"]
     assert {k: v for k, v in beat.items() if k != "ts"} == {
         "worker_id": "w", "pid": 7, "state": "RUNNING", "last_bar_time": "2025-01-01T00:05:00.000Z",
-        "checkpoint": "2025-01-01T00:00:00.000Z", "signals": 2, "rejections": 3, "errors": 1, "ready": True}
+        "checkpoint": "2025-01-01T00:00:00.000Z", "signals": 2, "rejections": 3, "errors": 1, "ready": True, "paused_keys": 0}
     assert abs(epoch(beat["ts"]) - time.time()) < 60
 
 
@@ -357,3 +357,31 @@ def test_checking_the_file_keeps_this_processs_sqlite_locks(tmp_path: Path) -> N
     mine.event(None, "after", "another process came and went")
     assert [e["kind"] for e in mine.events()] == ["kept", "after"]
     mine.close()
+
+
+def test_paused_ordering_keys_travel_with_the_heartbeat_and_an_older_store_gets_the_column(tmp_path: Path) -> None:
+    """A Pub/Sub worker's paused ordering keys reach the control store (and `status`); a store made
+    before the column existed is migrated when opened."""
+    import sqlite3
+
+    from signalgen.report import status_table
+
+    path = tmp_path / "old.sqlite"
+    with sqlite3.connect(path) as con:  # the heartbeats table as an earlier release made it
+        con.execute("CREATE TABLE heartbeats (worker_id TEXT PRIMARY KEY, pid INTEGER, state TEXT, last_bar_time "
+                    "TEXT, checkpoint TEXT, signals INTEGER NOT NULL DEFAULT 0, rejections INTEGER NOT NULL DEFAULT "
+                    "0, errors INTEGER NOT NULL DEFAULT 0, ready INTEGER NOT NULL DEFAULT 0, ts TEXT NOT NULL)")
+        con.execute("INSERT INTO heartbeats (worker_id, pid, state, ts) VALUES ('a.s.X.5m', 1, 'RUNNING', 'now')")
+    with ControlStore(path) as store:
+        assert store.heartbeats()["a.s.X.5m"]["paused_keys"] == 0
+        store.heartbeat("a.s.X.5m", pid=2, state="RUNNING", last_bar_time=None, checkpoint=None, signals=0,
+                        rejections=0, errors=0, ready=True, paused_keys=3)
+        assert store.heartbeats()["a.s.X.5m"]["paused_keys"] == 3
+    row = {"worker": "a.s.X.5m", "state": "RUNNING", "pid": 2, "uptime_s": 1.0, "last_heartbeat_s": 0.5,
+           "signals": 0, "rejections": 0, "errors": 0, "restarts": 0, "exit_code": None, "checkpoint": None,
+           "reason": "ready", "paused_keys": 3}
+    from rich.console import Console
+
+    console = Console(width=80, record=True)
+    console.print(status_table([row], "manager: pid 1"))
+    assert "a.s.X.5m: 3 Pub/Sub ordering key(s) paused, publishing retried" in console.export_text()
