@@ -552,8 +552,6 @@ class WriterServer:
         with self._lock:
             self._checkpoints.update(moved)
             acked = dict(self._checkpoints)
-        for b in group:
-            b.worker.send(("ack", b.seq, acked.get(b.worker.spec.id)))
         spent = time.perf_counter() - started
         self._last_commit_s = spent
         bars = sum(b.bars for b in group)
@@ -566,6 +564,8 @@ class WriterServer:
         self.stats["commit_s"] += spent
         if self.on_commit is not None:
             self.on_commit(len(group), bars, spent)
+        for b in group:  # last: a worker that has its ack finds the group counted
+            b.worker.send(("ack", b.seq, acked.get(b.worker.spec.id)))
 
     def _write_group(self, by_worker: dict[str, list[_Batch]]) -> dict[str, datetime]:
         """Store and route one group's decisions, then its checkpoints; the checkpoints that moved."""
