@@ -12,6 +12,8 @@ from __future__ import annotations
 import io
 import json
 import math
+import time
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 
@@ -150,3 +152,30 @@ class PublishStats:
         self.refused += 1
         if len(self.refused_examples) < 3:
             self.refused_examples.append(f"{bar['symbol']} {bar['timeframe']} {iso(bar['bar_time'])}")
+
+
+def paced(frames: Iterable[pl.DataFrame], columns: Sequence[str], *, speed: float, max_ahead: timedelta | None,
+          stats: PublishStats) -> Iterator[tuple[datetime, list[dict], float, int]]:
+    """A feed's bars, one bar time at a time (in order within each frame): (bar time, its bars, the
+    monotonic time at which to publish them — paced at `speed` x real time from the first bar time;
+    0 publishes at once —, how many bars it had). With `max_ahead`, bars ending after `latest_end`
+    when their turn comes are refused into `stats` and left out."""
+    origin: tuple[datetime, float] | None = None
+    for frame in frames:
+        if not frame.height:
+            continue
+        frame = frame.select(columns).sort("bar_time", maintain_order=True)
+        for (bar_time,), group in frame.group_by("bar_time", maintain_order=True):
+            at = time.monotonic()
+            if speed > 0:
+                if origin is None:
+                    origin = (bar_time, at)
+                at = origin[1] + (bar_time - origin[0]).total_seconds() / speed
+            rows = list(group.iter_rows(named=True))
+            if max_ahead is not None:  # judged at their turn, without waiting for the ones refused then
+                due = datetime.now(timezone.utc) + timedelta(seconds=max(at - time.monotonic(), 0.0))
+                late = [b for b in rows if b["bar_time"] > latest_end(b["timeframe"], max_ahead, due)]
+                for bar in late:
+                    stats.refuse(bar)
+                    rows.remove(bar)
+            yield bar_time, rows, at, group.height

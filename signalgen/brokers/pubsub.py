@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from signalgen.config.models import SAFE_ID, Mode, timeframe_delta
 from signalgen.errors import StorageError, TransientError
 from signalgen.brokers.codec import (SCHEMA_VERSION, PublishStats, decision_entries, encode_bar, json_lines,
-                                     latest_end)
+                                     paced)
 from signalgen.brokers.redis import RECORDER_GROUP
 
 if TYPE_CHECKING:
@@ -919,7 +919,6 @@ def publish_bars(cfg: RunConfig, frames: Iterable[pl.DataFrame], *, speed: float
                                        publisher_options=types.PublisherOptions(enable_message_ordering=True))
     topics: set[str] = set()
     inflight: list[tuple[datetime, list[tuple[str, Message, Any]]]] = []
-    origin: tuple[datetime, float] | None = None
 
     def send(topic: str, message: Message):
         try:
@@ -970,44 +969,29 @@ def publish_bars(cfg: RunConfig, frames: Iterable[pl.DataFrame], *, speed: float
         return True
 
     try:
-        for frame in frames:
-            if not frame.height:
-                continue
-            frame = frame.select(BAR_COLUMNS).sort("bar_time", maintain_order=True)
-            for (bar_time,), group in frame.group_by("bar_time", maintain_order=True):
-                if stop is not None and stop.is_set():
-                    settle()
+        for bar_time, rows, at, _ in paced(frames, BAR_COLUMNS, speed=speed, max_ahead=max_ahead, stats=stats):
+            if stop is not None and stop.is_set():
+                settle()
+                return stats
+            if rows and at > time.monotonic():
+                if not settle():
                     return stats
-                wait = 0.0
-                if speed > 0:
-                    if origin is None:
-                        origin = (bar_time, time.monotonic())
-                    wait = origin[1] + (bar_time - origin[0]).total_seconds() / speed - time.monotonic()
-                rows = list(group.iter_rows(named=True))
-                if max_ahead is not None:  # judged at their turn, without waiting for the ones refused then
-                    due = datetime.now(timezone.utc) + timedelta(seconds=max(wait, 0.0))
-                    for bar in [b for b in rows if b["bar_time"] > latest_end(b["timeframe"], max_ahead, due)]:
-                        stats.refuse(bar)
-                        rows.remove(bar)
-                if rows and wait > 0:
-                    if not settle():
-                        return stats
-                    wait = origin[1] + (bar_time - origin[0]).total_seconds() / speed - time.monotonic()
-                    if wait > 0 and (stop.wait(wait) if stop is not None else time.sleep(wait)):
-                        return stats
-                items = []
-                for bar in rows:
-                    topic = names.bars(bar["symbol"], bar["timeframe"])
-                    if topic not in topics:
-                        _admin(ensure_topic, client, m.project, topic)
-                        topics.add(topic)
-                    message = bar_message(bar)
-                    items.append((topic, message, send(topic, message)))
-                if items:
-                    inflight.append((bar_time, items))
-                if sum(len(i) for _, i in inflight) >= window or (speed > 0 and inflight):
-                    if not settle():
-                        return stats
+                wait = at - time.monotonic()
+                if wait > 0 and (stop.wait(wait) if stop is not None else time.sleep(wait)):
+                    return stats
+            items = []
+            for bar in rows:
+                topic = names.bars(bar["symbol"], bar["timeframe"])
+                if topic not in topics:
+                    _admin(ensure_topic, client, m.project, topic)
+                    topics.add(topic)
+                message = bar_message(bar)
+                items.append((topic, message, send(topic, message)))
+            if items:
+                inflight.append((bar_time, items))
+            if sum(len(i) for _, i in inflight) >= window or (speed > 0 and inflight):
+                if not settle():
+                    return stats
         settle()
         return stats
     finally:

@@ -19,7 +19,7 @@ import polars as pl
 
 from signalgen.data.schema import BAR_SCHEMA
 from signalgen.errors import TransientError
-from signalgen.brokers.codec import BAR_VALUES, SCHEMA_VERSION, PublishStats, encode_bar, iso, latest_end
+from signalgen.brokers.codec import BAR_VALUES, SCHEMA_VERSION, PublishStats, encode_bar, iso, latest_end, paced
 from signalgen.brokers.redis import StreamKeys, connect, own_connection, redis_module, straight
 
 if TYPE_CHECKING:
@@ -104,56 +104,41 @@ def publish_bars(client: redis_lib.Redis, frames: Iterable[pl.DataFrame], *, key
     """
     redis = redis_module()
     stats = PublishStats()
-    origin: tuple[datetime, float] | None = None
-    for frame in frames:
-        if not frame.height:
-            continue
-        frame = frame.select(BAR_SCHEMA.names()).sort("bar_time", maintain_order=True)
-        for (bar_time,), group in frame.group_by("bar_time", maintain_order=True):
-            if stop is not None and stop.is_set():
-                return stats
-            wait = 0.0
-            if speed > 0:
-                if origin is None:
-                    origin = (bar_time, time.monotonic())
-                wait = origin[1] + (bar_time - origin[0]).total_seconds() / speed - time.monotonic()
-            rows = list(group.iter_rows(named=True))
-            if max_ahead is not None:  # judged at their turn, without waiting for the ones refused then
-                due = datetime.now(timezone.utc) + timedelta(seconds=max(wait, 0.0))
-                for bar in [b for b in rows if b["bar_time"] > latest_end(b["timeframe"], max_ahead, due)]:
-                    stats.refuse(bar)
-                    rows.remove(bar)
-            if rows and wait > 0 and (stop.wait(wait) if stop is not None else time.sleep(wait)):
-                return stats
-            delay, down, results = 0.05, False, []
-            while rows:
-                pipe = client.pipeline(transaction=False)
-                for bar in rows:
-                    pipe.xadd(keys.bars(bar["symbol"], bar["timeframe"]), encode_bar(bar), id=entry_id(bar["bar_time"]),
-                              maxlen=maxlen, approximate=True)
-                try:
-                    results = pipe.execute(raise_on_error=False)
-                    break
-                except (redis.ConnectionError, redis.TimeoutError) as exc:
-                    if not down:
-                        down = True
-                        log.warning("feed: Redis unreachable (%s); retrying", exc)
-                    if stop is not None and stop.wait(delay):
-                        return stats
-                    if stop is None:
-                        time.sleep(delay)
-                    delay = min(delay * 2, 0.5)
-            for r in results:
-                if isinstance(r, Exception):
-                    if not _is_duplicate(r):
-                        raise r
-                    stats.already_there += 1
-                else:
-                    stats.published += 1
-            if down:
-                log.warning("feed: Redis is back")
-            if on_publish is not None:
-                on_publish(bar_time, group.height)
+    for bar_time, rows, at, n in paced(frames, BAR_SCHEMA.names(), speed=speed, max_ahead=max_ahead, stats=stats):
+        if stop is not None and stop.is_set():
+            return stats
+        wait = at - time.monotonic()
+        if rows and wait > 0 and (stop.wait(wait) if stop is not None else time.sleep(wait)):
+            return stats
+        delay, down, results = 0.05, False, []
+        while rows:
+            pipe = client.pipeline(transaction=False)
+            for bar in rows:
+                pipe.xadd(keys.bars(bar["symbol"], bar["timeframe"]), encode_bar(bar), id=entry_id(bar["bar_time"]),
+                          maxlen=maxlen, approximate=True)
+            try:
+                results = pipe.execute(raise_on_error=False)
+                break
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                if not down:
+                    down = True
+                    log.warning("feed: Redis unreachable (%s); retrying", exc)
+                if stop is not None and stop.wait(delay):
+                    return stats
+                if stop is None:
+                    time.sleep(delay)
+                delay = min(delay * 2, 0.5)
+        for r in results:
+            if isinstance(r, Exception):
+                if not _is_duplicate(r):
+                    raise r
+                stats.already_there += 1
+            else:
+                stats.published += 1
+        if down:
+            log.warning("feed: Redis is back")
+        if on_publish is not None:
+            on_publish(bar_time, n)
     return stats
 
 

@@ -53,7 +53,7 @@ from signalgen.signals.types import REJECTION_SCHEMA, SIGNAL_SCHEMA, STREAM_SCHE
 from signalgen.errors import storage_error
 from signalgen.storage.base import (DECISION_ID, DECISION_KEY, FINISH_FIELDS, RUN_SCHEMA, TABLES,
                                     RunRecord, Written, fill_run, owner_gone, prepare, run_owner)
-from signalgen.storage.reads import COLUMNS, ReadQuery
+from signalgen.storage.reads import COLUMNS, ReadQuery, select_sql
 
 _UTC = pl.Datetime("us", "UTC")
 AUDIT = {"superseded_by": pl.String, "superseded_by_run": pl.String}
@@ -658,16 +658,4 @@ def build_sql(query: ReadQuery, source: str) -> tuple[str, list[Any]]:
         add("mode IN UNNEST(@modes)", "modes", query.modes)
     if query.run_id is not None:
         add("run_id = @run_id", "run_id", query.run_id)
-    sql = f"SELECT {select} FROM {source}"
-    if conds:
-        sql += " WHERE " + " AND ".join(conds)
-    if query.count_by is not None:
-        groups = ", ".join(map(_q, query.count_by))
-        return (sql + f" GROUP BY {groups} ORDER BY {groups}" if groups else sql), params
-    order = "DESC" if query.newest else "ASC"
-    sql += f" ORDER BY {time_col} {order}"
-    if query.kind != "runs":
-        sql += f", client_id, strategy_id, symbol, timeframe, mode {order}"  # mode: the same bar in two modes
-    if query.limit is not None:
-        sql += f" LIMIT {int(query.limit)}"
-    return sql, params
+    return select_sql(query, select, source, conds, time_col, _q), params

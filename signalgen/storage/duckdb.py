@@ -48,7 +48,7 @@ from signalgen.signals.types import REJECTION_SCHEMA, SIGNAL_SCHEMA, STREAM_SCHE
 from signalgen.errors import storage_error
 from signalgen.storage.base import (DECISION_ID, DECISION_KEY, FINISH_FIELDS, RUN_SCHEMA, TABLES, RunRecord,
                                     Written, fill_run, owner_gone, prepare, run_owner)
-from signalgen.storage.reads import COLUMNS, ID_COLUMN, ReadQuery
+from signalgen.storage.reads import COLUMNS, ID_COLUMN, ReadQuery, select_sql
 
 
 # superseded_<table>: the table's columns plus who replaced the row
@@ -571,16 +571,4 @@ def build_sql(query: ReadQuery) -> tuple[str, list[Any]]:
     if query.run_id is not None:
         conds.append("run_id = ?")
         params.append(query.run_id)
-    sql = f"SELECT {select} FROM {query.kind}"
-    if conds:
-        sql += " WHERE " + " AND ".join(conds)
-    if query.count_by is not None:
-        groups = ", ".join(map(_q, query.count_by))
-        return (sql + f" GROUP BY {groups} ORDER BY {groups}" if groups else sql), params
-    order = "DESC" if query.newest else "ASC"
-    sql += f" ORDER BY {time_col} {order}"
-    if query.kind != "runs":
-        sql += f", client_id, strategy_id, symbol, timeframe, mode {order}"  # mode: the same bar in two modes
-    if query.limit is not None:
-        sql += f" LIMIT {int(query.limit)}"
-    return sql, params
+    return select_sql(query, select, query.kind, conds, time_col, _q), params

@@ -7,6 +7,7 @@ A query is a small spec (`ReadQuery`), never SQL: each store backend turns it in
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
 from typing import Annotated, Literal
 
@@ -57,3 +58,23 @@ class ReadQuery(BaseModel):
         if self.count_by is not None and self.kind == "runs":
             raise ValueError("count_by counts signals or rejections, not runs")
         return self
+
+
+def select_sql(query: ReadQuery, select: str, source: str, conds: list[str], time_col: str,
+               quote: Callable[[str], str]) -> str:
+    """The SELECT of `query` over `source` with its conditions `conds` (a backend's SQL, names quoted
+    by `quote`): counts grouped and ordered by `count_by`, else rows by `time_col` (newest first when
+    asked), then by worker and mode — the same bar in two modes would otherwise tie — and `limit`."""
+    sql = f"SELECT {select} FROM {source}"
+    if conds:
+        sql += " WHERE " + " AND ".join(conds)
+    if query.count_by is not None:
+        groups = ", ".join(map(quote, query.count_by))
+        return sql + f" GROUP BY {groups} ORDER BY {groups}" if groups else sql
+    order = "DESC" if query.newest else "ASC"
+    sql += f" ORDER BY {time_col} {order}"
+    if query.kind != "runs":
+        sql += f", client_id, strategy_id, symbol, timeframe, mode {order}"
+    if query.limit is not None:
+        sql += f" LIMIT {int(query.limit)}"
+    return sql
