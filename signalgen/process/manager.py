@@ -120,7 +120,7 @@ def decision_host(cfg: RunConfig, store, *, run_id: str, address: str, authkey: 
     (`signalgen.transports`): with Redis the recorder (the store's and the clients' streams' one
     writer, a consumer group over the internal streams), with `local` the `WriterServer` that workers
     reach at `address`, which also relays their heartbeats into the control store at `control_path`.
-    Both: `start()`, `add_clients()` (a reload added clients), `close()` (after the workers stopped),
+    Both: `start()`, `reloaded()` (a reload changed the config), `close()` (after the workers stopped),
     `address`, `stats["bars"]`."""
     from signalgen.transports import transport_for
 
@@ -842,9 +842,8 @@ class StrategyProcessManager:
         added = sorted(set(new) - set(old))
         removed = sorted(set(old) - set(new))
         changed = sorted(w for w in set(new) & set(old) if new[w].config_hash != old[w].config_hash)
-        clients = sorted({s.client.id for s in specs} - {s.client.id for s in old.values()})
-        if clients and self._server is not None:
-            self._server.add_clients(clients)  # before their workers start: the recorder reads their streams
+        if self._server is not None:
+            self._server.reloaded(cfg, specs)  # before the new workers start: their decisions are taken
         self.cfg = cfg
         for wid in removed:
             proc = self.procs[wid]

@@ -17,7 +17,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, ClassVar, Protocol
 
 import polars as pl
 
@@ -67,8 +67,9 @@ class DecisionHost(Protocol):
 
     def start(self) -> None: ...
 
-    def add_clients(self, clients: Any) -> None:
-        """A reload added clients: take their decisions too."""
+    def reloaded(self, cfg: RunConfig, specs: list[WorkerSpec]) -> None:
+        """A reload changed the config (before the new workers start): take every worker's decisions,
+        new clients and strategies included."""
 
     def close(self) -> None:
         """After the workers stopped: store what they sent, then release everything."""

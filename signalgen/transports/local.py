@@ -297,7 +297,7 @@ class WriterServer:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def add_clients(self, clients: list[str]) -> None:
+    def reloaded(self, cfg: RunConfig, specs: list[WorkerSpec]) -> None:
         """Nothing to do: a worker's outputs open at its hello, whichever client it belongs to."""
 
     def close(self) -> None:

@@ -262,18 +262,25 @@ class PubSubRecorder:
         return {"bars": c["signals"] + c["rejections"] + c["bar_rejections"], **c}
 
     def start(self) -> None:
-        self.add_clients(self._clients)
+        self._subscribe(self._clients)
         self._thread.start()
 
-    def add_clients(self, clients) -> None:
-        """Also take these clients' decisions (a reload added them; their specs come with the reload's
-        config through `specs_from`)."""
+    def reloaded(self, cfg: RunConfig, specs: list[WorkerSpec]) -> None:
+        """Take the decisions of every worker of the new config: new strategies are routed as their
+        config says, new clients' topics are read too."""
+        with self._lock:
+            self.specs = {**self.specs, **{(s.client.id, s.strategy.id): s for s in specs}}
+            self.cfg = cfg
+        for spec in specs:
+            self.writer.open_outputs(cfg, spec)
+        self._subscribe(sorted({s.client.id for s in specs}))
+
+    def _subscribe(self, clients: list[str]) -> None:
         from signalgen.brokers.pubsub import RECORDER_GROUP, Subscriber, TopicNames, ensure_client
 
         m = self.cfg.environment.messaging
         names = TopicNames(m.topic_prefix)
         for client in clients:
-            client = getattr(client, "id", client)
             ensure_client(m, client, (self.mode,))
             for topic in names.internal_topics(self.mode, client):
                 if topic not in self._subscribers:
@@ -296,6 +303,14 @@ class PubSubRecorder:
         """Store what is held (one write), deliver it, ack it; on failure nack it (redelivered)."""
         with self._lock:
             held, self._held = self._held, []
+            unknown = [m for m in held if _strategy(m) not in self.specs]
+        if unknown:  # not (yet) in this recorder's config: never stored, never acked — redelivered, and
+            # dead-lettered after max_delivery_attempts unless a reload brings the strategy
+            log.warning("pubsub recorder: %d decisions of strategies not in the config, e.g. %s: not acked",
+                        len(unknown), ".".join(_strategy(unknown[0]))[:130])
+            for message in unknown:
+                message.nack()
+            held = [m for m in held if _strategy(m) in self.specs]
         if not held:
             return
         started = time.monotonic()
@@ -322,15 +337,11 @@ class PubSubRecorder:
         lines: dict[tuple[str, str, str], list[bytes]] = {}
         for message in held:
             kind = _kind(message)
-            key = (kind, message.attributes.get("client_id", ""), message.attributes.get("strategy_id", ""))
+            key = (kind, *_strategy(message))
             lines.setdefault(key, []).append(message.data)
         items, bar_rejections = [], []
         for (kind, client, strategy), part in lines.items():
-            spec = self.specs.get((client, strategy))
-            if spec is None:
-                log.warning("pubsub recorder: %d %s of unknown strategy %s.%s skipped", len(part), kind,
-                            client[:64], strategy[:64])
-                continue
+            spec = self.specs[(client, strategy)]
             if kind == "bar_rejections":
                 bar_rejections.append(decode_rows(part, pl.Schema({**BAR_REJECTION_SCHEMA, "run_id": pl.String})))
             elif kind == "signals":
@@ -392,6 +403,10 @@ class PubSubRecorder:
                 errors.append(exc)
         if errors:
             raise errors[0] if isinstance(errors[0], SignalgenError) else SignalgenError(str(errors[0]))
+
+
+def _strategy(message: Received) -> tuple[str, str]:
+    return message.attributes.get("client_id", ""), message.attributes.get("strategy_id", "")
 
 
 def _kind(message: Received) -> str:

@@ -68,10 +68,12 @@ class RecorderHost:
                 "rejections": s.rejections, "bar_rejections": s.bar_rejections, "entries": s.entries,
                 "claimed": s.claimed, "bad": s.bad}
 
-    def add_clients(self, clients: list[str]) -> None:
-        """Record these clients' streams too (a reload added them)."""
-        added = self.recorder.add_clients(clients)
-        log.info("recorder: %d more streams (%s)", len(added), ", ".join(clients), extra={"run_id": self.run_id})
+    def reloaded(self, cfg: RunConfig, specs: list[WorkerSpec]) -> None:
+        """Record the streams of clients a reload added too (entries carry their route: nothing else)."""
+        clients = sorted({s.client.id for s in specs} - set(self.recorder.clients))
+        if clients:
+            added = self.recorder.add_clients(clients)
+            log.info("recorder: %d more streams (%s)", len(added), ", ".join(clients), extra={"run_id": self.run_id})
 
     def start(self) -> RecorderHost:
         sys.setswitchinterval(min(self._switch_interval, SWITCH_INTERVAL_S))

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import time
+from datetime import datetime, timedelta, timezone
 from contextlib import nullcontext
 
 import polars as pl
@@ -103,3 +104,45 @@ def test_a_simulation_fleet_on_cloud_dev_decides_what_historical_decides(cloud):
         got = decisions(cloud, "cloud-dev", kind, "ikenna")
         assert set(got["mode"]) == {"simulation"}
         assert_frame_equal(got.drop("mode"), rows)
+
+
+def test_the_recorder_stores_a_strategy_only_once_its_config_has_it(cloud):
+    """Decisions of a strategy the recorder's config lacks (added by a reload it has not seen yet) are
+    never acked and lost: nacked, redelivered, and stored once `reloaded` brings the strategy."""
+    from signalgen.config.loader import Overrides, load_config
+    from signalgen.config.workers import worker_specs
+    from signalgen.modes.engine import WorkerEngine
+    from signalgen.models.registry import ModelRegistry
+    from signalgen.signals.records import epoch_us
+    from signalgen.storage import open_store
+    from signalgen.storage.control import ControlStore
+    from signalgen.transports.pubsub import PubSubRecorder, PubSubSink
+    from signalgen.data.synthetic import synthetic_bars
+
+    with cloud_dev(cloud):
+        root = cloud["root"]
+        narrow = load_config("cloud-dev", "simulation", root=root, clients=["christian"],
+                             overrides=Overrides(strategies=("consensus_v1",)))
+        full = load_config("cloud-dev", "simulation", root=root, clients=["christian"])
+        spec = next(s for s in worker_specs(full) if s.strategy.id == "reversal_v1")
+        store = open_store(full)
+        recorder = PubSubRecorder(narrow, store, run_id="r")
+        recorder.start()
+        try:
+            start = datetime(2025, 1, 1, tzinfo=timezone.utc)
+            bars = synthetic_bars([spec.symbol], spec.timeframe, start, start + timedelta(hours=6), 7)
+            engine = WorkerEngine(spec, ModelRegistry(root / "registry"), backend="onnx", now=datetime.now(timezone.utc),
+                                  mode="simulation", run_id="r")
+            decided = engine.decide(engine.prepare(bars, epoch_us(start + timedelta(hours=4))))
+            sink = PubSubSink(full, spec, ControlStore(root / "control.sqlite"))
+            sink.record(spec, decided)
+            sink.close(timeout=30)
+            time.sleep(3)  # a few gathers: the decisions arrive, and are not stored
+            assert decisions(cloud, "cloud-dev", "rejections", "christian").height == 0
+            recorder.reloaded(full, worker_specs(full))
+            wait_for(lambda: decisions(cloud, "cloud-dev", "rejections", "christian").height
+                     + decisions(cloud, "cloud-dev", "signals", "christian").height == decided.bars, 120,
+                     "the strategy's decisions stored after the reload")
+        finally:
+            recorder.close()
+            store.close()
