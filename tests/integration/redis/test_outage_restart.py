@@ -21,6 +21,7 @@ def test_a_worker_restarted_while_redis_is_down_waits_for_it(live_root: Path, re
     # it exited 2 ("cannot reach Redis ... is the URL right?") and went FATAL under every policy
     root = live_root
     manager = start_live(root)
+    back = None
     try:
         wait_for(lambda: len(w := workers(root)) == 4 and all(x["state"] == "RUNNING" for x in w.values()), 120,
                  "4 RUNNING live workers", interval=0.5)
@@ -32,10 +33,12 @@ def test_a_worker_restarted_while_redis_is_down_waits_for_it(live_root: Path, re
             state = workers(root)[ODUM_SOL]
             assert state["state"] not in ("FATAL", "STOPPED", "PAUSED"), (state, (root / "manager.out").read_text()[-3000:])
             time.sleep(0.5)
-        RedisServer(folder, port).start()
+        back = RedisServer(folder, port).start()
         wait_for(lambda: all(x["state"] == "RUNNING" for x in workers(root).values()), 60,
                  "all workers RUNNING again", interval=0.5)
         assert workers(root)[ODUM_SOL]["restarts"] >= 1
     finally:
         manager.send_signal(signal.SIGTERM)
         manager.wait(60)
+        if back is not None:  # the server this test started again: stopped by PID, as the fixture's
+            back.stop()
