@@ -20,6 +20,7 @@ import math
 import threading
 import time
 from collections import deque
+from functools import partial
 from collections.abc import Iterator
 from datetime import datetime
 from typing import TYPE_CHECKING
@@ -285,9 +286,20 @@ class PubSubRecorder:
             for topic in names.internal_topics(self.mode, client):
                 if topic not in self._subscribers:
                     self._subscribers[topic] = Subscriber.from_config(
-                        self.cfg, names.subscription(topic, RECORDER_GROUP), self._take).start()
+                        self.cfg, names.subscription(topic, RECORDER_GROUP), partial(self._take, client)).start()
 
-    def _take(self, received: Received) -> None:
+    def _take(self, client: str, received: Received) -> None:
+        """Hold a message of `client`'s internal topic for the next write — unless it is not a record of
+        that client and mode (what its attributes say, and what it says itself): that one alone goes to
+        the dead-letter topic, as the Redis recorder skips it."""
+        record, attributes = received.record, received.attributes
+        owner = {record.get("client_id", attributes.get("client_id")), attributes.get("client_id")}  # bar
+        # rejections carry their worker in the attributes only
+        if owner != {client} or record.get("mode", self.mode) != self.mode or attributes.get("mode") != self.mode \
+                or record.get("strategy_id", attributes.get("strategy_id")) != attributes.get("strategy_id"):
+            received.dead_letter("foreign_record", f"on {client}'s {self.mode} topic: client "
+                                 f"{str(record.get('client_id'))[:64]!r}, mode {str(record.get('mode'))[:16]!r}")
+            return
         with self._lock:
             self._held.append(received)
 
@@ -315,7 +327,7 @@ class PubSubRecorder:
             return
         started = time.monotonic()
         try:
-            self._write(held)
+            undecodable = self._write(held)
             self._last_write_s = time.monotonic() - started
         except Exception as exc:  # noqa: BLE001 - redelivered by Pub/Sub; the loop goes on
             log.warning("pubsub recorder: storing %d messages failed (they will be redelivered): %s", len(held),
@@ -325,29 +337,32 @@ class PubSubRecorder:
                 message.nack()
             return
         for message in held:
-            message.ack()
+            if message not in undecodable:  # those were dead-lettered (and acked) one by one
+                message.ack()
         self._error = None
 
-    def _write(self, held: list[Received]) -> None:
-        from signalgen.brokers.codec import decode_rows
+    def _write(self, held: list[Received]) -> list[Received]:
+        """Store and deliver `held`; the messages that do not decode into their record (dead-lettered
+        alone: they cost the others nothing)."""
         from signalgen.data.schema import BAR_REJECTION_SCHEMA
         from signalgen.signals.types import REJECTION_SCHEMA, SIGNAL_SCHEMA
         from signalgen.transports.local import Frames
 
-        lines: dict[tuple[str, str, str], list[bytes]] = {}
+        parts: dict[tuple[str, str, str], list[Received]] = {}
         for message in held:
-            kind = _kind(message)
-            key = (kind, *_strategy(message))
-            lines.setdefault(key, []).append(message.data)
-        items, bar_rejections = [], []
-        for (kind, client, strategy), part in lines.items():
+            parts.setdefault((_kind(message), *_strategy(message)), []).append(message)
+        items, bar_rejections, undecodable = [], [], []
+        for (kind, client, strategy), messages in parts.items():
             spec = self.specs[(client, strategy)]
+            schema = {"signals": SIGNAL_SCHEMA, "rejections": REJECTION_SCHEMA}.get(
+                kind, pl.Schema({**BAR_REJECTION_SCHEMA, "run_id": pl.String}))
+            frame = _decode(messages, schema, undecodable)
             if kind == "bar_rejections":
-                bar_rejections.append(decode_rows(part, pl.Schema({**BAR_REJECTION_SCHEMA, "run_id": pl.String})))
+                bar_rejections.append(frame)
             elif kind == "signals":
-                items.append((spec, Frames(decode_rows(part, SIGNAL_SCHEMA), pl.DataFrame(schema=REJECTION_SCHEMA))))
+                items.append((spec, Frames(frame, pl.DataFrame(schema=REJECTION_SCHEMA))))
             else:
-                items.append((spec, Frames(pl.DataFrame(schema=SIGNAL_SCHEMA), decode_rows(part, REJECTION_SCHEMA))))
+                items.append((spec, Frames(pl.DataFrame(schema=SIGNAL_SCHEMA), frame)))
         self.writer.record_group(items)
         for frame in bar_rejections:
             self.writer.record_bar_rejections(frame, self.run_id)
@@ -357,8 +372,9 @@ class PubSubRecorder:
         counts["signals"] += sum(f.signals.height for _, f in items)
         counts["rejections"] += sum(f.rejections.height for _, f in items)
         counts["bar_rejections"] += sum(f.height for f in bar_rejections)
-        counts["messages"] += len(held)
+        counts["messages"] += len(held) - len(undecodable)
         counts["writes"] += 1
+        return undecodable
 
     def _publish_rejections(self, parts: list[tuple[WorkerSpec, pl.DataFrame]]) -> None:
         """A client's rejected candidates on `<p>.<mode>.rejections.<client>` (routed `internal`)."""
@@ -403,6 +419,26 @@ class PubSubRecorder:
                 errors.append(exc)
         if errors:
             raise errors[0] if isinstance(errors[0], SignalgenError) else SignalgenError(str(errors[0]))
+
+
+def _decode(messages: list[Received], schema: pl.Schema, bad: list[Received]) -> pl.DataFrame:
+    """The records of `messages` (one JSON object each) as a frame of `schema`; a message that does not
+    decode is dead-lettered alone (found one by one only when the whole does not decode) and added to
+    `bad`."""
+    from signalgen.brokers.codec import decode_rows
+
+    try:
+        return decode_rows([m.data for m in messages], schema)
+    except Exception:  # noqa: BLE001 - find the bad ones
+        good = []
+        for message in messages:
+            try:
+                decode_rows([message.data], schema)
+                good.append(message)
+            except Exception as exc:  # noqa: BLE001
+                message.dead_letter("undecodable_record", str(exc)[:500])
+                bad.append(message)
+        return decode_rows([m.data for m in good], schema)
 
 
 def _strategy(message: Received) -> tuple[str, str]:

@@ -146,3 +146,55 @@ def test_the_recorder_stores_a_strategy_only_once_its_config_has_it(cloud):
         finally:
             recorder.close()
             store.close()
+
+
+def test_a_foreign_or_broken_record_is_dead_lettered_alone(cloud):
+    """A message on christian's internal topic claiming another client, and one whose record does not
+    decode, go to the dead-letter topic; the worker's decisions around them are stored all the same."""
+    import json as _json
+
+    from google.cloud import pubsub_v1
+
+    from signalgen.brokers.pubsub import TopicNames, topic_path
+    from signalgen.config.loader import load_config
+    from signalgen.config.workers import worker_specs
+    from signalgen.modes.engine import WorkerEngine
+    from signalgen.models.registry import ModelRegistry
+    from signalgen.signals.records import epoch_us
+    from signalgen.storage import open_store
+    from signalgen.storage.control import ControlStore
+    from signalgen.transports.pubsub import PubSubRecorder, PubSubSink
+    from signalgen.data.synthetic import synthetic_bars
+
+    with cloud_dev(cloud):
+        root = cloud["root"]
+        cfg = load_config("cloud-dev", "simulation", root=root, clients=["christian"])
+        spec = worker_specs(cfg)[0]
+        store = open_store(cfg)
+        recorder = PubSubRecorder(cfg, store, run_id="r")
+        recorder.start()
+        try:
+            m = cfg.environment.messaging
+            topic = topic_path(m.project, TopicNames(m.topic_prefix).internal("simulation", "rejections", "christian"))
+            raw = pubsub_v1.PublisherClient()
+            attrs = {"v": "1", "rejection_id": "x", "client_id": "christian", "strategy_id": spec.strategy.id,
+                     "symbol": spec.symbol, "timeframe": spec.timeframe, "mode": "simulation"}
+            raw.publish(topic, _json.dumps({"client_id": "odum", "mode": "simulation"}).encode(), **attrs).result()
+            raw.publish(topic, _json.dumps({"client_id": "christian", "mode": "simulation",
+                                            "strategy_id": spec.strategy.id, "bar_time": "not a time"}).encode(),
+                        **{**attrs, "rejection_id": "y"}).result()
+            start = datetime(2025, 1, 1, tzinfo=timezone.utc)
+            bars = synthetic_bars([spec.symbol], spec.timeframe, start, start + timedelta(hours=6), 7)
+            engine = WorkerEngine(spec, ModelRegistry(root / "registry"), backend="onnx", now=datetime.now(timezone.utc),
+                                  mode="simulation", run_id="r")
+            decided = engine.decide(engine.prepare(bars, epoch_us(start + timedelta(hours=4))))
+            sink = PubSubSink(cfg, spec, ControlStore(root / "control.sqlite"))
+            sink.record(spec, decided)
+            sink.close(timeout=30)
+            wait_for(lambda: decisions(cloud, "cloud-dev", "rejections", "christian").height
+                     + decisions(cloud, "cloud-dev", "signals", "christian").height == decided.bars, 120,
+                     "the worker's decisions stored beside the bad messages")
+            assert recorder.counts["messages"] == decided.bars  # the two bad ones were never stored
+        finally:
+            recorder.close()
+            store.close()
