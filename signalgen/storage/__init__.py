@@ -3,13 +3,12 @@ environment's `storage.type` and imported only when chosen."""
 
 from __future__ import annotations
 
-import importlib
 import logging
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from signalgen.errors import ConfigError
+from signalgen.plugins import plugin
 
 if TYPE_CHECKING:
     from signalgen.config.models import EnvironmentConfig, RunConfig
@@ -26,12 +25,7 @@ STORES: dict[str, str] = {
 def store_class(environment: EnvironmentConfig, file: str | None = None) -> type[SignalStore]:
     """The store class of the environment's `storage.type`; ConfigError (naming `file`) when this
     release has none."""
-    kind = environment.storage.type
-    if kind not in STORES:
-        raise ConfigError(f"storage type {kind!r} is not available in this release; use "
-                          f"{', '.join(sorted(STORES))}", file=file, field="storage.type")
-    module, name = STORES[kind].split(":")
-    return getattr(importlib.import_module(module), name)
+    return plugin(STORES, environment.storage.type, field="storage.type", file=file)
 
 
 def store_for(environment: EnvironmentConfig, root: Path | str, file: str | None = None) -> SignalStore:

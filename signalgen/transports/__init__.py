@@ -6,10 +6,9 @@ A new backend plugs in here and touches nothing else: the worker process, the ma
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
 
-from signalgen.errors import ConfigError
+from signalgen.plugins import plugin
 
 if TYPE_CHECKING:
     from signalgen.config.models import EnvironmentConfig
@@ -25,9 +24,4 @@ TRANSPORTS: dict[str, str] = {
 def transport_for(environment: EnvironmentConfig, file: str | None = None) -> Transport:
     """The transport of the environment's `messaging.type`; ConfigError (naming `file`) when this
     release has none."""
-    kind = environment.messaging.type
-    if kind not in TRANSPORTS:
-        raise ConfigError(f"messaging type {kind!r} is not available in this release; use "
-                          f"{', '.join(sorted(TRANSPORTS))}", file=file, field="messaging.type")
-    module, name = TRANSPORTS[kind].split(":")
-    return getattr(importlib.import_module(module), name)()
+    return plugin(TRANSPORTS, environment.messaging.type, field="messaging.type", file=file)()
