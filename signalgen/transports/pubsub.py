@@ -30,6 +30,7 @@ import polars as pl
 from signalgen.config.workers import history_bars, worker_specs
 from signalgen.errors import ConfigError, SignalgenError
 from signalgen.storage.control import ControlStore
+from signalgen.storage.writer import SignalWriter
 
 if TYPE_CHECKING:
     from signalgen.brokers.pubsub import Publisher, Received
@@ -241,8 +242,6 @@ class PubSubRecorder:
     address = ""  # workers reach Pub/Sub, not the manager
 
     def __init__(self, cfg: RunConfig, store: SignalStore, *, run_id: str) -> None:
-        from signalgen.storage.writer import SignalWriter
-
         self.cfg, self.store, self.run_id, self.mode = cfg, store, run_id, cfg.mode.name.value
         self.writer = SignalWriter.from_config(cfg, store)
         self.specs = {(s.client.id, s.strategy.id): s for s in worker_specs(cfg)}
@@ -252,10 +251,8 @@ class PubSubRecorder:
         self._stop = threading.Event()
         self._subscribers: dict[str, object] = {}
         self._publishers: dict[str, Publisher] = {}
-        self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._loop, name="pubsub-recorder", daemon=True)
         self._last_write_s = 0.0
-        self._clients = sorted({c.id for c in cfg.clients})
 
     @property
     def stats(self) -> dict[str, int]:
@@ -263,7 +260,7 @@ class PubSubRecorder:
         return {"bars": c["signals"] + c["rejections"] + c["bar_rejections"], **c}
 
     def start(self) -> None:
-        self._subscribe(self._clients)
+        self._subscribe(sorted({c.id for c in self.cfg.clients}))
         self._thread.start()
 
     def reloaded(self, cfg: RunConfig, specs: list[WorkerSpec]) -> None:
@@ -332,14 +329,24 @@ class PubSubRecorder:
         except Exception as exc:  # noqa: BLE001 - redelivered by Pub/Sub; the loop goes on
             log.warning("pubsub recorder: storing %d messages failed (they will be redelivered): %s", len(held),
                         str(exc)[:300])
-            self._error = exc
             for message in held:
                 message.nack()
+            self._renew_writer()  # a SignalWriter writes nothing after its first failure
             return
         for message in held:
             if message not in undecodable:  # those were dead-lettered (and acked) one by one
                 message.ack()
-        self._error = None
+
+    def _renew_writer(self) -> None:
+        """A fresh writer (and outputs) for the next gather: a transient failure (a store away, a full
+        disk) then costs the gathers until it is over, never the rest of the run."""
+        failed, self.writer = self.writer, SignalWriter.from_config(self.cfg, self.store)
+        for spec in self.specs.values():
+            self.writer.open_outputs(self.cfg, spec)
+        try:
+            failed.close()
+        except Exception as exc:  # noqa: BLE001 - it already failed; its error was logged
+            log.debug("closing the failed signal writer: %r", exc)
 
     def _write(self, held: list[Received]) -> list[Received]:
         """Store and deliver `held`; the messages that do not decode into their record (dead-lettered

@@ -16,7 +16,7 @@ import pytest
 from polars.testing import assert_frame_equal
 
 from signalgen.config.loader import load_environment
-from signalgen.errors import StorageError
+from signalgen.errors import StorageError, TransientError
 from signalgen.storage import store_for
 from signalgen.storage.reads import ReadQuery
 from tests.integration.cloud.conftest import cli, cloud_dev
@@ -150,7 +150,8 @@ def test_the_recorder_stores_a_strategy_only_once_its_config_has_it(cloud):
 
 def test_a_foreign_or_broken_record_is_dead_lettered_alone(cloud):
     """A message on christian's internal topic claiming another client, and one whose record does not
-    decode, go to the dead-letter topic; the worker's decisions around them are stored all the same."""
+    decode, go to the dead-letter topic; the worker's decisions around them are stored all the same,
+    even though the store's first write fails."""
     import json as _json
 
     from google.cloud import pubsub_v1
@@ -188,12 +189,23 @@ def test_a_foreign_or_broken_record_is_dead_lettered_alone(cloud):
             engine = WorkerEngine(spec, ModelRegistry(root / "registry"), backend="onnx", now=datetime.now(timezone.utc),
                                   mode="simulation", run_id="r")
             decided = engine.decide(engine.prepare(bars, epoch_us(start + timedelta(hours=4))))
+            # and the store fails the first write it is given (a store away): the recorder goes on after it
+            real, failures = store.write_decisions, []
+
+            def flaky(*args, **kwargs):
+                if not failures:
+                    failures.append(1)
+                    raise TransientError("BigQuery away (test)")
+                return real(*args, **kwargs)
+
+            store.write_decisions = flaky
             sink = PubSubSink(cfg, spec, ControlStore(root / "control.sqlite"))
             sink.record(spec, decided)
             sink.close(timeout=30)
             wait_for(lambda: decisions(cloud, "cloud-dev", "rejections", "christian").height
                      + decisions(cloud, "cloud-dev", "signals", "christian").height == decided.bars, 120,
-                     "the worker's decisions stored beside the bad messages")
+                     "the worker's decisions stored beside the bad messages, after a failed write")
+            assert failures == [1]
             assert recorder.counts["messages"] == decided.bars  # the two bad ones were never stored
         finally:
             recorder.close()
