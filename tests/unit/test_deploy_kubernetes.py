@@ -183,3 +183,15 @@ def test_bad_options_are_refused_naming_the_option(root: Path, tmp_path: Path, a
     done = deploy(root, *args, "--out", str(tmp_path / "out"))
     assert done.returncode == 2 and field in done.stderr, done.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_the_default_uss_figures_are_the_measured_ones_in_the_benchmarks() -> None:
+    """The requests start from docs/benchmarks.md's Fleet table: a new measurement there must move them."""
+    from signalgen.cli.kubernetes import MANAGER_USS_MB, WORKER_USS_MB
+
+    doc = (REPO / "docs/benchmarks.md").read_text()
+    fleet = doc[doc.index("<!-- bench/fleet.py:begin -->"):doc.index("<!-- bench/fleet.py:end -->")]
+    header, _, row = [line for line in fleet.splitlines() if line.startswith("|")][:3]
+    cells = dict(zip([c.strip() for c in header.split("|")], [c.strip() for c in row.split("|")]))
+    assert cells["USS per worker, median (p90)"].startswith(f"{WORKER_USS_MB} MB")
+    assert cells["manager USS"] == f"{MANAGER_USS_MB:g} MB"
