@@ -106,6 +106,7 @@ class Manifests:
         self.workers = largest_shard(cfg, replicas)
         self.memory_mi = memory_request_mi(self.workers, worker_mb=worker_mb, manager_mb=manager_mb,
                                            headroom=headroom)
+        self.recorder_mi = memory_request_mi(0, worker_mb=worker_mb, manager_mb=manager_mb, headroom=headroom)
         self.backfill_range, self.backfill_shards, self.backfill_mb = backfill, backfill_shards, backfill_mb
         self.config_files = config_files
 
@@ -194,9 +195,7 @@ class Manifests:
 
     def recorder(self) -> dict:
         selector = labels("recorder")
-        container = self._container("recorder", self._args("recorder"), metrics=True,
-                                    memory_mi=memory_request_mi(0, worker_mb=0, manager_mb=MANAGER_USS_MB,
-                                                                headroom=1.25))
+        container = self._container("recorder", self._args("recorder"), metrics=True, memory_mi=self.recorder_mi)
         return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": f"{APP}-recorder", "labels": selector},
                 "spec": {"replicas": 1, "selector": {"matchLabels": selector},
                          "template": {"metadata": {"labels": selector, "annotations": scrape(self.port)},

@@ -104,8 +104,11 @@ def test_each_manager_pod_runs_its_ordinals_shard_with_probes_and_scraping(writt
 def test_the_memory_request_is_the_largest_shards_workers_plus_the_manager_with_headroom(root, written) -> None:
     """--worker-mb 10 --manager-mb 100 --headroom 1.5 over 3 shards of the demo fleet's 12 workers."""
     largest = max(sum(shard_index(w, 3) == i for w in workers(root)) for i in range(3))
-    [manager] = documents(written)["StatefulSet/signalgen-manager"]["spec"]["template"]["spec"]["containers"]
+    docs = documents(written)
+    [manager] = docs["StatefulSet/signalgen-manager"]["spec"]["template"]["spec"]["containers"]
     assert manager["resources"] == {"requests": {"memory": f"{math.ceil((10 * largest + 100) * 1.5)}Mi"}}
+    [recorder] = docs["Deployment/signalgen-recorder"]["spec"]["template"]["spec"]["containers"]
+    assert recorder["resources"] == {"requests": {"memory": "150Mi"}}  # the manager's own figure x 1.5
 
 
 def test_the_backfill_is_an_indexed_job_of_one_shard_per_index(written: Path) -> None:
