@@ -112,7 +112,8 @@ def summary_table(report) -> Group:
     a column of it.
     """
     status_style = {"ok": "green", "failed": "bold red", "stopped": "yellow"}.get(report.status, "")
-    title = f"run {report.run_id} ({report.mode}, {report.environment}): [{status_style}]{report.status}[/]"
+    where = ", ".join([str(report.mode), str(report.environment)] + ([f"shard {report.shard}"] if report.shard else []))
+    title = f"run {report.run_id} ({where}): [{status_style}]{report.status}[/]"
     rows = [[f"{s.client_id}.{s.strategy_id}", f"{s.workers:,}", f"{s.bars:,}", f"{s.signals:,}",
              f"{s.rejected:,}", f"{s.bar_rejections.total():,}", f"{s.bars_per_s:,.0f}"]
             for s in report.stats.values()]
@@ -210,7 +211,7 @@ def report_dict(report) -> dict[str, Any]:
     """The run report as plain JSON-ready data (`run --output json`)."""
     return {
         "run_id": report.run_id, "mode": str(report.mode), "environment": str(report.environment),
-        "status": report.status, "elapsed_s": round(report.elapsed_s, 3),
+        "shard": report.shard, "status": report.status, "elapsed_s": round(report.elapsed_s, 3),
         "peak_rss_mb": round(report.peak_rss_mb, 1), "totals": report.totals,
         "rejections_by_reason": dict(report.rejections_by_reason.most_common()),
         "strategies": [{"client": s.client_id, "strategy": s.strategy_id, "workers": s.workers, "bars": s.bars,

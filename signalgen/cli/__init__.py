@@ -16,7 +16,7 @@ import sys
 
 from rich.markup import escape
 
-from signalgen.cli import commands, streams, fleet, deploy, worker  # noqa: F401,I001  (they add their commands, in this order)
+from signalgen.cli import commands, streams, fleet, deploy, kubernetes, worker  # noqa: F401,I001  (they add their commands, in this order)
 from signalgen.cli.app import app, err_console
 from signalgen.errors import SignalgenError
 

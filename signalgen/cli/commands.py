@@ -134,19 +134,26 @@ def run(env: EnvOpt = Environment.LOCAL_DEV, mode: ModeOpt = Mode.HISTORICAL, ro
         workers: Annotated[int, typer.Option(
             "--workers", "-w", min=0, help="Worker processes for historical and mock runs (0: one per core; "
                                            "1: in this process).")] = 1,
+        shard: Annotated[Optional[str], typer.Option(
+            help="i/N: run only shard i of N, the share `start --shard i/N` takes (rendezvous hashing of "
+                 "worker ids); N such runs together decide what one run decides. Concurrent runs need a "
+                 "store many processes write (cloud-dev); DuckDB takes one writer: use --workers.")] = None,
         output: OutputOpt = Output.TABLE) -> None:
     """Run the strategy channels: bars -> features -> models -> signals -> store and outputs.
 
     Exits 1 after the summary when a worker failed; 130 / 143 when stopped by SIGINT / SIGTERM.
     """
+    from signalgen.config.workers import worker_specs
     from signalgen.modes import run_mode
+    from signalgen.modes.parallel import default_processes
+    from signalgen.process.shard import parse_shard, take_shard
     from signalgen.report import report_dict, summary_table
 
+    shards = parse_shard(shard) if shard is not None else None
     cfg = _load(env, mode, root, client, strategy, start, end, seed, backend, inference, data_source)
-    from signalgen.modes.parallel import default_processes
-
+    share = (f"{shards[0]}/{shards[1]}", take_shard(worker_specs(cfg), *shards)) if shards else None
     report = run_mode(cfg, progress=progress and console.is_terminal and output is Output.TABLE,
-                      processes=workers or default_processes())
+                      processes=workers or default_processes(), shard=share)
     if output is Output.JSON:
         _print_json(report_dict(report))
     else:

@@ -84,22 +84,30 @@ def supervisor_config(cfg: RunConfig, specs: list[WorkerSpec], conf_dir: Path, *
 def deploy_supervisor(env: EnvOpt = Environment.LOCAL_DEV, mode: ModeOpt = Mode.MOCK, root: RootOpt = None,
                       out: Annotated[Optional[Path], typer.Option(
                           help="Folder for supervisord.conf, its socket, pid and logs "
-                               "(default: <root>/var/<env>/supervisor).")] = None) -> None:
+                               "(default: <root>/var/<env>/supervisor).")] = None,
+                      shard: Annotated[Optional[str], typer.Option(
+                          help="i/N: only the worker programs of shard i of N, the share `start --shard i/N` "
+                               "takes (rendezvous hashing of worker ids): one host of N.")] = None) -> None:
     """Write supervisord.conf: one program per worker plus the store's writer (or recorder, with Redis).
 
     Then: `supervisord -c <out>/supervisord.conf` and `supervisorctl -c <out>/supervisord.conf status`.
     """
     from signalgen.errors import ConfigError
+    from signalgen.process.shard import parse_shard, take_shard
 
     if mode not in STREAMING_MODES:
         raise ConfigError(f"deploy supervisor runs long-lived workers: mode must be one of "
                           f"{', '.join(m.value for m in STREAMING_MODES)}, not {mode.value}", field="--mode")
+    shards = parse_shard(shard) if shard is not None else None
     cfg = _load(env, mode, root)
+    specs = take_shard(worker_specs(cfg), *shards) if shards else worker_specs(cfg)
+    if shards and not specs:
+        raise ConfigError(f"shard {shard.strip()} holds no worker (every strategy disabled, or more shards than "
+                          "workers)", field="--shard")
     conf_dir = (out or Path(cfg.root) / "var" / cfg.environment.name / "supervisor").resolve()
     (conf_dir / "logs").mkdir(parents=True, exist_ok=True)
     path = conf_dir / "supervisord.conf"
-    specs = worker_specs(cfg)
     path.write_text(supervisor_config(cfg, specs, conf_dir))
     host = transport_for(cfg.environment).host_program
-    console.print(f"wrote {path}: {host} + {len(specs)} worker programs\n"
+    console.print(f"wrote {path}: {host} + {len(specs)} worker programs{f' (shard {shard.strip()})' if shards else ''}\n"
                   f"start: supervisord -c {path}\nstatus: supervisorctl -c {path} status", highlight=False)

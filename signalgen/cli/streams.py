@@ -283,8 +283,13 @@ def recorder(env: EnvOpt = Environment.LOCAL_INTEGRATION, root: RootOpt = None, 
     meanwhile."""
     from signalgen.storage import open_store
     from signalgen.storage.recorder import Recorder
+    from signalgen.transports import transport_for
 
     cfg = _load(env, mode, root)
+    transport = transport_for(cfg.environment, cfg.files.get("environment"))
+    if transport.name != "redis":  # Pub/Sub: the decision host a manager runs, on its own
+        _host_decisions(cfg, transport)
+        return
     stop = _stop_on_signals()
     store = open_store(cfg)
     try:
@@ -301,3 +306,35 @@ def recorder(env: EnvOpt = Environment.LOCAL_INTEGRATION, root: RootOpt = None, 
     console.print(f"recorded {stats.entries:,} entries: {stats.signals:,} signals, {stats.rejections:,} "
                   f"rejections, {stats.bar_rejections:,} bar rejections ({stats.bad} skipped); "
                   f"{stats.forwarded:,} written on to the clients' streams", highlight=False)
+
+
+def _host_decisions(cfg: RunConfig, transport) -> None:
+    """Run `transport`'s decision host (what a manager hosts: on Pub/Sub the PubSubRecorder) until
+    SIGINT / SIGTERM, recording a run as `writer` does: workers without a manager (supervisord), or
+    more recorders beside the managers (they share the recorder subscriptions)."""
+    from contextlib import closing
+
+    from signalgen.config.workers import worker_specs
+    from signalgen.modes import new_run_id, run_record
+    from signalgen.storage import open_store
+    from signalgen.transports.local import host_outcome
+
+    stop = _stop_on_signals()
+    started_at = datetime.now(timezone.utc)
+    run_id = new_run_id(started_at)
+    with closing(open_store(cfg)) as store, store.serve_reads():
+        store.start_run(run_record(cfg, worker_specs(cfg), run_id, started_at))
+        host = transport.decision_host(cfg, store, run_id=run_id, address="", authkey=b"", control_path="")
+        status = "failed"
+        try:
+            host.start()
+            err_console.print(f"recording mode {cfg.mode.name.value} of {len(cfg.clients)} clients into {store} "
+                              f"(run {run_id})", highlight=False)
+            while not stop.wait(1.0):
+                pass
+            status = "stopped"
+        finally:
+            host.close()
+            store.finish_run(run_id, **host_outcome(host.stats, started_at, status))
+    console.print(f"recorded {host.stats.get('signals', 0):,} signals, {host.stats.get('rejections', 0):,} "
+                  f"rejections", highlight=False)

@@ -52,10 +52,11 @@ def stop_on_signals(stop: threading.Event) -> Iterator[list[int]]:
             signal.signal(s, h if h is not None else signal.SIG_DFL)
 
 
-def run_record(cfg: RunConfig, specs: list[WorkerSpec], run_id: str, started_at: datetime):
-    """The `RunRecord` of a run of `specs` under `cfg`: its range and clients, and what produced its bars
-    (data source, seed, the data files' hashes) with the resolved config, secrets redacted, so its
-    decisions can be scored and reproduced later."""
+def run_record(cfg: RunConfig, specs: list[WorkerSpec], run_id: str, started_at: datetime,
+               shard: str | None = None):
+    """The `RunRecord` of a run of `specs` under `cfg`: its range and clients, its shard ("i/N", or None
+    for every worker), and what produced its bars (data source, seed, the data files' hashes) with the
+    resolved config, secrets redacted, so its decisions can be scored and reproduced later."""
     from signalgen.config.loader import redacted
     from signalgen.modes.sources import data_files
     from signalgen.storage.base import RunRecord
@@ -63,7 +64,7 @@ def run_record(cfg: RunConfig, specs: list[WorkerSpec], run_id: str, started_at:
     return RunRecord(run_id=run_id, config_hash=cfg.config_hash, mode=cfg.mode.name.value,
                      environment=cfg.environment.name, start=cfg.start, end=cfg.end, started_at=started_at,
                      clients=[c.id for c in cfg.clients], data_source=cfg.data_source, seed=cfg.seed,
-                     data_files=data_files(cfg, specs), config=redacted(cfg))
+                     data_files=data_files(cfg, specs), config=redacted(cfg), shard=shard)
 
 
 def _finish(store, run_id: str, status: str, report: RunReport | None) -> None:
@@ -76,11 +77,18 @@ def _finish(store, run_id: str, status: str, report: RunReport | None) -> None:
     store.finish_run(run_id, **values)
 
 
-def run_mode(cfg: RunConfig, *, progress: bool = False, processes: int = 1) -> RunReport:
+def run_mode(cfg: RunConfig, *, progress: bool = False, processes: int = 1,
+             shard: tuple[str, list[WorkerSpec]] | None = None) -> RunReport:
     """Run every worker of `cfg` in its mode; store signals and rejections; route signals; record the run.
 
     `processes` > 1 runs historical and mock workers in that many worker processes
     (`modes.parallel.ParallelRunner`; this process stays the one writer).
+
+    `shard` ("i/N", its workers) runs only the workers shard i of N owns (`process.shard.take_shard`
+    of `worker_specs(cfg)`, the share `start --shard` takes: `run --shard`), so N runs on as many
+    hosts together decide what one run decides; the run record names the shard. An output
+    replaces a strategy's range by this run's signals (`SignalWriter.own`) only when the shard holds
+    every worker of that strategy: a day file of a strategy split across shards also holds the others'.
 
     The run's row in the store always ends with a status: "ok"; "failed" when a worker's data could
     not be read (`report.failures`; the other workers complete) or the run itself failed; "stopped"
@@ -95,7 +103,8 @@ def run_mode(cfg: RunConfig, *, progress: bool = False, processes: int = 1) -> R
     refused = run_refusals(cfg)  # the same checks `config validate` reports
     if refused:
         raise ConfigError("\n".join(refused))
-    specs = worker_specs(cfg)
+    every = worker_specs(cfg)
+    label, specs = shard or (None, every)
     started_at = datetime.now(timezone.utc)
     run_id = new_run_id(started_at)
     report: RunReport | None = None
@@ -103,11 +112,12 @@ def run_mode(cfg: RunConfig, *, progress: bool = False, processes: int = 1) -> R
     with ExitStack() as held:  # closed in reverse: the read server stops before the store closes
         store = held.enter_context(closing(open_store(cfg)))
         held.enter_context(store.serve_reads())  # `signals` / `runs` read through this process meanwhile
-        store.start_run(run_record(cfg, specs, run_id, started_at))
+        store.start_run(run_record(cfg, specs, run_id, started_at, label))
         log.info("run started: %s mode, %s environment, %d workers", cfg.mode.name.value,
                  cfg.environment.name, len(specs),
                  extra={"run_id": run_id, "mode": cfg.mode.name.value, "environment": cfg.environment.name,
-                        "client": ",".join(c.id for c in cfg.clients)})
+                        "client": ",".join(c.id for c in cfg.clients),
+                        **({"shard": label} if label else {})})
         try:
             with stop_on_signals(stop) as received:
                 writer = SignalWriter.from_config(cfg, store)
@@ -125,8 +135,10 @@ def run_mode(cfg: RunConfig, *, progress: bool = False, processes: int = 1) -> R
                             runner = BatchRunner(cfg, writer, run_id=run_id, started_at=started_at,
                                                  progress=bar if progress else None, stop=stop)
                         report = runner.run(specs)
+                        report.shard = label
                     by_strategy = {(s.client.id, s.strategy.id): s for s in specs}
-                    for pair in report.finished(specs):  # only finished ranges are owned
+                    # only finished ranges are owned; of every worker: another shard's count as unfinished
+                    for pair in report.finished(every):
                         writer.own(by_strategy[pair], cfg.start, cfg.end)
                 finally:
                     writer.close()

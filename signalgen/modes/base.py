@@ -41,6 +41,7 @@ class RunReport:
     failures: dict[str, str] = field(default_factory=dict)  # worker id -> why it failed (one line)
     status: str = "ok"  # ok | failed (a worker failed) | stopped (SIGINT / SIGTERM)
     completed: set[str] = field(default_factory=set)  # ids of the workers that finished their range
+    shard: str | None = None  # "i/N" for a `run --shard`
 
     def stat(self, spec: WorkerSpec) -> StrategyStats:
         key = (spec.client.id, spec.strategy.id)

@@ -43,6 +43,7 @@ class RunRecord:
     seed: int | None = None            # seeds synthetic bars and mock inference
     data_files: dict[str, str] | None = None  # files source: path under the data folder -> sha256
     config: dict[str, Any] | None = None      # `config.loader.redacted(cfg)`
+    shard: str | None = None           # "i/N": a `run --shard` of shard i of N; None: every worker
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,7 @@ RUN_SCHEMA = pl.Schema({
     "data_source": pl.String, "seed": pl.Int64, "data_files": pl.String, "config": pl.String,
     # the run's owner, recorded by start_run (OWNER_FIELDS): who may still be writing it
     "host": pl.String, "pid": pl.Int64,
+    "shard": pl.String,  # RunRecord.shard
 })
 RUN_JSON = ("rejections_by_reason", "data_files", "config")  # columns holding JSON text
 RUN_COLUMNS = tuple(RUN_SCHEMA.names())

@@ -144,7 +144,9 @@ class DuckDBStore:
                     continue
                 pid = re.search(r"PID (\d+)", str(exc))
                 holder = f"pid {pid.group(1)}" if pid else "pid unknown"
-                raise TransientError(f"{self.path} is locked by another process ({holder})") from exc
+                raise TransientError(f"{self.path} is locked by another process ({holder}): DuckDB takes one "
+                                     "writer at a time; wait for it, or split a backfill with `run --workers N` "
+                                     "(one writer), not concurrent runs") from exc
             except OSError as exc:
                 raise storage_error(self.path.parent, exc) from exc
         try:

@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from signalgen.cli.deploy import program_name
+from signalgen.process.shard import shard_index
 from tests.polling import wait_for
 from tests.roots import REPO, copy_config
 
@@ -103,3 +104,40 @@ def test_with_redis_messaging_the_store_is_written_by_the_recorder_program(tmp_p
     assert "[program:recorder]" in text and "[program:writer]" not in text
     assert " recorder --env local-integration --mode live" in text
     assert f"programs=recorder,{program_name(WORKERS[0])},{program_name(WORKERS[1])}" in text
+
+
+def test_a_shard_gets_only_its_share_of_the_worker_programs(tmp_path):
+    """`deploy supervisor --shard i/N` on each of N hosts: together every worker program once, each host
+    with the share `start --shard i/N` would run (and its own writer)."""
+    root = copy_config(tmp_path / "root", ["christian", "ikenna", "odum"])
+    (root / "registry").symlink_to(REPO / "registry")
+    every = []
+    for i in range(3):
+        conf_dir = tmp_path / f"shard{i}"
+        cli("deploy", "supervisor", "--root", str(root), "--mode", "mock", "--out", str(conf_dir), "--shard", f"{i}/3")
+        text = (conf_dir / "supervisord.conf").read_text()
+        ids = [line.split("--id ", 1)[1].split()[0] for line in text.splitlines() if " worker --id " in line]
+        assert ids and all(shard_index(w, 3) == i for w in ids)
+        assert "[program:writer]" in text
+        every += ids
+    assert len(every) == len(set(every)) == 9  # christian 3 + ikenna 4 + odum 2, each on one host
+
+
+@pytest.mark.parametrize("value", ["3/3", "a/b", "0/0"])
+def test_a_bad_shard_is_refused_naming_the_option(tmp_path, value):
+    root = copy_config(tmp_path / "root", ["odum"])
+    done = subprocess.run([sys.executable, "-m", "signalgen", "deploy", "supervisor", "--root", str(root), "--mode",
+                           "mock", "--out", str(tmp_path / "sv"), "--shard", value], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 2 and "--shard" in done.stderr, done.stderr
+    assert not (tmp_path / "sv").exists()
+
+
+def test_an_empty_shard_is_refused_naming_the_option(tmp_path):
+    root = copy_config(tmp_path / "root", ["odum"])  # 2 workers: 8 shards leave some empty
+    (root / "registry").symlink_to(REPO / "registry")
+    empty = next(i for i in range(8) if not any(shard_index(w, 8) == i for w in WORKERS))
+    done = subprocess.run([sys.executable, "-m", "signalgen", "deploy", "supervisor", "--root", str(root), "--mode",
+                           "mock", "--out", str(tmp_path / "sv"), "--shard", f"{empty}/8"], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 2 and "--shard" in done.stderr and "no worker" in done.stderr, done.stderr

@@ -100,8 +100,8 @@ def test_a_store_from_before_run_provenance_gets_its_columns_and_keeps_its_runs(
     """Before: a store created by an older version kept its `runs` table as it was, and recording a run
     with provenance failed (no such column)."""
     path = tmp_path / "old.duckdb"
-    old = {c: t for c, t in RUN_SCHEMA.items()
-           if c not in ("data_source", "seed", "data_files", "config", *OWNER_FIELDS)}
+    old = {c: t for c, t in RUN_SCHEMA.items()  # nor the columns that came after them
+           if c not in ("data_source", "seed", "data_files", "config", *OWNER_FIELDS, "shard")}
     with duckdb.connect(str(path)) as con:
         cols = ", ".join(f'"{c}" {sql_type(t)}' for c, t in old.items())
         con.execute(f"CREATE TABLE runs ({cols})")
@@ -120,7 +120,8 @@ def test_a_store_from_before_run_owners_gets_their_columns_and_abandons_its_unfi
     """A run recorded before owners were has none: this store holds the file alone, so its writer is gone."""
     path = tmp_path / "old.duckdb"
     with duckdb.connect(str(path)) as con:
-        cols = ", ".join(f'"{c}" {sql_type(t)}' for c, t in RUN_SCHEMA.items() if c not in OWNER_FIELDS)
+        cols = ", ".join(f'"{c}" {sql_type(t)}' for c, t in RUN_SCHEMA.items()
+                         if c not in (*OWNER_FIELDS, "shard"))  # shards came after owners
         con.execute(f"CREATE TABLE runs ({cols})")
         con.execute("INSERT INTO runs (run_id, mode, status) VALUES ('done', 'mock', 'ok'), ('killed', 'mock', NULL)")
     with DuckDBStore(path) as s:

@@ -293,7 +293,7 @@ def test_runs_round_trip(store):
     t0 = datetime(2024, 1, 1, tzinfo=UTC)
     run = RunRecord(run_id="run-9", config_hash="abc123", mode="historical", environment="local-dev",
                     start=t0, end=t0 + timedelta(days=30), started_at=datetime(2025, 5, 1, 12, tzinfo=UTC),
-                    clients=["ikenna", "zara"])
+                    clients=["ikenna", "zara"], shard="1/4")
     store.start_run(run)
     store.start_run(run)  # a restarted recorder: still one row
     assert store.count("runs") == 1 and store.count("runs", status=None) == 1
@@ -303,14 +303,14 @@ def test_runs_round_trip(store):
     back = store.read(ReadQuery(kind="runs"))
     assert back.schema == RUN_SCHEMA
     row = back.row(0, named=True)
-    assert row["clients"] == ["ikenna", "zara"]
+    assert row["clients"] == ["ikenna", "zara"] and row["shard"] == "1/4"
     assert row["start"] == t0 and row["end"] == t0 + timedelta(days=30)
     assert row["status"] == "ok" and row["bars"] == 1_000 and row["peak_rss_mb"] == 312.5
     assert json.loads(row["rejections_by_reason"]) == {"below_confidence": 800, "no_consensus": 100}
     assert (row["host"], row["pid"]) == (socket.gethostname(), os.getpid())  # its owner
     assert set(FINISH_FIELDS) == set(row) - {"run_id", "config_hash", "mode", "environment", "start",
                                              "end", "started_at", "clients", "data_source", "seed",
-                                             "data_files", "config", "host", "pid"}
+                                             "data_files", "config", "host", "pid", "shard"}
     with pytest.raises(ValueError, match="unknown run fields"):
         store.finish_run("run-9", colour="red")
     with pytest.raises(KeyError):
