@@ -18,11 +18,13 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from signalgen.errors import ConfigError
@@ -41,6 +43,7 @@ SETTLED = ("RUNNING", "PAUSED", "STOPPED", "EXITED", "FATAL")  # what /readyz ac
 LABELS = ("client", "strategy", "symbol", "timeframe")
 REQUEST_TIMEOUT_S = 5.0   # a client that sends nothing holds its thread at most this long
 MAX_CONNECTIONS = 16      # served at once; more are closed unanswered
+ANSWER_TIMEOUT_S = 10.0  # longer than any answer takes (a control store waits up to 5 s for its lock)
 MAX_REASONS = 5           # workers a /readyz answer names
 
 
@@ -190,7 +193,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._answer(body=False)
 
     def _answer(self, body: bool) -> None:
-        code, ctype, data = self.server.app.answer(self.path.split("?", 1)[0])
+        code, ctype, data = self.server.app.answer_on_its_thread(self.path.split("?", 1)[0])
         self.send_response(code)
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(data)))
@@ -222,6 +225,9 @@ class HealthServer:
         self.host, self.port, self.registry = host, port, registry
         self.health, self.ready = health, ready
         self.slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        # answers are computed on this one thread, in turn: one control-store connection, and scrapes
+        # that come together cost one reading at a time; the connections' threads only do the I/O
+        self._answers = ThreadPoolExecutor(1, thread_name_prefix="metrics-answer")
         self._httpd: _Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -255,13 +261,22 @@ class HealthServer:
             self._httpd.shutdown()
             self._httpd.server_close()
             self._httpd = None
+        self._answers.shutdown(wait=False, cancel_futures=True)
+
+    def answer_on_its_thread(self, path: str) -> tuple[int, str, bytes]:
+        try:
+            return self._answers.submit(self.answer, path).result(ANSWER_TIMEOUT_S)
+        except TimeoutError:
+            return 503, "text/plain; charset=utf-8", f"no answer within {ANSWER_TIMEOUT_S:g} s\n".encode()
+        except RuntimeError:  # closing
+            return 503, "text/plain; charset=utf-8", b"shutting down\n"
 
     def answer(self, path: str) -> tuple[int, str, bytes]:
         """(status, content type, body) of a GET of `path`."""
         text = "text/plain; charset=utf-8"
         try:
             if path == "/metrics":
-                return 200, CONTENT_TYPE_LATEST, generate_latest(self.registry)
+                return 200, CONTENT_TYPE_PLAIN_0_0_4, generate_latest(self.registry)  # what every Prometheus reads
             if path == "/healthz":
                 problems = [p for p in (check() for check in self.health) if p]
                 return (503, text, ("; ".join(problems) + "\n").encode()) if problems else (200, text, b"ok\n")
