@@ -214,3 +214,29 @@ def test_hostile_requests_are_answered_without_harm(manager) -> None:
             s.close()
     until(lambda: get(base + "/healthz")[:2] == (200, "ok\n"), 15, "answering again")
     assert proc.poll() is None
+
+
+def test_the_writer_program_serves_its_own_health_and_metrics(tmp_path: Path) -> None:
+    """`writer`, as supervisord runs it beside `worker` programs: its own server, no worker series (its
+    workers' states are supervisord's), the store's counters; SIGTERM ends both."""
+    root = make_root(tmp_path, {"odum": client_yaml("odum", ["BTCUSD"])})
+    out = root / "writer.out"
+    with out.open("ab") as f:
+        proc = subprocess.Popen([sys.executable, str(REPO / "strategy_runner.py"), "writer", "--root", str(root)],
+                                cwd=root, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=f,
+                                stderr=subprocess.STDOUT)
+    try:
+        found: list[str] = []
+        until(lambda: found.extend(re.findall(r"metrics: (http://127\.0\.0\.1:\d+)/metrics", out.read_text())) or
+              found, 60, lambda: out.read_text()[-3000:])
+        base = found[0]
+        assert get(base + "/healthz")[:2] == (200, "ok\n") and get(base + "/readyz")[:2] == (200, "ready\n")
+        m = scrape(base)
+        assert m["signalgen_writer_lag_seconds"] == {(): 0.0} and "signalgen_worker_state" not in m
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        with pytest.raises(urllib.error.URLError):
+            get(base + "/healthz")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
