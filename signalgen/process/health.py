@@ -24,7 +24,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from signalgen.errors import ConfigError
@@ -41,6 +40,7 @@ SETTLED = ("RUNNING", "PAUSED", "STOPPED", "EXITED", "FATAL")  # what /readyz ac
 BEATING = ("STARTING", "RUNNING")  # states whose heartbeat age is exported (a stopped worker's only grows)
 LABELS = ("client", "strategy", "symbol", "timeframe")
 REQUEST_TIMEOUT_S = 5.0   # a client that sends nothing holds its thread at most this long
+EXPOSITION = "text/plain; version=0.0.4; charset=utf-8"  # what generate_latest writes; every Prometheus reads it
 MAX_CONNECTIONS = 16      # served at once; more are closed unanswered
 ANSWER_TIMEOUT_S = 10.0  # longer than any answer takes (a control store waits up to 5 s for its lock)
 MAX_REASONS = 5           # workers a /readyz answer names
@@ -277,7 +277,7 @@ class HealthServer:
         text = "text/plain; charset=utf-8"
         try:
             if path == "/metrics":
-                return 200, CONTENT_TYPE_PLAIN_0_0_4, generate_latest(self.registry)  # what every Prometheus reads
+                return 200, EXPOSITION, generate_latest(self.registry)
             if path == "/healthz":
                 problems = [p for p in (check() for check in self.health) if p]
                 return (503, text, ("; ".join(problems) + "\n").encode()) if problems else (200, text, b"ok\n")
