@@ -241,3 +241,31 @@ def test_the_writer_program_serves_its_own_health_and_metrics(tmp_path: Path) ->
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_a_taken_port_stops_start_with_exit_2_naming_the_field(tmp_path: Path) -> None:
+    root = make_root(tmp_path, {"odum": client_yaml("odum", ["BTCUSD"])})
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        proc = subprocess.run([sys.executable, str(REPO / "strategy_runner.py"), "start", "--inference", "mock",
+                               "--root", str(root)], cwd=root, capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "PYTHONPATH": str(REPO), "SIGNALGEN_PROCESS__METRICS_PORT": str(port)})
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.splitlines()[-1].startswith(f"error: process.metrics_port: cannot serve metrics on "
+                                                   f"127.0.0.1:{port}: Address already in use")
+
+
+def test_readiness_waits_for_workers_on_their_way_and_not_for_fatal_ones() -> None:
+    from signalgen.process.health import unready_workers
+
+    def rows(*states: str) -> list[dict]:
+        return [{"worker": f"w{i}", "state": s} for i, s in enumerate(states)]
+
+    assert unready_workers(rows("RUNNING", "PAUSED", "STOPPED", "EXITED", "FATAL")) == []
+    assert unready_workers(rows("RUNNING", "BACKOFF", "STARTING")) == [
+        "2 worker(s) not settled: w1 BACKOFF, w2 STARTING"]
+    many = unready_workers(rows(*["STOPPING"] * 7, "UNKNOWN"))
+    assert many == ["8 worker(s) not settled: w0 STOPPING, w1 STOPPING, w2 STOPPING, w3 STOPPING, w4 STOPPING "
+                    "and 3 more"]
