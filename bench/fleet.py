@@ -9,7 +9,9 @@ of 10 symbols each, one strategy of two models, one bar per second per worker) a
   worker over a window, as % of one core;
 - time from `kill -9` of a worker to RUNNING again (includes the first backoff, backoff_initial_s);
 - time from an inserted `strategy_commands` row (pause / resume) to its effect (the process is
-  SIGSTOPped / running again) and to the row's result.
+  SIGSTOPped / running again) and to the row's result;
+- the cost of metrics: the manager's CPU over windows without and with a scrape of its `/metrics`
+  every 15 s (alternating, in the same run), each scrape's time and size (series).
 
 Prints the figures; `--write` also puts them and the command into docs/benchmarks.md (section
 `## Fleet`, between markers).
@@ -143,6 +145,54 @@ def pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))]
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cpu_s(pid: int) -> float:
+    t = psutil.Process(pid).cpu_times()
+    return t.user + t.system
+
+
+def metrics_cost(pid: int, url: str, *, window: float, pairs: int, interval: float = 15.0) -> dict:
+    """The manager's CPU (% of one core) over `pairs` windows without and with a scrape of `url` every
+    `interval` seconds, alternating (so a drift of the load hits both alike); each scrape's wall time, the
+    manager's CPU during it beyond its rate without scraping, and the size of the answer."""
+    import urllib.request
+
+    off, on, took, cpu, size = [], [], [], [], (0, 0)
+    for _ in range(pairs):
+        c0, t0 = cpu_s(pid), time.monotonic()
+        time.sleep(window)
+        off.append((cpu_s(pid) - c0) / (time.monotonic() - t0))
+        c0, t0 = cpu_s(pid), time.monotonic()
+        due = t0
+        while due < t0 + window:
+            time.sleep(max(0.0, due - time.monotonic()))
+            s0, w0 = cpu_s(pid), time.perf_counter()
+            with urllib.request.urlopen(url, timeout=60) as r:
+                body = r.read()
+            spent = time.perf_counter() - w0
+            took.append(spent)
+            cpu.append(cpu_s(pid) - s0 - off[-1] * spent)
+            size = (len(body), sum(1 for line in body.splitlines() if line and not line.startswith(b"#")))
+            due += interval
+        time.sleep(max(0.0, t0 + window - time.monotonic()))
+        on.append((cpu_s(pid) - c0) / (time.monotonic() - t0))
+    base, scraped = statistics.mean(off), statistics.mean(on)
+    return {"window_s": window, "pairs": pairs, "interval_s": interval,
+            "manager_cpu_pct_without": round(100 * base, 1), "manager_cpu_pct_with": round(100 * scraped, 1),
+            "added_cpu_pct": round(100 * (scraped - base) / base, 1) if base else None,
+            "windows_without": [round(100 * x, 1) for x in off], "windows_with": [round(100 * x, 1) for x in on],
+            "scrape_ms": {"median": round(1000 * statistics.median(took)), "max": round(1000 * max(took))},
+            "scrape_cpu_ms": {"median": round(1000 * statistics.median(cpu)), "max": round(1000 * max(cpu))},
+            "scrapes": len(took), "bytes": size[0], "samples": size[1]}
+
+
 def heartbeat_worker(args) -> None:
     """A worker process without the pipeline: ready heartbeats every heartbeat_interval_s until SIGTERM.
     With `--heartbeats-only` the fleet measures the supervision alone (manager, forkserver, control store)."""
@@ -177,9 +227,10 @@ def heartbeat_manager(root: str) -> None:
 
 
 def bench(workers: int, *, window: float, settle: float, repeats: int, start_timeout: float,
-          heartbeats_only: bool = False) -> dict:
+          heartbeats_only: bool = False, metrics_window: float = 0.0, metrics_pairs: int = 2) -> dict:
+    port = free_port()
     process = {"mock_bar_interval_s": 1.0, "heartbeat_interval_s": 2.0, "heartbeat_threshold_s": 30.0,
-               "resource_sample_s": 5.0, "backoff_initial_s": 1.0}
+               "resource_sample_s": 5.0, "backoff_initial_s": 1.0, "metrics_port": port}
     with tempfile.TemporaryDirectory(prefix="fleet-") as tmp:
         root = Path(tmp)
         ids = setup(root, workers, process)
@@ -248,6 +299,9 @@ def bench(workers: int, *, window: float, settle: float, repeats: int, start_tim
             # the CPU of one bar plus a second of idle threads (heartbeat, parent watch, sink)
             result["worker_cpu_ms_per_s"] = round(
                 (result["idle_cpu_pct_of_one_core"] - result["manager_cpu_pct_of_one_core"]) * 10 / workers, 2)
+            if metrics_window:  # before the kills and commands: the same steady fleet
+                result["metrics"] = metrics_cost(manager.pid, f"http://127.0.0.1:{port}/metrics",
+                                                 window=metrics_window, pairs=metrics_pairs)
             # kill -9 -> RUNNING again
             recover = []
             for wid in ids[1:: max(1, workers // repeats)][:repeats]:
@@ -314,6 +368,21 @@ def markdown(results: list[dict], command: str) -> str:
             f"({r['manager_cpu_pct_of_one_core']:.0f}%) | {r['worker_cpu_ms_per_s']:.2f} ms | {rate} | "
             f"{min(k):.1f}-{max(k):.1f} s | {min(e):.2f}-{max(e):.2f} s ({min(d):.2f}-{max(d):.2f} s) | "
             f"{r['sigterm_to_exit_s']:.0f} s |")
+    measured = [r for r in results if r.get("metrics")]
+    if measured:
+        lines += ["", "Metrics: the manager's CPU (% of one core) over windows without and with a scrape of its "
+                  "`/metrics` every 15 s, alternating in the same run (targets: at most 5% added CPU, a scrape "
+                  "under 1% of the interval, 150 ms).", "",
+                  "| workers | manager CPU without | with scraping | added | scrape time, median (max) | manager "
+                  "CPU per scrape, median (max) | answer |", "| --- | --- | --- | --- | --- | --- | --- |"]
+        for r in measured:
+            m = r["metrics"]
+            lines.append(
+                f"| {r['workers']} | {m['manager_cpu_pct_without']:.1f}% ({', '.join(map(str, m['windows_without']))}) "
+                f"| {m['manager_cpu_pct_with']:.1f}% ({', '.join(map(str, m['windows_with']))}) | "
+                f"{m['added_cpu_pct']:+.1f}% | {m['scrape_ms']['median']} ms ({m['scrape_ms']['max']}) | "
+                f"{m['scrape_cpu_ms']['median']} ms ({m['scrape_cpu_ms']['max']}) | {m['samples']:,} samples, "
+                f"{m['bytes'] / 1024:.0f} KiB |")
     lines += ["", MARK_END]
     return "\n".join(lines)
 
@@ -327,12 +396,16 @@ def main() -> None:
     parser.add_argument("--start-timeout", type=float, default=300.0)
     parser.add_argument("--heartbeats-only", action="store_true",
                         help="workers only write heartbeats: the supervision's own cost, without the pipeline")
+    parser.add_argument("--metrics-window", type=float, default=60.0,
+                        help="seconds per window of the metrics cost (0: not measured)")
+    parser.add_argument("--metrics-pairs", type=int, default=2, help="windows without and with scraping, each")
     parser.add_argument("--write", action="store_true", help="update docs/benchmarks.md with these figures (default: print only)")
     args = parser.parse_args()
     results = []
     for n in args.workers:
         r = bench(n, window=args.window, settle=args.settle, repeats=args.repeats, start_timeout=args.start_timeout,
-                  heartbeats_only=args.heartbeats_only)
+                  heartbeats_only=args.heartbeats_only, metrics_window=args.metrics_window,
+                  metrics_pairs=args.metrics_pairs)
         print(json.dumps(r), flush=True)
         results.append(r)
     if args.write:

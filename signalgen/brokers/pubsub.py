@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from signalgen.config.models import SAFE_ID, Mode, timeframe_delta
 from signalgen.errors import StorageError, TransientError
+from signalgen.metrics import DEAD_LETTERS, PUBLISH_FAILURES
 from signalgen.brokers.codec import (SCHEMA_VERSION, PublishStats, decision_entries, encode_bar, json_lines,
                                      paced)
 from signalgen.brokers.redis import RECORDER_GROUP
@@ -554,6 +555,7 @@ class Publisher:
         """An attempt of `key` failed: pause the key until the resumer publishes its queue again. Called
         with the lock held."""
         self.stats.failed += 1
+        PUBLISH_FAILURES.inc()
         if not key.paused:
             key.paused = True
             self._paused += 1
@@ -791,6 +793,7 @@ class Subscriber:
             received.nack()
             return
         self.stats.dead_lettered += 1
+        DEAD_LETTERS.labels(reason[:64]).inc()
         received.ack()
 
 
@@ -1146,6 +1149,7 @@ class Pull:
             self.nack([ack_id])
             raise TransientError(f"cannot dead-letter message {message.message_id} of {self.subscription}: "
                                  f"{exc}") from exc
+        DEAD_LETTERS.labels(reason[:64]).inc()
         self.ack([ack_id])
 
     def close(self) -> None:

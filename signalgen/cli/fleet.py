@@ -297,7 +297,6 @@ def add_strategy(client: Annotated[str, typer.Option("--client", "-c", help="The
 
 STATUS_PROBLEM = 3  # `status` exit code: a worker FATAL, BACKOFF or unknown, or no manager supervising
 UNKNOWN = "UNKNOWN"  # shown instead of a recorded state that no manager vouches for
-_NEEDS_MANAGER = ("STARTING", "RUNNING", "PAUSED", "STOPPING", "BACKOFF")  # true only while one supervises
 _NOT_SUPERVISING = ("stopped", "tracing-stop", "zombie", "dead")  # psutil statuses of a frozen or dead manager
 
 
@@ -318,46 +317,13 @@ def manager_state(control: Path) -> tuple[int | None, str, float | None]:
 
 
 def status_rows(store, manager: str = "running", manager_started: float | None = None) -> list[dict]:
-    """One dict per worker: its instance row joined with its latest heartbeat (same pid).
+    """One dict per worker (`signalgen.process.health.worker_rows`: the reading `/metrics` makes too).
 
     A recorded state that needs a supervising manager (RUNNING, BACKOFF, ...) is shown as UNKNOWN
-    when `manager` is not "running", and so is every row written before `manager_started` (a
-    previous manager's or another shard's, not yet rewritten by this one); `last_state` keeps what
-    was recorded and `reason` says why.
-    """
-    from signalgen.process.manager import _epoch
+    when `manager` is not "running", and so is every row written before `manager_started`."""
+    from signalgen.process.health import worker_rows
 
-    now = time.time()
-    beats = store.heartbeats()
-    rows = []
-    for inst in sorted(store.instances(), key=lambda r: r["id"]):
-        beat = beats.get(inst["id"]) or {}
-        if beat and inst.get("pid") is not None and beat.get("pid") != inst.get("pid"):
-            beat = {k: beat.get(k) for k in ("checkpoint", "signals", "errors")}  # an earlier process's
-        recorded, reason = inst["state"], inst.get("reason") or ""
-        updated = _epoch(inst.get("updated_at"))
-        if manager != "running" and recorded in _NEEDS_MANAGER:
-            doubt = f"manager {manager}"
-        elif manager == "running" and manager_started and updated is not None and updated < manager_started:
-            doubt = "a previous manager's row"
-        else:
-            doubt = ""
-        state = UNKNOWN if doubt else recorded
-        if doubt:
-            last = f"last {recorded}" + (f" (pid {inst['pid']})" if inst.get("pid") else "")
-            reason = f"{doubt}; {last}" + (f": {reason}" if reason not in ("", "ready") else "")
-        alive = state in ("STARTING", "RUNNING", "PAUSED", "STOPPING")
-        started = _epoch(inst.get("started_at"))
-        rows.append({
-            "worker": inst["id"], "state": state, "last_state": recorded, "pid": inst.get("pid") if alive else None,
-            "uptime_s": round(now - started, 1) if alive and started else None,
-            "last_heartbeat_s": round(now - _epoch(beat["ts"]), 1) if beat.get("ts") else None,
-            "last_bar_time": beat.get("last_bar_time"), "checkpoint": beat.get("checkpoint"),
-            "signals": beat.get("signals"), "rejections": beat.get("rejections"), "errors": beat.get("errors"),
-            "paused_keys": beat.get("paused_keys") or 0,
-            "restarts": inst.get("restarts"), "exit_code": inst.get("exit_code"), "reason": reason,
-        })
-    return rows
+    return worker_rows(store, manager, manager_started)
 
 
 @app.command("status")

@@ -281,7 +281,10 @@ def recorder(env: EnvOpt = Environment.LOCAL_INTEGRATION, root: RootOpt = None, 
 
     The recorder is the store's and the clients' streams' only writer; `signals list` reads through it
     meanwhile."""
+    from signalgen.metrics import count_recorder
+    from signalgen.process.health import serve_health
     from signalgen.storage import open_store
+    from signalgen.storage.control import ControlStore
     from signalgen.storage.recorder import Recorder
     from signalgen.transports import transport_for
 
@@ -297,9 +300,13 @@ def recorder(env: EnvOpt = Environment.LOCAL_INTEGRATION, root: RootOpt = None, 
             rec = Recorder.from_config(cfg, store, consumer=consumer)
             err_console.print(f"recording {len(rec.streams)} streams of mode {mode.value} into {store}",
                               highlight=False)
+            untrack = count_recorder(rec)
             try:
-                stats = rec.run(stop)
+                with serve_health(cfg, control=ControlStore.from_config(cfg),
+                                  problems=lambda: ["Redis unreachable (retrying)"] if rec.redis_down else []):
+                    stats = rec.run(stop)
             finally:
+                untrack()
                 rec.close()
     finally:
         store.close()

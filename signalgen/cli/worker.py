@@ -119,6 +119,8 @@ def serve_writer(cfg: RunConfig, address: Path, stop: threading.Event | None = N
 
     from signalgen.config.workers import worker_specs
     from signalgen.modes import new_run_id, run_record, stop_on_signals
+    from signalgen.process.health import serve_health
+    from signalgen.storage.control import ControlStore
     from signalgen.transports.local import STREAMING_WINDOW, WriterServer, host_outcome
     from signalgen.storage import open_store
 
@@ -132,7 +134,7 @@ def serve_writer(cfg: RunConfig, address: Path, stop: threading.Event | None = N
                               control_path=str(control_path_of(cfg)), **STREAMING_WINDOW)
         status = "failed"
         try:
-            with server:
+            with server, serve_health(cfg, control=ControlStore(control_path_of(cfg)), problems=server.problems):
                 console.print(f"writer {run_id} serving on {address}", highlight=False)
                 while not stop.wait(1.0):
                     pass

@@ -277,6 +277,10 @@ class ProcessLimitsConfig(Frozen):
     mock_bar_interval_s: float = Field(1.0, ge=0)  # streaming mock: wall seconds between bars per worker
     log_max_mb: float = Field(10.0, gt=0)  # manager.log and each worker's log rotate at this size ...
     log_backups: int = Field(5, ge=0, le=100)  # ... keeping this many old files
+    # /healthz, /readyz and /metrics of the manager, writer and recorder processes (docs/operations.md):
+    # one port per process on a host; 0 picks a free one (logged: "metrics: http://HOST:PORT/metrics")
+    metrics_host: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9.:_-]{1,253}$")] = "127.0.0.1"
+    metrics_port: int = Field(9464, ge=0, le=65535)
 
     @model_validator(mode="after")
     def _ordered(self) -> ProcessLimitsConfig:

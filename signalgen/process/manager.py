@@ -47,6 +47,7 @@ from signalgen.config.workers import WorkerSpec, worker_specs
 from signalgen.errors import ConfigError, SignalgenError
 from signalgen.config.edit import write_atomic
 from signalgen.logs import Outage, excerpt, log_to_file
+from signalgen.process.health import serve_health
 from signalgen.process.states import (TRANSIENT_EXIT, TRANSITIONS, InvalidTransition, State, StateEvent, WorkerProcess,
                                       after_exit, backoff_delay)
 from signalgen.storage.control import ControlStoreCorrupt, control_path_of, iso
@@ -59,6 +60,7 @@ PRELOAD = "signalgen.process.preload"
 ERROR_WINDOW_S = 60.0
 STALL_S = 2.0  # a tick this long after the last ended (4 x TICK_S): the manager was stopped (SIGSTOP, GC, swap)
 TRANSIENT_BACKOFF_MAX_S = 2.0  # the longest wait before restarting a worker that left for a transient cause
+LOOP_STALLED_S = 60.0  # /healthz fails when the supervision loop has not ticked for this long
 MAX_UNWRITTEN_EVENTS = 10_000  # events kept while the control store cannot be written
 COMMANDS = ("start", "stop-strategy", "pause", "resume", "restart", "stop", "reload", "add-strategy")
 
@@ -311,6 +313,8 @@ class StrategyProcessManager:
             held.callback(server.close)  # after the workers stopped (they wait for their last acks)
             self._address = server.address
             held.callback(self._kill_all)  # on an unexpected error: never leave workers behind
+            held.enter_context(serve_health(self.cfg, control=self.control, problems=server.problems, fleet=True,
+                                            alive=self._loop_alive))
             signals = held.enter_context(stop_on_signals(stop))
             sampling = threading.Event()
             sampler = threading.Thread(target=self._sampler, args=(sampling,), name="sampler", daemon=True)
@@ -330,6 +334,11 @@ class StrategyProcessManager:
                 self.tick()
             self._flush()
             self._run_outcome["status"] = "stopped"
+
+    def _loop_alive(self) -> str | None:
+        """/healthz: the supervision loop ticks (a tick sleeps at most TICK_S)."""
+        late = time.monotonic() - self._last_tick
+        return f"supervision loop stalled for {late:.0f} s" if late > LOOP_STALLED_S else None
 
     def _record_run(self, store, held: ExitStack) -> None:
         """The manager's run in the store's `runs` (status `stopped` after a clean stop, else `failed`)."""

@@ -415,6 +415,13 @@ class ControlStore:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    @_guarded
+    def ping(self) -> None:
+        """A trivial write (the schema version, rewritten as it is, in a write transaction): StorageError
+        when the store cannot be written. What a health check calls."""
+        with self._write() as con:
+            con.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
     # ---------------------------------------------------------------- instances
 
     @_guarded

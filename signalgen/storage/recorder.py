@@ -21,7 +21,7 @@ import queue
 import socket
 import threading
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -148,7 +148,12 @@ class Recorder:
         self._held = _Held()
         self._outputs: dict[str, Output] = {}
         self._committing: queue.Queue | None = None  # the store thread's gathers, while `run()` runs
+        self._handed: deque[float] = deque()  # monotonic start of each gather handed over, not yet committed
+        # called with (signals, rejections, monotonic time of the gather's first read) once stored: a
+        # decision host's metrics (signalgen.metrics.observe_stored)
+        self.on_stored: Callable[[pl.DataFrame, pl.DataFrame, float], None] | None = None
         self._error: BaseException | None = None     # the store thread's failure, raised by the next step
+        self.redis_down = False  # `run()` cannot reach Redis (retrying)
 
     @classmethod
     def from_config(cls, cfg: RunConfig, store: SignalStore, **kwargs) -> Recorder:
@@ -250,7 +255,7 @@ class Recorder:
                     self.step()
                 except (redis.ConnectionError, redis.TimeoutError) as exc:
                     if not down:
-                        down = True
+                        down = self.redis_down = True
                         log.warning("recorder: Redis unreachable (%s); retrying", exc)
                     stop.wait(delay)
                     delay = min(delay * 2, 1.0)
@@ -258,7 +263,7 @@ class Recorder:
                     continue
                 if down:
                     log.warning("recorder: Redis is back")
-                    down, delay = False, 0.05
+                    down, delay, self.redis_down = False, 0.05, False
         finally:
             committing, self._committing = self._committing, None
             committing.put(None)
@@ -359,10 +364,22 @@ class Recorder:
             self._committing.join()
         self._raise_error()
 
+    def oldest_unstored(self) -> float | None:
+        """Monotonic time of the first read of the oldest entry not stored yet (None: all stored)."""
+        handed = self._handed
+        try:
+            return handed[0]
+        except IndexError:
+            return self._held.since if self._held.ids else None
+
     def _hand_over(self) -> None:
         held, self._held = self._held, _Held()
+        self._handed.append(held.since)
         if self._committing is None:
-            self._commit(held)
+            try:
+                self._commit(held)
+            finally:
+                self._handed.popleft()
         else:
             self._committing.put(held)  # blocks while COMMIT_QUEUE gathers wait: the store is far behind
 
@@ -392,6 +409,9 @@ class Recorder:
             except Exception as exc:  # noqa: BLE001 - raised on the reading thread by its next step
                 self._error = exc
             finally:
+                for _ in range(taken - end):
+                    if self._handed:
+                        self._handed.popleft()
                 for _ in range(taken):
                     committing.task_done()
             if end:
@@ -410,6 +430,11 @@ class Recorder:
         if signals.height or rejections.height:
             self.store.write_decisions(signals, rejections)
             self.stats.transactions += 1
+            if self.on_stored is not None:
+                try:
+                    self.on_stored(signals, rejections, held.since)
+                except Exception as exc:  # noqa: BLE001 - a metric must never fail a stored write
+                    log.warning("recorder: counting stored decisions failed: %r", exc)
         if bars.height:
             self.store.write_bar_rejections(bars.unique(maintain_order=True), None, self.mode)
         if held.quantconnect and self.quantconnect is not None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING
 
@@ -60,6 +60,9 @@ class SignalWriter:
         self._lock = threading.Lock()
         self._stored: dict[str, datetime] = {}       # worker id -> last bar time in the store, unconfirmed
         self._checkpoints: dict[str, datetime] = {}  # worker id -> last bar time stored and delivered
+        # called on the writer thread with each write's (signals, rejections) once the store holds
+        # them: a decision host's metrics (signalgen.metrics.observe_stored); None in batch runs
+        self.on_stored: Callable[[pl.DataFrame, pl.DataFrame], None] | None = None
         self._writer = threading.Thread(target=self._write_loop, name="signal-writer", daemon=True)
         self._writer.start()
 
@@ -121,6 +124,7 @@ class SignalWriter:
     def _write(self, spec: WorkerSpec, decisions: Decisions) -> None:
         signals, rejections = decisions.frames()
         written = self.store.write_decisions(signals, rejections)
+        self._stored_hook(signals, rejections)
         self._note_stored(spec, _last_bar_time(signals, rejections))
         self._deliver(written.stream, {(spec.client.id, spec.strategy.id): spec})
 
@@ -147,12 +151,21 @@ class SignalWriter:
         parts: list[tuple[pl.DataFrame, pl.DataFrame]] = [(b[1], b[2]) for b in built]
         if rows:
             parts.append(Records.join([d for _, d in rows]).frames())
-        written = self.store.write_decisions(pl.concat([p[0] for p in parts]), pl.concat([p[1] for p in parts]))
+        signals, rejections = pl.concat([p[0] for p in parts]), pl.concat([p[1] for p in parts])
+        written = self.store.write_decisions(signals, rejections)
+        self._stored_hook(signals, rejections)
         for spec, signals, rejections in built:
             self._note_stored(spec, _last_bar_time(signals, rejections))
         for spec, records in rows:
             self._note_stored(spec, records.last_bar_time)
         self._deliver(written.stream, {(spec.client.id, spec.strategy.id): spec for spec, _ in items})
+
+    def _stored_hook(self, signals: pl.DataFrame, rejections: pl.DataFrame) -> None:
+        if self.on_stored is not None:
+            try:
+                self.on_stored(signals, rejections)
+            except Exception as exc:  # noqa: BLE001 - a metric must never fail a stored write
+                log.warning("counting stored decisions failed: %r", exc)
 
     def _note_stored(self, spec: WorkerSpec, last: datetime | None) -> None:
         """The worker's decisions up to `last` are in the store (not yet confirmed by its outputs)."""

@@ -67,6 +67,10 @@ class DecisionHost(Protocol):
 
     def start(self) -> None: ...
 
+    def problems(self) -> list[str]:
+        """Why it cannot take decisions now (a thread ended, the store or broker unreachable): what
+        `/readyz` answers; empty when it can."""
+
     def reloaded(self, cfg: RunConfig, specs: list[WorkerSpec]) -> None:
         """A reload changed the config (before the new workers start): take every worker's decisions,
         new clients and strategies included."""

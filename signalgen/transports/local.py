@@ -202,6 +202,7 @@ class _Batch:
     seq: int
     frames: Frames | Records  # rows for a small batch (up to SMALL_BATCH bars), frames for a bigger one
     bar_rejections: pl.DataFrame | None
+    arrived: float = field(default_factory=time.monotonic)
 
     @property
     def bars(self) -> int:
@@ -223,7 +224,7 @@ class WriterServer:
 
     def __init__(self, cfg: RunConfig, store: SignalStore, *, run_id: str, address: str, authkey: bytes,
                  commit_interval_s: float = 0.05, max_commit_wait_s: float = 0.25, max_group_bars: int = 100_000,
-                 writer: SignalWriter | None = None, control_path: str | None = None) -> None:
+                 writer: SignalWriter | None = None, control_path: str | None = None, metrics: bool = False) -> None:
         if len(os.fsencode(address)) > MAX_SOCKET_PATH:
             raise ConfigError(f"writer socket path is {len(os.fsencode(address))} bytes, over the "
                               f"{MAX_SOCKET_PATH} a Unix socket allows: {address}; pass a shorter --writer/--address")
@@ -259,6 +260,10 @@ class WriterServer:
         self.stats = {"groups": 0, "batches": 0, "bars": 0, "signals": 0, "rejections": 0, "bar_rejections": 0,
                       "failed_groups": 0, "retries": 0, "commit_s": 0.0}
         self._outage = Outage(log, "storing decisions (their workers wait for the acks)")
+        # Prometheus (signalgen.metrics): a long-lived writer's decisions and lag; not a batch run's
+        self.metrics = metrics
+        self._committing: list[_Batch] = []  # the group being written
+        self._untrack_lag: Callable[[], None] | None = None
         # called with (group size in batches, bars, seconds the commit took); for benchmarks
         self.on_commit: Callable[[int, int, float], None] | None = None
 
@@ -267,6 +272,11 @@ class WriterServer:
     def start(self) -> WriterServer:
         if self._writer is None:
             self._writer = SignalWriter.from_config(self.cfg, self.store)
+        self._count(self._writer)
+        if self.metrics:
+            from signalgen.metrics import track_lag
+
+            self._untrack_lag = track_lag(self._oldest_unstored)
         self._checkpoints = self.store.checkpoints(self.mode)
         _claim_socket_path(self.address)
         # authkey=None here: the challenge runs on each connection's own thread (with a timeout),
@@ -300,11 +310,41 @@ class WriterServer:
     def reloaded(self, cfg: RunConfig, specs: list[WorkerSpec]) -> None:
         """Nothing to do: a worker's outputs open at its hello, whichever client it belongs to."""
 
+    def problems(self) -> list[str]:
+        """Why this writer is not ready (empty: it is): a thread ended, or the store cannot be written."""
+        out = [f"writer thread {t.name} ended" for t in self._threads if not t.is_alive()]
+        if self._outage.since is not None:
+            out.append(f"storing decisions fails since {time.monotonic() - self._outage.since:.0f} s")
+        return out
+
+    def _count(self, writer: SignalWriter) -> None:
+        """Have `writer` count what it stores into the metrics (a long-lived writer only)."""
+        if self.metrics:
+            from signalgen.metrics import observe_stored
+
+            writer.on_stored = lambda signals, rejections: observe_stored(
+                self.mode, signals, rejections, received=self._received())
+
+    def _received(self) -> float | None:
+        """Wall time the oldest batch of the group being written arrived."""
+        group = self._committing
+        return time.time() - (time.monotonic() - min(b.arrived for b in group)) if group else None
+
+    def _oldest_unstored(self) -> float | None:
+        times = [self._committing[0].arrived] if self._committing else []
+        try:
+            times.append(self._inbox[0].arrived)
+        except IndexError:
+            pass
+        return min(times) if times else None
+
     def close(self) -> None:
         """Stop accepting, commit and ack every batch received, close the outputs, remove the socket."""
         if self._closing.is_set():
             return
         self._closing.set()
+        if self._untrack_lag is not None:
+            self._untrack_lag()
         for thread in self._threads:
             if thread.name == "writer-commit":  # after the reader: nothing arrives any more
                 with self._lock:
@@ -517,7 +557,11 @@ class WriterServer:
                     self._inbox_ready.wait_for(lambda: self._inbox_bars >= self.max_group_bars or self._drained,
                                                wait)
                 group, self._inbox, self._inbox_bars = list(self._inbox), deque(), 0
-            self._commit(group)  # at close: whatever was received is committed and acked too
+                self._committing = group
+            try:
+                self._commit(group)  # at close: whatever was received is committed and acked too
+            finally:
+                self._committing = []
 
     def _commit(self, group: list[_Batch]) -> None:
         """Write one group, flush, record checkpoints, then ack; on failure ack nothing.
@@ -540,6 +584,10 @@ class WriterServer:
                 break
             except Exception as exc:  # noqa: BLE001 - waited out, or reported to the workers
                 self._drop_writer()
+                if self.metrics:
+                    from signalgen.metrics import WRITE_FAILURES
+
+                    WRITE_FAILURES.inc()
                 if is_transient(exc) and not self._closing.is_set():
                     self.stats["retries"] += 1
                     self._outage.failed(exc)
@@ -607,6 +655,7 @@ class WriterServer:
         if self._writer is None:
             with self._outputs_lock:
                 self._writer = SignalWriter.from_config(self.cfg, self.store)
+            self._count(self._writer)
             self._own_writer = True  # a run's writer that failed is not handed back to the run
         return self._writer
 
@@ -942,7 +991,7 @@ class LocalTransport:
     def decision_host(self, cfg: RunConfig, store: SignalStore, *, run_id: str, address: str, authkey: bytes,
                       control_path: str) -> WriterServer:
         return WriterServer(cfg, store, run_id=run_id, address=address, authkey=authkey, control_path=control_path,
-                            **STREAMING_WINDOW)
+                            metrics=True, **STREAMING_WINDOW)
 
     def live_feed(self, cfg: RunConfig, spec: WorkerSpec, *, after, stop):
         raise self.no_live_feed(cfg)

@@ -243,7 +243,7 @@ class PubSubRecorder:
 
     def __init__(self, cfg: RunConfig, store: SignalStore, *, run_id: str) -> None:
         self.cfg, self.store, self.run_id, self.mode = cfg, store, run_id, cfg.mode.name.value
-        self.writer = SignalWriter.from_config(cfg, store)
+        self.writer = self._counting(SignalWriter.from_config(cfg, store))
         self.specs = {(s.client.id, s.strategy.id): s for s in worker_specs(cfg)}
         self.counts = {"signals": 0, "rejections": 0, "bar_rejections": 0, "messages": 0, "writes": 0}
         self._held: list[Received] = []
@@ -253,6 +253,10 @@ class PubSubRecorder:
         self._publishers: dict[str, Publisher] = {}
         self._thread = threading.Thread(target=self._loop, name="pubsub-recorder", daemon=True)
         self._last_write_s = 0.0
+        self._held_since: float | None = None     # monotonic: the first message held for the next write
+        self._writing_since: float | None = None  # ... and of the write under way
+        self._failing = False  # the last write failed (its gather redelivered)
+        self._untrack = lambda: None
 
     @property
     def stats(self) -> dict[str, int]:
@@ -260,8 +264,28 @@ class PubSubRecorder:
         return {"bars": c["signals"] + c["rejections"] + c["bar_rejections"], **c}
 
     def start(self) -> None:
+        from signalgen.metrics import track_lag
+
         self._subscribe(sorted({c.id for c in self.cfg.clients}))
+        self._untrack = track_lag(lambda: self._writing_since or self._held_since)
         self._thread.start()
+
+    def problems(self) -> list[str]:
+        """Why this recorder is not ready (empty: it is)."""
+        if not self._thread.is_alive():
+            return ["recorder thread not running"]
+        return ["storing decisions fails (redelivered meanwhile)"] if self._failing else []
+
+    def _counting(self, writer: SignalWriter) -> SignalWriter:
+        """`writer`, counting what it stores into the metrics (signalgen.metrics)."""
+        from signalgen.metrics import observe_stored
+
+        def stored(signals, rejections) -> None:
+            since = self._writing_since
+            observe_stored(self.mode, signals, rejections,
+                           received=None if since is None else time.time() - (time.monotonic() - since))
+        writer.on_stored = stored
+        return writer
 
     def reloaded(self, cfg: RunConfig, specs: list[WorkerSpec]) -> None:
         """Take the decisions of every worker of the new config: new strategies are routed as their
@@ -298,6 +322,8 @@ class PubSubRecorder:
                                  f"{str(record.get('client_id'))[:64]!r}, mode {str(record.get('mode'))[:16]!r}")
             return
         with self._lock:
+            if not self._held:
+                self._held_since = time.monotonic()
             self._held.append(received)
 
     def gather_s(self) -> float:
@@ -312,6 +338,7 @@ class PubSubRecorder:
         """Store what is held (one write), deliver it, ack it; on failure nack it (redelivered)."""
         with self._lock:
             held, self._held = self._held, []
+            self._writing_since, self._held_since = self._held_since, None
             unknown = [m for m in held if _strategy(m) not in self.specs]
         if unknown:  # not (yet) in this recorder's config: never stored, never acked — redelivered, and
             # dead-lettered after max_delivery_attempts unless a reload brings the strategy
@@ -320,13 +347,23 @@ class PubSubRecorder:
             for message in unknown:
                 message.nack()
             held = [m for m in held if _strategy(m) in self.specs]
-        if not held:
-            return
+        try:
+            if held:
+                self._store(held)
+        finally:
+            self._writing_since = None
+
+    def _store(self, held: list[Received]) -> None:
         started = time.monotonic()
         try:
             undecodable = self._write(held)
             self._last_write_s = time.monotonic() - started
+            self._failing = False
         except Exception as exc:  # noqa: BLE001 - redelivered by Pub/Sub; the loop goes on
+            from signalgen.metrics import WRITE_FAILURES
+
+            WRITE_FAILURES.inc()
+            self._failing = True
             log.warning("pubsub recorder: storing %d messages failed (they will be redelivered): %s", len(held),
                         str(exc)[:300])
             for message in held:
@@ -340,7 +377,7 @@ class PubSubRecorder:
     def _renew_writer(self) -> None:
         """A fresh writer (and outputs) for the next gather: a transient failure (a store away, a full
         disk) then costs the gathers until it is over, never the rest of the run."""
-        failed, self.writer = self.writer, SignalWriter.from_config(self.cfg, self.store)
+        failed, self.writer = self.writer, self._counting(SignalWriter.from_config(self.cfg, self.store))
         for spec in self.specs.values():
             self.writer.open_outputs(self.cfg, spec)
         try:
@@ -405,6 +442,7 @@ class PubSubRecorder:
         """After the workers stopped: store what is still arriving (until GATHER_S passes with nothing
         new), then stop the subscriptions and close the writer and publishers."""
         self._stop.set()
+        self._untrack()
         if self._thread.is_alive():
             self._thread.join()
         quiet_since = time.monotonic()

@@ -55,6 +55,7 @@ class RecorderHost:
 
         self.run_id = run_id
         self.recorder = Recorder.from_config(cfg, store)
+        self._untrack = lambda: None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="recorder", daemon=True)
         self._switch_interval = sys.getswitchinterval()  # the process's, restored at close
@@ -75,9 +76,18 @@ class RecorderHost:
             added = self.recorder.add_clients(clients)
             log.info("recorder: %d more streams (%s)", len(added), ", ".join(clients), extra={"run_id": self.run_id})
 
+    def problems(self) -> list[str]:
+        """Why this recorder is not ready (empty: it is)."""
+        if not self._thread.is_alive():
+            return ["recorder thread not running"]
+        return ["Redis unreachable (retrying)"] if self.recorder.redis_down else []
+
     def start(self) -> RecorderHost:
+        from signalgen.metrics import count_recorder
+
         sys.setswitchinterval(min(self._switch_interval, SWITCH_INTERVAL_S))
         self.recorder.ensure_groups()
+        self._untrack = count_recorder(self.recorder)
         self._thread.start()
         log.info("recorder started on %d streams", len(self.recorder.streams), extra={"run_id": self.run_id})
         return self
@@ -97,6 +107,7 @@ class RecorderHost:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join()
+        self._untrack()
         rec = self.recorder
         rec.block_ms = DRAIN_BLOCK_MS
         try:

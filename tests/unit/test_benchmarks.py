@@ -88,9 +88,12 @@ def test_a_benchmark_runs_and_reports_its_figures(script: str, args: list[str], 
 
 def test_the_fleet_benchmark_brings_a_small_fleet_up_and_down() -> None:
     before = _digest(DOC)
-    out = _run("fleet.py", ["--workers", "4", "--window", "5", "--settle", "1", "--repeats", "1"])
+    out = _run("fleet.py", ["--workers", "4", "--window", "5", "--settle", "1", "--repeats", "1",
+                            "--metrics-window", "2", "--metrics-pairs", "1"])
     result = json.loads(out.strip().splitlines()[-1])
     assert result["workers"] == 4 and result["all_running_s"] is not None
+    metrics = result["metrics"]  # the manager's /metrics scraped: its time, size and CPU measured
+    assert metrics["scrapes"] == 1 and metrics["samples"] > 4 * 5 and metrics["manager_cpu_pct_without"] > 0
     assert result["exit_code"] == 0 and result["bars_per_s"] > 0 and result["uss_mb"]["median"] > 0
     assert len(result["kill9_to_running_s"]) == 1 and result["command_to_effect_s"][0] is not None
     assert _digest(DOC) == before

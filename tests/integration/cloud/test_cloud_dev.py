@@ -36,6 +36,14 @@ def decisions(cloud: dict, env: str, kind: str, client: str, drop: list[str] = P
     return df.drop([c for c in drop if c in df.columns]).sort(key)
 
 
+def sample(name: str, label: str | None = None, value: str | None = None) -> float:
+    """The sum of this process's `name` samples (signalgen.metrics) whose `label` is `value`."""
+    from signalgen.metrics import REGISTRY
+
+    return sum(s.value for m in REGISTRY.collect() for s in m.samples
+               if s.name == name and (label is None or s.labels.get(label) == value))
+
+
 @pytest.mark.parametrize("client", ["ikenna", "odum"])
 def test_historical_on_cloud_dev_stores_what_local_dev_stores(cloud, client):
     for env in ("local-dev", "cloud-dev"):
@@ -189,6 +197,10 @@ def test_a_foreign_or_broken_record_is_dead_lettered_alone(cloud):
             engine = WorkerEngine(spec, ModelRegistry(root / "registry"), backend="onnx", now=datetime.now(timezone.utc),
                                   mode="simulation", run_id="r")
             decided = engine.decide(engine.prepare(bars, epoch_us(start + timedelta(hours=4))))
+            before = {k: sample(*k) for k in (
+                ("signalgen_dead_letters_total", "reason", "foreign_record"),
+                ("signalgen_dead_letters_total", "reason", "undecodable_record"),
+                ("signalgen_writer_failures_total",), ("signalgen_bars_total", "client", "christian"))}
             # and the store fails the first write it is given (a store away): the recorder goes on after it
             real, failures = store.write_decisions, []
 
@@ -206,7 +218,17 @@ def test_a_foreign_or_broken_record_is_dead_lettered_alone(cloud):
                      + decisions(cloud, "cloud-dev", "signals", "christian").height == decided.bars, 120,
                      "the worker's decisions stored beside the bad messages, after a failed write")
             assert failures == [1]
-            assert recorder.counts["messages"] == decided.bars  # the two bad ones were never stored
+            # the two bad ones were never stored (counted once the gather is delivered too: after the store holds it)
+            wait_for(lambda: recorder.counts["messages"] == decided.bars, 30, "the gather counted")
+            # and the metrics say so: each dead letter by its reason, the failed write, what was stored
+            after = {k: sample(*k) for k in before}
+            assert after[("signalgen_dead_letters_total", "reason", "foreign_record")] == \
+                before[("signalgen_dead_letters_total", "reason", "foreign_record")] + 1
+            assert after[("signalgen_dead_letters_total", "reason", "undecodable_record")] == \
+                before[("signalgen_dead_letters_total", "reason", "undecodable_record")] + 1
+            assert after[("signalgen_writer_failures_total",)] == before[("signalgen_writer_failures_total",)] + 1
+            assert after[("signalgen_bars_total", "client", "christian")] == \
+                before[("signalgen_bars_total", "client", "christian")] + decided.bars
         finally:
             recorder.close()
             store.close()

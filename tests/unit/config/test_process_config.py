@@ -15,7 +15,10 @@ from .helpers import edit, line_of
 DEFAULTS = {"heartbeat_interval_s": 2.0, "heartbeat_threshold_s": 30.0, "max_errors_per_minute": 10,
             "max_recovery_attempts": 5, "backoff_initial_s": 1.0, "backoff_max_s": 60.0, "stop_timeout_s": 10.0,
             "resource_sample_s": 5.0, "mock_bar_interval_s": 1.0, "memory_mb": 1024, "cpu": 1.0, "nice": 0,
-            "log_max_mb": 10.0, "log_backups": 5}
+            "log_max_mb": 10.0, "log_backups": 5, "metrics_host": "127.0.0.1", "metrics_port": 9464}
+# the one knob the shipped environments set apart from its default: a free port on a developer's machine,
+# where several managers, writers and recorders run at once; the fixed one where a pod has it to itself
+METRICS_PORT = {"local-dev": 0, "local-integration": 0, "cloud-dev": 9464}
 
 
 def test_defaults_are_the_contract() -> None:
@@ -28,7 +31,18 @@ def test_every_environment_names_its_own_control_file(demo_root: Path, env: str)
     loaded = load_environment(env, root=demo_root)
     assert loaded.control == ControlStoreConfig(type="sqlite", path=f"var/{env}/control.sqlite")
     # the shipped files write every default out, so an operator sees each knob
-    assert loaded.process.model_dump() == DEFAULTS
+    assert loaded.process.model_dump() == {**DEFAULTS, "metrics_port": METRICS_PORT[env]}
+    assert "  metrics_port: " in (demo_root / "environments" / f"{env}.yaml").read_text()
+
+
+@pytest.mark.parametrize(("field", "value"), [("metrics_port", 70000), ("metrics_port", -1),
+                                              ("metrics_host", "a host"), ("metrics_host", "")])
+def test_a_bad_metrics_address_is_refused_naming_the_field(field: str, value) -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError) as info:
+        ProcessLimitsConfig(**{field: value})
+    assert info.value.errors()[0]["loc"] == (field,)
 
 
 def test_recovery_defaults_to_restart_and_takes_the_policies(demo_root: Path) -> None:
