@@ -183,6 +183,10 @@ def test_a_foreign_or_broken_record_is_dead_lettered_alone(cloud):
         recorder = PubSubRecorder(cfg, store, run_id="r")
         recorder.start()
         try:
+            before = {k: sample(*k) for k in (
+                ("signalgen_dead_letters_total", "reason", "foreign_record"),
+                ("signalgen_dead_letters_total", "reason", "undecodable_record"),
+                ("signalgen_writer_failures_total",), ("signalgen_bars_total", "client", "christian"))}
             m = cfg.environment.messaging
             topic = topic_path(m.project, TopicNames(m.topic_prefix).internal("simulation", "rejections", "christian"))
             raw = pubsub_v1.PublisherClient()
@@ -197,10 +201,6 @@ def test_a_foreign_or_broken_record_is_dead_lettered_alone(cloud):
             engine = WorkerEngine(spec, ModelRegistry(root / "registry"), backend="onnx", now=datetime.now(timezone.utc),
                                   mode="simulation", run_id="r")
             decided = engine.decide(engine.prepare(bars, epoch_us(start + timedelta(hours=4))))
-            before = {k: sample(*k) for k in (
-                ("signalgen_dead_letters_total", "reason", "foreign_record"),
-                ("signalgen_dead_letters_total", "reason", "undecodable_record"),
-                ("signalgen_writer_failures_total",), ("signalgen_bars_total", "client", "christian"))}
             # and the store fails the first write it is given (a store away): the recorder goes on after it
             real, failures = store.write_decisions, []
 
