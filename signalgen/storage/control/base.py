@@ -206,6 +206,7 @@ class ControlStoreProtocol(Protocol):
     store cannot be reached: callers treat it as transient."""
 
     path: Path
+    shared: bool  # several managers (one lease per shard) rather than one (a file lock)
     events_keep: int
     generation: int  # moves on when the local file was replaced or quarantined (rows are rewritten)
 

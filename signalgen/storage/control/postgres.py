@@ -143,6 +143,8 @@ class PostgresControlStore:
         connect_timeout_s: a server that does not answer within this is down (StorageError).
     """
 
+    shared = True  # several managers, one lease per shard
+
     def __init__(self, dsn: str, *, spool: ControlStore | None = None, lease_ttl_s: float = 15.0,
                  connect_timeout_s: float = 5.0, resources_keep_s: float = 600.0,
                  events_keep: int = 10_000) -> None:

@@ -192,6 +192,8 @@ class ControlStore:
         events_keep: only the newest this many events are kept.
     """
 
+    shared = False  # one manager holds it (a file lock), not one per shard (leases)
+
     def __init__(self, path: Path | str, *, resources_keep_s: float = 600.0, events_keep: int = 10_000) -> None:
         self.path = Path(path)
         self.resources_keep_s = resources_keep_s
