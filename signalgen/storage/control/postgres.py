@@ -160,6 +160,7 @@ class PostgresControlStore:
         self._run_id = ""
         self._mirrored_beats: dict[str, str] = {}  # worker id -> ts of the spool heartbeat last mirrored
         self._mirrored_state = ""  # updated_at of the newest spool worker_state row mirrored
+        self._mirrored_points: dict[tuple[str, str], tuple[str, str]] = {}  # (mode, worker) -> (checkpoint, updated_at)
 
     @classmethod
     def for_environment(cls, environment: EnvironmentConfig, root: Path,
@@ -631,8 +632,9 @@ class PostgresControlStore:
                 cur.executemany(_STATE_UPSERT, states)
         for b in beats:
             self._mirrored_beats[b["worker_id"]] = b["ts"]
-        if states:
-            self._mirrored_state = max(self._mirrored_state, *(s[4] for s in states))
+        for mode, wid, point, _, updated in states:
+            self._mirrored_points[mode, wid] = (point, updated)
+            self._mirrored_state = max(self._mirrored_state, updated)
 
     def _spool_changes(self) -> tuple[list[dict], list[tuple]]:
         """The spool's heartbeats not mirrored yet, and its worker_state rows updated since the last
@@ -640,7 +642,9 @@ class PostgresControlStore:
         if self.spool is None:
             return [], []
         beats = [b for wid, b in self.spool.heartbeats().items() if self._mirrored_beats.get(wid) != b["ts"]]
-        return beats, self.spool.worker_states_since(self._mirrored_state)
+        states = [s for s in self.spool.worker_states_since(self._mirrored_state)
+                  if self._mirrored_points.get((s[0], s[1])) != (s[2], s[4])]
+        return beats, states
 
     def managers(self) -> list[dict]:
         """The managers that wrote this store, newest beat first: host, pid, run_id, started_at, ts, shard."""
