@@ -158,6 +158,7 @@ class PostgresControlStore:
         self._schema_ready = False
         self._shard: str | None = None  # the lease held (`hold`): claims and reads are this shard's
         self._run_id = ""
+        self._ticking = threading.Event()  # set once the manager's ticks renew the lease (`hold`)
         self._mirrored_beats: dict[str, str] = {}  # worker id -> ts of the spool heartbeat last mirrored
         self._mirrored_state = ""  # updated_at of the newest spool worker_state row mirrored
         self._mirrored_points: dict[tuple[str, str], tuple[str, str]] = {}  # (mode, worker) -> (checkpoint, updated_at)
@@ -306,16 +307,32 @@ class PostgresControlStore:
                         "result_json = %s WHERE status = 'pending' AND shard = %s AND claimed_by IS NOT NULL",
                         (json.dumps({"error": f"the manager of shard {name} stopped before finishing it"}), name))
         self._shard, self._run_id = name, me[2]
+        self._ticking.clear()
+        keeper = threading.Thread(target=self._keep_until_ticking, name="lease-keeper", daemon=True)
+        keeper.start()
         try:
             self._seed_spool()
             yield
         finally:
+            self._ticking.set()
+            keeper.join()
             self._shard = None
             try:
                 with self._cursor() as cur:
                     cur.execute("DELETE FROM manager_leases WHERE shard = %s AND run_id = %s", (name, me[2]))
             except StorageError as exc:  # it expires by itself
                 log.warning("could not release the lease of shard %s: %s", name, exc)
+
+    def _keep_until_ticking(self) -> None:
+        """Thread: renew the lease while the manager starts (opening the signal store, its decision
+        host: seconds), until its first tick renews it (`record`), so no TTL has to cover start-up."""
+        while not self._ticking.wait(self.lease_ttl_s / 4):
+            try:
+                with self._cursor(transaction=True) as cur:
+                    if not self._ticking.is_set():
+                        self._renew(cur)
+            except StorageError as exc:  # the first tick reports it
+                log.debug("renewing the lease during start-up: %s", exc)
 
     def _renew(self, cur: psycopg.Cursor) -> None:
         """Renew this manager's lease (in the tick's transaction); retaken when it expired and nobody
@@ -612,6 +629,7 @@ class PostgresControlStore:
         the last tick mirrored: heartbeats and worker_state. What fails to be written is mirrored
         again at the next tick (the spool keeps it)."""
         beats, states = self._spool_changes()
+        self._ticking.set()  # the tick renews the lease from now on
         with self._cursor(transaction=True) as cur:
             if self._shard is not None:
                 self._renew(cur)
