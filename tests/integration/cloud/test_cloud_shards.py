@@ -56,13 +56,17 @@ def kill_tree(proc: subprocess.Popen) -> None:
             pass
 
 
-@pytest.mark.timeout(1500)  # three managers, nine workers and two emulators on a small shared machine
-@pytest.mark.xfail(strict=False, reason=(
+KILL_OPEN = pytest.mark.xfail(strict=False, reason=(
     "open: every step up to the last passes (each worker once in its shard, one lease each, the kill stops only "
     "its share, the others beat on, status exit 3, the restart seeds the checkpoints and runs its share again), "
     "but BigQuery did not reach the historical run's decision counts within 600 s in two runs (2026-12-05, a "
     "loaded 2-core machine; three managers each host a Pub/Sub recorder on the same subscriptions): undiagnosed"))
-def test_three_sharded_managers_run_each_worker_once_and_a_killed_one_resumes_with_nothing_lost(cloud, pg_dsn):
+
+
+@pytest.mark.timeout(1500)  # three managers, nine workers and two emulators on a small shared machine
+@pytest.mark.parametrize("kill", [False, pytest.param(True, marks=KILL_OPEN)], ids=["undisturbed", "one-killed"])
+def test_three_sharded_managers_run_each_worker_once_and_a_killed_one_resumes_with_nothing_lost(cloud, pg_dsn,
+                                                                                                kill: bool):
     root = cloud["root"]
     env_file = root / "environments" / "cloud-dev.yaml"
     env = yaml.safe_load(env_file.read_text())
@@ -98,36 +102,42 @@ def test_three_sharded_managers_run_each_worker_once_and_a_killed_one_resumes_wi
             owner = managers[int(shard_of[w][0])]
             assert r["pid"] in {p.pid for p in psutil.Process(owner.pid).children(recursive=True)}, w
 
-        victim = [w for w, s in shard_of.items() if s == "1/3"]
-        others = [w for w in shard_of if w not in victim]
-        wait_for(lambda: len(query(pg_dsn, "SELECT * FROM worker_state WHERE worker_id = ANY(%s)", victim))
-                 == len(victim), 120, "checkpoints of shard 1/3 mirrored")
-        kill_tree(managers[1])
-        killed_at = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(time.time() + 1))
-        time.sleep(4)  # over the lease's TTL
+        victim = [w for w, s in shard_of.items() if s == "1/3"] if kill else []
+        if kill:
+            others = [w for w in shard_of if w not in victim]
+            wait_for(lambda: len(query(pg_dsn, "SELECT * FROM worker_state WHERE worker_id = ANY(%s)", victim))
+                     == len(victim), 120, "checkpoints of shard 1/3 mirrored")
+            kill_tree(managers[1])
+            killed_at = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(time.time() + 1))
+            time.sleep(4)  # over the lease's TTL
 
-        def beats() -> dict[str, str]:
-            return {r["worker_id"]: r["ts"] for r in query(pg_dsn, "SELECT worker_id, ts FROM heartbeats")}
-        seen = beats()
-        assert all(seen[w] < killed_at for w in victim), seen  # its share stopped with it
-        time.sleep(2)
-        later = beats()
-        assert all(later[w] > seen[w] for w in others), (seen, later)  # the others' run on
-        assert all(later[w] == seen[w] for w in victim)
-        status = cli(cloud, "status", "--env", "cloud-dev")
-        assert status.returncode == 3 and "1/3 pid" in status.stdout and "lease expired" in status.stdout, status
-        assert {rows[w]["state"] for w in others} == {"RUNNING"}
+            def beats() -> dict[str, str]:
+                return {r["worker_id"]: r["ts"] for r in query(pg_dsn, "SELECT worker_id, ts FROM heartbeats")}
+            seen = beats()
+            assert all(seen[w] < killed_at for w in victim), seen  # its share stopped with it
+            time.sleep(2)
+            later = beats()
+            assert all(later[w] > seen[w] for w in others), (seen, later)  # the others' run on
+            assert all(later[w] == seen[w] for w in victim)
+            status = cli(cloud, "status", "--env", "cloud-dev")
+            assert status.returncode == 3 and "1/3 pid" in status.stdout and "lease expired" in status.stdout, status
+            assert {rows[w]["state"] for w in others} == {"RUNNING"}
 
-        managers[1] = start(cloud, 1)
-        wait_for(lambda: all(r["state"] == "RUNNING" and r["restarts"] == 0 and r["pid"] in {
-            p.pid for p in psutil.Process(managers[1].pid).children(recursive=True)}
-            for w, r in instances().items() if w in victim), 240, f"shard 1/3 running again\n{output(cloud)}")
-        assert "worker checkpoints seeded" in (root / "manager-1.out").read_text()
-        def stored() -> dict:
-            return {(c, k): decisions(cloud, "cloud-dev", k, c).height for c in CLIENTS for k in KINDS}
-        wanted = {(c, k): want[c][k].height for c in CLIENTS for k in KINDS}
-        wait_for(lambda: all(n >= wanted[key] for key, n in stored().items()), 600,
-                 f"every decision in BigQuery: want {wanted}\n{output(cloud)}")
+            managers[1] = start(cloud, 1)
+            wait_for(lambda: all(r["state"] == "RUNNING" and r["restarts"] == 0 and r["pid"] in {
+                p.pid for p in psutil.Process(managers[1].pid).children(recursive=True)}
+                for w, r in instances().items() if w in victim), 240, f"shard 1/3 running again\n{output(cloud)}")
+            assert "worker checkpoints seeded" in (root / "manager-1.out").read_text()
+
+        wanted, stored = {(c, k): want[c][k].height for c in CLIENTS for k in KINDS}, {}
+
+        def complete() -> bool:
+            stored.update({(c, k): decisions(cloud, "cloud-dev", k, c).height for c in CLIENTS for k in KINDS})
+            return all(n >= wanted[key] for key, n in stored.items())
+        try:
+            wait_for(complete, 600, f"every decision in BigQuery: want {wanted}")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; stored {stored}\n{output(cloud)}") from None
     finally:
         stopped = cli(cloud, "stop", "--env", "cloud-dev", timeout=300)
         for m in managers:
