@@ -40,3 +40,13 @@ def _no_working_tree_clients(request: pytest.FixtureRequest, tmp_path_factory: p
         pytest.fail(f"the test read the working tree's clients/ ({reads[0]}); build a root with "
                     "tests.roots.copy_config (or mark a test of the shipped files `shipped_clients`)",
                     pytrace=False)
+
+
+@pytest.fixture
+def pg_dsn(monkeypatch) -> str:
+    """A fresh PostgreSQL database of this test (dropped after it); SIGNALGEN_CONTROL_DSN names it."""
+    from tests.postgres import fresh_database
+
+    with fresh_database() as dsn:
+        monkeypatch.setenv("SIGNALGEN_CONTROL_DSN", dsn)
+        yield dsn

@@ -27,6 +27,7 @@ from signalgen.cli.app import (TIME_HELP, EnvOpt, InferenceOpt, ModeOpt, Output,
 from signalgen.config.models import Environment, Mode
 from signalgen.errors import ConfigError, SignalgenError
 from signalgen.logs import excerpt
+from signalgen.process.health import UNKNOWN  # shown instead of a recorded state that no manager vouches for
 
 STREAMING_MODES = (Mode.MOCK, Mode.SIMULATION, Mode.LIVE)
 
@@ -54,11 +55,25 @@ def log_dir_of(control: Path) -> Path:
 
 
 def _control(env: Environment, root: Path | None):
-    from signalgen.storage.control import ControlStore
+    """(the environment's control store, what names it: its file, or a PostgreSQL store's address)."""
+    from signalgen.storage.control import control_for
 
-    path = control_path(env, root)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return ControlStore(path), path
+    e, root = _environment(env, root)
+    if e.control.type == "sqlite":
+        (root / e.control.path).parent.mkdir(parents=True, exist_ok=True)
+    store = control_for(e, root)
+    return store, getattr(store, "where", None) or store.path
+
+
+def _fleet_state(store, path) -> tuple[int | None, str, float | None, list[dict] | None]:
+    """(pid, state, start time, leases) of the managers of `store`: with a file lock, the one
+    manager's (`manager_state`; leases None); with leases (PostgreSQL), "running" while any lease
+    is live (pid: the holder's when there is one lease), else "gone"."""
+    if not store.shared:  # a SQLite file: one manager, by its flock
+        return (*manager_state(path), None)
+    leases = store.leases()
+    live = [lease for lease in leases if lease["live"]]
+    return (live[0]["pid"] if len(live) == 1 else None), ("running" if live else "gone"), None, leases
 
 
 def manager_pid(control: Path) -> int | None:
@@ -153,7 +168,7 @@ def start(names: Annotated[Optional[list[str]], typer.Argument(
     from signalgen.modes import new_run_id
     from signalgen.process.manager import StrategyProcessManager, select_specs
     from signalgen.process.shard import parse_shard, take_shard
-    from signalgen.storage.control import ControlStore
+    from signalgen.storage.control import open_control
 
     if mode not in STREAMING_MODES:
         raise ConfigError(f"start runs streaming workers: --mode mock or simulation (or live, with Redis), "
@@ -168,6 +183,10 @@ def start(names: Annotated[Optional[list[str]], typer.Argument(
                               "--env local-integration", field="messaging.type")
     shards = parse_shard(shard) if shard else None
     control = control_path(env, root)
+    if _environment(env, root)[0].control.type != "sqlite":  # leases, no lock file: beside the spool
+        from signalgen.storage.control import spool_path
+
+        control = spool_path(control, shards)
     if daemon:
         _daemonize(control, pidfile or control.parent / "manager.pid", logfile or log_dir_of(control) / "manager.log")
         return
@@ -180,10 +199,10 @@ def start(names: Annotated[Optional[list[str]], typer.Argument(
     cfg, specs = load()
     if not specs:
         raise ConfigError("no workers to start (every strategy disabled, or an empty shard)")
-    store = ControlStore(control)
+    store = open_control(cfg, shards or (0, 1))
     manager = StrategyProcessManager(cfg, specs, control=store, log_dir=log_dir_of(control),
                                      run_id=new_run_id(datetime.now(timezone.utc)), loader=load,
-                                     logfile=logfile, log_only=detached, pidfile=pidfile)
+                                     logfile=logfile, log_only=detached, pidfile=pidfile, shard=shards or (0, 1))
     try:
         code = manager.run()
     finally:
@@ -200,26 +219,70 @@ def submit_and_wait(env: Environment, root: Path | None, command: str, target: s
 
     Raises SignalgenError with the manager's message when the command failed, or when no manager
     took it within `timeout` (the row is then marked failed, so no later manager runs it).
+
+    With several managers (PostgreSQL leases) the row is fanned out, one child per shard: their
+    results are merged (`_merged`).
     """
     store, path = _control(env, root)
     try:
-        if manager_pid(path) is None:
+        _, state, _, leases = _fleet_state(store, path)
+        if state == "gone":
             raise SignalgenError(f"no manager runs on {path}; `start` one first")
+        deadline = time.monotonic() + timeout
         cid = store.submit(command, target, parameters)
-        try:
-            result = store.wait(cid, timeout)
-        except KeyError:
-            raise SignalgenError(f"command {cid} ({command}) is gone: the control store {path} was replaced while "
-                                 "it waited (see the manager's log); run it again") from None
-        if result.status == "pending":
-            store.fail(cid, f"no result within {timeout:g}s")
-            raise SignalgenError(f"the manager did not answer command {cid} ({command}) within {timeout:g}s")
-        if result.status == "failed":
-            error = (result.result or {}).get("error") or "failed"
-            raise SignalgenError(f"{command} failed: {error}")
-        return result.result or {}
+        result = _answer(store, path, command, cid, timeout)
+        children = result.get("children") if leases is not None else None
+        if not isinstance(children, dict):
+            return result
+        answers = {shard: _answer(store, path, command, int(child), max(deadline - time.monotonic(), 0.1), shard)
+                   for shard, child in sorted(children.items())}
+        return _merged(command, answers)
     finally:
         store.close()
+
+
+def _answer(store, path, command: str, cid: int, timeout: float, shard: str | None = None) -> dict:
+    """The result of command row `cid` once it is done (the error as {"error": ...} for a child row
+    of `shard`); SignalgenError for a row of no shard that failed or was not answered in time."""
+    try:
+        result = store.wait(cid, timeout)
+    except KeyError:
+        raise SignalgenError(f"command {cid} ({command}) is gone: the control store {path} was replaced while "
+                             "it waited (see the manager's log); run it again") from None
+    who = f"the manager of shard {shard}" if shard else "the manager"
+    if result.status == "pending":
+        store.fail(cid, f"no result within {timeout:g}s")
+        if shard:
+            return {"error": f"{who} did not answer within {timeout:g}s"}
+        raise SignalgenError(f"{who} did not answer command {cid} ({command}) within {timeout:g}s")
+    if result.status == "failed":
+        error = (result.result or {}).get("error") or "failed"
+        if shard:
+            return {"error": error}
+        raise SignalgenError(f"{command} failed: {error}")
+    return result.result or {}
+
+
+def _merged(command: str, answers: dict[str, dict]) -> dict:
+    """One result from every shard's: lists joined, counts added. A shard owning no matching worker
+    is no failure while another shard did the command; any other failure is (SignalgenError naming
+    each shard's error)."""
+    done = {shard: r for shard, r in answers.items() if "error" not in r}
+    errors = {shard: r["error"] for shard, r in answers.items() if "error" in r}
+    real = {shard: e for shard, e in errors.items() if not (done and str(e).startswith("no worker matches"))}
+    if real or not done:
+        raise SignalgenError(f"{command} failed: " + "; ".join(f"shard {s}: {e}" for s, e in sorted(real.items())))
+    merged: dict = {}
+    for result in done.values():
+        for key, value in result.items():
+            if isinstance(value, list):
+                merged[key] = sorted({*merged.get(key, []), *value})
+            elif isinstance(value, int) and not isinstance(value, bool):
+                merged[key] = merged.get(key, 0) + value
+            else:
+                merged.setdefault(key, value)
+    merged["shards"] = sorted(done)
+    return merged
 
 
 def _report(command: str, result: dict) -> None:
@@ -296,7 +359,6 @@ def add_strategy(client: Annotated[str, typer.Option("--client", "-c", help="The
 
 
 STATUS_PROBLEM = 3  # `status` exit code: a worker FATAL, BACKOFF or unknown, or no manager supervising
-UNKNOWN = "UNKNOWN"  # shown instead of a recorded state that no manager vouches for
 _NOT_SUPERVISING = ("stopped", "tracing-stop", "zombie", "dead")  # psutil statuses of a frozen or dead manager
 
 
@@ -316,14 +378,16 @@ def manager_state(control: Path) -> tuple[int | None, str, float | None]:
     return pid, "frozen" if status in _NOT_SUPERVISING else "running", started
 
 
-def status_rows(store, manager: str = "running", manager_started: float | None = None) -> list[dict]:
+def status_rows(store, manager: str = "running", manager_started: float | None = None,
+                leases: list[dict] | None = None) -> list[dict]:
     """One dict per worker (`signalgen.process.health.worker_rows`: the reading `/metrics` makes too).
 
     A recorded state that needs a supervising manager (RUNNING, BACKOFF, ...) is shown as UNKNOWN
-    when `manager` is not "running", and so is every row written before `manager_started`."""
+    when `manager` is not "running", and so is every row written before `manager_started`; with
+    `leases` (a shared store), each row is judged by its shard's lease."""
     from signalgen.process.health import worker_rows
 
-    return worker_rows(store, manager, manager_started)
+    return worker_rows(store, manager, manager_started, leases)
 
 
 @app.command("status")
@@ -339,14 +403,16 @@ def status(env: EnvOpt = Environment.LOCAL_DEV, root: RootOpt = None,
     from signalgen.process.manager import matches
     from signalgen.report import status_table
 
-    path = control_path(env, root)
-    pid, state, started = manager_state(path)  # before reading: a manager starting meanwhile is seen
     store, path = _control(env, root)
     try:
-        rows = [r for r in status_rows(store, state, started) if strategy is None or matches(r["worker"], strategy)]
+        pid, state, started, leases = _fleet_state(store, path)  # before reading: a manager starting meanwhile is seen
+        rows = [r for r in status_rows(store, state, started, leases)
+                if strategy is None or matches(r["worker"], strategy)]
     finally:
         store.close()
     doc = {"manager_pid": pid, "manager": state, "control": str(path), "workers": rows}
+    if leases is not None:
+        doc["leases"] = leases
     if output is StatusOutput.JSON:
         print(json.dumps(doc, indent=2, default=str))
     elif output is StatusOutput.YAML:
@@ -355,10 +421,14 @@ def status(env: EnvOpt = Environment.LOCAL_DEV, root: RootOpt = None,
         print(yaml.safe_dump(doc, sort_keys=False), end="")
     else:
         who = f"pid {pid}" if state == "running" else f"pid {pid} frozen (SIGSTOP)" if pid else "not running"
-        show(status_table(rows, f"manager: {who}  ({path})", wide=wide), wide=wide)
+        if leases is not None:
+            who = ", ".join(f"{x['shard']} pid {x['pid']} on {x['host']}" + ("" if x["live"] else " (lease expired)")
+                            for x in leases) or "not running"
+        show(status_table(rows, f"manager{'s' if leases else ''}: {who}  ({path})", wide=wide), wide=wide)
         if not rows:
             console.print("no workers recorded; `start` runs them", highlight=False)
-    if state != "running" or any(r["state"] in ("FATAL", "BACKOFF", UNKNOWN) for r in rows):
+    if state != "running" or any(r["state"] in ("FATAL", "BACKOFF", UNKNOWN) for r in rows) or (
+            leases and not all(x["live"] for x in leases)):
         raise typer.Exit(STATUS_PROBLEM)
 
 
@@ -438,7 +508,7 @@ def monitor(env: EnvOpt = Environment.LOCAL_DEV, root: RootOpt = None,
     store, path = _control(env, root)
 
     def table():
-        return monitor_table(store, strategy, manager_state(path)[1:])
+        return monitor_table(store, strategy, _fleet_state(store, path)[1:3])
 
     try:
         with Live(table(), console=console, auto_refresh=False) as live:

@@ -296,12 +296,17 @@ class ProcessLimitsConfig(Frozen):
 class ControlStoreConfig(Frozen):
     """The control store: worker instances, commands, heartbeats, resources, events (signalgen.storage.control).
 
-    Separate from the signal store; SQLite in WAL mode so the manager, workers and any other program
-    can write it at once.
+    Separate from the signal store. `sqlite` (the default): one file in WAL mode, one manager.
+    `postgres`: one database shared by several managers (one lease per shard), its libpq DSN in the
+    environment variable `dsn_env` (never in YAML); `path` is then each manager's node-local spool.
     """
 
-    type: Literal["sqlite"] = "sqlite"
+    type: Literal["sqlite", "postgres"] = "sqlite"
     path: str = "var/control.sqlite"  # relative to the run's root
+    dsn_env: EnvVarName = "SIGNALGEN_CONTROL_DSN"  # postgres: the variable holding the DSN
+    # postgres: a manager renews its shard's lease every tick; one not renewed this long is taken over
+    lease_ttl_s: float = Field(15.0, ge=2, le=3600)
+    connect_timeout_s: float = Field(5.0, gt=0, le=60)  # postgres: a store that does not answer is down
 
 
 class PathsConfig(Frozen):

@@ -46,14 +46,17 @@ ANSWER_TIMEOUT_S = 10.0  # longer than any answer takes (a control store waits u
 MAX_REASONS = 5           # workers a /readyz answer names
 
 
-def worker_rows(store, manager: str = "running", manager_started: float | None = None) -> list[dict]:
+def worker_rows(store, manager: str = "running", manager_started: float | None = None,
+                leases: list[dict] | None = None) -> list[dict]:
     """One dict per worker: its instance row joined with its latest heartbeat (same pid) and resource
     sample. What `status` prints and `/metrics` exports.
 
     A recorded state that needs a supervising manager (RUNNING, BACKOFF, ...) is shown as UNKNOWN
     when `manager` is not "running", and so is every row written before `manager_started` (a
     previous manager's or another shard's, not yet rewritten by this one); `last_state` keeps what
-    was recorded and `reason` says why.
+    was recorded and `reason` says why. With `leases` (a shared store read by `status`), each row is
+    judged by its shard's lease: UNKNOWN when it is not live; `shard` and `manager` (the holder) say
+    whose it is.
     """
     from signalgen.process.manager import _epoch
 
@@ -67,6 +70,10 @@ def worker_rows(store, manager: str = "running", manager_started: float | None =
             beat = {k: beat.get(k) for k in ("checkpoint", "signals", "errors")}  # an earlier process's
         recorded, reason = inst["state"], inst.get("reason") or ""
         updated = _epoch(inst.get("updated_at"))
+        lease = None
+        if leases is not None:
+            lease = next((x for x in leases if x["shard"] == inst.get("shard")), None)
+            manager = "running" if lease and lease["live"] else f"of shard {inst.get('shard')} gone"
         if manager != "running" and recorded in NEEDS_MANAGER:
             doubt = f"manager {manager}"
         elif manager == "running" and manager_started and updated is not None and updated < manager_started:
@@ -89,6 +96,8 @@ def worker_rows(store, manager: str = "running", manager_started: float | None =
             "paused_keys": beat.get("paused_keys") or 0, "rss_mb": rss,
             "restarts": inst.get("restarts"), "exit_code": inst.get("exit_code"), "reason": reason,
             **{k: inst.get(k) or "" for k in LABELS},
+            **({"shard": inst.get("shard"), "manager": f"pid {lease['pid']} on {lease['host']}" if lease else None}
+               if leases is not None else {}),
         })
     return rows
 

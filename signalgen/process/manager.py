@@ -20,7 +20,6 @@ Signal handlers only set a flag (`modes.stop_on_signals`); the loop stops the wo
 
 from __future__ import annotations
 
-import fcntl
 import fnmatch
 import hashlib
 import json
@@ -50,7 +49,7 @@ from signalgen.logs import Outage, excerpt, log_to_file
 from signalgen.process.health import serve_health
 from signalgen.process.states import (TRANSIENT_EXIT, TRANSITIONS, InvalidTransition, State, StateEvent, WorkerProcess,
                                       after_exit, backoff_delay)
-from signalgen.storage.control import ControlStoreCorrupt, control_path_of, iso
+from signalgen.storage.control import ControlStoreCorrupt, LeaseLost, control_path_of, iso
 
 log = logging.getLogger(__name__)
 
@@ -208,12 +207,15 @@ class StrategyProcessManager:
             into the running one's log. `log_only`: nowhere else (a detached manager has no console).
         pidfile: written with the manager's pid once it is ready (lock held, store open, decisions
             host up, pending rows vetted), removed when it stops.
+        shard: (i, N), the share of the workers this manager runs (`start --shard`): names its lease
+            in a shared (PostgreSQL) control store.
     """
 
     def __init__(self, cfg: RunConfig, specs: list[WorkerSpec], *, control, log_dir: Path, run_id: str,
                  loader: SpecLoader | None = None, worker_target: Callable | None = None,
-                 logfile: Path | None = None, log_only: bool = False, pidfile: Path | None = None) -> None:
-        self.cfg, self.control, self.run_id = cfg, control, run_id
+                 logfile: Path | None = None, log_only: bool = False, pidfile: Path | None = None,
+                 shard: tuple[int, int] = (0, 1)) -> None:
+        self.cfg, self.control, self.run_id, self.shard = cfg, control, run_id, shard
         self.logfile, self.log_only, self.pidfile = logfile, log_only, pidfile
         self.log_dir = Path(log_dir)
         self.limits = cfg.environment.process
@@ -387,28 +389,9 @@ class StrategyProcessManager:
             self._observed_since = now
 
     def _lock(self):
-        """One manager per control store: an exclusive lock on `<control path>.lock`."""
-        from contextlib import contextmanager
-
-        @contextmanager
-        def held():
-            path = Path(self._control_path + ".lock")
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    other = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-                    raise SignalgenError(f"a manager (pid {other}) already runs on {self._control_path}; "
-                                         "`stop` it first") from None
-                os.ftruncate(fd, 0)
-                os.pwrite(fd, str(os.getpid()).encode(), 0)
-                yield
-            finally:
-                os.close(fd)  # releases the lock
-
-        return held()
+        """One manager per shard of the control store (`hold`): SQLite's flock on `<path>.lock`,
+        PostgreSQL's lease on the shard."""
+        return self.control.hold(self.shard, self.run_id)
 
     # ------------------------------------------------------------ processes
 
@@ -684,6 +667,10 @@ class StrategyProcessManager:
         """The control store failed: supervise from memory meanwhile. A damaged file is moved aside
         (the next write creates a new store, which `_flush` fills with every worker's row)."""
         self._control_outage.failed(exc)
+        if isinstance(exc, LeaseLost) and not self._shutdown:  # another manager runs our workers now
+            log.error("%s: stopping every worker", exc)
+            self._event(None, "lease-lost", str(exc))
+            self._begin_shutdown(time.time(), "lease lost")
         if isinstance(exc, ControlStoreCorrupt):
             moved = self.control.quarantine()
             log.error("control store %s is damaged: moved to %s; a new one is created", self._control_path, moved)

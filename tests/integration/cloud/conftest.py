@@ -52,15 +52,17 @@ def models(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
-def cloud(tmp_path: Path, models: Path, pubsub_host: str, bq_endpoint: str, monkeypatch) -> dict:  # noqa: F811
+def cloud(tmp_path: Path, models: Path, pubsub_host: str, bq_endpoint: str, pg_dsn: str,
+          monkeypatch) -> dict:  # noqa: F811
     """{root, vars}: a root with the demo clients, and the variables that point cloud-dev at the
     emulators under prefixes of this test alone (`SIGNALGEN_*` ones apply to any environment, so
-    `cli` and `cloud_dev` set them for cloud-dev only). The emulator hosts are set in this process."""
+    `cli` and `cloud_dev` set them for cloud-dev only). The emulator hosts are set in this process,
+    and so is SIGNALGEN_CONTROL_DSN: cloud-dev's control store, a PostgreSQL database of this test."""
     root = copy_config(tmp_path / "root", ["christian", "ikenna", "odum"])
     (root / "registry").symlink_to(models)
     tag = "t" + uuid.uuid4().hex[:8]
     monkeypatch.setenv("PUBSUB_EMULATOR_HOST", pubsub_host)
-    return {"root": root, "vars": {"SIGNALGEN_STORAGE__API_ENDPOINT": bq_endpoint,
+    return {"root": root, "vars": {"SIGNALGEN_STORAGE__API_ENDPOINT": bq_endpoint, "SIGNALGEN_CONTROL_DSN": pg_dsn,
                                    "SIGNALGEN_MESSAGING__TOPIC_PREFIX": tag, "SIGNALGEN_STORAGE__DATASET_PREFIX": tag}}
 
 

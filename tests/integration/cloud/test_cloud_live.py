@@ -20,7 +20,8 @@ import pytest
 import yaml
 from polars.testing import assert_frame_equal
 
-from signalgen.storage.control import ControlStore
+from signalgen.config.loader import load_environment
+from signalgen.storage.control import ControlStore, control_for
 from tests.integration.cloud.conftest import cli
 from tests.integration.cloud.test_cloud_dev import decisions, wait_for
 from tests.roots import REPO
@@ -53,7 +54,8 @@ def live_root(cloud: dict) -> Path:
 
 
 def workers(root: Path, env: str = "cloud-dev") -> dict:
-    with ControlStore(root / "var" / env / "control.sqlite") as control:
+    """The instance rows of `env`'s control store (cloud-dev's: PostgreSQL, the test's database)."""
+    with control_for(load_environment(env, root=root), root) as control:
         return {i["id"]: i for i in control.instances()}
 
 

@@ -23,13 +23,17 @@ METRICS_PORT = {"local-dev": 0, "local-integration": 0, "cloud-dev": 9464}
 
 def test_defaults_are_the_contract() -> None:
     assert ProcessLimitsConfig().model_dump() == DEFAULTS
-    assert ControlStoreConfig().model_dump() == {"type": "sqlite", "path": "var/control.sqlite"}
+    assert ControlStoreConfig().model_dump() == {"type": "sqlite", "path": "var/control.sqlite",
+                                                 "dsn_env": "SIGNALGEN_CONTROL_DSN", "lease_ttl_s": 15.0,
+                                                 "connect_timeout_s": 5.0}
 
 
 @pytest.mark.parametrize("env", ["local-dev", "local-integration", "cloud-dev"])
 def test_every_environment_names_its_own_control_file(demo_root: Path, env: str) -> None:
     loaded = load_environment(env, root=demo_root)
-    assert loaded.control == ControlStoreConfig(type="sqlite", path=f"var/{env}/control.sqlite")
+    # cloud-dev's managers share PostgreSQL (the file is each one's spool); the local ones need no server
+    kind = "postgres" if env == "cloud-dev" else "sqlite"
+    assert loaded.control == ControlStoreConfig(type=kind, path=f"var/{env}/control.sqlite")
     # the shipped files write every default out, so an operator sees each knob
     assert loaded.process.model_dump() == {**DEFAULTS, "metrics_port": METRICS_PORT[env]}
     assert "  metrics_port: " in (demo_root / "environments" / f"{env}.yaml").read_text()
@@ -74,6 +78,7 @@ def test_unknown_recovery_policy_names_file_line_and_field(demo_root: Path) -> N
      "greater than or equal to 0"),
     ("  type: sqlite ", "  type: redis ", "control.type", "'sqlite'"),
     ("  path: var/local-dev/control.sqlite", "  pth: var/local-dev/control.sqlite", "control.pth", "unknown key"),
+    ("  type: sqlite ", "  type: postgres\n  dsn_env: 'host=db password=x' ", "control.dsn_env", "never the secret itself"),
 ])
 def test_bad_process_and_control_fields(demo_root: Path, old: str, new: str, field: str, words: str) -> None:
     path = demo_root / "environments" / "local-dev.yaml"

@@ -21,17 +21,49 @@ from signalgen.config.loader import load_config
 from signalgen.errors import StorageError
 from signalgen.process.states import State
 from signalgen.storage.control import Command, ControlStore, epoch, iso
+from signalgen.storage.control.postgres import PostgresControlStore
 
 from ..config.helpers import copy_demo
+
+BACKENDS = ["sqlite", "postgres"]
+
+
+@pytest.fixture(params=BACKENDS)
+def opener(request, tmp_path: Path):
+    """A function opening the control store of this test: the SQLite file, or a fresh PostgreSQL
+    database (the contract below holds for both; tests of a file's own behaviour use SQLite alone)."""
+    if request.param == "sqlite":
+        return lambda **kw: ControlStore(tmp_path / "control.sqlite", **kw)
+    dsn = request.getfixturevalue("pg_dsn")
+    return lambda **kw: PostgresControlStore(dsn, **kw)
+
+
+def sql(store, statement: str, args: tuple = ()) -> list[tuple]:
+    """Run `statement` (`?` placeholders) as another program would, on its own connection; its rows."""
+    if isinstance(store, PostgresControlStore):
+        import psycopg
+
+        with psycopg.connect(store.dsn, autocommit=True) as con:
+            cur = con.execute(statement.replace("?", "%s"), args)
+            return cur.fetchall() if cur.description else []
+    with sqlite3.connect(store.path) as con:
+        return con.execute(statement, args).fetchall()
+
+
+def insert_command(store, columns: str, args: tuple) -> int:
+    """A strategy_commands row inserted by another program; its id."""
+    return sql(store, f"INSERT INTO strategy_commands ({columns}) VALUES ({', '.join('?' * len(args))}) "
+               "RETURNING id", args)[0][0]
+
 
 ISO = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 WRITERS, BEATS, COMMAND_EVERY = 8, 200, 10
 
 
-def _writer(path: str, n: int, barrier, errors) -> None:
+def _writer(opener, n: int, barrier, errors) -> None:
     """One writer process: heartbeats, plus a command, an event and an instance update every 10th beat."""
     try:
-        store = ControlStore(path)
+        store = opener()
         barrier.wait(30)  # all start at once, on a file none has created yet
         wid = f"client.strategy.SYM{n}.5m"
         for i in range(BEATS):
@@ -47,16 +79,15 @@ def _writer(path: str, n: int, barrier, errors) -> None:
         raise
 
 
-def test_concurrent_writers_lose_nothing(tmp_path: Path) -> None:
-    path = tmp_path / "control.sqlite"
+def test_concurrent_writers_lose_nothing(opener) -> None:
     ctx = multiprocessing.get_context("fork")
     barrier, errors = ctx.Barrier(WRITERS + 1), ctx.Queue()
-    procs = [ctx.Process(target=_writer, args=(str(path), n, barrier, errors)) for n in range(WRITERS)]
+    procs = [ctx.Process(target=_writer, args=(opener, n, barrier, errors)) for n in range(WRITERS)]
     for p in procs:
         p.start()
     barrier.wait(30)
     start = time.perf_counter()
-    reader = ControlStore(path)
+    reader = opener()
     seen = 0
     while any(p.is_alive() for p in procs):  # a reader polling as the manager does, meanwhile
         seen = max(seen, len(reader.pending()))
@@ -82,12 +113,14 @@ def test_concurrent_writers_lose_nothing(tmp_path: Path) -> None:
           f"(reader saw up to {seen} pending)")
 
 
-def test_a_command_inserted_by_another_program_is_pending(tmp_path: Path) -> None:
-    store = ControlStore(tmp_path / "control.sqlite")
+def test_a_command_inserted_by_another_program_is_pending(opener) -> None:
+    store = opener()
     assert store.pending() == []  # creates the tables, as the manager does at start
     sql = ("INSERT INTO strategy_commands (strategy_id, command, status) "
            "VALUES ('ikenna.swing_high_v1.*', 'pause', 'pending');")
-    if shutil.which("sqlite3"):  # the operator's tool
+    if isinstance(store, PostgresControlStore):  # the operator's tool
+        subprocess.run(["psql", store.dsn, "-c", sql], check=True, timeout=30, capture_output=True)
+    elif shutil.which("sqlite3"):  # the operator's tool
         subprocess.run(["sqlite3", str(store.path), sql], check=True, timeout=30)
     else:  # any other program writing plain SQL
         subprocess.run([sys.executable, "-c", f"import sqlite3; c = sqlite3.connect({str(store.path)!r}); "
@@ -98,12 +131,11 @@ def test_a_command_inserted_by_another_program_is_pending(tmp_path: Path) -> Non
     assert ISO.match(cmd.created_at) and abs(epoch(cmd.created_at) - time.time()) < 60
 
 
-def test_a_row_with_bad_parameters_fails_instead_of_crashing_the_reader(tmp_path: Path) -> None:
-    store = ControlStore(tmp_path / "control.sqlite")
+def test_a_row_with_bad_parameters_fails_instead_of_crashing_the_reader(opener) -> None:
+    store = opener()
     good = store.submit("resume", "a.b.C.5m")
-    with sqlite3.connect(store.path) as con:
-        con.execute("INSERT INTO strategy_commands (strategy_id, command, parameters_json) VALUES ('x', 'pause', '[1')")
-        con.execute("INSERT INTO strategy_commands (strategy_id, command, parameters_json) VALUES ('x', 'pause', '[1]')")
+    for params in ("[1", "[1]"):
+        insert_command(store, "strategy_id, command, parameters_json", ("x", "pause", params))
     assert [c.id for c in store.pending()] == [good]
     bad = store.command(good + 1)
     assert bad.status == "failed" and bad.result == {"error": "parameters_json is not a JSON object: '[1'"}
@@ -128,18 +160,17 @@ REASONS = {"deep": "nests deeper than 32 levels", "deep_object": "nests deeper t
            "blob_params": "parameters_json is bytes"}
 
 
-def test_hostile_rows_fail_with_a_bounded_reason_and_the_good_ones_stay_pending(tmp_path: Path) -> None:
+def test_hostile_rows_fail_with_a_bounded_reason_and_the_good_ones_stay_pending(opener) -> None:
     # each of these crashed or stalled the manager, or would echo megabytes: a deep array raised
     # RecursionError in pending(), 'yesterday' a ValueError at the manager's start
-    store = ControlStore(tmp_path / "control.sqlite")
+    store = opener()
     first = store.submit("resume", "a.b.C.5m")
     ids = {}
-    with sqlite3.connect(store.path) as con:
-        for name, (sid, command, params, created) in HOSTILE_ROWS.items():
-            cols = "strategy_id, command, parameters_json" + (", created_at" if created else "")
-            args = (sid, command, params) + ((created,) if created else ())
-            ids[name] = con.execute(f"INSERT INTO strategy_commands ({cols}) VALUES "
-                                    f"({', '.join('?' * len(args))})", args).lastrowid
+    for name, (sid, command, params, created) in HOSTILE_ROWS.items():
+        if isinstance(store, PostgresControlStore) and name.startswith("blob_"):
+            continue  # the server refuses a bytea value in a text column: such a row cannot exist
+        cols = "strategy_id, command, parameters_json" + (", created_at" if created else "")
+        ids[name] = insert_command(store, cols, (sid, command, params) + ((created,) if created else ()))
     last = store.submit("pause", "a.b.C.5m")
     assert [c.id for c in store.pending()] == [first, last]
     for name, cid in ids.items():
@@ -151,8 +182,8 @@ def test_hostile_rows_fail_with_a_bounded_reason_and_the_good_ones_stay_pending(
     assert store.pending() == store.pending()  # nothing new fails: the bad rows are done with
 
 
-def test_complete_and_fail_set_processed_at_and_result(tmp_path: Path) -> None:
-    store = ControlStore(tmp_path / "control.sqlite")
+def test_complete_and_fail_set_processed_at_and_result(opener) -> None:
+    store = opener()
     a = store.submit("pause", "w1", {"why": "test"})
     b = store.submit("restart", "nope")
     c = store.submit("stop")
@@ -170,21 +201,21 @@ def test_complete_and_fail_set_processed_at_and_result(tmp_path: Path) -> None:
         store.complete(999, {})
     with pytest.raises(KeyError):
         store.command(999)
-    # what an operator reads back with sqlite3
-    with sqlite3.connect(store.path) as con:
-        assert con.execute("SELECT status, json_extract(result_json, '$.error') FROM strategy_commands "
-                           "WHERE id = ?", (b,)).fetchone() == ("failed", "no worker matches 'nope'")
+    # what an operator reads back with sqlite3 or psql
+    error = "result_json::json->>'error'" if isinstance(store, PostgresControlStore) else "json_extract(result_json, '$.error')"
+    assert sql(store, f"SELECT status, {error} FROM strategy_commands WHERE id = ?", (b,)) == [
+        ("failed", "no worker matches 'nope'")]
 
 
-def _complete_later(path: str, command_id: int, delay: float) -> None:
+def _complete_later(opener, command_id: int, delay: float) -> None:
     time.sleep(delay)  # stands for the manager's poll interval
-    ControlStore(path).complete(command_id, {"by": os.getpid()})
+    opener().complete(command_id, {"by": os.getpid()})
 
 
-def test_wait_returns_when_another_process_completes(tmp_path: Path) -> None:
-    store = ControlStore(tmp_path / "control.sqlite")
+def test_wait_returns_when_another_process_completes(opener) -> None:
+    store = opener()
     cid = store.submit("pause", "w1")
-    proc = multiprocessing.get_context("fork").Process(target=_complete_later, args=(str(store.path), cid, 0.3))
+    proc = multiprocessing.get_context("fork").Process(target=_complete_later, args=(opener, cid, 0.3))
     start = time.monotonic()
     proc.start()
     cmd = store.wait(cid, timeout=10)
@@ -194,8 +225,8 @@ def test_wait_returns_when_another_process_completes(tmp_path: Path) -> None:
     assert 0.3 <= took < 5
 
 
-def test_wait_gives_the_pending_command_back_after_the_timeout(tmp_path: Path) -> None:
-    store = ControlStore(tmp_path / "control.sqlite")
+def test_wait_gives_the_pending_command_back_after_the_timeout(opener) -> None:
+    store = opener()
     cid = store.submit("pause", "w1")
     start = time.monotonic()
     cmd = store.wait(cid, timeout=0.2)
@@ -215,8 +246,8 @@ def test_from_config_resolves_against_root(tmp_path: Path) -> None:
     assert ControlStore.from_config(load_config("local-integration", "mock", root=root)).path == other
 
 
-def test_instances_upsert_only_the_columns_given(tmp_path: Path) -> None:
-    store = ControlStore(tmp_path / "control.sqlite")
+def test_instances_upsert_only_the_columns_given(opener) -> None:
+    store = opener()
     store.upsert_instances([
         {"id": "a.s.X.5m", "client": "a", "strategy": "s", "symbol": "X", "timeframe": "5m", "mode": "mock",
          "config_hash": "h1", "state": State.STARTING, "pid": 11, "started_at": 1_700_000_000.25},
@@ -243,8 +274,8 @@ def test_instances_upsert_only_the_columns_given(tmp_path: Path) -> None:
     assert [e["kind"] for e in store.events("a.s.X.5m")] == ["removed"]  # history stays
 
 
-def test_heartbeat_is_an_upsert_with_times_as_text(tmp_path: Path) -> None:
-    store = ControlStore(tmp_path / "control.sqlite")
+def test_heartbeat_is_an_upsert_with_times_as_text(opener) -> None:
+    store = opener()
     bar = datetime(2025, 1, 1, 0, 5, tzinfo=timezone.utc)
     for signals in (1, 2):
         store.heartbeat("w", pid=7, state=State.RUNNING, last_bar_time=bar, checkpoint="2025-01-01T00:00:00.000Z",
@@ -256,11 +287,11 @@ def test_heartbeat_is_an_upsert_with_times_as_text(tmp_path: Path) -> None:
     assert abs(epoch(beat["ts"]) - time.time()) < 60
 
 
-def test_resources_latest_history_and_pruning(tmp_path: Path) -> None:
-    store = ControlStore(tmp_path / "control.sqlite", resources_keep_s=60)
-    with sqlite3.connect(store.path) as con:  # a sample from two minutes ago: pruned by the next record
-        store.pending()
-        con.execute("INSERT INTO resources VALUES ('w1', ?, 9.0, 9.0, 9.0)", (iso(time.time() - 120),))
+def test_resources_latest_history_and_pruning(opener) -> None:
+    store = opener(resources_keep_s=60)
+    store.pending()  # a sample from two minutes ago: pruned by the next record
+    sql(store, "INSERT INTO resources (worker_id, ts, cpu_percent, rss_mb, uss_mb) VALUES ('w1', ?, 9.0, 9.0, 9.0)",
+        (iso(time.time() - 120),))
     store.record_resources([("w1", 10.0, 100.0, 30.0), ("w2", 5.0, 80.0, 25.0)])
     store.record_resources([("w1", 12.5, 101.0, 31.0)])
     latest = store.resources()
@@ -271,8 +302,8 @@ def test_resources_latest_history_and_pruning(tmp_path: Path) -> None:
     assert all(ISO.match(t) for t in history["w1"]["ts"])
 
 
-def test_events_keep_the_newest_and_filter_by_worker(tmp_path: Path) -> None:
-    store = ControlStore(tmp_path / "control.sqlite", events_keep=4)
+def test_events_keep_the_newest_and_filter_by_worker(opener) -> None:
+    store = opener(events_keep=4)
     for i in range(6):
         store.event(f"w{i % 2}", "restart", {"attempt": i})
     store.event(None, "manager", "started")

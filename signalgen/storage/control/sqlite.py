@@ -1,4 +1,6 @@
-"""The control store: worker instances, commands, heartbeats, resource samples and events, in SQLite.
+"""The SQLite control store (`control.type: sqlite`, the default): worker instances, commands,
+heartbeats, resource samples and events in one file. Also the node-local spool of the PostgreSQL
+store (postgres.py), where workers write and its manager mirrors from.
 
 Separate from the signal store, and written by many processes at once: the manager (instances,
 events, resources, command results), every worker (its heartbeat, or the writer relaying it), the CLI
@@ -15,39 +17,37 @@ process being killed; only a power loss can drop the last commits, and this is c
 One connection per process and thread, opened on first use; a connection inherited across a fork is
 abandoned, never used or closed, as SQLite requires.
 
-Timestamps are ISO 8601 UTC text with milliseconds, `2026-11-26T15:20:11.123Z` — readable in the
-`sqlite3` shell, sortable as text, and what `strftime('%Y-%m-%dT%H:%M:%fZ', 'now')` writes, so rows
-inserted by other programs get the same format by default. `iso()` / `epoch()` convert.
+Timestamps (base.py) are what `strftime('%Y-%m-%dT%H:%M:%fZ', 'now')` writes, so rows inserted by
+other programs get the same format by default.
+
+One manager per store: it holds an exclusive flock on `<path>.lock` (`hold`).
 """
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import json
 import logging
 import os
-import re
 import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from signalgen.errors import StorageError
-from signalgen.logs import excerpt
+from signalgen.errors import SignalgenError, StorageError
+from signalgen.storage.control.base import (BOUNDED_COLUMNS, MAX_FIELD_CHARS, TIME_FIELDS, INSTANCE_COLUMNS, Command,
+                                            ControlStoreCorrupt, command_of_row, control_path_of, heartbeat_row, iso,
+                                            now_iso, time_value)
 
 if TYPE_CHECKING:
-    from signalgen.config.models import RunConfig
+    from signalgen.config.models import EnvironmentConfig, RunConfig
 
 log = logging.getLogger(__name__)
-
-
-class ControlStoreCorrupt(StorageError):
-    """The control store's file is not a SQLite database (overwritten, truncated, damaged)."""
 
 
 def _guarded(method: Callable) -> Callable:
@@ -93,21 +93,9 @@ BUSY_TIMEOUT_MS = 5000
 IDENTITY_CHECK_S = 1.0  # how often a connection checks that the file it writes is still the store's
 _CORRUPT_CODES = {11, 26}  # SQLITE_CORRUPT, SQLITE_NOTADB
 _SQLITE_MAGIC = b"SQLite format 3\x00"
-# Bounds on a `strategy_commands` row, which any program may write: every field is hostile input.
-# A row outside them fails with a short reason (docs/control.md); it never reaches the manager's logic.
-MAX_PARAMETERS_BYTES = 64 * 1024  # parameters_json, UTF-8
-MAX_PARAMETERS_DEPTH = 32  # nesting of arrays and objects in parameters_json
-MAX_FIELD_CHARS = 4 * 1024  # any other text field: command, strategy_id, created_at
 SCHEMA_VERSION = 1
-COMMAND_STATUSES = ("pending", "completed", "failed")
 _NOW_SQL = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')"
 
-INSTANCE_COLUMNS = ("id", "client", "strategy", "symbol", "timeframe", "mode", "config_hash", "state", "pid",
-                    "started_at", "state_since", "restarts", "failures", "exit_code", "reason", "updated_at")
-HEARTBEAT_COLUMNS = ("worker_id", "pid", "state", "last_bar_time", "checkpoint", "signals", "rejections",
-                     "errors", "ready", "ts", "paused_keys")
-_TIME_FIELDS = {"started_at", "state_since", "updated_at", "last_bar_time", "checkpoint", "ts",
-                "created_at", "processed_at"}
 
 SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS strategy_instances (
@@ -170,24 +158,6 @@ def _migrations(con: sqlite3.Connection) -> str:
     return ""
 
 
-def iso(value: float | datetime) -> str:
-    """Epoch seconds or a datetime -> the store's text form, `2026-11-26T15:20:11.123Z` (naive = UTC)."""
-    if isinstance(value, datetime):
-        dt = value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
-    else:
-        dt = datetime.fromtimestamp(value, timezone.utc)
-    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
-
-
-def epoch(text: str) -> float:
-    """The store's text form (or any ISO 8601 time; no zone = UTC) -> epoch seconds."""
-    dt = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    return (dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)).timestamp()
-
-
-def now_iso() -> str:
-    return iso(time.time())
-
 
 _HEARTBEAT_UPSERT = (
     "INSERT INTO heartbeats (worker_id, pid, state, last_bar_time, checkpoint, signals, rejections, errors, ready, "
@@ -196,39 +166,6 @@ _HEARTBEAT_UPSERT = (
     "checkpoint = excluded.checkpoint, signals = excluded.signals, rejections = excluded.rejections, "
     "errors = excluded.errors, ready = excluded.ready, ts = excluded.ts, paused_keys = excluded.paused_keys")
 
-
-def _heartbeat_row(worker_id: str, pid: int, state: str, last_bar_time: Any, checkpoint: Any, signals: int,
-                   rejections: int, errors: int, ready: bool, ts: str | None = None, paused_keys: int = 0) -> tuple:
-    return (worker_id, pid, str(state), _time_value(last_bar_time), _time_value(checkpoint), signals, rejections,
-            errors, int(bool(ready)), ts or now_iso(), int(paused_keys))
-
-
-def control_path_of(cfg: RunConfig) -> Path:
-    """The environment's control store file: `control.path` resolved against the run's root."""
-    return Path(cfg.root) / cfg.environment.control.path
-
-
-def _time_value(value: Any) -> Any:
-    """A time field as stored: numbers and datetimes become ISO text; text and None stay."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return iso(float(value))
-    if isinstance(value, datetime):
-        return iso(value)
-    return value
-
-
-@dataclass(frozen=True)
-class Command:
-    """One `strategy_commands` row. `parameters` and `result` are the decoded JSON columns."""
-
-    id: int
-    strategy_id: str | None
-    command: str
-    parameters: dict
-    status: str
-    created_at: str
-    processed_at: str | None
-    result: dict | None
 
 
 def _switch_to_wal(con: sqlite3.Connection) -> None:
@@ -255,6 +192,8 @@ class ControlStore:
         events_keep: only the newest this many events are kept.
     """
 
+    shared = False  # one manager holds it (a file lock), not one per shard (leases)
+
     def __init__(self, path: Path | str, *, resources_keep_s: float = 600.0, events_keep: int = 10_000) -> None:
         self.path = Path(path)
         self.resources_keep_s = resources_keep_s
@@ -274,6 +213,12 @@ class ControlStore:
     def from_config(cls, cfg: RunConfig) -> ControlStore:
         """The environment's control store: `control.path` resolved against the run's root."""
         return cls(control_path_of(cfg))
+
+    @classmethod
+    def for_environment(cls, environment: EnvironmentConfig, root: Path,
+                        shard: tuple[int, int] | None = None) -> ControlStore:
+        """`control.path` under `root` (one file for every shard: one manager holds it)."""
+        return cls(root / environment.control.path)
 
     def __repr__(self) -> str:
         return f"ControlStore({str(self.path)!r})"
@@ -409,6 +354,29 @@ class ControlStore:
                     con.close()
             self._connections, self._local, self._schema_ready, self._probe = [], threading.local(), False, None
 
+    @contextmanager
+    def hold(self, shard: tuple[int, int] = (0, 1), run_id: str = "") -> Iterator[None]:
+        """One manager per store (any shard): an exclusive flock on `<path>.lock`, which holds the
+        manager's pid; SignalgenError naming it when another manager holds it."""
+        path = Path(f"{self.path}.lock")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                other = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+                raise SignalgenError(f"a manager (pid {other}) already runs on {self.path}; `stop` it first") from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
+    def leases(self) -> list[dict]:
+        """None: one manager holds this store by a file lock (`hold`), not a lease."""
+        return []
+
     def __enter__(self) -> ControlStore:
         return self
 
@@ -462,12 +430,12 @@ class ControlStore:
     def pending(self) -> list[Command]:
         """Pending commands, oldest first. A row another program wrote with parameters_json that is not a
         JSON object is marked failed here (with the reason) instead of being returned."""
-        rows = self.con.execute(f"SELECT {_BOUNDED_COLUMNS} FROM strategy_commands WHERE status = 'pending' "
+        rows = self.con.execute(f"SELECT {BOUNDED_COLUMNS} FROM strategy_commands WHERE status = 'pending' "
                                 "ORDER BY id").fetchall()
         commands = []
         for row in rows:
             try:
-                commands.append(_command(row))
+                commands.append(command_of_row(row))
             except ValueError as exc:
                 self.fail(row["id"], str(exc))
         return commands
@@ -494,13 +462,13 @@ class ControlStore:
     @_guarded
     def command(self, id: int) -> Command:
         """One command by id; KeyError when there is none."""
-        row = self.con.execute(f"SELECT {_BOUNDED_COLUMNS} FROM strategy_commands WHERE id = ?", (id,)).fetchone()
+        row = self.con.execute(f"SELECT {BOUNDED_COLUMNS} FROM strategy_commands WHERE id = ?", (id,)).fetchone()
         if row is None:
             raise KeyError(f"no command with id {id}")
         try:
-            return _command(row)
+            return command_of_row(row)
         except ValueError:  # already failed for it when it was pending; show what can be read
-            return _command(row, lenient=True)
+            return command_of_row(row, lenient=True)
 
     def wait(self, id: int, timeout: float, poll_s: float = 0.05) -> Command:
         """The command once it is no longer pending, or as it is after `timeout` seconds (still pending)."""
@@ -518,7 +486,7 @@ class ControlStore:
                   checkpoint: datetime | str | None, signals: int, rejections: int, errors: int,
                   ready: bool, ts: str | None = None, paused_keys: int = 0) -> None:
         """Upsert this worker's heartbeat, `ts` now unless given (one autocommit statement: cheap, lock-safe)."""
-        self.con.execute(_HEARTBEAT_UPSERT, _heartbeat_row(worker_id, pid, state, last_bar_time, checkpoint, signals,
+        self.con.execute(_HEARTBEAT_UPSERT, heartbeat_row(worker_id, pid, state, last_bar_time, checkpoint, signals,
                                                           rejections, errors, ready, ts, paused_keys))
 
     @_guarded
@@ -529,7 +497,7 @@ class ControlStore:
         with self._write() as con:
             con.executemany(_HEARTBEAT_UPSERT + " WHERE heartbeats.pid IS NOT excluded.pid OR heartbeats.state "
                             "NOT IN ('STOPPED', 'EXITED', 'FATAL')",
-                            [_heartbeat_row(wid, **fields) for wid, fields in beats.items()])
+                            [heartbeat_row(wid, **fields) for wid, fields in beats.items()])
 
     @_guarded
     def heartbeats(self) -> dict[str, dict]:
@@ -564,6 +532,25 @@ class ControlStore:
         if row is None:
             return None
         return datetime.fromisoformat(row[0]), [line.encode() for line in (row[1] or "").splitlines() if line]
+
+    @_guarded
+    def worker_states_since(self, updated_at: str) -> list[tuple]:
+        """(mode, worker_id, checkpoint, warmup, updated_at) of every worker_state row updated at or
+        after `updated_at` (ISO text; '' = all): what a PostgreSQL store's manager mirrors."""
+        return [tuple(r) for r in self.con.execute(
+            "SELECT mode, worker_id, checkpoint, warmup, updated_at FROM worker_state WHERE updated_at >= ? "
+            "ORDER BY updated_at", (updated_at,))]
+
+    @_guarded
+    def seed_worker_state(self, rows: list[tuple]) -> None:
+        """Rows (mode, worker_id, checkpoint, warmup, updated_at) from a shared store, in one
+        transaction; a checkpoint never goes backwards (one this file has that is newer stays)."""
+        with self._write() as con:
+            con.executemany(
+                "INSERT INTO worker_state (mode, worker_id, checkpoint, warmup, updated_at) VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT (mode, worker_id) DO UPDATE SET checkpoint = excluded.checkpoint, "
+                "warmup = COALESCE(excluded.warmup, worker_state.warmup), updated_at = excluded.updated_at "
+                "WHERE excluded.checkpoint > worker_state.checkpoint", rows)
 
     # ---------------------------------------------------------------- resources and events
 
@@ -636,7 +623,7 @@ class ControlStore:
 def _upsert_instances(con: sqlite3.Connection, rows: list[dict]) -> None:
     now = now_iso()
     for row in rows:
-        fields = {k: _time_value(v) if k in _TIME_FIELDS else v for k, v in row.items()}
+        fields = {k: time_value(v) if k in TIME_FIELDS else v for k, v in row.items()}
         fields["updated_at"] = now
         unknown = set(fields) - set(INSTANCE_COLUMNS)
         if unknown or "id" not in fields:
@@ -659,96 +646,3 @@ def _immediate(con: sqlite3.Connection) -> Iterator[None]:
         raise
     con.execute("COMMIT")
 
-
-_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
-_JSON_BRACKET = re.compile(r"[\[\]{}]")
-
-
-def json_depth(text: str) -> int:
-    """How deep arrays and objects nest in JSON `text`, read without parsing it (so a hostile
-    document cannot exhaust the parser's recursion). Brackets inside strings do not count."""
-    depth = deepest = 0
-    for m in _JSON_BRACKET.finditer(_JSON_STRING.sub("", text)):
-        depth += 1 if m.group() in "[{" else -1
-        deepest = max(deepest, depth)
-    return deepest
-
-
-def parse_parameters(text: Any) -> dict:
-    """`parameters_json` as a dict, within MAX_PARAMETERS_BYTES and MAX_PARAMETERS_DEPTH; ValueError
-    with a short reason otherwise. NULL or '' is {}."""
-    if text is None or text == "":
-        return {}
-    if not isinstance(text, str):
-        raise ValueError(f"parameters_json is {type(text).__name__}, not JSON text")
-    size = len(text.encode("utf-8", "surrogatepass"))
-    if size > MAX_PARAMETERS_BYTES:
-        raise ValueError(f"parameters_json is {size:,} bytes, over the limit of {MAX_PARAMETERS_BYTES:,}")
-    if json_depth(text) > MAX_PARAMETERS_DEPTH:
-        raise ValueError(f"parameters_json nests deeper than {MAX_PARAMETERS_DEPTH} levels")
-    try:
-        params = json.loads(text)
-    except (ValueError, RecursionError):
-        params = None
-    if not isinstance(params, dict):
-        raise ValueError(f"parameters_json is not a JSON object: {excerpt(text, 60)}")
-    return params
-
-
-# A command row is read cut to its bounds by SQLite itself (a 1 GB field never reaches Python whole),
-# with each column's full length beside it
-_LIMITS = {"strategy_id": MAX_FIELD_CHARS, "command": MAX_FIELD_CHARS, "created_at": MAX_FIELD_CHARS,
-           "processed_at": MAX_FIELD_CHARS, "parameters_json": MAX_PARAMETERS_BYTES, "result_json": 2**20}
-_BOUNDED_COLUMNS = ", ".join(["id", "status"] + [
-    f"substr({c}, 1, {n + 1}) AS {c}, length({c}) AS {c}__chars" for c, n in _LIMITS.items()])
-
-
-def _text(row: sqlite3.Row, name: str, *, null: bool = True) -> str | None:
-    """A text column of a command row, checked: type and MAX_FIELD_CHARS."""
-    value = row[name]
-    if value is None and null:
-        return None
-    if not isinstance(value, str):
-        raise ValueError(f"{name} is {type(value).__name__ if value is not None else 'NULL'}, not text")
-    if row[f"{name}__chars"] > MAX_FIELD_CHARS:
-        raise ValueError(f"{name} is {row[f'{name}__chars']:,} characters, over the limit of "
-                         f"{MAX_FIELD_CHARS:,}: {excerpt(value)}")
-    return value
-
-
-def _command(row: sqlite3.Row, lenient: bool = False) -> Command:
-    """A Command from a row that any program may have written; ValueError with a short reason when a
-    field is out of bounds (`lenient`: the row as far as it can be read, for a command already done)."""
-    try:
-        strategy_id, command = _text(row, "strategy_id"), _text(row, "command", null=False)
-        created_at = _text(row, "created_at", null=False)
-        try:
-            epoch(created_at or "")
-        except ValueError:
-            raise ValueError(f"created_at is not an ISO 8601 time: {excerpt(created_at)}") from None
-        if (row["parameters_json__chars"] or 0) > MAX_PARAMETERS_BYTES:
-            raise ValueError(f"parameters_json is {row['parameters_json__chars']:,} characters, over the limit "
-                             f"of {MAX_PARAMETERS_BYTES:,} bytes")
-        params = parse_parameters(row["parameters_json"])
-    except ValueError:
-        if not lenient:
-            raise
-        strategy_id = row["strategy_id"] if isinstance(row["strategy_id"], str) else None
-        command, created_at, params = str(row["command"])[:MAX_FIELD_CHARS], str(row["created_at"]), {}
-    return Command(id=row["id"], strategy_id=strategy_id, command=command, parameters=params,
-                   status=row["status"], created_at=created_at, processed_at=row["processed_at"],
-                   result=_result(row["result_json"]))
-
-
-def _result(text: Any) -> dict | None:
-    """result_json as written by the manager (bounded by it); anything else that is there is reported,
-    never parsed without bounds."""
-    if not text:
-        return None
-    try:
-        if not isinstance(text, str) or json_depth(text) > MAX_PARAMETERS_DEPTH:
-            raise ValueError("not JSON text within the nesting limit")
-        result = json.loads(text)
-        return result if isinstance(result, dict) else {"result": result}
-    except (ValueError, RecursionError) as exc:
-        return {"error": f"unreadable result_json: {exc}"}
