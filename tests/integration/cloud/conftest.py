@@ -63,6 +63,7 @@ def cloud(tmp_path: Path, models: Path, pubsub_host: str, bq_endpoint: str, pg_d
     tag = "t" + uuid.uuid4().hex[:8]
     monkeypatch.setenv("PUBSUB_EMULATOR_HOST", pubsub_host)
     return {"root": root, "vars": {"SIGNALGEN_STORAGE__API_ENDPOINT": bq_endpoint, "SIGNALGEN_CONTROL_DSN": pg_dsn,
+                                   "SIGNALGEN_PROCESS__METRICS_PORT": "0",  # several managers on this host
                                    "SIGNALGEN_MESSAGING__TOPIC_PREFIX": tag, "SIGNALGEN_STORAGE__DATASET_PREFIX": tag}}
 
 
