@@ -57,10 +57,12 @@ def kill_tree(proc: subprocess.Popen) -> None:
 
 
 KILL_OPEN = pytest.mark.xfail(strict=False, reason=(
-    "open: every step up to the last passes (each worker once in its shard, one lease each, the kill stops only "
-    "its share, the others beat on, status exit 3, the restart seeds the checkpoints and runs its share again), "
-    "but BigQuery did not reach the historical run's decision counts within 600 s in two runs (2026-12-05, a "
-    "loaded 2-core machine; three managers each host a Pub/Sub recorder on the same subscriptions): undiagnosed"))
+    "open (issue 18): every step up to the last passes (each worker once in its shard, one lease each, the kill "
+    "stops only its share, the others beat on, status exit 3, the restart seeds the checkpoints and runs its share "
+    "again), but BigQuery stays short: 2026-12-05, want 5,184 decisions, stored 5,168 after 600 s of waiting (now 300) (16 missing, 10 "
+    "of them of christian, whose workers run in the shards never killed: lost on the recorder side, among messages "
+    "the killed manager's recorder held). A plain subscriber killed with -9 on the emulator has its leased messages "
+    "redelivered in 10 s (checked), so it is not simply the emulator's lease; undiagnosed"))
 
 
 @pytest.mark.timeout(1500)  # three managers, nine workers and two emulators on a small shared machine
@@ -135,7 +137,7 @@ def test_three_sharded_managers_run_each_worker_once_and_a_killed_one_resumes_wi
             stored.update({(c, k): decisions(cloud, "cloud-dev", k, c).height for c in CLIENTS for k in KINDS})
             return all(n >= wanted[key] for key, n in stored.items())
         try:
-            wait_for(complete, 600, f"every decision in BigQuery: want {wanted}")
+            wait_for(complete, 300, f"every decision in BigQuery: want {wanted}")
         except AssertionError as exc:
             raise AssertionError(f"{exc}; stored {stored}\n{output(cloud)}") from None
     finally:
