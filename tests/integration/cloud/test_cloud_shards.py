@@ -45,6 +45,39 @@ def output(cloud: dict) -> str:
                      for i in range(3) if (cloud["root"] / f"manager-{i}.out").exists())
 
 
+def dead_letters(cloud: dict) -> dict[str, dict[str, int]]:
+    """What the recorder's subscriptions dead-lettered, per internal topic: by our reason, or
+    "policy" for a message Pub/Sub forwarded itself after max_delivery_attempts (nacks and expired
+    leases both count). For the failure message: a decision missing from BigQuery may be here."""
+    from google.cloud import pubsub_v1
+
+    from signalgen.brokers.pubsub import RECORDER_GROUP, TopicNames, subscription_path
+
+    names, out = TopicNames(cloud["vars"]["SIGNALGEN_MESSAGING__TOPIC_PREFIX"]), {}
+    subscriber = pubsub_v1.SubscriberClient()
+    try:
+        for client in CLIENTS:
+            for topic in names.internal_topics("simulation", client):
+                dead = names.deadletter(names.subscription(topic, RECORDER_GROUP))
+                reasons: dict[str, int] = {}
+                while True:
+                    got = subscriber.pull(request={"subscription": subscription_path("signalgen-dev", dead),
+                                                   "max_messages": 1000, "return_immediately": True},
+                                          retry=None, timeout=10).received_messages
+                    for m in got:
+                        reason = m.message.attributes.get("reason", "policy")
+                        reasons[reason] = reasons.get(reason, 0) + 1
+                    if not got:
+                        break
+                if reasons:
+                    out[topic] = reasons
+    except Exception as exc:  # noqa: BLE001 - a diagnosis, never the failure itself
+        out["error"] = {repr(exc)[:200]: 1}
+    finally:
+        subscriber.close()
+    return out
+
+
 def kill_tree(proc: subprocess.Popen) -> None:
     tree = psutil.Process(proc.pid).children(recursive=True)
     proc.kill()
@@ -139,7 +172,7 @@ def test_three_sharded_managers_run_each_worker_once_and_a_killed_one_resumes_wi
         try:
             wait_for(complete, 300, f"every decision in BigQuery: want {wanted}")
         except AssertionError as exc:
-            raise AssertionError(f"{exc}; stored {stored}\n{output(cloud)}") from None
+            raise AssertionError(f"{exc}; stored {stored}; dead-lettered {dead_letters(cloud)}\n{output(cloud)}") from None
     finally:
         stopped = cli(cloud, "stop", "--env", "cloud-dev", timeout=300)
         for m in managers:
