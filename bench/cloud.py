@@ -442,7 +442,9 @@ def part_fleets(tmp: Path, registry: Path, bq_endpoint: str, pubsub_host: str, w
         redis.wait(30)
     # the cloud-dev fleet: memory, then how long after its last worker's finish BigQuery holds everything
     tag = "f" + uuid.uuid4().hex[:8]
-    extra = {**cloud_vars(bq_endpoint, tag), "PUBSUB_EMULATOR_HOST": pubsub_host}
+    # the control store in SQLite, as the Redis fleet's: this part measures the Pub/Sub and BigQuery path
+    # (and reads the workers' states from the file); the PostgreSQL control store is docs/control.md's
+    extra = {**cloud_vars(bq_endpoint, tag), "PUBSUB_EMULATOR_HOST": pubsub_host, "SIGNALGEN_CONTROL__TYPE": "sqlite"}
     fleet = Fleet(fleet_root(tmp / "fleet-cloud", registry, workers, bars), "cloud-dev", extra, workers)
     try:
         result["cloud_running_s"] = round(fleet.running(start_timeout), 1)
