@@ -175,6 +175,28 @@ def command_of_row(row: Mapping[str, Any], lenient: bool = False) -> Command:
                    result=result_of(row["result_json"]))
 
 
+def found_command(row: Mapping[str, Any] | None, id: int) -> Command:
+    """`command(id)`'s answer from its row (BOUNDED_COLUMNS): KeyError when there is none; a row out of
+    bounds (already failed for it when it was pending) as far as it can be read."""
+    if row is None:
+        raise KeyError(f"no command with id {id}")
+    try:
+        return command_of_row(row)
+    except ValueError:
+        return command_of_row(row, lenient=True)
+
+
+def wait_command(store: Any, id: int, timeout: float, poll_s: float = 0.05) -> Command:
+    """The command once it is no longer pending, or as it is after `timeout` seconds (still pending):
+    every backend's `wait`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        cmd = store.command(id)
+        if cmd.status != "pending" or time.monotonic() >= deadline:
+            return cmd
+        time.sleep(min(poll_s, max(deadline - time.monotonic(), 0)))
+
+
 def result_of(text: Any) -> dict | None:
     """result_json as written by the manager (bounded by it); anything else that is there is reported,
     never parsed without bounds."""

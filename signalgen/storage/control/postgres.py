@@ -50,8 +50,8 @@ from typing import TYPE_CHECKING, Any
 
 from signalgen.errors import ConfigError, SignalgenError, StorageError
 from signalgen.storage.control.base import (BOUNDED_COLUMNS, INSTANCE_COLUMNS, MAX_FIELD_CHARS, TIME_FIELDS, Command,
-                                            LeaseLost, command_of_row, heartbeat_row, iso, now_iso, shard_name,
-                                            time_value)
+                                            LeaseLost, command_of_row, found_command, heartbeat_row, iso, now_iso, shard_name,
+                                            time_value, wait_command)
 from signalgen.storage.control.sqlite import ControlStore
 
 if TYPE_CHECKING:
@@ -511,22 +511,9 @@ class PostgresControlStore:
         """One command by id; KeyError when there is none."""
         with self._cursor() as cur:
             cur.execute(f"SELECT {BOUNDED_COLUMNS} FROM strategy_commands WHERE id = %s", (id,))
-            row = cur.fetchone()
-        if row is None:
-            raise KeyError(f"no command with id {id}")
-        try:
-            return command_of_row(row)
-        except ValueError:
-            return command_of_row(row, lenient=True)
+            return found_command(cur.fetchone(), id)
 
-    def wait(self, id: int, timeout: float, poll_s: float = 0.05) -> Command:
-        """The command once it is no longer pending, or as it is after `timeout` seconds (still pending)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            cmd = self.command(id)
-            if cmd.status != "pending" or time.monotonic() >= deadline:
-                return cmd
-            time.sleep(min(poll_s, max(deadline - time.monotonic(), 0)))
+    wait = wait_command
 
     # ---------------------------------------------------------------- heartbeats and worker state
 

@@ -41,8 +41,8 @@ from typing import TYPE_CHECKING, Any
 
 from signalgen.errors import SignalgenError, StorageError
 from signalgen.storage.control.base import (BOUNDED_COLUMNS, MAX_FIELD_CHARS, TIME_FIELDS, INSTANCE_COLUMNS, Command,
-                                            ControlStoreCorrupt, command_of_row, control_path_of, heartbeat_row, iso,
-                                            now_iso, time_value)
+                                            ControlStoreCorrupt, command_of_row, control_path_of, found_command,
+                                            heartbeat_row, iso, now_iso, time_value, wait_command)
 
 if TYPE_CHECKING:
     from signalgen.config.models import EnvironmentConfig, RunConfig
@@ -462,22 +462,10 @@ class ControlStore:
     @_guarded
     def command(self, id: int) -> Command:
         """One command by id; KeyError when there is none."""
-        row = self.con.execute(f"SELECT {BOUNDED_COLUMNS} FROM strategy_commands WHERE id = ?", (id,)).fetchone()
-        if row is None:
-            raise KeyError(f"no command with id {id}")
-        try:
-            return command_of_row(row)
-        except ValueError:  # already failed for it when it was pending; show what can be read
-            return command_of_row(row, lenient=True)
+        return found_command(self.con.execute(f"SELECT {BOUNDED_COLUMNS} FROM strategy_commands WHERE id = ?",
+                                              (id,)).fetchone(), id)
 
-    def wait(self, id: int, timeout: float, poll_s: float = 0.05) -> Command:
-        """The command once it is no longer pending, or as it is after `timeout` seconds (still pending)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            cmd = self.command(id)
-            if cmd.status != "pending" or time.monotonic() >= deadline:
-                return cmd
-            time.sleep(min(poll_s, max(deadline - time.monotonic(), 0)))
+    wait = wait_command
 
     # ---------------------------------------------------------------- heartbeats
 
