@@ -50,8 +50,8 @@ from typing import TYPE_CHECKING, Any
 
 from signalgen.errors import ConfigError, SignalgenError, StorageError
 from signalgen.storage.control.base import (BOUNDED_COLUMNS, INSTANCE_COLUMNS, MAX_FIELD_CHARS, TIME_FIELDS, Command,
-                                            LeaseLost, command_of_row, found_command, heartbeat_row, iso, now_iso, shard_name,
-                                            time_value, wait_command)
+                                            LeaseLost, command_of_row, found_command, heartbeat_row, iso, now_iso,
+                                            shard_name, time_value, wait_command)
 from signalgen.storage.control.sqlite import ControlStore
 
 if TYPE_CHECKING:
