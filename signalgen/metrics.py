@@ -11,6 +11,7 @@ rely on them): docs/operations.md, "Metrics".
 from __future__ import annotations
 
 import time
+import collections
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -82,8 +83,6 @@ def observe_stored(mode: str, signals: pl.DataFrame, rejections: pl.DataFrame, *
     """Count decisions a host has just stored (SIGNAL_SCHEMA / REJECTION_SCHEMA frames): bars, signals
     and rejections by reason per worker, the write's rows, and each decision's latency — from its bar's
     close in live mode, else from `received` (wall time the host received the oldest of them)."""
-    from collections import Counter
-
     now = time.time() if now is None else now
     rows = signals.height + rejections.height
     if not rows:
@@ -92,13 +91,14 @@ def observe_stored(mode: str, signals: pl.DataFrame, rejections: pl.DataFrame, *
     # plain Python over the columns: a write holds a few hundred rows, where polars' group_by costs more
     sig_keys = list(zip(*(signals[c].to_list() for c in KEY_COLUMNS))) if signals.height else []
     rej_keys = list(zip(*(rejections[c].to_list() for c in KEY_COLUMNS))) if rejections.height else []
-    for key, n in Counter(sig_keys).items():
+    for key, n in collections.Counter(sig_keys).items():
         _child(SIGNALS, *key).inc(n)
         _child(BARS, *key).inc(n)
-    for key, n in Counter(rej_keys).items():
+    for key, n in collections.Counter(rej_keys).items():
         _child(BARS, *key).inc(n)
     if rej_keys:
-        reasons = Counter((key, reason) for key, names in zip(rej_keys, rejections["reasons"].to_list())
+        reasons = collections.Counter((key, reason)
+                                      for key, names in zip(rej_keys, rejections["reasons"].to_list())
                           for reason in (names or ("none",)))
         for (key, reason), n in reasons.items():
             _child(REJECTIONS, *key, reason).inc(n)
