@@ -99,7 +99,7 @@ def observe_stored(mode: str, signals: pl.DataFrame, rejections: pl.DataFrame, *
     if rej_keys:
         reasons = collections.Counter((key, reason)
                                       for key, names in zip(rej_keys, rejections["reasons"].to_list())
-                          for reason in (names or ("none",)))
+                                      for reason in (names or ("none",)))
         for (key, reason), n in reasons.items():
             _child(REJECTIONS, *key, reason).inc(n)
     if mode == "live":
